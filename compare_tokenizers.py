@@ -1,0 +1,1215 @@
+#!/usr/bin/env python3
+"""Compare the vocabularies of two or more tokenizers before a linear model merge.
+
+Model merging adds embedding matrices row by row, so every model in a merge must map
+every token to the same id. This script diffs tokenizers (local directories,
+tokenizer.json files or Hugging Face repo ids) against a reference and exits non-zero
+on any token->id mismatch, so it can gate a merge in CI or a shell script.
+
+Exit codes:
+  0  vocabularies identical (same size, every token the same id): safe to merge linearly
+  1  mismatch: a token->id or size difference (also at equal sizes); with --strict also
+     special tokens/flags, chat template, merges/normalizer/pre-tokenizer/decoder or
+     encoding fingerprint; with --weights also ghost tokens or differing row counts
+  2  usage error or unreadable input (one "error: ..." line on stderr)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+log = logging.getLogger("compare_tokenizers")
+
+# --------------------------------------------------------------------------------------
+# 1. Constants and result types
+# --------------------------------------------------------------------------------------
+
+JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+CONFIG_FILES = ("config.json", "generation_config.json")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+INPUT_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+)
+OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
+
+# Encoded by every tokenizer: the ids' sha256 identifies the encoding behaviour, the way
+# llama.cpp's convert_hf_to_gguf.py identifies pre-tokenizers (its text differs from ours).
+FINGERPRINT_SAMPLE = (
+    "The quick brown fox jumps over the lazy dog. It's 3:45 p.m.; don't PANIC!\n"
+    "def remap(rows: list[int]) -> dict[int, int]:\n"
+    "    return {i: r for i, r in enumerate(rows) if r != -1}  # 0x1F &&= ||\n"
+    "3 33 333 3333 33333 333333 1234567890 3.14159 -42 1e-9 100,000 ２０２６\n"
+    "   \t\t  \n\n\n    trailing   spaces   \r\n"
+    "日本語のテキスト、東京都。中文测试，简体。한국어 텍스트입니다.\n"
+    "🦙🚀 👩\u200d💻 emoji 🏳\ufe0f\u200d🌈\n"
+    "e\u0301 n\u0303 a\u0308 combining marks; café naïve Ünïcödé ñ ß İ ﬁ\n"
+    "Ελληνικά русский العربية हिन्दी עברית ไทย\n"
+)
+
+
+class CliError(Exception):
+    """An input or usage problem, reported as one `error: ...` line and exit code 2."""
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    content: str
+    id: int
+    special: bool = False
+    normalized: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+
+    def flags(self) -> dict[str, bool]:
+        return {name: getattr(self, name) for name in ADDED_TOKEN_FLAGS}
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """Everything the comparison needs from one tokenizer, already read from disk."""
+
+    source: str
+    path: str
+    vocab: Mapping[str, int]
+    added_tokens: tuple[AddedToken, ...]
+    model_type: str
+    merges: Sequence[Sequence[str]] | None
+    normalizer: Any
+    pre_tokenizer: Any
+    decoder: Any
+    byte_fallback: bool
+    convention: str
+    special_tokens: Mapping[str, str | None]
+    config_ids: Mapping[str, Any]
+    generation_ids: Mapping[str, Any]
+    chat_template: str | None
+    fingerprint_ids: tuple[int, ...]
+    weights: WeightsInfo | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(str(list(self.fingerprint_ids)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Vocabulary tensors of a checkpoint, from config.json and safetensors headers only."""
+
+    embed_name: str | None
+    embed_rows: int | None
+    head_name: str | None
+    head_rows: int | None
+    config_vocab_size: int | None
+
+    @property
+    def rows(self) -> int | None:
+        return self.embed_rows if self.embed_rows is not None else self.config_vocab_size
+
+
+@dataclass(frozen=True)
+class VocabDiff:
+    ref_size: int
+    other_size: int
+    moved: tuple[tuple[str, int, int], ...]
+    only_in_ref: tuple[tuple[str, int], ...]
+    only_in_other: tuple[tuple[str, int], ...]
+    moved_count: int
+    only_in_ref_count: int
+    only_in_other_count: int
+    shared_exact: int
+    shared_by_bytes: int
+
+    @property
+    def equal(self) -> bool:
+        return self.ref_size == self.other_size and not (
+            self.moved_count or self.only_in_ref_count or self.only_in_other_count
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.equal else "fail",
+            "ref_size": self.ref_size,
+            "other_size": self.other_size,
+            "counts": {
+                "moved": self.moved_count,
+                "only_in_ref": self.only_in_ref_count,
+                "only_in_other": self.only_in_other_count,
+                "shared_exact": self.shared_exact,
+                "shared_by_bytes": self.shared_by_bytes,
+            },
+            "moved": [{"token": t, "ref_id": a, "other_id": b} for t, a, b in self.moved],
+            "only_in_ref": [{"token": t, "id": i} for t, i in self.only_in_ref],
+            "only_in_other": [{"token": t, "id": i} for t, i in self.only_in_other],
+        }
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One named check of a comparison: `ok`, `warn` (a difference tolerated without
+    --strict), `fail` (counts towards exit code 1) or `skipped`."""
+
+    name: str
+    status: str
+    summary: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    lines: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "summary": self.summary, **self.details}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ref: str
+    other: str
+    vocab: VocabDiff
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def failed(self) -> bool:
+        return any(check.status == "fail" for check in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "other": self.other,
+            "equal": self.vocab.equal,
+            "verdict": "mismatch" if self.failed else "identical",
+            "checks": {check.name: check.to_dict() for check in self.checks},
+        }
+
+
+# --------------------------------------------------------------------------------------
+# 2. Pure functions: conventions, diffs, verdicts, rendering
+# --------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte maps to one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+# str.translate table from byte-level characters to the latin-1 character of their byte,
+# so that `token.translate(...).encode("latin-1")` decodes a token at C speed.
+BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in bytes_to_unicode().items()}
+
+
+def in_byte_level_alphabet(text: str) -> bool:
+    """True when every character is one of the 256 byte-level symbols (code points 33-126,
+    161-172 and 174-323), checked in one regex scan."""
+    return NOT_BYTE_LEVEL_RE.search(text) is None
+
+
+NOT_BYTE_LEVEL_RE = re.compile("[^\x21-\x7e\xa1-\xac\xae-\u0143]")
+
+
+def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
+    """Every dict inside a tokenizer.json component (Sequence members included)."""
+    if isinstance(node, Mapping):
+        yield node
+        for value in node.values():
+            yield from iter_components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from iter_components(value)
+
+
+def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
+    """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
+    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
+    parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
+    types = {component.get("type") for component in iter_components(parts)}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if "Metaspace" in types:
+        return "metaspace"
+    for component in iter_components(parts):
+        if component.get("type") == "Replace" and "▁" in json.dumps(component, ensure_ascii=False):
+            return "metaspace"
+    return "plain"
+
+
+def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
+    """The raw bytes a regular token stands for, whatever the tokenizer's spelling."""
+    if byte_fallback and token.startswith("<0x"):
+        match = BYTE_FALLBACK_RE.match(token)
+        if match:
+            return bytes([int(match.group(1), 16)])
+    if convention == "byte_level":
+        try:
+            return token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
+            return token.encode()
+    if convention == "metaspace":
+        return token.replace("▁", " ").encode()
+    return token.encode()
+
+
+def tokens_as_bytes(tokens: Sequence[str], convention: str, byte_fallback: bool) -> list[bytes]:
+    """`token_bytes` for many tokens at once: byte-level vocabularies are translated in one
+    pass (one character per byte), which is ~10x faster than token by token."""
+    joined = byte_level_joined(tokens) if convention == "byte_level" and not byte_fallback else None
+    if joined is None:
+        return [token_bytes(token, convention, byte_fallback) for token in tokens]
+    out, start = [], 0
+    for token in tokens:
+        out.append(joined[start : start + len(token)])
+        start += len(token)
+    return out
+
+
+def byte_level_joined(tokens: Sequence[str]) -> bytes | None:
+    """The bytes of all tokens back to back, or None if a token has a character outside
+    the byte-level alphabet (then bytes and characters no longer correspond one to one)."""
+    try:
+        return "".join(tokens).translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def regular_tokens(info: TokenizerInfo) -> list[str]:
+    added = {token.content for token in info.added_tokens}
+    return [token for token in info.vocab if token not in added]
+
+
+def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact: int) -> int:
+    """How many tokens two tokenizers share when regular tokens match by their bytes and
+    added tokens by content (what `remap_tokenizer.py --match bytes` copies)."""
+    same_convention = (ref.convention, ref.byte_fallback) == (other.convention, other.byte_fallback)
+    if same_convention and ref.convention == "byte_level" and not ref.byte_fallback:
+        # Within the alphabet the byte map is one character per byte and injective, so
+        # matching by bytes is matching by spelling: no need to build 2 x 128k keys.
+        if all(in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other)):
+            return shared_exact
+    keys = []
+    for info in (ref, other):
+        added = {token.content for token in info.added_tokens}
+        keys.append((added, set(tokens_as_bytes(regular_tokens(info), info.convention, info.byte_fallback))))
+    (ref_added, ref_bytes), (other_added, other_bytes) = keys
+    return len(ref_added & other_added) + len(ref_bytes & other_bytes)
+
+
+def escape_text(text: str) -> str:
+    """Show control, format and whitespace characters other than a space as escapes."""
+    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+    out = []
+    for char in text:
+        if char in named:
+            out.append(named[char])
+        elif unicodedata.category(char)[0] in "CZ" and char != " ":
+            out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def show_token(token: str, convention: str = "plain", byte_fallback: bool = False) -> str:
+    """`'Ġthe' (" the")`: the token as stored, plus its text when the spelling differs."""
+    shown = f"'{escape_text(token)}'"
+    text = token_bytes(token, convention, byte_fallback).decode("utf-8", "backslashreplace")
+    if text != token:
+        shown += f' ("{escape_text(text)}")'
+    return shown
+
+
+def diff_vocab(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> VocabDiff:
+    ref_vocab, other_vocab = ref.vocab, other.vocab
+    if ref_vocab == other_vocab:
+        moved: list[tuple[int, str, int]] = []
+        only_ref: list[tuple[int, str]] = []
+        only_other: list[tuple[int, str]] = []
+    else:
+        moved = sorted(
+            (ref_id, token, other_vocab[token])
+            for token, ref_id in ref_vocab.items()
+            if token in other_vocab and other_vocab[token] != ref_id
+        )
+        only_ref = sorted((i, t) for t, i in ref_vocab.items() if t not in other_vocab)
+        only_other = sorted((i, t) for t, i in other_vocab.items() if t not in ref_vocab)
+    shared_exact = len(ref_vocab) - len(only_ref)
+    return VocabDiff(
+        ref_size=len(ref_vocab),
+        other_size=len(other_vocab),
+        moved=tuple((t, a, b) for a, t, b in moved[:head]),
+        only_in_ref=tuple((t, i) for i, t in only_ref[:head]),
+        only_in_other=tuple((t, i) for i, t in only_other[:head]),
+        moved_count=len(moved),
+        only_in_ref_count=len(only_ref),
+        only_in_other_count=len(only_other),
+        shared_exact=shared_exact,
+        shared_by_bytes=count_shared_by_bytes(ref, other, shared_exact),
+    )
+
+
+def vocab_check(diff: VocabDiff, ref: TokenizerInfo, other: TokenizerInfo) -> CheckResult:
+    if diff.equal:
+        summary = f"identical: {diff.ref_size} tokens, every token the same id"
+    else:
+        summary = (
+            f"MISMATCH: {diff.ref_size} vs {diff.other_size} tokens; "
+            f"{diff.moved_count} moved, {diff.only_in_ref_count} only in REF, "
+            f"{diff.only_in_other_count} only in OTHER"
+        )
+    summary += f"; shared tokens: exact {diff.shared_exact}, by bytes {diff.shared_by_bytes}"
+    lines: list[str] = []
+    if diff.moved:
+        lines.append(f"moved tokens (REF id -> OTHER id), {len(diff.moved)} of {diff.moved_count}:")
+        lines += [f"  {a:>8} -> {b:<8} {show_token(t, ref.convention, ref.byte_fallback)}" for t, a, b in diff.moved]
+    for title, entries, info, count in (
+        ("only in REF", diff.only_in_ref, ref, diff.only_in_ref_count),
+        ("only in OTHER", diff.only_in_other, other, diff.only_in_other_count),
+    ):
+        if entries:
+            lines.append(f"{title}, {len(entries)} of {count}:")
+            lines += [f"  {i:>8}  {show_token(t, info.convention, info.byte_fallback)}" for t, i in entries]
+    return CheckResult("vocab", "ok" if diff.equal else "fail", summary, diff.to_dict(), tuple(lines))
+
+
+def describe_special(info: TokenizerInfo, role: str) -> dict[str, Any]:
+    token = info.special_tokens.get(role)
+    return {
+        "token": token,
+        "id": info.vocab.get(token) if token is not None else None,
+        "config_id": info.config_ids.get(role),
+        "generation_config_id": info.generation_ids.get(role),
+    }
+
+
+def inconsistent_role_ids(info: TokenizerInfo) -> list[str]:
+    """config.json / generation_config.json ids that disagree with the tokenizer."""
+    problems = []
+    for role in SPECIAL_ROLES:
+        described = describe_special(info, role)
+        for key, label in (("config_id", "config.json"), ("generation_config_id", "generation_config.json")):
+            value = described[key]
+            if value is None or described["id"] is None:
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if described["id"] not in ids:
+                problems.append(
+                    f"{label} {role}_token_id={value} but the tokenizer's {role} token "
+                    f"{show_token(described['token'])} is id {described['id']}"
+                )
+    return problems
+
+
+def special_tokens_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
+    roles = {role: {"ref": describe_special(ref, role), "other": describe_special(other, role)} for role in SPECIAL_ROLES}
+    differing = [
+        role
+        for role, sides in roles.items()
+        if (sides["ref"]["token"], sides["ref"]["id"]) != (sides["other"]["token"], sides["other"]["id"])
+    ]
+    ref_added = {token.content: token for token in ref.added_tokens}
+    other_added = {token.content: token for token in other.added_tokens}
+    flag_diffs = []
+    for content in sorted(ref_added.keys() & other_added.keys(), key=lambda c: ref_added[c].id):
+        ref_flags, other_flags = ref_added[content].flags(), other_added[content].flags()
+        changed = {name: [ref_flags[name], other_flags[name]] for name in ADDED_TOKEN_FLAGS if ref_flags[name] != other_flags[name]}
+        if changed:
+            flag_diffs.append({"token": content, "changed": changed})
+    added_only = sorted(ref_added.keys() ^ other_added.keys())
+    inconsistencies = {"ref": inconsistent_role_ids(ref), "other": inconsistent_role_ids(other)}
+    problems = bool(differing or flag_diffs or added_only)
+    status = "ok" if not problems else ("fail" if strict else "warn")
+    parts = [f"roles differ: {', '.join(differing)}" if differing else "bos/eos/pad/unk agree"]
+    if flag_diffs:
+        parts.append(f"{len(flag_diffs)} added-token flag difference(s)")
+    if added_only:
+        parts.append(f"{len(added_only)} token(s) added in only one tokenizer")
+    lines = [f"{'role':<5} {'REF':<36} OTHER"]
+    for role, sides in roles.items():
+        cells = []
+        for side in (sides["ref"], sides["other"]):
+            token = side["token"]
+            cells.append("-" if token is None else f"{show_token(token)} id {side['id']}")
+        mark = "  <-- differs" if role in differing else ""
+        lines.append(f"{role:<5} {cells[0]:<36} {cells[1]}{mark}")
+    for diff in flag_diffs:
+        changes = ", ".join(f"{name} {a}->{b}" for name, (a, b) in diff["changed"].items())
+        lines.append(f"flags of {show_token(diff['token'])}: {changes}")
+    for side, problems_of_side in inconsistencies.items():
+        lines += [f"{side.upper()}: {problem}" for problem in problems_of_side]
+    return CheckResult(
+        "special_tokens",
+        status,
+        "; ".join(parts),
+        {"roles": roles, "flag_differences": flag_diffs, "added_in_one_only": added_only, "inconsistent_ids": inconsistencies},
+        tuple(lines),
+    )
+
+
+def chat_template_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool, max_lines: int = 20) -> CheckResult:
+    if ref.chat_template == other.chat_template:
+        summary = "equal" if ref.chat_template is not None else "neither has one"
+        return CheckResult("chat_template", "ok", summary, {"equal": True})
+    diff = list(
+        difflib.unified_diff(
+            (ref.chat_template or "").splitlines(),
+            (other.chat_template or "").splitlines(),
+            "REF",
+            "OTHER",
+            lineterm="",
+            n=1,
+        )
+    )
+    shown = diff[:max_lines] + ([f"... {len(diff) - max_lines} more diff lines"] if len(diff) > max_lines else [])
+    return CheckResult("chat_template", "fail" if strict else "warn", "differs", {"equal": False}, tuple(shown))
+
+
+def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def encoding_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
+    details: dict[str, Any] = {
+        "model_type": [ref.model_type, other.model_type],
+        "byte_fallback": [ref.byte_fallback, other.byte_fallback],
+        "convention": [ref.convention, other.convention],
+    }
+    differing = [key for key, (a, b) in details.items() if a != b]
+    if ref.merges == other.merges:
+        details["merges_equal"] = True
+    else:
+        rank = first_difference(ref.merges or (), other.merges or ())
+        details["merges_equal"] = rank is None
+        details["merges_first_difference_rank"] = rank
+        if rank is not None:
+            differing.append(f"merges (first difference at rank {rank})")
+    for name in ("normalizer", "pre_tokenizer", "decoder"):
+        equal = getattr(ref, name) == getattr(other, name)
+        details[f"{name}_equal"] = equal
+        if not equal:
+            differing.append(name)
+    same_ids = ref.fingerprint_ids == other.fingerprint_ids
+    details["fingerprint"] = {"identical": same_ids, "ref_sha256": ref.fingerprint, "other_sha256": other.fingerprint}
+    if not same_ids:
+        differing.append("fingerprint")
+    if differing:
+        status = "fail" if strict else "warn"
+        summary = "differs: " + ", ".join(differing)
+    else:
+        status, summary = "ok", f"same model, merges, normalizer, pre-tokenizer, decoder; fingerprint {ref.fingerprint[:16]}"
+    lines = (
+        f"model type      {ref.model_type} / {other.model_type}",
+        f"merges          {'equal' if details['merges_equal'] else 'differ at rank ' + str(details.get('merges_first_difference_rank'))}",
+        *(f"{name:<15} {'equal' if details[name + '_equal'] else 'differs'}" for name in ("normalizer", "pre_tokenizer", "decoder")),
+        f"byte_fallback   {ref.byte_fallback} / {other.byte_fallback}",
+        f"fingerprint     {'identical' if same_ids else 'DIFFERS'}  REF {ref.fingerprint[:16]}  OTHER {other.fingerprint[:16]}",
+    )
+    return CheckResult("encoding", status, summary, details, lines)
+
+
+def ghost_tokens(info: TokenizerInfo, rows: int) -> list[tuple[str, int]]:
+    return sorted(((token, token_id) for token, token_id in info.vocab.items() if token_id >= rows), key=lambda item: item[1])
+
+
+def describe_weights(info: TokenizerInfo, head: int) -> dict[str, Any]:
+    weights = info.weights
+    assert weights is not None
+    rows = weights.rows
+    ghosts = ghost_tokens(info, rows) if rows is not None else []
+    return {
+        "embed_tensor": weights.embed_name,
+        "embed_rows": weights.embed_rows,
+        "lm_head_tensor": weights.head_name,
+        "lm_head_rows": weights.head_rows,
+        "config_vocab_size": weights.config_vocab_size,
+        "tokenizer_size": len(info.vocab),
+        "padding_rows": max(0, rows - len(info.vocab)) if rows is not None else None,
+        "ghost_count": len(ghosts),
+        "ghost_tokens": [{"token": t, "id": i} for t, i in ghosts[:head]],
+    }
+
+
+def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckResult:
+    sides = {label: describe_weights(info, head) for label, info in (("ref", ref), ("other", other)) if info.weights is not None}
+    if not sides:
+        return CheckResult("weights", "skipped", "no checkpoint on either side (tokenizers only)")
+    problems = [
+        f"{label.upper()} has {side['ghost_count']} ghost token(s) (ids with no embedding row)"
+        for label, side in sides.items()
+        if side["ghost_count"]
+    ]
+    if ref.weights is not None and other.weights is not None and ref.weights.rows != other.weights.rows:
+        problems.append(f"embedding rows differ: {ref.weights.rows} vs {other.weights.rows}")
+    lines = [f"{'':<6} {'embed rows':>10} {'lm_head rows':>12} {'config':>8} {'tokenizer':>9} {'padding':>7} {'ghosts':>6}"]
+    for label, side in sides.items():
+        head_rows = side["lm_head_rows"] if side["lm_head_tensor"] else "tied"
+        lines.append(
+            f"{label.upper():<6} {side['embed_rows']!s:>10} {head_rows!s:>12} {side['config_vocab_size']!s:>8} "
+            f"{side['tokenizer_size']:>9} {side['padding_rows']!s:>7} {side['ghost_count']:>6}"
+        )
+    for label, side in sides.items():
+        info = ref if label == "ref" else other
+        for ghost in side["ghost_tokens"]:
+            lines.append(f"{label.upper()} ghost: id {ghost['id']} {show_token(ghost['token'], info.convention, info.byte_fallback)}")
+    rows = sorted({str(side["embed_rows"] or side["config_vocab_size"]) for side in sides.values()})
+    summary = "; ".join(problems) if problems else f"{' / '.join(rows)} embedding rows, no ghost tokens"
+    return CheckResult("weights", "fail" if problems else "ok", summary, sides, tuple(lines))
+
+
+def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int) -> Comparison:
+    diff = diff_vocab(ref, other, head)
+    checks = [
+        vocab_check(diff, ref, other),
+        special_tokens_check(ref, other, strict),
+        chat_template_check(ref, other, strict),
+        encoding_check(ref, other, strict),
+    ]
+    if ref.weights is not None or other.weights is not None:
+        checks.append(weights_check(ref, other, head))
+    return Comparison(ref.source, other.source, diff, tuple(checks))
+
+
+def build_report(ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool) -> dict[str, Any]:
+    failed = any(c.failed for c in comparisons)
+    return {
+        "schema": JSON_SCHEMA_ID,
+        "equal": not failed,
+        "exit_code": 1 if failed else 0,
+        "strict": strict,
+        "weights": weights,
+        "reference": {
+            "source": ref.source,
+            "path": ref.path,
+            "vocab_size": len(ref.vocab),
+            "model_type": ref.model_type,
+            "convention": ref.convention,
+            "fingerprint_sha256": ref.fingerprint,
+        },
+        "comparisons": [c.to_dict() for c in comparisons],
+    }
+
+
+STATUS_LABEL = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skipped": "-"}
+
+
+def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False) -> str:
+    def paint(text: str, status: str) -> str:
+        codes = {"ok": "32", "warn": "33", "fail": "31"}
+        return f"\033[{codes[status]}m{text}\033[0m" if color and status in codes else text
+
+    out: list[str] = [f"REF    {ref.source}  ({ref.model_type}, {len(ref.vocab)} tokens, {ref.convention})"]
+    if len(comparisons) > 1:
+        width = max(len(c.other) for c in comparisons)
+        out.append("")
+        out.append(f"{'model':<{width}}  {'tokens':>7}  verdict")
+        for comparison in comparisons:
+            verdict = "MISMATCH" if comparison.failed else "identical"
+            bad = [check.name for check in comparison.checks if check.status == "fail"]
+            note = f" ({', '.join(bad)})" if bad else ""
+            out.append(f"{comparison.other:<{width}}  {comparison.vocab.other_size:>7}  {paint(verdict, 'fail' if bad else 'ok')}{note}")
+    for comparison in comparisons:
+        out.append("")
+        verdict = "MISMATCH: do not merge linearly" if comparison.failed else "identical: safe to merge linearly"
+        out.append(f"OTHER  {comparison.other}")
+        out.append(f"verdict  {paint(verdict, 'fail' if comparison.failed else 'ok')}")
+        for check in comparison.checks:
+            label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)
+            out.append(f"  {check.name:<15} {label} {check.summary}")
+            if check.status != "ok" or check.name == "weights":
+                out += [f"      {line}" for line in check.lines]
+    return "\n".join(out) + "\n"
+
+
+def parse_model_reference(value: Any) -> tuple[str, str | None, str | None]:
+    """A mergekit model reference (`path[@rev][+lora[@rev]]` or its dict form) as
+    (path, revision, lora)."""
+    if isinstance(value, Mapping):
+        model = value.get("model")
+        lora = value.get("lora")
+        if isinstance(model, Mapping):
+            path, revision = model.get("path"), model.get("revision")
+        else:
+            path, revision = split_revision(str(model)) if model is not None else (None, None)
+        if isinstance(lora, Mapping):
+            lora = lora.get("path")
+        if not path:
+            raise CliError(f"cannot read the model reference {value!r}")
+        return str(path), revision, (str(lora) if lora else None)
+    if not isinstance(value, str) or not value:
+        raise CliError(f"cannot read the model reference {value!r}")
+    model_part, _, lora = value.partition("+")
+    path, revision = split_revision(model_part)
+    return path, revision, (lora or None)
+
+
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
+    if "@" in reference and not os.path.exists(reference):
+        path, _, revision = reference.rpartition("@")
+        return path, revision or None
+    return reference, None
+
+
+def mergekit_models(config: Any) -> tuple[str | None, list[Any]]:
+    """Every model reference of a mergekit YAML, in order of appearance, and base_model."""
+    if not isinstance(config, Mapping):
+        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
+    references: list[Any] = []
+
+    def from_block(block: Mapping[str, Any]) -> None:
+        for entry in block.get("models") or []:
+            if not isinstance(entry, Mapping) or "model" not in entry:
+                raise CliError(f"models[] entry without a 'model' key: {entry!r}")
+            references.append(entry["model"])
+        for slice_ in block.get("slices") or []:
+            if not isinstance(slice_, Mapping):
+                raise CliError(f"slices[] entry is not a mapping: {slice_!r}")
+            for source in slice_.get("sources") or []:
+                if not isinstance(source, Mapping) or "model" not in source:
+                    raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
+                references.append(source["model"])
+            if slice_.get("base_model"):
+                references.append(slice_["base_model"])
+
+    from_block(config)
+    for module in (config.get("modules") or {}).values():
+        if isinstance(module, Mapping):
+            from_block(module)
+    base = config.get("base_model")
+    if base is not None:
+        references.insert(0, base)
+    if not references:
+        raise CliError("the mergekit configuration names no models (expected models:, slices: or base_model:)")
+    return base, references
+
+
+def dedupe(items: Sequence[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+# --------------------------------------------------------------------------------------
+# 3. I/O adapters: resolve sources, read tokenizers, configs and safetensors headers
+# --------------------------------------------------------------------------------------
+
+
+def looks_like_hub_id(source: str) -> bool:
+    return bool(HUB_ID_RE.match(source)) and not source.startswith((".", "~")) and not source.endswith(".json")
+
+
+def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[str]) -> Path:
+    """A local path as is, or a Hub repo's snapshot holding only `allow_patterns`
+    (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE and the local cache)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_hub_id(source):
+        raise CliError(f"{source}: no such file or directory")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a requirement
+        raise CliError(f"{source}: not a local path, and huggingface_hub is not installed") from exc
+    where = f"{source}@{revision}" if revision else source
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns)))
+    except LocalEntryNotFoundError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub is unreachable and it is not in the local cache"
+        raise CliError(f"{where}: not a local path; {reason} (download it first or pass a local directory)") from exc
+    except GatedRepoError as exc:
+        raise CliError(f"{where}: gated repository; accept its licence on the Hub and set HF_TOKEN") from exc
+    except RepositoryNotFoundError as exc:
+        raise CliError(f"{where}: no such local path or Hub repository (private? set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise CliError(f"{where}: the repository has no revision {revision!r}") from exc
+    except (HFValidationError, HfHubHTTPError, OSError) as exc:
+        raise CliError(f"{where}: cannot fetch from the Hub: {exc}".splitlines()[0]) from exc
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: expected a JSON object")
+    return data
+
+
+def tokenizer_json_via_transformers(directory: Path) -> str:
+    """tokenizer.json text for repos that only ship tokenizer.model or vocab.json +
+    merges.txt: let transformers convert them (slow, and only needed here)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend is None:
+            raise ValueError("transformers returned no fast tokenizer")
+        return backend.to_str()
+    except Exception as exc:  # transformers raises many kinds for unconvertible input
+        hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
+        raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
+
+
+def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str, int]:
+    """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
+    refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
+    id other than its vocabulary id."""
+    model = tokenizer_json.get("model") or {}
+    raw = model.get("vocab")
+    if isinstance(raw, list):  # Unigram: [piece, score] pairs in id order
+        vocab = {entry[0]: token_id for token_id, entry in enumerate(raw)}
+    elif isinstance(raw, Mapping):
+        vocab = dict(raw)
+    else:
+        raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+    for added in tokenizer_json.get("added_tokens") or []:
+        content, declared = added.get("content"), added.get("id")
+        if not isinstance(content, str) or not isinstance(declared, int):
+            raise CliError(f"{where}: malformed added_tokens entry {added!r}")
+        if vocab.get(content, declared) != declared:
+            raise CliError(
+                f"{where}: added token {escape_text(content)!r} is declared at id {declared} but the vocabulary has it "
+                f"at id {vocab[content]}; fix tokenizer.json"
+            )
+        vocab[content] = declared
+    by_id: dict[int, str] = {}
+    for token, token_id in vocab.items():
+        if token_id in by_id:
+            raise CliError(
+                f"{where}: tokens {escape_text(by_id[token_id])!r} and {escape_text(token)!r} share id {token_id}; "
+                "the vocabulary is corrupt (re-download or fix tokenizer.json)"
+            )
+        by_id[token_id] = token
+    if by_id and (min(by_id) < 0 or max(by_id) + 1 != len(by_id)):
+        missing = next((i for i in range(len(by_id)) if i not in by_id), min(by_id))
+        raise CliError(
+            f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); "
+            "fast tokenizers assume contiguous ids: fix tokenizer.json"
+        )
+    return vocab
+
+
+def check_library_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], where: Path) -> None:
+    """The tokenizers library renumbers an added token that is not in the model
+    vocabulary to the next free id: refuse a file whose declared ids it would not keep."""
+    for content, loaded in library_ids.items():
+        if loaded != vocab.get(content):
+            raise CliError(
+                f"{where}: added token {escape_text(content)!r} is declared at id {vocab.get(content)} but the tokenizers "
+                f"library loads it at id {loaded} (not in the model vocabulary and not numbered right after it); "
+                "fix tokenizer.json"
+            )
+
+
+def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
+    defaults = AddedToken("", 0)
+    flags = {flag: bool(entry.get(flag, getattr(defaults, flag))) for flag in ADDED_TOKEN_FLAGS}
+    return AddedToken(content=entry["content"], id=entry["id"], **flags)
+
+
+def special_token_content(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(
+    tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]
+) -> dict[str, str | None]:
+    roles: dict[str, str | None] = {}
+    model = tokenizer_json.get("model") or {}
+    for role in SPECIAL_ROLES:
+        key = f"{role}_token"
+        token = special_token_content(tokenizer_config.get(key)) or special_token_content(special_map.get(key))
+        if token is None and role == "unk":
+            if isinstance(model.get("unk_token"), str):
+                token = model["unk_token"]
+            elif isinstance(model.get("unk_id"), int) and model.get("type") == "Unigram":
+                token = model["vocab"][model["unk_id"]][0]
+        roles[role] = token
+    return roles
+
+
+def read_role_ids(config: Mapping[str, Any]) -> dict[str, Any]:
+    nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+    return {role: config.get(f"{role}_token_id", nested.get(f"{role}_token_id")) for role in SPECIAL_ROLES}
+
+
+def read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = read_optional_json(directory / "chat_template.json").get("chat_template", tokenizer_config.get("chat_template"))
+    if isinstance(template, list):
+        return json.dumps(template, ensure_ascii=False, sort_keys=True)
+    return template if isinstance(template, str) else None
+
+
+def normalized_merges(model: Mapping[str, Any]) -> list[Any] | None:
+    """BPE merges as [left, right] pairs, whether stored as "left right" strings or pairs."""
+    merges = model.get("merges")
+    if merges is None or not merges or not isinstance(merges[0], str):
+        return merges
+    return [merge.split(" ", 1) for merge in merges]
+
+
+def find_tokenizer_dir(path: Path) -> tuple[Path, Path | None]:
+    """(directory, tokenizer.json or None) for a directory or a tokenizer.json path."""
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise CliError(f"{path}: empty file; expected a tokenizer.json")
+        return path.parent, path
+    if not path.is_dir():
+        raise CliError(f"{path}: neither a directory nor a tokenizer.json file")
+    candidate = path / "tokenizer.json"
+    if candidate.is_file():
+        return path, candidate
+    if (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
+        return path, None
+    raise CliError(f"{path}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    source: str
+    name: str
+    revision: str | None
+    directory: Path
+    tokenizer_file: Path | None
+
+
+def resolve_tokenizer(source: str, revision: str | None, *, weights: bool) -> ResolvedSource:
+    name, inline_revision = split_revision(source)
+    revision = inline_revision or revision
+    patterns = [*TOKENIZER_FILES, *CONFIG_FILES] + (["*.safetensors.index.json"] if weights else [])
+    directory, tokenizer_file = find_tokenizer_dir(resolve_source(name, revision, patterns))
+    return ResolvedSource(source, name, revision, directory, tokenizer_file)
+
+
+def library_view(tokenizer_file: Path | None, text: str | None) -> tuple[tuple[int, ...], dict[str, int]]:
+    """What the tokenizers library makes of a tokenizer: the fingerprint sample's ids and
+    the ids it gives the added tokens. Runs in a worker process (see read_tokenizer_infos)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file is not None else Tokenizer.from_str(text or "")
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise CliError(f"{tokenizer_file or 'converted tokenizer'}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    ids = tuple(tokenizer.encode(FINGERPRINT_SAMPLE, add_special_tokens=False).ids)
+    return ids, {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()}
+
+
+def read_tokenizer_json(resolved: ResolvedSource) -> tuple[dict[str, Any], str | None]:
+    """tokenizer.json as a dict, plus its text when transformers had to convert it."""
+    if resolved.tokenizer_file is None:
+        text = tokenizer_json_via_transformers(resolved.directory)
+        return json.loads(text), text
+    data = read_json(resolved.tokenizer_file)
+    if not isinstance(data, dict):
+        raise CliError(f"{resolved.tokenizer_file}: not a tokenizer.json (expected a JSON object)")
+    return data, None
+
+
+def read_tokenizer_info(resolved: ResolvedSource, tokenizer_json: Mapping[str, Any], library: tuple[tuple[int, ...], dict[str, int | None]], weights: bool) -> TokenizerInfo:
+    directory, tokenizer_file = resolved.directory, resolved.tokenizer_file
+    where = tokenizer_file or directory
+    vocab = vocab_from_json(tokenizer_json, where)
+    fingerprint_ids, library_ids = library
+    check_library_ids(vocab, library_ids, where)
+    tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
+    special_map = read_optional_json(directory / "special_tokens_map.json")
+    special_tokens = read_special_tokens(tokenizer_json, tokenizer_config, special_map)
+    for role, token in special_tokens.items():
+        if token is not None and token not in vocab:
+            raise CliError(
+                f"{directory / 'tokenizer_config.json'}: {role}_token {escape_text(token)!r} is not in the vocabulary "
+                f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
+            )
+    model = tokenizer_json.get("model") or {}
+    config = read_optional_json(directory / "config.json")
+    return TokenizerInfo(
+        source=resolved.source,
+        path=str(tokenizer_file if tokenizer_file is not None and tokenizer_file.parent != directory else directory),
+        vocab=vocab,
+        added_tokens=tuple(added_token_from_json(entry) for entry in tokenizer_json.get("added_tokens") or []),
+        model_type=str(model.get("type", "?")),
+        merges=normalized_merges(model),
+        normalizer=tokenizer_json.get("normalizer"),
+        pre_tokenizer=tokenizer_json.get("pre_tokenizer"),
+        decoder=tokenizer_json.get("decoder"),
+        byte_fallback=bool(model.get("byte_fallback", False)),
+        convention=detect_convention(tokenizer_json),
+        special_tokens=special_tokens,
+        config_ids=read_role_ids(config),
+        generation_ids=read_role_ids(read_optional_json(directory / "generation_config.json")),
+        chat_template=read_chat_template(directory, tokenizer_config),
+        fingerprint_ids=fingerprint_ids,
+        weights=read_weights_info(directory, resolved.name, resolved.revision, config) if weights else None,
+    )
+
+
+def read_tokenizer_infos(resolved: Sequence[ResolvedSource], weights: bool) -> list[TokenizerInfo]:
+    """Read every tokenizer. Building a 128k-token BPE costs ~0.3 s of CPU in the
+    tokenizers library, under the GIL, so where fork exists those builds run in worker
+    processes while this one parses the same files' JSON."""
+    import multiprocessing
+
+    # Conversions through transformers (no tokenizer.json) happen here, before any fork.
+    converted = [read_tokenizer_json(item) if item.tokenizer_file is None else None for item in resolved]
+    if len(resolved) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        views = [library_view(item.tokenizer_file, pre[1] if pre else None) for item, pre in zip(resolved, converted)]
+        jsons = [pre or read_tokenizer_json(item) for item, pre in zip(resolved, converted)]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(len(resolved), os.cpu_count() or 1)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(library_view, item.tokenizer_file, pre[1] if pre else None) for item, pre in zip(resolved, converted)]
+            jsons = [pre or read_tokenizer_json(item) for item, pre in zip(resolved, converted)]
+            views = [future.result() for future in futures]
+    return [read_tokenizer_info(item, data, view, weights) for item, (data, _), view in zip(resolved, jsons, views)]
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: 8-byte little-endian length, then JSON."""
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) != 8:
+                raise CliError(f"{path}: truncated safetensors file (no header)")
+            length = int.from_bytes(prefix, "little")
+            if length > min(100_000_000, path.stat().st_size - 8):
+                raise CliError(f"{path}: corrupt safetensors header (declared length {length})")
+            header = json.loads(handle.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: corrupt safetensors header ({exc})") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not isinstance(header, dict):
+        raise CliError(f"{path}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    return header
+
+
+def pick_vocab_tensor(shapes: Mapping[str, Sequence[int]], suffixes: Sequence[str]) -> str | None:
+    """The 2-D tensor named like a vocabulary tensor; the shortest name wins (multimodal
+    checkpoints carry other `embeddings` tensors deeper in the tree)."""
+    candidates = [name for name, shape in shapes.items() if len(shape) == 2 and name.endswith(suffixes)]
+    return min(candidates, key=lambda name: (name.count("."), len(name))) if candidates else None
+
+
+def read_weights_info(directory: Path, name: str, revision: str | None, config: Mapping[str, Any]) -> WeightsInfo | None:
+    nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+    config_vocab = config.get("vocab_size", nested.get("vocab_size"))
+    shapes: dict[str, Sequence[int]] = {}
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        for file in files:
+            shapes.update({key: value.get("shape", ()) for key, value in read_safetensors_header(file).items()})
+    elif not directory.joinpath("config.json").is_file():
+        return None
+    elif looks_like_hub_id(name) and not Path(name).exists():
+        shapes = hub_safetensors_shapes(name, revision)
+    if not shapes and config_vocab is None:
+        return None
+    embed = pick_vocab_tensor(shapes, INPUT_EMBEDDING_SUFFIXES)
+    head = pick_vocab_tensor(shapes, OUTPUT_EMBEDDING_SUFFIXES)
+    return WeightsInfo(
+        embed_name=embed,
+        embed_rows=shapes[embed][0] if embed else None,
+        head_name=head,
+        head_rows=shapes[head][0] if head else None,
+        config_vocab_size=config_vocab,
+    )
+
+
+def hub_safetensors_shapes(repo_id: str, revision: str | None) -> dict[str, Sequence[int]]:
+    """Tensor shapes of a Hub repo from its safetensors headers (HTTP range requests)."""
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        metadata = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as exc:  # offline, not a safetensors repo, HTTP errors
+        log.warning("%s: cannot read safetensors headers from the Hub (%s); using config.json", repo_id, str(exc).splitlines()[0])
+        return {}
+    return {name: info.shape for file in metadata.files_metadata.values() for name, info in file.tensors.items()}
+
+
+def read_mergekit_config(path: Path) -> Any:
+    import yaml
+
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+# --------------------------------------------------------------------------------------
+# 4. Command line
+# --------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as CliError (one line, exit 2) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="compare_tokenizers.py",
+        description="Diff tokenizers against a reference before a linear model merge.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "sources: a local directory, a tokenizer.json file or a Hugging Face repo id (org/name[@rev]).\n\n"
+            "exit codes:\n"
+            "  0  vocabularies identical (same size, every token the same id): safe to merge linearly\n"
+            "  1  mismatch: any token->id or size difference; with --strict also special tokens, added-token\n"
+            "     flags, chat template, merges/normalizer/pre-tokenizer/decoder or fingerprint; with --weights\n"
+            "     also ghost tokens (ids with no embedding row) or differing embedding row counts\n"
+            "  2  usage error or unreadable input (one 'error: ...' line on stderr; --debug shows the traceback)"
+        ),
+    )
+    parser.add_argument("sources", nargs="*", metavar="REF OTHER", help="reference first, then one or more others")
+    parser.add_argument("--mergekit-config", type=Path, metavar="FILE", help="compare every model of a mergekit YAML against its base_model (or first model)")
+    parser.add_argument("--head", type=int, default=20, metavar="N", help="list at most N tokens per section (default 20; counts are always complete)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of the human report")
+    parser.add_argument("--strict", action="store_true", help="also fail on special-token, chat-template and encoding differences")
+    parser.add_argument("--weights", action="store_true", help="also read config.json and safetensors headers: padding rows, ghost tokens")
+    parser.add_argument("--revision", metavar="REV", help="Hub revision for repo ids without an @rev of their own")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.head < 0:
+        raise CliError("--head must be >= 0")
+    if args.mergekit_config is not None:
+        if args.sources:
+            raise CliError("give either REF OTHER... or --mergekit-config, not both")
+        base, references = mergekit_models(read_mergekit_config(args.mergekit_config))
+        sources = []
+        for reference in dedupe(references):
+            path, revision, lora = parse_model_reference(reference)
+            if lora:
+                log.warning("%s: the LoRA %s is not applied; comparing the base model's tokenizer", path, lora)
+            # mergekit resolves relative paths against the working directory; fall back
+            # to the YAML's directory so that a config can travel with its models.
+            beside_yaml = args.mergekit_config.parent / path
+            local = path if Path(path).exists() or not beside_yaml.exists() else str(beside_yaml)
+            sources.append(f"{local}@{revision}" if revision else local)
+        sources = dedupe(sources)
+        if len(sources) < 2:
+            raise CliError(f"{args.mergekit_config}: names only one model ({sources[0]}); nothing to compare")
+        log.info("reference: %s (%s)", sources[0], "base_model" if base is not None else "first model")
+    else:
+        sources = args.sources
+        if len(sources) < 2:
+            raise CliError("need a reference and at least one other tokenizer (or --mergekit-config FILE)")
+    resolved = [resolve_tokenizer(source, args.revision, weights=args.weights) for source in sources]
+    infos = read_tokenizer_infos(resolved, args.weights)
+    ref = infos[0]
+    comparisons = [compare(ref, other, strict=args.strict, head=args.head) for other in infos[1:]]
+    report = build_report(ref, comparisons, strict=args.strict, weights=args.weights)
+    if args.json:
+        sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    else:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        sys.stdout.write(render_human(ref, comparisons, color=color))
+    return report["exit_code"]
+
+
+def configure_logging(debug: bool) -> None:
+    """Logs go to the current stderr (tests swap it), never to stdout."""
+    log.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    log.handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc} (see --help)", file=sys.stderr)
+        return 2
+    configure_logging(args.debug)
+    try:
+        return run(args)
+    except CliError as exc:
+        if args.debug:
+            log.exception("traceback")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)".splitlines()[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""compare_tokenizers.py: the pre-merge gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import compare_tokenizers as ct
+import factories
+from conftest import BYTE_SPECIALS, SP_SPECIALS
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = ct.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+# ------------------------------------------------------------------ verdicts and exit codes
+
+
+def test_identical_tokenizers_exit_0(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    other = factories.write_tokenizer(tmp_path / "other", byte_tok, **BYTE_SPECIALS)
+    code, out, err = run(capsys, tok_dir, other)
+    assert code == 0, out + err
+    assert "identical: safe to merge linearly" in out
+    assert "Traceback" not in err
+
+
+def test_two_ids_swapped_at_equal_size_is_a_mismatch(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    swapped = copy.deepcopy(byte_tok)
+    vocab = swapped["model"]["vocab"]
+    vocab["th"], vocab["Ġthe"] = vocab["Ġthe"], vocab["th"]
+    other = factories.write_tokenizer(tmp_path / "other", swapped, **BYTE_SPECIALS)
+    code, out, _ = run(capsys, tok_dir, other)
+    assert code == 1
+    assert "400 vs 400 tokens; 2 moved" in out
+    assert re.search(r"\d+ -> \d+\s+'Ġthe' \(\" the\"\)", out)
+
+
+def test_one_extra_token_is_a_mismatch(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    other = factories.write_tokenizer(tmp_path / "other", factories.with_tokens(byte_tok, added=["<|im_start|>"]), **BYTE_SPECIALS)
+    code, out, _ = run(capsys, tok_dir, other)
+    assert code == 1
+    assert "only in OTHER, 1 of 1" in out and "'<|im_start|>'" in out
+
+
+def test_added_token_flag_warns_and_fails_only_with_strict(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    flagged = copy.deepcopy(byte_tok)
+    flagged["added_tokens"][1]["lstrip"] = True
+    other = factories.write_tokenizer(tmp_path / "other", flagged, **BYTE_SPECIALS)
+    code, out, _ = run(capsys, tok_dir, other)
+    assert code == 0
+    assert "WARN" in out and "lstrip False->True" in out
+    code, out, _ = run(capsys, tok_dir, other, "--strict")
+    assert code == 1
+    assert "FAIL" in out
+
+
+def test_same_vocab_different_merges_changes_the_fingerprint(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    reordered = copy.deepcopy(byte_tok)
+    reordered["model"]["merges"] = list(reversed(reordered["model"]["merges"]))
+    other = factories.write_tokenizer(tmp_path / "other", reordered, **BYTE_SPECIALS)
+    code, out, _ = run(capsys, tok_dir, other, "--json")
+    report = json.loads(out)
+    encoding = report["comparisons"][0]["checks"]["encoding"]
+    assert code == 0 and report["comparisons"][0]["equal"] is True
+    assert encoding["status"] == "warn"
+    assert encoding["merges_equal"] is False and encoding["merges_first_difference_rank"] == 0
+    assert encoding["fingerprint"]["identical"] is False
+    assert encoding["fingerprint"]["ref_sha256"] != encoding["fingerprint"]["other_sha256"]
+    assert run(capsys, tok_dir, other, "--strict")[0] == 1
+
+
+def test_sentencepiece_and_byte_level_share_tokens_by_bytes(tmp_path: Path, tok_dir: Path, sp_tok: dict, capsys) -> None:
+    other = factories.write_tokenizer(tmp_path / "sp", sp_tok, **SP_SPECIALS)
+    code, out, _ = run(capsys, tok_dir, other, "--json")
+    assert code == 1
+    vocab = json.loads(out)["comparisons"][0]["checks"]["vocab"]
+    assert vocab["counts"]["shared_by_bytes"] > 2 * vocab["counts"]["shared_exact"]
+    code, human, _ = run(capsys, tok_dir, other)
+    assert f"shared tokens: exact {vocab['counts']['shared_exact']}, by bytes {vocab['counts']['shared_by_bytes']}" in human
+    assert "byte_fallback   False / True" in human
+
+
+def test_special_token_roles_and_chat_template(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    ref = factories.write_tokenizer(tmp_path / "ref", byte_tok, **BYTE_SPECIALS, chat_template="{{ messages }}")
+    other = factories.write_tokenizer(tmp_path / "other", byte_tok, bos="<|begin_of_text|>", eos="<|begin_of_text|>", chat_template="{{ messages }}!")
+    code, out, _ = run(capsys, ref, other)
+    assert code == 0
+    assert "roles differ: eos" in out
+    assert "-{{ messages }}" in out and "+{{ messages }}!" in out
+    assert run(capsys, ref, other, "--strict")[0] == 1
+
+
+def test_config_ids_that_disagree_with_the_tokenizer_are_reported(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    other = factories.write_tokenizer(tmp_path / "other", byte_tok, **BYTE_SPECIALS)
+    (other / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    code, out, _ = run(capsys, tok_dir, other, "--json")
+    inconsistent = json.loads(out)["comparisons"][0]["checks"]["special_tokens"]["inconsistent_ids"]
+    assert code == 0
+    assert inconsistent["other"] and "eos_token_id=7" in inconsistent["other"][0]
+
+
+def test_tokenizer_json_file_as_source(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    code, out, _ = run(capsys, tok_dir / "tokenizer.json", tok_dir)
+    assert code == 0, out
+
+
+def test_slow_tokenizer_files_are_converted_through_transformers(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    model = byte_tok["model"]
+    (slow / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (slow / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # GPT2Tokenizer defaults unk_token to <|endoftext|> and would add it as a new token
+    config = {"tokenizer_class": "GPT2Tokenizer", "unk_token": BYTE_SPECIALS["eos"], **{f"{k}_token": v for k, v in BYTE_SPECIALS.items()}}
+    (slow / "tokenizer_config.json").write_text(json.dumps(config))
+    code, out, err = run(capsys, tok_dir, slow, "--json")
+    report = json.loads(out)
+    assert report["comparisons"][0]["checks"]["vocab"]["status"] == "ok", err
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_path_is_exit_2_with_one_error_line(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    code, out, err = run(capsys, tok_dir, tmp_path / "nope")
+    assert code == 2 and out == ""
+    assert len(error_lines(err)) == 1 and "nope" in err
+    assert "Traceback" not in err
+
+
+def test_repo_id_offline_and_not_cached_is_a_clear_error(tok_dir: Path, capsys) -> None:
+    code, _, err = run(capsys, tok_dir, "some-org/not-cached-model")
+    assert code == 2
+    assert error_lines(err) == [
+        "error: some-org/not-cached-model: not a local path; HF_HUB_OFFLINE is set and it is not in the local cache "
+        "(download it first or pass a local directory)"
+    ]
+
+
+def test_usage_errors_are_one_line(capsys) -> None:
+    code, _, err = run(capsys, "--head", "x", "a", "b")
+    assert code == 2 and len(error_lines(err)) == 1
+    code, _, err = run(capsys, "only-one")
+    assert code == 2 and "need a reference and at least one other" in err
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, tok_dir: Path, capsys) -> None:
+    code, _, err = run(capsys, tok_dir, tmp_path / "nope", "--debug")
+    assert code == 2 and "Traceback" in err
+
+
+# ------------------------------------------------------------------ --json
+
+
+def test_json_agrees_with_the_human_report(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    tokens = factories.without_tokens(factories.with_tokens(byte_tok, regular=["Ġzzz"], added=["<|im_end|>"]), ["Ġthe"])
+    other = factories.write_tokenizer(tmp_path / "other", tokens, **BYTE_SPECIALS)
+    code_json, out_json, _ = run(capsys, tok_dir, other, "--json", "--head", "2")
+    code_human, out_human, _ = run(capsys, tok_dir, other, "--head", "2")
+    report = json.loads(out_json)
+    assert code_json == code_human == report["exit_code"] == 1
+    assert report["schema"] == ct.JSON_SCHEMA_ID and report["equal"] is False
+    vocab = report["comparisons"][0]["checks"]["vocab"]
+    counts = vocab["counts"]
+    assert counts["only_in_ref"] == 1 and counts["only_in_other"] == 2
+    assert len(vocab["moved"]) == 2 and counts["moved"] > 2
+    assert f"{counts['moved']} moved, {counts['only_in_ref']} only in REF, {counts['only_in_other']} only in OTHER" in out_human
+    for entry in vocab["moved"]:
+        assert f"{entry['ref_id']:>8} -> {entry['other_id']:<8}" in out_human
+    assert report["comparisons"][0]["verdict"] == "mismatch"
+
+
+# ------------------------------------------------------------------ --weights
+
+
+def test_weights_reports_padding_rows_and_ghost_tokens(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    padded = factories.write_model(tmp_path / "padded", byte_tok, rows=448, **BYTE_SPECIALS)
+    ghosts = factories.write_model(tmp_path / "ghosts", byte_tok, rows=391, **BYTE_SPECIALS)
+    code, out, _ = run(capsys, padded, ghosts, "--weights", "--json")
+    weights = json.loads(out)["comparisons"][0]["checks"]["weights"]
+    assert code == 1 and weights["status"] == "fail"
+    assert weights["ref"]["padding_rows"] == 48 and weights["ref"]["ghost_count"] == 0
+    assert weights["other"]["ghost_count"] == 9 and weights["other"]["embed_rows"] == 391
+    vocab = factories.vocab_of(byte_tok)
+    assert [g["id"] for g in weights["other"]["ghost_tokens"]] == list(range(391, 400))
+    assert [g["token"] for g in weights["other"]["ghost_tokens"]] == [t for t, i in sorted(vocab.items(), key=lambda x: x[1])][391:]
+    assert weights["other"]["lm_head_tensor"] == "lm_head.weight"
+    # without --weights the same pair is identical: the tokenizers agree
+    assert run(capsys, padded, ghosts)[0] == 0
+    code, human, _ = run(capsys, padded, ghosts, "--weights")
+    assert "OTHER ghost: id 391" in human
+
+
+def test_weights_tied_embeddings(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    tied = factories.write_model(tmp_path / "tied", byte_tok, arch="gpt2", **BYTE_SPECIALS)
+    code, out, _ = run(capsys, tied, tied, "--weights", "--json")
+    side = json.loads(out)["comparisons"][0]["checks"]["weights"]["ref"]
+    assert code == 0
+    assert side["embed_tensor"] == "transformer.wte.weight" and side["lm_head_tensor"] is None
+
+
+# ------------------------------------------------------------------ --mergekit-config
+
+
+def test_mergekit_config_with_three_models(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    base = factories.write_tokenizer(tmp_path / "base", byte_tok, **BYTE_SPECIALS)
+    same = factories.write_tokenizer(tmp_path / "same", byte_tok, **BYTE_SPECIALS)
+    odd = factories.write_tokenizer(tmp_path / "odd", factories.permuted(byte_tok, 3), **BYTE_SPECIALS)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: linear\nbase_model: {base}\nmodels:\n"
+        f"  - model: {same}\n    parameters: {{weight: 0.5}}\n  - model: {odd}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {base}\n    parameters: {{weight: 0.0}}\ndtype: float32\n"
+    )
+    code, out, _ = run(capsys, "--mergekit-config", config)
+    assert code == 1
+    summary = [line for line in out.splitlines() if line.startswith(str(tmp_path))]
+    assert any(str(odd) in line and "MISMATCH" in line for line in summary)
+    assert any(str(same) in line and "identical" in line for line in summary)
+    code, out, _ = run(capsys, "--mergekit-config", config, "--json")
+    report = json.loads(out)
+    assert report["reference"]["source"] == str(base)
+    assert [c["other"] for c in report["comparisons"]] == [str(same), str(odd)]
+
+
+def test_mergekit_config_slices_and_relative_paths(tmp_path: Path, byte_tok: dict, capsys, monkeypatch) -> None:
+    factories.write_tokenizer(tmp_path / "a", byte_tok, **BYTE_SPECIALS)
+    factories.write_tokenizer(tmp_path / "b", byte_tok, **BYTE_SPECIALS)
+    config = tmp_path / "frankenmerge.yaml"
+    config.write_text(
+        "merge_method: passthrough\nslices:\n"
+        "  - sources:\n      - model: a\n        layer_range: [0, 1]\n"
+        "  - sources:\n      - model: b\n        layer_range: [1, 2]\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)
+    code, out, _ = run(capsys, "--mergekit-config", config)
+    assert code == 0, out
+
+
+def test_mergekit_config_errors(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text("- just\n- a list\n")
+    code, _, err = run(capsys, "--mergekit-config", config)
+    assert code == 2 and "top level must be a mapping" in err
+    config.write_text("merge_method: linear\nmodels: [{model: only}]\n")
+    assert run(capsys, "--mergekit-config", config)[0] == 2
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+@pytest.mark.parametrize(
+    ("token", "convention", "byte_fallback", "expected"),
+    [
+        ("Ġthe", "byte_level", False, b" the"),
+        ("▁the", "metaspace", True, b" the"),
+        ("<0x20>", "metaspace", True, b" "),
+        ("<0x0A>", "metaspace", True, b"\n"),
+        ("<0x0A>", "metaspace", False, b"<0x0A>"),
+        ("Ċ", "byte_level", False, b"\n"),
+        ("æĹ¥", "byte_level", False, "日".encode()),
+        ("the", "plain", False, b"the"),
+    ],
+)
+def test_token_bytes(token: str, convention: str, byte_fallback: bool, expected: bytes) -> None:
+    assert ct.token_bytes(token, convention, byte_fallback) == expected
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(sorted(ct.bytes_to_unicode().values()) + ["x", "é", "\n", "日"]), max_size=6), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_tokens_as_bytes_matches_token_by_token(tokens: list[str]) -> None:
+    assert ct.tokens_as_bytes(tokens, "byte_level", False) == [ct.token_bytes(t, "byte_level", False) for t in tokens]
+
+
+@given(st.text(max_size=20))
+def test_byte_level_alphabet_check(text: str) -> None:
+    alphabet = set(ct.bytes_to_unicode().values())
+    assert ct.in_byte_level_alphabet(text) == all(char in alphabet for char in text)
+
+
+def test_show_token_escapes_control_characters() -> None:
+    assert ct.show_token("Ċ", "byte_level") == "'Ċ' (\"\\n\")"
+    assert ct.show_token("a\tb\x00") == "'a\\tb\\x00'"
+    assert ct.show_token("\u200b") == "'\\u200b'"
+
+
+def test_detect_convention(byte_tok: dict, sp_tok: dict) -> None:
+    assert ct.detect_convention(byte_tok) == "byte_level"
+    assert ct.detect_convention(sp_tok) == "metaspace"
+    assert ct.detect_convention({"pre_tokenizer": {"type": "Whitespace"}}) == "plain"
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("org/model", ("org/model", None, None)),
+        ("org/model@v1", ("org/model", "v1", None)),
+        ("org/model+org/lora", ("org/model", None, "org/lora")),
+        ({"model": {"path": "m", "revision": "r"}, "lora": {"path": "l"}}, ("m", "r", "l")),
+        ({"model": "m@main"}, ("m", "main", None)),
+    ],
+)
+def test_parse_model_reference(reference: object, expected: tuple) -> None:
+    assert ct.parse_model_reference(reference) == expected
+
+
+def test_mergekit_models_reads_every_place_a_model_can_be() -> None:
+    config = {
+        "base_model": "base",
+        "models": [{"model": "a"}],
+        "slices": [{"sources": [{"model": "b", "layer_range": [0, 1]}], "base_model": "c"}],
+        "modules": {"text": {"models": [{"model": "d"}]}},
+    }
+    assert ct.mergekit_models(config) == ("base", ["base", "a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["model"]["vocab"].update({"dup": 5}), "share id 5"),
+        (lambda d: d["model"]["vocab"].update({"gap": 10_000}), "first missing id is 400"),
+        (lambda d: d["added_tokens"].append({"id": 399, "content": "Ġthe", "special": True}), "declared at id 399"),
+    ],
+)
+def test_vocab_from_json_refuses_ambiguous_vocabularies(byte_tok: dict, mutate, message: str) -> None:
+    data = copy.deepcopy(byte_tok)
+    mutate(data)
+    with pytest.raises(ct.CliError, match=message):
+        ct.vocab_from_json(data, Path("tokenizer.json"))
+
+
+def test_library_renumbering_of_added_tokens_is_refused(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    # Contiguous declared ids, but neither token is in the model vocabulary and they are
+    # listed out of order: the tokenizers library numbers them 400, 401 in list order.
+    data = copy.deepcopy(byte_tok)
+    flags = {"special": True, "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
+    data["added_tokens"].append({"id": 401, "content": "<|b|>", **flags})
+    data["added_tokens"].append({"id": 400, "content": "<|a|>", **flags})
+    other = factories.write_tokenizer(tmp_path / "other", data, **BYTE_SPECIALS)
+    code, _, err = run(capsys, tok_dir, other)
+    assert code == 2
+    assert error_lines(err) == [
+        f"error: {other / 'tokenizer.json'}: added token '<|b|>' is declared at id 401 but the tokenizers library loads "
+        "it at id 400 (not in the model vocabulary and not numbered right after it); fix tokenizer.json"
+    ]
