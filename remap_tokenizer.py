@@ -1,0 +1,2036 @@
+#!/usr/bin/env python3
+"""Permute a causal LM's vocabulary rows into a base tokenizer's token order.
+
+Linear merges (mergekit linear, task arithmetic, TIES, ...) add embedding and lm_head
+matrices row by row, so every model must map each token to the same id. This script
+rewrites a model (M) so that its rows follow another tokenizer (T):
+
+  append mode (default)  every token of T at T's id, then M's tokens that T lacks, with a
+                         patched tokenizer that can decode them
+  --drop-extra           exactly T's vocabulary and config.vocab_size: ready to merge
+
+Rows of T's tokens that M lacks are initialised (default: FVT, the mean of the rows of
+the source tokens that spell the same text). The remap streams tensor by tensor: memory
+stays around one vocabulary matrix whatever the model size, and every other tensor is
+copied byte for byte.
+
+Exit codes: 0 ok, 1 the self-check of the written output failed, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("remap_tokenizer")
+
+# --------------------------------------------------------------------------------------
+# 1. Constants and result types
+# --------------------------------------------------------------------------------------
+
+REPORT_NAME = "remap_report.json"
+REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+INIT_METHODS = ("fvt", "mean", "unk", "zero")
+MATCH_MODES = ("auto", "exact", "bytes")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+# Files only a slow (Python) tokenizer reads: in append mode they would disagree with
+# the patched tokenizer.json, so they are left out.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+CONFIG_FILES = ("config.json", "generation_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pkl", ".ot")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes whose rows this script can average
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
+OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+COPY_CHUNK_BYTES = 16 * 2**20
+ROW_CHUNK_BYTES = 32 * 2**20
+FVT_BATCH_ROWS = 512
+LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
+
+# Row sources in RemapPlan.row_source: >= 0 copies that source row.
+MEAN_ROW, ZERO_ROW, FVT_ROW = -1, -2, -3
+
+
+class CliError(Exception):
+    """An input or usage problem, reported as one `error: ...` line and exit code 2."""
+
+
+class SelfCheckError(Exception):
+    """The written output does not match the plan (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """What the plan needs to know about one tokenizer, read from its files."""
+
+    vocab: Mapping[str, int]
+    added: Mapping[str, Mapping[str, bool]]  # added-token content -> flags
+    roles: Mapping[str, str | None]  # bos/eos/pad/unk -> token
+    convention: str = "plain"  # byte_level | metaspace | plain
+    byte_fallback: bool = False
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+
+@dataclass(frozen=True)
+class Matches:
+    """Which source token each base token was matched to."""
+
+    mode: str  # exact | bytes
+    src_of_base: Mapping[int, int]
+    collisions: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "matched": len(self.src_of_base), "collisions": len(self.collisions), "collision_examples": list(self.collisions[:LIST_CAP])}
+
+
+@dataclass(frozen=True)
+class RemapPlan:
+    """Where every output row comes from.
+
+    row_source[i] >= 0 copies source row row_source[i] bit for bit; MEAN_ROW, ZERO_ROW
+    and FVT_ROW (the mean of the source rows fvt_parts[i]) are initialised rows.
+    row_rule[i] says why (copied, moved, appended, role:eos, fvt, mean, unk, zero, padding).
+    """
+
+    mode: str  # append | drop
+    init: str
+    n_rows: int
+    n_base: int
+    src_rows: int
+    row_source: tuple[int, ...]
+    row_rule: tuple[str, ...]
+    fvt_parts: Mapping[int, tuple[int, ...]]
+    out_vocab: Mapping[str, int]
+    appended: tuple[tuple[str, int, int], ...]  # (token in base spelling, source id, output id)
+    dropped: tuple[tuple[str, int, str], ...]  # (token, source id, reason)
+    src_ghosts: tuple[tuple[str, int], ...]  # source tokens whose id has no embedding row
+    src_padding_rows: int
+    matches: Matches
+    warnings: tuple[str, ...] = ()
+
+    def rule_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for rule in self.row_rule:
+            key = "role" if rule.startswith("role:") else rule
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_dict(self, src_token_of_id: Mapping[int, str], examples: int = LIST_CAP) -> dict[str, Any]:
+        counts = self.rule_counts()
+        initialised = [
+            {
+                "token": token,
+                "id": out_id,
+                "rule": self.row_rule[out_id],
+                "from": [src_token_of_id.get(i, f"<row {i}>") for i in self.fvt_parts.get(out_id, ())]
+                or ([src_token_of_id.get(self.row_source[out_id], f"<row {self.row_source[out_id]}>")] if self.row_source[out_id] >= 0 else []),
+            }
+            for token, out_id in sorted(self.out_vocab.items(), key=lambda item: item[1])
+            if self.row_rule[out_id] not in ("copied", "moved", "appended")
+        ]
+        return {
+            "mode": self.mode,
+            "init": self.init,
+            "rows": {"output": self.n_rows, "base_tokens": self.n_base, "source": self.src_rows},
+            "counts": {
+                "copied": counts.get("copied", 0),
+                "moved": counts.get("moved", 0),
+                "appended": len(self.appended),
+                "initialised": len(initialised),
+                "dropped": len(self.dropped),
+                "ghost": len(self.src_ghosts),
+                "padding": counts.get("padding", 0),
+                "source_padding_rows": self.src_padding_rows,
+            },
+            "init_rules": {rule: n for rule, n in sorted(counts.items()) if rule not in ("copied", "moved", "appended")},
+            "match": self.matches.to_dict(),
+            "initialised": initialised[:examples],
+            "dropped": [{"token": t, "source_id": i, "reason": r} for t, i, r in self.dropped[:LIST_CAP]],
+            "ghosts": [{"token": t, "source_id": i} for t, i in self.src_ghosts[:LIST_CAP]],
+            "appended": [{"token": t, "source_id": s, "id": o} for t, s, o in self.appended[:LIST_CAP]],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the output, and where its bytes come from in the source."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    source_file: str | None = None  # safetensors file, for a byte-range copy
+    source_start: int = 0  # absolute offset of the data in source_file
+    vocab_role: str | None = None  # embed | head | bias: rows are rebuilt from the plan
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    files: tuple[str, ...]
+    tensors: tuple[tuple[TensorEntry, ...], ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.nbytes for shard in self.tensors for entry in shard)
+
+    def weight_map(self) -> dict[str, str]:
+        return {entry.name: file for file, shard in zip(self.files, self.tensors) for entry in shard}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_size": self.total_size,
+            "shards": [{"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s)} for f, s in zip(self.files, self.tensors)],
+        }
+
+
+@dataclass(frozen=True)
+class VocabTensors:
+    embed: str
+    head: str | None  # None: tied to the input embedding
+    bias: str | None
+    rows: int
+    hidden: int
+    how: str  # names | meta | override | shape
+
+
+# --------------------------------------------------------------------------------------
+# 2. Pure functions: token conventions, matching, the plan, shards, headers, row math
+# --------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte maps to one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+BYTE_LEVEL_CHAR = bytes_to_unicode()
+BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in BYTE_LEVEL_CHAR.items()}
+LATIN1_TO_BYTE_LEVEL = {byte: char for byte, char in BYTE_LEVEL_CHAR.items()}
+
+
+def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
+    """Every dict inside a tokenizer.json component (Sequence members included)."""
+    if isinstance(node, Mapping):
+        yield node
+        for value in node.values():
+            yield from iter_components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from iter_components(value)
+
+
+def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
+    """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
+    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
+    parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
+    types = {component.get("type") for component in iter_components(parts)}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if "Metaspace" in types:
+        return "metaspace"
+    for component in iter_components(parts):
+        if component.get("type") == "Replace" and "▁" in json.dumps(component, ensure_ascii=False):
+            return "metaspace"
+    return "plain"
+
+
+def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
+    """The raw bytes a regular token stands for, whatever the tokenizer's spelling."""
+    if byte_fallback and token.startswith("<0x"):
+        match = BYTE_FALLBACK_RE.match(token)
+        if match:
+            return bytes([int(match.group(1), 16)])
+    if convention == "byte_level":
+        try:
+            return token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
+            return token.encode()
+    if convention == "metaspace":
+        return token.replace("▁", " ").encode()
+    return token.encode()
+
+
+def spell_bytes(data: bytes, convention: str, byte_fallback: bool) -> str | None:
+    """The regular-token spelling of `data` in a convention, or None if it has none
+    (invalid UTF-8 in a vocabulary without byte-level symbols or byte fallback)."""
+    if convention == "byte_level":
+        return data.decode("latin-1").translate(LATIN1_TO_BYTE_LEVEL)
+    if byte_fallback and len(data) == 1 and data[0] >= 0x80:
+        return f"<0x{data[0]:02X}>"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.replace(" ", "▁") if convention == "metaspace" else text
+
+
+def utf8_pieces(data: bytes) -> list[tuple[str | None, int | None]]:
+    """Split bytes into (text, None) runs of valid UTF-8 and (None, byte) stray bytes."""
+    pieces: list[tuple[str | None, int | None]] = []
+    while data:
+        try:
+            pieces.append((data.decode("utf-8"), None))
+            break
+        except UnicodeDecodeError as exc:
+            if exc.start:
+                pieces.append((data[: exc.start].decode("utf-8"), None))
+            pieces.append((None, data[exc.start]))
+            data = data[exc.start + 1 :]
+    return pieces
+
+
+def match_tokens(base: VocabSpec, src: VocabSpec, mode: str) -> Matches:
+    """Pair base ids with source ids. `exact` pairs equal spellings; `bytes` pairs added
+    tokens by content and regular tokens by the bytes they stand for. When two tokens of
+    one side share bytes, the lowest id keeps the match and the collision is reported."""
+    if mode == "exact":
+        return Matches("exact", {base_id: src.vocab[token] for token, base_id in base.vocab.items() if token in src.vocab})
+    collisions: list[dict[str, Any]] = []
+
+    def by_bytes(spec: VocabSpec, side: str) -> dict[bytes, int]:
+        table: dict[bytes, int] = {}
+        for token, token_id in sorted(spec.vocab.items(), key=lambda item: item[1]):
+            if token in spec.added:
+                continue
+            key = token_bytes(token, spec.convention, spec.byte_fallback)
+            if key in table:
+                collisions.append({"side": side, "bytes": key.decode("utf-8", "backslashreplace"), "kept_id": table[key], "dropped_id": token_id})
+            else:
+                table[key] = token_id
+        return table
+
+    src_by_bytes = by_bytes(src, "source")
+    base_by_bytes = by_bytes(base, "base")
+    src_of_base: dict[int, int] = {}
+    for content in base.added:
+        if content in src.vocab:
+            src_of_base[base.vocab[content]] = src.vocab[content]
+    claimed = set(src_of_base.values())
+    for key, base_id in base_by_bytes.items():
+        src_id = src_by_bytes.get(key)
+        if src_id is not None and src_id not in claimed:
+            src_of_base[base_id] = src_id
+            claimed.add(src_id)
+    return Matches("bytes", src_of_base, tuple(collisions))
+
+
+def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str:
+    if requested != "auto":
+        return requested
+    same = (base.convention, base.byte_fallback) == (src.convention, src.byte_fallback)
+    return "exact" if same else "bytes"
+
+
+def round_up(value: int, multiple: int | None) -> int:
+    return value if not multiple else -(-value // multiple) * multiple
+
+
+def plan_remap(
+    base: VocabSpec,
+    src: VocabSpec,
+    *,
+    src_rows: int,
+    matches: Matches,
+    drop_extra: bool,
+    init: str,
+    base_config_vocab_size: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    decompositions: Mapping[str, Sequence[int]] | None = None,
+) -> RemapPlan:
+    """Decide where every output row comes from (see RemapPlan). Pure: the caller reads
+    the tokenizers and, for FVT, encodes the missing tokens' text (`decompositions`)."""
+    if init not in INIT_METHODS:
+        raise ValueError(f"unknown init method {init!r}")
+    decompositions = decompositions or {}
+    warnings: list[str] = []
+    n_base = len(base.vocab)
+    src_id_rows = min(src_rows, len(src.vocab))
+    src_token_of_id = {token_id: token for token, token_id in src.vocab.items()}
+    src_unk = src.vocab.get(src.roles.get("unk") or "")
+    src_unk_row = src_unk if src_unk is not None and src_unk < src_rows else None
+    base_role_of_token = {token: role for role, token in base.roles.items() if token is not None}
+
+    row_source: list[int] = []
+    row_rule: list[str] = []
+    fvt_parts: dict[int, tuple[int, ...]] = {}
+    base_token_of_id = sorted(base.vocab, key=base.vocab.__getitem__)
+    for base_id, token in enumerate(base_token_of_id):
+        src_id = matches.src_of_base.get(base_id)
+        if src_id is not None and src_id < src_rows:
+            row_source.append(src_id)
+            row_rule.append("copied" if src_id == base_id else "moved")
+            continue
+        role = base_role_of_token.get(token)
+        role_src = src.vocab.get(src.roles.get(role) or "") if role else None
+        if role_src is not None and role_src < src_rows:
+            row_source.append(role_src)
+            row_rule.append(f"role:{role}")
+        elif init == "zero":
+            row_source.append(ZERO_ROW)
+            row_rule.append("zero")
+        elif init == "unk" and src_unk_row is not None:
+            row_source.append(src_unk_row)
+            row_rule.append("unk")
+        elif init == "fvt" and token not in base.added:
+            parts = tuple(i for i in decompositions.get(token, ()) if i < src_rows and i != src_unk)
+            if parts:
+                row_source.append(FVT_ROW)
+                row_rule.append("fvt")
+                fvt_parts[base_id] = parts
+            else:
+                row_source.append(MEAN_ROW)
+                row_rule.append("fvt_fallback_mean")
+        else:
+            row_source.append(MEAN_ROW)
+            row_rule.append("mean" if init in ("mean", "fvt") else "unk_fallback_mean")
+
+    # Source tokens the base lacks: appended (append mode) or dropped (--drop-extra).
+    claimed = set(matches.src_of_base.values())
+    dropped_by_bytes = {c["dropped_id"] for c in matches.collisions if c["side"] == "source"}
+    out_vocab = dict(base.vocab)
+    appended: list[tuple[str, int, int]] = []
+    dropped: list[tuple[str, int, str]] = []
+    ghosts: list[tuple[str, int]] = []
+    for src_id in sorted(src_token_of_id):
+        token = src_token_of_id[src_id]
+        if src_id >= src_rows:
+            ghosts.append((token, src_id))
+            continue
+        if src_id in claimed:
+            continue
+        if token in src.added or matches.mode == "exact":
+            spelling: str | None = token
+        else:
+            spelling = spell_bytes(token_bytes(token, src.convention, src.byte_fallback), base.convention, base.byte_fallback)
+        if drop_extra:
+            dropped.append((token, src_id, "not in the base tokenizer"))
+        elif src_id in dropped_by_bytes:
+            dropped.append((token, src_id, "same bytes as a lower source id"))
+        elif spelling is None:
+            dropped.append((token, src_id, "cannot be spelled in the base tokenizer's convention"))
+        elif spelling in out_vocab:
+            dropped.append((token, src_id, f"its spelling {spelling!r} is already a base token"))
+        else:
+            out_id = len(row_source)
+            out_vocab[spelling] = out_id
+            appended.append((spelling, src_id, out_id))
+            row_source.append(src_id)
+            row_rule.append("appended")
+
+    n_tokens = len(row_source)
+    target = n_tokens
+    if drop_extra and base_config_vocab_size is not None:
+        if base_config_vocab_size < n_base:
+            warnings.append(
+                f"the base's config.json vocab_size ({base_config_vocab_size}) is smaller than its tokenizer "
+                f"({n_base} tokens); the output keeps a row for every token"
+            )
+        target = max(base_config_vocab_size, n_base)
+    n_rows = round_up(target, pad_to_multiple_of)
+    row_source += [MEAN_ROW] * (n_rows - n_tokens)
+    row_rule += ["padding"] * (n_rows - n_tokens)
+    if ghosts:
+        warnings.append(f"{len(ghosts)} source token(s) have ids beyond the embedding's {src_rows} rows (ghost tokens)")
+    return RemapPlan(
+        mode="drop" if drop_extra else "append",
+        init=init,
+        n_rows=n_rows,
+        n_base=n_base,
+        src_rows=src_rows,
+        row_source=tuple(row_source),
+        row_rule=tuple(row_rule),
+        fvt_parts=fvt_parts,
+        out_vocab=out_vocab,
+        appended=tuple(appended),
+        dropped=tuple(dropped),
+        src_ghosts=tuple(ghosts),
+        src_padding_rows=max(0, src_rows - src_id_rows),
+        matches=matches,
+        warnings=tuple(warnings),
+    )
+
+
+def parse_size(text: str) -> int:
+    """`5GB` (decimal), `500MB`, `2GiB` (binary) or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text), re.IGNORECASE)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
+    value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+def shard_file_names(count: int) -> tuple[str, ...]:
+    if count == 1:
+        return ("model.safetensors",)
+    return tuple(f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1))
+
+
+def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> ShardPlan:
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a tensor
+    larger than that gets a shard of its own), like transformers' save_pretrained."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    if not shards[-1]:
+        shards.pop()
+    return ShardPlan(shard_file_names(len(shards)), tuple(tuple(s) for s in shards))
+
+
+def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `entries` back to
+    back in order, padded with spaces so that the data starts 8-byte aligned."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata is not None else {}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def validate_safetensors_header(header: Mapping[str, Any], data_size: int, where: str) -> None:
+    """Refuse headers whose tensors overlap, leave holes, run past the data or disagree
+    with their shape: reading them would silently give wrong rows."""
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CliError(f"{where}: malformed header entry for {name!r}; re-download the file") from exc
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise CliError(f"{where}: tensor {name!r} has invalid data_offsets {[start, end]}; re-download the file")
+        if dtype in DTYPE_SIZES and end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise CliError(f"{where}: tensor {name!r} ({dtype} {shape}) should take {math.prod(shape) * DTYPE_SIZES[dtype]} bytes, its offsets give {end - start}")
+        spans.append((start, end, name))
+    spans.sort()
+    position = 0
+    for start, end, name in spans:
+        if start != position:
+            what = "overlaps the previous tensor" if start < position else "leaves a hole before it"
+            raise CliError(f"{where}: tensor {name!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt")
+        position = end
+    if position > data_size:
+        raise CliError(f"{where}: tensors need {position} bytes of data but the file holds {data_size}: truncated download? re-download it")
+
+
+def select_weight_files(filenames: Iterable[str]) -> tuple[str, list[str]]:
+    """Which files hold a checkpoint's weights: ("safetensors"|"bin", files). Prefers
+    safetensors, then the `model*` / `pytorch_model*` naming transformers writes (repos
+    often also carry `consolidated.safetensors` or `original/*.pth` copies)."""
+    names = sorted(set(filenames))
+    top = [n for n in names if "/" not in n]
+    for kind, index, pattern in (
+        ("safetensors", SAFETENSORS_INDEX, re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")),
+        ("safetensors", None, re.compile(r"^(?!consolidated).*\.safetensors$")),
+        ("bin", BIN_INDEX, re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")),
+    ):
+        if index is not None and index in top:
+            return kind, [index]
+        files = [n for n in top if pattern.match(n)]
+        if files:
+            return kind, files
+    return "none", []
+
+
+def hub_allow_patterns(kind: str, files: Sequence[str]) -> list[str]:
+    """What to download of a model repo: its weights, configs and tokenizer files."""
+    weights = list(files)
+    if kind == "safetensors" and SAFETENSORS_INDEX in files:
+        weights += ["model-*.safetensors"]
+    if kind == "bin" and BIN_INDEX in files:
+        weights += ["pytorch_model-*.bin"]
+    return [*weights, *CONFIG_FILES, *TOKENIZER_FILES]
+
+
+# ---- row math (numpy) ----------------------------------------------------------------
+
+NONFINITE_MASK = {"F64": (8, 0x7FF0000000000000), "F32": (4, 0x7F800000), "F16": (2, 0x7C00), "BF16": (2, 0x7F80)}
+
+
+def _uint_view(raw: np.ndarray, dtype: str) -> np.ndarray:
+    import numpy as np
+
+    width = NONFINITE_MASK[dtype][0]
+    return raw.view({8: np.uint64, 4: np.uint32, 2: np.uint16}[width])
+
+
+def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows (of a (rows, row_bytes) uint8 matrix) holding a NaN or an infinity: all
+    exponent bits set, tested on the integers without converting to float."""
+    mask = NONFINITE_MASK[dtype][1]
+    bits = _uint_view(raw, dtype)
+    return ((bits & bits.dtype.type(mask)) == bits.dtype.type(mask)).any(axis=1)
+
+
+def decode_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """(rows, row_bytes) uint8 -> (rows, hidden) float32 (float64 stays float64)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if dtype == "F32":
+        return raw.view(np.float32)
+    if dtype == "F64":
+        return raw.view(np.float64)
+    raise CliError(f"cannot compute initialised rows in dtype {dtype} (supported: {', '.join(FLOAT_DTYPES)})")
+
+
+def encode_rows(values: np.ndarray, dtype: str) -> np.ndarray:
+    """(rows, hidden) floats -> (rows, row_bytes) uint8, rounding to nearest even."""
+    import numpy as np
+
+    values = np.ascontiguousarray(values)
+    if dtype == "BF16":
+        single = values.astype(np.float32)
+        bits = single.view(np.uint32)
+        rounded = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+        rounded[np.isnan(single)] = 0x7FC0
+        encoded = rounded
+    else:
+        encoded = values.astype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+    return encoded.reshape(values.shape[0], -1).view(np.uint8)
+
+
+def mean_of_rows(raw: np.ndarray, dtype: str, rows: np.ndarray) -> np.ndarray:
+    """float64 mean of the selected rows, accumulated in chunks to bound memory."""
+    import numpy as np
+
+    hidden = raw.shape[1] // DTYPE_SIZES[dtype]
+    total = np.zeros(hidden, dtype=np.float64)
+    step = max(1, ROW_CHUNK_BYTES // max(1, raw.shape[1]))
+    for start in range(0, len(rows), step):
+        total += decode_rows(raw[rows[start : start + step]], dtype).sum(axis=0, dtype=np.float64)
+    return total / max(1, len(rows))
+
+
+def build_rows(
+    src: np.ndarray,
+    dtype: str,
+    plan: RemapPlan,
+    start: int,
+    stop: int,
+    mean_row: Callable[[], np.ndarray],
+    finite: np.ndarray,
+) -> np.ndarray:
+    """Output rows [start, stop) of one vocabulary matrix as raw bytes: copies gathered
+    from `src`, FVT rows averaged from their (finite) parts, mean and zero rows."""
+    import numpy as np
+
+    sources = np.asarray(plan.row_source[start:stop], dtype=np.int64)
+    out = src[np.maximum(sources, 0)] if len(src) else np.zeros((stop - start, src.shape[1]), np.uint8)
+    if (sources >= 0).all():
+        return out
+    out[sources == ZERO_ROW] = 0
+    if (sources == MEAN_ROW).any():
+        out[sources == MEAN_ROW] = mean_row()
+    fvt_rows = np.flatnonzero(sources == FVT_ROW)
+    for batch in range(0, len(fvt_rows), FVT_BATCH_ROWS):
+        rows = fvt_rows[batch : batch + FVT_BATCH_ROWS]
+        out[rows] = fvt_average(src, dtype, [plan.fvt_parts[start + int(i)] for i in rows], finite, mean_row)
+    return out
+
+
+def fvt_average(
+    src: np.ndarray, dtype: str, parts: Sequence[Sequence[int]], finite: np.ndarray, mean_row: Callable[[], np.ndarray]
+) -> np.ndarray:
+    """Raw rows, each the float64 mean of its finite source rows (the mean row when none)."""
+    import numpy as np
+
+    kept = [np.asarray([i for i in p if finite[i]], dtype=np.int64) for p in parts]
+    counts = np.array([len(k) for k in kept])
+    hidden = src.shape[1] // DTYPE_SIZES[dtype]
+    sums = np.zeros((len(kept), hidden), dtype=np.float64)
+    nonempty = np.flatnonzero(counts)
+    if len(nonempty):
+        flat = np.concatenate([kept[i] for i in nonempty])
+        starts = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
+        sums[nonempty] = np.add.reduceat(decode_rows(src[flat], dtype).astype(np.float64), starts, axis=0)
+    averaged = encode_rows(sums / np.maximum(counts, 1)[:, None], dtype)
+    if len(nonempty) < len(kept):
+        averaged[counts == 0] = mean_row()
+    return averaged
+
+
+# ---- tokenizer and config patches ------------------------------------------------------
+
+
+def patch_tokenizer_json(base_json: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
+    """T's tokenizer.json plus the appended tokens at their output ids. Regular tokens join
+    the model vocabulary with no merges (encoding text keeps giving T's ids); added tokens
+    keep their flags and are written into the model vocabulary too, because the tokenizers
+    library renumbers an added token that is not in it."""
+    data = json.loads(json.dumps(base_json))
+    model = data["model"]
+    kind = model.get("type")
+    if kind not in ("BPE", "Unigram") and plan.appended:
+        raise CliError(f"append mode cannot extend a {kind} tokenizer without changing how it encodes; use --drop-extra")
+    if kind == "Unigram" and plan.appended and len(model["vocab"]) != plan.n_base:
+        raise CliError("the base Unigram tokenizer keeps added tokens outside its piece list; append mode cannot extend it: use --drop-extra")
+    lowest = min((score for _, score in model["vocab"]), default=0.0) if kind == "Unigram" else 0.0
+    for spelling, _src_id, out_id in plan.appended:
+        if kind == "Unigram":
+            # A score far below every piece: Viterbi picks it only where nothing else fits.
+            model["vocab"].append([spelling, lowest - 100.0])
+        else:
+            model["vocab"][spelling] = out_id
+        flags = src_added.get(spelling)
+        if flags is not None:
+            data.setdefault("added_tokens", []).append({"id": out_id, "content": spelling, **{f: bool(flags.get(f, False)) for f in ADDED_TOKEN_FLAGS}})
+    return data
+
+
+def patch_tokenizer_config(config: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
+    """tokenizer_config.json with the appended added tokens in added_tokens_decoder (the
+    transformers 4 layout; transformers 5 reads them from tokenizer.json)."""
+    data = dict(config)
+    if "added_tokens_decoder" in data:
+        decoder = dict(data["added_tokens_decoder"])
+        for spelling, _src_id, out_id in plan.appended:
+            flags = src_added.get(spelling)
+            if flags is not None:
+                decoder[str(out_id)] = {"content": spelling, **{f: bool(flags.get(f, False)) for f in sorted(ADDED_TOKEN_FLAGS)}}
+        data["added_tokens_decoder"] = decoder
+    return data
+
+
+def role_ids(roles: Mapping[str, str | None], vocab: Mapping[str, int]) -> dict[str, int | None]:
+    return {role: vocab.get(token) if token is not None else None for role, token in roles.items()}
+
+
+def as_id_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def output_role_ids(
+    base_roles: Mapping[str, str | None],
+    base_vocab: Mapping[str, int],
+    base_config: Mapping[str, Any],
+    base_generation: Mapping[str, Any],
+    src_eos_tokens: Sequence[str],
+    plan: RemapPlan,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """bos/eos/pad ids for the output's config.json and generation_config.json: T's ids
+    (from its configs, else its tokenizer). In append mode generation also stops at the
+    source's eos tokens, which keep their rows at appended ids."""
+    from_tokenizer = role_ids(base_roles, base_vocab)
+    config_ids: dict[str, Any] = {}
+    for role in ("bos", "eos", "pad"):
+        value = base_config.get(f"{role}_token_id", (base_config.get("text_config") or {}).get(f"{role}_token_id"))
+        config_ids[role] = value if as_id_list(value) and all(i < plan.n_rows for i in as_id_list(value)) else from_tokenizer.get(role)
+    generation_ids = dict(config_ids)
+    for role in ("bos", "eos", "pad"):
+        value = base_generation.get(f"{role}_token_id")
+        if as_id_list(value) and all(i < plan.n_rows for i in as_id_list(value)):
+            generation_ids[role] = value
+    if plan.mode == "append":
+        eos = as_id_list(generation_ids["eos"])
+        extra = [plan.out_vocab[t] for t in src_eos_tokens if t in plan.out_vocab and plan.out_vocab[t] not in eos]
+        if extra:
+            generation_ids["eos"] = eos + extra
+    return config_ids, generation_ids
+
+
+def patch_config(config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any]) -> dict[str, Any]:
+    """M's config with the new vocab_size and role ids; everything else unchanged.
+    Multimodal configs keep the text model's values under text_config."""
+    data = json.loads(json.dumps(config))
+    target = data["text_config"] if isinstance(data.get("text_config"), dict) and "vocab_size" not in data else data
+    target["vocab_size"] = vocab_size
+    for role, value in ids.items():
+        key = f"{role}_token_id"
+        if value is not None or key in target:
+            target[key] = value
+    return data
+
+
+def patch_generation_config(config: Mapping[str, Any], ids: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(config)
+    for role, value in ids.items():
+        key = f"{role}_token_id"
+        if value is not None or key in data:
+            data[key] = value
+    return data
+
+
+def mergekit_snippet(out_dir: str) -> str:
+    return f"  - model: {out_dir}\n    parameters:\n      weight: 1.0\n"
+
+
+# --------------------------------------------------------------------------------------
+# 3. I/O adapters: sources, tokenizers, checkpoints, streaming writer, output directory
+# --------------------------------------------------------------------------------------
+
+
+def looks_like_hub_id(source: str) -> bool:
+    return bool(HUB_ID_RE.match(source)) and not source.startswith((".", "~")) and not source.endswith(".json")
+
+
+def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[str]) -> Path:
+    """A local path as is, or a Hub repo's snapshot holding only `allow_patterns`
+    (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE and the local cache)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_hub_id(source):
+        raise CliError(f"{source}: no such file or directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{source}@{revision}" if revision else source
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns)))
+    except LocalEntryNotFoundError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub is unreachable and it is not in the local cache"
+        raise CliError(f"{where}: not a local path; {reason} (download it first or pass a local directory)") from exc
+    except GatedRepoError as exc:
+        raise CliError(f"{where}: gated repository; accept its licence on the Hub and set HF_TOKEN") from exc
+    except RepositoryNotFoundError as exc:
+        raise CliError(f"{where}: no such local path or Hub repository (private? set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise CliError(f"{where}: the repository has no revision {revision!r}") from exc
+    except (HFValidationError, HfHubHTTPError, OSError) as exc:
+        raise CliError(f"{where}: cannot fetch from the Hub: {exc}".splitlines()[0]) from exc
+
+
+def model_allow_patterns(repo_id: str, revision: str | None) -> list[str]:
+    """Only the weights in one format, configs and tokenizer files of a model repo."""
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception:  # offline or unreachable: resolve_source reports it precisely
+        log.debug("cannot list %s; asking for every weight format", repo_id)
+        return ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *CONFIG_FILES, *TOKENIZER_FILES]
+    return hub_allow_patterns(*select_weight_files(files))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: expected a JSON object")
+    return data
+
+
+def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str, int]:
+    """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
+    refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
+    id other than its vocabulary id."""
+    model = tokenizer_json.get("model") or {}
+    raw = model.get("vocab")
+    if isinstance(raw, list):  # Unigram: [piece, score] pairs in id order
+        vocab = {entry[0]: token_id for token_id, entry in enumerate(raw)}
+    elif isinstance(raw, Mapping):
+        vocab = dict(raw)
+    else:
+        raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+    for added in tokenizer_json.get("added_tokens") or []:
+        content, declared = added.get("content"), added.get("id")
+        if not isinstance(content, str) or not isinstance(declared, int):
+            raise CliError(f"{where}: malformed added_tokens entry {added!r}")
+        if vocab.get(content, declared) != declared:
+            raise CliError(
+                f"{where}: added token {content!r} is declared at id {declared} but the vocabulary has it at id {vocab[content]}; fix tokenizer.json"
+            )
+        vocab[content] = declared
+    by_id: dict[int, str] = {}
+    for token, token_id in vocab.items():
+        if token_id in by_id:
+            raise CliError(f"{where}: tokens {by_id[token_id]!r} and {token!r} share id {token_id}; the vocabulary is corrupt (re-download or fix tokenizer.json)")
+        by_id[token_id] = token
+    if by_id and (min(by_id) < 0 or max(by_id) + 1 != len(by_id)):
+        missing = next((i for i in range(len(by_id)) if i not in by_id), min(by_id))
+        raise CliError(f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); fast tokenizers assume contiguous ids: fix tokenizer.json")
+    return vocab
+
+
+def special_token_content(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]) -> dict[str, str | None]:
+    roles: dict[str, str | None] = {}
+    model = tokenizer_json.get("model") or {}
+    for role in SPECIAL_ROLES:
+        key = f"{role}_token"
+        token = special_token_content(tokenizer_config.get(key)) or special_token_content(special_map.get(key))
+        if token is None and role == "unk":
+            if isinstance(model.get("unk_token"), str):
+                token = model["unk_token"]
+            elif isinstance(model.get("unk_id"), int) and model.get("type") == "Unigram":
+                token = model["vocab"][model["unk_id"]][0]
+        roles[role] = token
+    return roles
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """A tokenizer as read from a model or tokenizer directory."""
+
+    directory: Path
+    tokenizer_json: Mapping[str, Any]
+    spec: VocabSpec
+    tokenizer_config: Mapping[str, Any]
+    config: Mapping[str, Any]
+    generation_config: Mapping[str, Any]
+    on_disk: bool  # False: converted from tokenizer.model / vocab.json by transformers
+
+    def library_tokenizer(self) -> Any:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(json.dumps(self.tokenizer_json))
+
+
+def tokenizer_json_via_transformers(directory: Path) -> str:
+    """tokenizer.json text for repos that only ship tokenizer.model or vocab.json +
+    merges.txt: let transformers convert them (slow, and only needed here)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend is None:
+            raise ValueError("transformers returned no fast tokenizer")
+        return backend.to_str()
+    except Exception as exc:  # transformers raises many kinds for unconvertible input
+        hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
+        raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
+
+
+def read_tokenizer(path: Path) -> TokenizerSource:
+    from tokenizers import Tokenizer
+
+    directory = path.parent if path.is_file() else path
+    file = path if path.is_file() else directory / "tokenizer.json"
+    if file.is_file():
+        if file.stat().st_size == 0:
+            raise CliError(f"{file}: empty file; expected a tokenizer.json")
+        data = read_json(file)
+        on_disk = True
+    elif (directory / "tokenizer.model").is_file() or (directory / "vocab.json").is_file():
+        data, on_disk = json.loads(tokenizer_json_via_transformers(directory)), False
+    else:
+        raise CliError(f"{directory}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
+    if not isinstance(data, dict):
+        raise CliError(f"{file}: not a tokenizer.json (expected a JSON object)")
+    vocab = vocab_from_json(data, file)
+    try:
+        library = Tokenizer.from_str(json.dumps(data))
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise CliError(f"{file}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    for token_id, token in library.get_added_tokens_decoder().items():
+        if vocab.get(token.content) != token_id:
+            raise CliError(
+                f"{file}: added token {token.content!r} is declared at id {vocab.get(token.content)} but the tokenizers library "
+                f"loads it at id {token_id} (not in the model vocabulary and not numbered right after it); fix tokenizer.json"
+            )
+    tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
+    roles = read_special_tokens(data, tokenizer_config, read_optional_json(directory / "special_tokens_map.json"))
+    for role, token in roles.items():
+        if token is not None and token not in vocab:
+            raise CliError(
+                f"{directory / 'tokenizer_config.json'}: {role}_token {token!r} is not in the vocabulary "
+                f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
+            )
+    added = {
+        entry["content"]: {flag: bool(entry.get(flag, flag == "normalized" and not entry.get("special"))) for flag in ADDED_TOKEN_FLAGS}
+        for entry in data.get("added_tokens") or []
+    }
+    model = data.get("model") or {}
+    spec = VocabSpec(vocab, added, roles, detect_convention(data), bool(model.get("byte_fallback", False)))
+    return TokenizerSource(
+        directory,
+        data,
+        spec,
+        tokenizer_config,
+        read_optional_json(directory / "config.json"),
+        read_optional_json(directory / "generation_config.json"),
+        on_disk,
+    )
+
+
+def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSource) -> dict[str, tuple[int, ...]]:
+    """For each base token, the source ids that spell the same bytes: the token's bytes
+    written in the source's convention and run through the source's model alone (no
+    normalizer or pre-tokenizer: the bytes are already what the model sees). One
+    `encode_batch` call, so 100k tokens take about a second."""
+    from tokenizers import Tokenizer
+
+    stripped = dict(src.tokenizer_json, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
+    model_only = Tokenizer.from_str(json.dumps(stripped))
+    spec = src.spec
+    pieces_of_token: list[list[tuple[str | None, int | None]]] = []
+    texts: list[str] = []
+    for data in [token_bytes(t, base.convention, base.byte_fallback) for t in tokens]:
+        if spec.convention == "byte_level":
+            pieces = [(spell_bytes(data, "byte_level", False), None)]
+        else:
+            pieces = [(spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte) for text, byte in utf8_pieces(data)]
+        pieces_of_token.append(pieces)
+        texts += [text for text, _ in pieces if text]
+    encoded = iter(model_only.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
+    result: dict[str, tuple[int, ...]] = {}
+    for token, pieces in zip(tokens, pieces_of_token):
+        ids: list[int] = []
+        for text, byte in pieces:
+            if text:
+                ids += next(encoded).ids
+            elif byte is not None:
+                byte_id = spec.vocab.get(f"<0x{byte:02X}>") if spec.byte_fallback else None
+                if byte_id is not None:
+                    ids.append(byte_id)
+        result[token] = tuple(ids)
+    return result
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+    start: int  # absolute byte offset in a safetensors file (0 for .bin tensors)
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    kind: str  # safetensors | bin
+    tensors: dict[str, SourceTensor]  # in file, then offset order
+    bin_tensors: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor (mmap)
+
+
+TORCH_DTYPE_NAMES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16",
+    "uint32": "U32", "uint64": "U64", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64",
+}  # fmt: skip
+
+
+def inside(directory: Path, name: str, where: Path) -> Path:
+    """`directory/name`, refusing names that escape the directory (`../`, absolute)."""
+    path = (directory / name).resolve()
+    if Path(name).is_absolute() or directory.resolve() not in path.parents:
+        raise CliError(f"{where}: file name {name!r} points outside the model directory; refusing to read it")
+    return path
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header without __metadata__, absolute offset of the data) of a safetensors file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > min(100_000_000, size - 8):
+                raise CliError(f"{path}: not a safetensors file or truncated (header length {length}, file size {size}); re-download it")
+            header = json.loads(handle.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: corrupt safetensors header ({exc}); re-download it") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not isinstance(header, dict):
+        raise CliError(f"{path}: corrupt safetensors header; re-download it")
+    validate_safetensors_header(header, size - 8 - length, str(path))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_checkpoint(directory: Path) -> Checkpoint:
+    kind, files = select_weight_files(p.name for p in directory.iterdir() if p.is_file())
+    if kind == "none":
+        raise CliError(f"{directory}: no weights (expected model*.safetensors or pytorch_model*.bin)")
+    expected: dict[str, str] = {}
+    if files[0].endswith(".index.json"):
+        index_path = directory / files[0]
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CliError(f"{index_path}: no weight_map; re-download the file")
+        expected = {str(k): str(v) for k, v in weight_map.items()}
+        files = list(dict.fromkeys(expected.values()))
+        for name in files:
+            if not inside(directory, name, index_path).is_file():
+                raise CliError(f"{index_path}: names shard {name!r}, which is missing; re-download the model")
+    if kind == "bin":
+        return read_bin_checkpoint(directory, files, expected)
+    tensors: dict[str, SourceTensor] = {}
+    for name in files:
+        path = inside(directory, name, directory)
+        header, data_start = read_safetensors_header(path)
+        for tensor, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            tensors[tensor] = SourceTensor(tensor, info["dtype"], tuple(info["shape"]), end - start, path, data_start + start)
+        for tensor, file in expected.items():
+            if file == name and tensor not in header:
+                raise CliError(f"{directory / SAFETENSORS_INDEX}: tensor {tensor!r} should be in {name} but is not; re-download the model")
+    return Checkpoint(directory, "safetensors", tensors)
+
+
+def read_bin_checkpoint(directory: Path, files: Sequence[str], expected: Mapping[str, str]) -> Checkpoint:
+    """pytorch_model*.bin through torch.load(weights_only=True): never unpickles code."""
+    import pickle
+
+    import torch
+
+    tensors: dict[str, SourceTensor] = {}
+    bin_tensors: dict[str, Any] = {}
+    for name in files:
+        path = inside(directory, name, directory)
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CliError(
+                f"{path}: torch.load(weights_only=True) refuses it (it pickles objects other than tensors); "
+                "this script never runs code from a checkpoint: convert it to safetensors with a tool you trust"
+            ) from exc
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise CliError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0]}); re-download it") from exc
+        if not isinstance(state, Mapping):
+            raise CliError(f"{path}: not a state dict")
+        seen_storage: dict[tuple[int, int], str] = {}
+        for tensor_name, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            if key in seen_storage and tensor_name.endswith(OUTPUT_EMBEDDING_SUFFIXES):
+                continue  # a tied lm_head saved as a second name for the embedding
+            seen_storage[key] = tensor_name
+            dtype = TORCH_DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch."))
+            if dtype is None:
+                raise CliError(f"{path}: tensor {tensor_name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            tensors[tensor_name] = SourceTensor(tensor_name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), path, 0)
+            bin_tensors[tensor_name] = tensor
+        for tensor_name, file in expected.items():
+            if file == name and tensor_name not in state:
+                raise CliError(f"{directory / BIN_INDEX}: tensor {tensor_name!r} should be in {name} but is not; re-download the model")
+    return Checkpoint(directory, "bin", tensors, bin_tensors)
+
+
+def config_value(config: Mapping[str, Any], *keys: str) -> Any:
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+    for key in keys:
+        if key in config:
+            return config[key]
+        if key in text:
+            return text[key]
+    return None
+
+
+def pick_by_suffix(shapes: Mapping[str, tuple[int, ...]], suffixes: Sequence[str], hidden: int | None) -> list[str]:
+    candidates = [n for n, s in shapes.items() if len(s) == 2 and n.endswith(suffixes)]
+    if hidden and len(candidates) > 1:
+        candidates = [n for n in candidates if shapes[n][1] == hidden] or candidates
+    if len(candidates) > 1:  # multimodal checkpoints carry deeper `embeddings`: prefer the shallowest
+        depth = min(n.count(".") for n in candidates)
+        candidates = [n for n in candidates if n.count(".") == depth]
+    return candidates
+
+
+def vocab_tensors_from_meta(config_dir: Path, shapes: Mapping[str, tuple[int, ...]], trust_remote_code: bool) -> tuple[str, str | None] | None:
+    """Ask transformers which parameters are the input/output embeddings, instantiating the
+    model class on the meta device (no memory), and match them to checkpoint keys."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # unknown architecture, remote code refused, ...
+        log.debug("meta-device instantiation failed: %s", exc)
+        return None
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+
+    def checkpoint_key(weight: Any) -> str | None:
+        for param in names.get(id(weight), []) if weight is not None else []:
+            parts = param.split(".")
+            for i in range(len(parts)):  # checkpoints may drop or add a prefix (`model.`, ...)
+                suffix = ".".join(parts[i:])
+                hits = [k for k in shapes if k == suffix or k.endswith("." + suffix)]
+                if len(hits) == 1:
+                    return hits[0]
+        return None
+
+    embed_weight = getattr(model.get_input_embeddings(), "weight", None)
+    head_weight = getattr(model.get_output_embeddings(), "weight", None)
+    embed = checkpoint_key(embed_weight)
+    head = checkpoint_key(head_weight) if head_weight is not None and head_weight is not embed_weight else None
+    return (embed, head) if embed else None
+
+
+def find_vocab_tensors(
+    ckpt: Checkpoint, config: Mapping[str, Any], *, embed_name: str | None, head_name: str | None, trust_remote_code: bool
+) -> VocabTensors:
+    """Which tensors hold vocabulary rows: known names first (microseconds, and checked
+    against transformers in the tests), then transformers' own answer from a meta-device
+    model, then the overrides' hint."""
+    shapes = {name: t.shape for name, t in ckpt.tensors.items()}
+    hidden = config_value(config, "hidden_size", "n_embd", "d_model")
+    how = "override" if embed_name else "names"
+    for name in (embed_name, head_name):
+        if name is not None and name not in shapes:
+            raise CliError(f"{ckpt.directory}: no tensor named {name!r} in the checkpoint")
+    if embed_name is None:
+        embeds = pick_by_suffix(shapes, INPUT_EMBEDDING_SUFFIXES, hidden)
+        heads = pick_by_suffix(shapes, OUTPUT_EMBEDDING_SUFFIXES, hidden)
+        if len(embeds) == 1 and len(heads) <= 1:
+            embed_name, head_name = embeds[0], (head_name or (heads[0] if heads else None))
+        else:
+            found = vocab_tensors_from_meta(ckpt.directory, shapes, trust_remote_code)
+            if found is None:
+                candidates = ", ".join(sorted(n for n, s in shapes.items() if len(s) == 2 and s[0] >= 1000)[:6]) or "none"
+                raise CliError(
+                    f"{ckpt.directory}: cannot tell which tensor is the input embedding (2-D candidates: {candidates}); "
+                    "pass --embed-name NAME (and --head-name NAME unless the embeddings are tied)"
+                )
+            embed_name, head_name, how = found[0], head_name or found[1], "meta"
+    if len(shapes[embed_name]) != 2:
+        raise CliError(f"{ckpt.directory}: {embed_name} has shape {list(shapes[embed_name])}, not [rows, hidden]")
+    rows, width = shapes[embed_name]
+    bias = None
+    if head_name is not None:
+        head_shape = shapes[head_name]
+        if len(head_shape) != 2 or head_shape[0] != rows or head_shape[1] != width:
+            raise CliError(
+                f"{ckpt.directory}: {embed_name} is {list(shapes[embed_name])} but {head_name} is {list(head_shape)}; "
+                "input and output embeddings must have the same rows and hidden size"
+            )
+        candidate = head_name.removesuffix(".weight") + ".bias"
+        if candidate in shapes:
+            if shapes[candidate] != (rows,):
+                raise CliError(f"{ckpt.directory}: {candidate} has shape {list(shapes[candidate])}, expected [{rows}]")
+            bias = candidate
+    return VocabTensors(embed_name, head_name, bias, rows, width, how)
+
+
+def read_matrix(ckpt: Checkpoint, tensor: SourceTensor) -> np.ndarray:
+    """A vocabulary tensor as a (rows, row_bytes) uint8 array, read (not memory-mapped)
+    so that resident memory holds exactly this tensor."""
+    import numpy as np
+
+    rows = tensor.shape[0] if tensor.shape else 1
+    if ckpt.kind == "bin":
+        flat = ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
+        return np.array(flat).reshape(rows, -1)
+    data = np.empty(tensor.nbytes, dtype=np.uint8)
+    with tensor.file.open("rb", buffering=0) as handle:
+        view = memoryview(data)
+        done = 0
+        while done < tensor.nbytes:
+            got = os.preadv(handle.fileno(), [view[done:]], tensor.start + done)
+            if got == 0:
+                raise CliError(f"{tensor.file}: ends inside tensor {tensor.name}; the file is truncated: re-download it")
+            done += got
+    return data.reshape(rows, -1)
+
+
+# ---- streaming writer ------------------------------------------------------------------
+
+
+class BackgroundHasher:
+    """sha256 (then fsync and close) of every output file on a second thread, fed with the
+    very buffers that were written, so hashing overlaps the copy instead of re-reading."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.digests: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        hashes: dict[str, Any] = {}
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            key, data, release, fd = item
+            try:
+                if self.error is None:
+                    if data is not None:
+                        hashes.setdefault(key, hashlib.sha256()).update(data)
+                    if fd is not None:
+                        self.digests[key] = hashes.pop(key, hashlib.sha256()).hexdigest()
+                        os.fsync(fd)
+            except BaseException as exc:  # reported to the writing thread
+                self.error = exc
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                if release is not None:
+                    release()
+
+    def submit(self, key: str, data: Any, release: Callable[[], None] | None = None) -> None:
+        self.raise_error()
+        self.queue.put((key, data, release, None))
+
+    def finish(self, key: str, fd: int) -> None:
+        self.queue.put((key, None, None, fd))
+
+    def close(self) -> dict[str, str]:
+        self.queue.put(None)
+        self.thread.join()
+        self.raise_error()
+        return self.digests
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+class ShardWriter:
+    """Writes one safetensors file: header first (every shape is known from the plan),
+    then each tensor's bytes, hashed on the side by a BackgroundHasher."""
+
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], hasher: BackgroundHasher, progress: Any) -> None:
+        self.path, self.hasher, self.progress = path, hasher, progress
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(3):
+            self.free.put(bytearray(COPY_CHUNK_BYTES))
+        self.write(safetensors_header(entries, {"format": "pt"}))
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        write_all(self.fd, view)
+        self.hasher.submit(self.path.name, view)
+        self.progress.update(len(view))
+
+    def copy_range(self, source: Path, start: int, nbytes: int) -> None:
+        """Pass a tensor through unchanged: raw bytes from the source file, never decoded."""
+        with source.open("rb", buffering=0) as handle:
+            done = 0
+            while done < nbytes:
+                buffer = self.free.get()
+                view = memoryview(buffer)[: min(len(buffer), nbytes - done)]
+                got = os.preadv(handle.fileno(), [view], start + done)
+                if got == 0:
+                    self.free.put(buffer)
+                    raise CliError(f"{source}: ends inside a tensor; the file is truncated: re-download it")
+                write_all(self.fd, view[:got])
+                self.hasher.submit(self.path.name, view[:got], lambda b=buffer: self.free.put(b))
+                self.progress.update(got)
+                done += got
+
+    def close(self) -> None:
+        self.hasher.finish(self.path.name, self.fd)
+
+
+class NoProgress:
+    def update(self, _n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", file=sys.stderr, leave=False)
+
+
+@dataclass
+class RowContext:
+    """One vocabulary matrix of the source and what its initialised rows need."""
+
+    matrix: np.ndarray
+    dtype: str
+    real_rows: int
+    _mean: np.ndarray | None = None
+    _finite: np.ndarray | None = None
+
+    @property
+    def finite(self) -> np.ndarray:
+        if self._finite is None:
+            self._finite = ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else __import__("numpy").ones(len(self.matrix), bool)
+        return self._finite
+
+    def mean_row(self) -> np.ndarray:
+        import numpy as np
+
+        if self._mean is None:
+            rows = np.flatnonzero(self.finite[: self.real_rows])
+            self._mean = encode_rows(mean_of_rows(self.matrix, self.dtype, rows)[None, :], self.dtype)[0]
+        return self._mean
+
+
+def vocab_chunks(ctx: RowContext, plan: RemapPlan) -> Iterator[np.ndarray]:
+    step = max(1, ROW_CHUNK_BYTES // max(1, ctx.matrix.shape[1]))
+    for start in range(0, plan.n_rows, step):
+        yield build_rows(ctx.matrix, ctx.dtype, plan, start, min(plan.n_rows, start + step), ctx.mean_row, ctx.finite)
+
+
+def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str]) -> None:
+    import numpy as np
+
+    bad = np.flatnonzero(~ctx.finite)
+    if len(bad):
+        shown = ", ".join(f"{i} {src_token_of_id.get(int(i), '<padding>')!r}" for i in bad[:5])
+        log.warning("%s: %d row(s) hold NaN/Inf (%s%s): copied as they are, left out of mean and FVT rows", name, len(bad), shown, ", ..." if len(bad) > 5 else "")
+
+
+def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
+    """Every output tensor in source order; vocabulary tensors with their new row count."""
+    roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias"}
+    entries = []
+    for name, tensor in ckpt.tensors.items():
+        role = roles.get(name)
+        if role is None:
+            entries.append(TensorEntry(name, tensor.dtype, tensor.shape, tensor.nbytes, str(tensor.file), tensor.start))
+            continue
+        row_bytes = tensor.nbytes // max(1, tensor.shape[0])
+        shape = (n_rows, *tensor.shape[1:])
+        entries.append(TensorEntry(name, tensor.dtype, shape, n_rows * row_bytes, str(tensor.file), tensor.start, role))
+    return entries
+
+
+def write_shards(
+    out: Path, ckpt: Checkpoint, shard_plan: ShardPlan, plan: RemapPlan, src_token_of_id: Mapping[int, str], show_progress: bool
+) -> dict[str, str]:
+    """Stream every shard into `out`; returns {file name: sha256}."""
+    hasher = BackgroundHasher()
+    progress = progress_bar(shard_plan.total_size, show_progress)
+    try:
+        for file, entries in zip(shard_plan.files, shard_plan.tensors):
+            writer = ShardWriter(out / file, entries, hasher, progress)
+            try:
+                for entry in entries:
+                    if entry.vocab_role is None and ckpt.kind == "safetensors":
+                        writer.copy_range(Path(entry.source_file or ""), entry.source_start, entry.nbytes)
+                    elif entry.vocab_role is None:
+                        writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
+                    else:
+                        ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
+                        if entry.dtype in FLOAT_DTYPES:
+                            warn_nonfinite(ctx, entry.name, src_token_of_id)
+                        elif any(s < 0 for s in plan.row_source):
+                            raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
+                        for chunk in vocab_chunks(ctx, plan):
+                            writer.write(chunk)
+                        del ctx
+            finally:
+                writer.close()
+        return hasher.close()
+    except BaseException:
+        try:
+            hasher.close()
+        except BaseException:  # the first error is the one to report
+            pass
+        raise
+    finally:
+        progress.close()
+
+
+def self_check(out: Path, shard_plan: ShardPlan, plan: RemapPlan, ckpt: Checkpoint) -> dict[str, Any]:
+    """Re-open the written shards with the safetensors library: names, shapes and dtypes
+    must be the plan's, and every copied row must equal its source row bit for bit."""
+    import numpy as np
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    checked_rows = 0
+    for file, entries in zip(shard_plan.files, shard_plan.tensors):
+        path = out / file
+        with safe_open(str(path), framework="numpy") as handle:
+            if set(handle.keys()) != {e.name for e in entries}:
+                problems.append(f"{file}: tensor names differ from the plan")
+            if handle.metadata() != {"format": "pt"}:
+                problems.append(f"{file}: metadata {handle.metadata()!r}")
+            for entry in entries:
+                if entry.name not in handle.keys():
+                    continue
+                view = handle.get_slice(entry.name)
+                if tuple(view.get_shape()) != entry.shape or view.get_dtype() != entry.dtype:
+                    problems.append(f"{file}: {entry.name} is {view.get_dtype()} {view.get_shape()}, planned {entry.dtype} {list(entry.shape)}")
+        header, data_start = read_safetensors_header(path)
+        for entry in entries:
+            if entry.vocab_role is None:
+                continue
+            source = read_matrix(ckpt, ckpt.tensors[entry.name])
+            out_tensor = SourceTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, path, data_start + header[entry.name]["data_offsets"][0])
+            written = read_matrix(ckpt=Checkpoint(out, "safetensors", {}), tensor=out_tensor)
+            sources = np.asarray(plan.row_source, dtype=np.int64)
+            copied = np.flatnonzero(sources >= 0)
+            step = max(1, ROW_CHUNK_BYTES // max(1, source.shape[1]))
+            for begin in range(0, len(copied), step):
+                rows = copied[begin : begin + step]
+                differ = np.flatnonzero((written[rows] != source[sources[rows]]).any(axis=1))
+                if len(differ):
+                    problems.append(f"{entry.name}: row {int(rows[differ[0]])} differs from source row {int(sources[rows[differ[0]]])} ({len(differ)}+ rows)")
+                    break
+            checked_rows += len(copied)
+            del source, written
+    if problems:
+        raise SelfCheckError("; ".join(problems[:5]))
+    return {"ok": True, "copied_rows_checked": checked_rows}
+
+
+def check_patched_tokenizer(patched: Mapping[str, Any], plan: RemapPlan, convention: str, byte_fallback: bool) -> int:
+    """The patched tokenizer must load with exactly the plan's vocabulary. Returns how many
+    appended regular tokens are reachable by encoding their own text (with `ignore_merges`
+    a whole word that is in the vocabulary becomes one token)."""
+    from tokenizers import Tokenizer
+
+    library = Tokenizer.from_str(json.dumps(patched))
+    loaded = library.get_vocab(with_added_tokens=True)
+    if loaded != dict(plan.out_vocab):
+        wrong = sorted(set(loaded.items()) ^ set(plan.out_vocab.items()), key=lambda item: item[1])[:3]
+        raise SelfCheckError(f"the patched tokenizer.json loads a different vocabulary than planned (e.g. {wrong})")
+    added = {entry["content"] for entry in patched.get("added_tokens") or []}
+    regular = [(spelling, out_id) for spelling, _, out_id in plan.appended if spelling not in added]
+    texts = []
+    for spelling, out_id in regular:
+        try:
+            texts.append((token_bytes(spelling, convention, byte_fallback).decode("utf-8"), out_id))
+        except UnicodeDecodeError:
+            continue  # a partial character is never a whole input on its own
+    encodings = library.encode_batch([text for text, _ in texts], add_special_tokens=False) if texts else []
+    return sum(1 for (_, out_id), enc in zip(texts, encodings) if enc.ids == [out_id])
+
+
+# ---- output directory --------------------------------------------------------------------
+
+
+def check_out_dir(out_dir: Path, protected: Mapping[str, Path], overwrite: bool) -> None:
+    """Refuse an out_dir that is a file, would touch an input, or holds something."""
+    resolved = out_dir.resolve()
+    for label, path in protected.items():
+        source = path.resolve()
+        if resolved == source or source in resolved.parents:
+            raise CliError(f"--out_dir {out_dir} is {'the' if resolved == source else 'inside the'} {label} directory {path}; choose a directory outside it")
+        if resolved in source.parents and overwrite:
+            raise CliError(f"--out_dir {out_dir} contains the {label} directory {path}; --overwrite would delete it: choose another directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out_dir {out_dir} is an existing file; choose a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CliError(f"--out_dir {out_dir} exists and is not empty; pass --overwrite to replace it")
+    parent = nearest_existing(resolved.parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write in {parent} (permission denied); choose another --out_dir")
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(parent: Path, needed: int) -> None:
+    free = shutil.disk_usage(nearest_existing(parent)).free
+    if free < needed + 64 * 10**6:
+        raise CliError(f"not enough free space in {nearest_existing(parent)}: the output needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+
+
+class StagedDirectory:
+    """A temporary sibling of out_dir that becomes out_dir only when complete: a crash,
+    a full disk or Ctrl-C leave no out_dir and no temporary directory behind."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+    def publish(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        trash = None
+        if self.out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.replace(self.out_dir, trash / "old")
+        os.replace(self.path, self.out_dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def copy_other_files(src_dir: Path, out: Path) -> list[str]:
+    """M's files that are neither weights, configs nor tokenizer files (README, LICENSE,
+    ...). Only the top level: subdirectories such as `original/` hold other formats."""
+    copied = []
+    for path in sorted(src_dir.iterdir()):
+        name = path.name
+        if (
+            not path.is_file()
+            or name.startswith(".")
+            or name.endswith(WEIGHT_SUFFIXES)
+            or name.endswith(".index.json")
+            or name in TOKENIZER_FILES
+            or name in CONFIG_FILES
+            or name == REPORT_NAME
+        ):
+            continue
+        shutil.copyfile(path, out / name)
+        copied.append(name)
+    return copied
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# 4. The remap, and the command line
+# --------------------------------------------------------------------------------------
+
+__version__ = "0.1.0"
+
+
+@dataclass(frozen=True)
+class RemapOptions:
+    src_model: str
+    base_tokenizer: str
+    out_dir: Path
+    drop_extra: bool = False
+    init: str = "fvt"
+    match: str = "auto"
+    max_shard_size: int = 5 * 10**9
+    pad_to_multiple_of: int | None = None
+    revision: str | None = None
+    base_revision: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    embed_name: str | None = None
+    head_name: str | None = None
+    trust_remote_code: bool = False
+    init_report: int = 0
+    show_progress: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the output: equal identities give equal outputs."""
+        keys = ("src_model", "base_tokenizer", "drop_extra", "init", "match", "max_shard_size", "pad_to_multiple_of",
+                "revision", "base_revision", "embed_name", "head_name")  # fmt: skip
+        return {key: getattr(self, key) for key in keys}
+
+
+def resolve_model(source: str, revision: str | None) -> Path:
+    if Path(source).expanduser().exists():
+        return Path(source).expanduser()
+    return resolve_source(source, revision, model_allow_patterns(source, revision) if looks_like_hub_id(source) else [])
+
+
+def describe_counts(plan_report: Mapping[str, Any]) -> str:
+    counts = plan_report["counts"]
+    rules = ", ".join(f"{rule} {n}" for rule, n in plan_report["init_rules"].items())
+    return (
+        f"copied {counts['copied']}, moved {counts['moved']}, appended {counts['appended']}, "
+        f"initialised {counts['initialised']}{f' ({rules})' if rules else ''}, dropped {counts['dropped']}, "
+        f"ghost {counts['ghost']}, padding {counts['padding']}"
+    )
+
+
+def remap(opts: RemapOptions) -> dict[str, Any]:
+    """Plan and (unless dry_run) write one remapped model. Returns the report; raises
+    CliError for bad input and SelfCheckError when the written output is wrong."""
+    started = time.monotonic()
+    src_dir = resolve_model(opts.src_model, opts.revision)
+    base_path = resolve_source(opts.base_tokenizer, opts.base_revision, [*TOKENIZER_FILES, *CONFIG_FILES])
+    if not src_dir.is_dir():
+        raise CliError(f"--src_model {opts.src_model}: expected a model directory or repo id, got a file")
+    base_dir = base_path if base_path.is_dir() else base_path.parent
+    check_out_dir(opts.out_dir, {"source model": src_dir, "base tokenizer": base_dir}, opts.overwrite)
+    src = read_tokenizer(src_dir)
+    base = read_tokenizer(base_path)
+    if not (src_dir / "config.json").is_file():
+        raise CliError(f"{src_dir}: no config.json; is this a transformers model directory?")
+    config = src.config
+    ckpt = read_checkpoint(src_dir)
+    vocab = find_vocab_tensors(ckpt, config, embed_name=opts.embed_name, head_name=opts.head_name, trust_remote_code=opts.trust_remote_code)
+    config_rows = config_value(config, "vocab_size")
+    if isinstance(config_rows, int) and config_rows != vocab.rows:
+        raise CliError(
+            f"{src_dir / 'config.json'}: vocab_size {config_rows} disagrees with {vocab.embed}, which has {vocab.rows} rows; "
+            f"the tensors are right (transformers cannot load this checkpoint as is): set vocab_size to {vocab.rows}"
+        )
+    match_mode = effective_match_mode(opts.match, base.spec, src.spec)
+    matches = match_tokens(base.spec, src.spec, match_mode)
+    decompositions: dict[str, tuple[int, ...]] = {}
+    if opts.init == "fvt":
+        matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
+        missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added]
+        if missing:
+            began = time.monotonic()
+            decompositions = fvt_decompositions(missing, base.spec, src)
+            log.debug("FVT: %d tokens encoded in %.2f s", len(missing), time.monotonic() - began)
+    plan = plan_remap(
+        base.spec,
+        src.spec,
+        src_rows=vocab.rows,
+        matches=matches,
+        drop_extra=opts.drop_extra,
+        init=opts.init,
+        base_config_vocab_size=config_value(base.config, "vocab_size"),
+        pad_to_multiple_of=opts.pad_to_multiple_of,
+        decompositions=decompositions,
+    )
+    src_token_of_id = {i: t for t, i in src.spec.vocab.items()}
+    entries = output_entries(ckpt, vocab, plan.n_rows)
+    shards = plan_shards(entries, opts.max_shard_size)
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA_ID,
+        "tool": f"remap_tokenizer.py {__version__}",
+        "inputs": {
+            "src_model": {"source": opts.src_model, "revision": opts.revision, "path": str(src_dir)},
+            "base_tokenizer": {"source": opts.base_tokenizer, "revision": opts.base_revision, "path": str(base_path)},
+        },
+        "options": opts.identity(),
+        "out_dir": str(opts.out_dir),
+        "match_mode": match_mode,
+        "vocab_tensors": dataclasses.asdict(vocab) | {"tied": vocab.head is None},
+        "plan": plan.to_dict(src_token_of_id, examples=max(LIST_CAP, opts.init_report)),
+        "shards": shards.to_dict(),
+    }
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    if plan.matches.collisions:
+        log.warning("%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)", len(plan.matches.collisions))
+    if opts.init_report:
+        for example in report["plan"]["initialised"][: opts.init_report]:
+            log.info("init %-18s %r <- %s", example["rule"], example["token"], " + ".join(repr(t) for t in example["from"]) or "-")
+    appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
+    patched = None
+    if plan.mode == "append" and plan.appended:
+        patched = patch_tokenizer_json(base.tokenizer_json, plan, appended_added)
+        reachable = check_patched_tokenizer(patched, plan, base.spec.convention, base.spec.byte_fallback)
+        report["tokenizer"] = {"appended_reachable_by_encoding": reachable}
+        if reachable:
+            log.warning(
+                "%d appended token(s) can be produced by encoding text with the patched tokenizer (whole words the base "
+                "matches against its vocabulary, e.g. with ignore_merges): encodings differ from the base's for them; "
+                "use --drop-extra for merges",
+                reachable,
+            )
+    config_ids, generation_ids = output_role_ids(
+        base.spec.roles,
+        base.spec.vocab,
+        base.config,
+        base.generation_config,
+        [src_token_of_id[i] for i in as_id_list(src.generation_config.get("eos_token_id", config_value(config, "eos_token_id"))) if i in src_token_of_id],
+        plan,
+    )
+    report["config"] = {"vocab_size": plan.n_rows, **{f"{role}_token_id": value for role, value in config_ids.items()}}
+    if opts.dry_run:
+        report["seconds"] = round(time.monotonic() - started, 3)
+        return report
+    check_free_space(opts.out_dir.parent, shards.total_size)
+    staged = StagedDirectory(opts.out_dir)
+    try:
+        out = staged.path
+        digests = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress)
+        report["self_check"] = self_check(out, shards, plan, ckpt)
+        if len(shards.files) > 1:
+            write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
+        write_json(out / "config.json", patch_config(config, plan.n_rows, config_ids))
+        if src.generation_config:
+            write_json(out / "generation_config.json", patch_generation_config(src.generation_config, generation_ids))
+        write_tokenizer_files(base, out, patched, plan, appended_added)
+        report["copied_files"] = copy_other_files(src_dir, out)
+        report["files"] = {
+            path.name: digests.get(path.name) or file_digest(path) for path in sorted(out.iterdir()) if path.is_file()
+        }
+        report["seconds"] = round(time.monotonic() - started, 3)
+        write_json(out / REPORT_NAME, report)
+        staged.publish()
+    except OSError as exc:
+        staged.discard()
+        if exc.errno == errno.ENOSPC:
+            raise CliError(f"disk full while writing into {opts.out_dir.parent}; nothing was left behind: free at least {shards.total_size / 1e9:.2f} GB") from exc
+        raise CliError(f"cannot write {exc.filename or opts.out_dir}: {exc.strerror}; nothing was left behind") from exc
+    except BaseException:
+        staged.discard()
+        raise
+    return report
+
+
+def write_tokenizer_files(base: TokenizerSource, out: Path, patched: Mapping[str, Any] | None, plan: RemapPlan, appended_added: Mapping[str, Any]) -> None:
+    """T's tokenizer files byte for byte; in append mode with new tokens, the patched
+    tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files."""
+    for name in TOKENIZER_FILES:
+        path = base.directory / name
+        if not path.is_file():
+            continue
+        if patched is not None and name in (*SLOW_TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json"):
+            continue
+        shutil.copyfile(path, out / name)
+    if patched is not None:
+        write_json(out / "tokenizer.json", patched)
+        if base.tokenizer_config:
+            write_json(out / "tokenizer_config.json", patch_tokenizer_config(base.tokenizer_config, plan, appended_added))
+    elif not base.on_disk:
+        log.info("the base has no tokenizer.json; its %s files are copied as they are", ", ".join(n for n in SLOW_TOKENIZER_FILES if (base.directory / n).is_file()))
+
+
+def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
+    plan = report["plan"]
+    lines = [
+        f"{'plan' if dry_run else 'remapped'}: {report['inputs']['src_model']['source']} -> token order of "
+        f"{report['inputs']['base_tokenizer']['source']} ({plan['mode']} mode, init {plan['init']}, match {report['match_mode']})",
+        f"rows: {plan['rows']['source']} -> {plan['rows']['output']} (base tokenizer: {plan['rows']['base_tokens']} tokens); "
+        f"tensors {report['vocab_tensors']['embed']}" + (f", {report['vocab_tensors']['head']}" if report["vocab_tensors"]["head"] else " (tied)"),
+        describe_counts(plan),
+    ]
+    shards = report["shards"]
+    lines.append(f"shards: {len(shards['shards'])} file(s), {shards['total_size'] / 1e9:.3f} GB")
+    if dry_run:
+        lines += [f"  {s['file']}  {s['tensors']} tensors  {s['bytes'] / 1e6:.1f} MB" for s in shards["shards"]]
+        for kind in ("initialised", "dropped", "ghosts"):
+            for item in plan[kind][:10]:
+                lines.append(f"  {kind[:-1] if kind != 'ghosts' else 'ghost'}: {item}")
+    elif "self_check" in report:
+        lines.append(f"self-check: ok ({report['self_check']['copied_rows_checked']} copied rows bit-identical)")
+    return "\n".join(lines)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as CliError (one line, exit 2) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="remap_tokenizer.py",
+        description="Permute a model's embedding and lm_head rows into a base tokenizer's token order.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "M and T: a local directory or a Hugging Face repo id.\n\n"
+            "exit codes:\n"
+            "  0    ok (the output directory is complete and self-checked)\n"
+            "  1    the self-check of the written output failed (nothing is left in --out_dir)\n"
+            "  2    usage or input error (one 'error: ...' line on stderr; --debug shows the traceback)\n"
+            "  130  interrupted (nothing is left in --out_dir)"
+        ),
+    )
+    parser.add_argument("--src_model", "--src-model", dest="src_model", metavar="M", required=True, help="the model to remap")
+    parser.add_argument("--base_tokenizer", "--base-tokenizer", dest="base_tokenizer", metavar="T", required=True, help="the tokenizer whose token order the output follows")
+    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", metavar="D", type=Path, required=True, help="where to write the remapped model")
+    parser.add_argument("--drop-extra", action="store_true", help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's")
+    parser.add_argument("--init", choices=INIT_METHODS, default="fvt", help="rows for T's tokens that M lacks (default: fvt)")
+    parser.add_argument("--match", choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ")
+    parser.add_argument("--init-report", type=int, default=0, metavar="N", help="log N initialised tokens with their decomposition")
+    parser.add_argument("--max-shard-size", type=size_argument, default="5GB", metavar="SIZE", help="largest output shard, decimal units (default 5GB; 2GiB for binary)")
+    parser.add_argument("--pad-to-multiple-of", type=positive_int, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
+    parser.add_argument("--revision", metavar="REV", help="Hub revision of M")
+    parser.add_argument("--base-revision", metavar="REV", help="Hub revision of T")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the shard plan; write nothing")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report (remap_report.json) to FILE")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--embed-name", metavar="NAME", help="checkpoint name of the input embedding, for unknown architectures")
+    parser.add_argument("--head-name", metavar="NAME", help="checkpoint name of the output embedding (lm_head), for unknown architectures")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow transformers to run the model repo's code (only to find the embeddings)")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    return parser
+
+
+def configure_logging(debug: bool) -> None:
+    """Logs go to the current stderr (tests swap it), never to stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = RemapOptions(
+        src_model=args.src_model,
+        base_tokenizer=args.base_tokenizer,
+        out_dir=args.out_dir,
+        drop_extra=args.drop_extra,
+        init=args.init,
+        match=args.match,
+        max_shard_size=args.max_shard_size,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        revision=args.revision,
+        base_revision=args.base_revision,
+        overwrite=args.overwrite,
+        dry_run=args.dry_run,
+        embed_name=args.embed_name,
+        head_name=args.head_name,
+        trust_remote_code=args.trust_remote_code,
+        init_report=args.init_report,
+        show_progress=not args.json and sys.stderr.isatty(),
+    )
+    try:
+        report = remap(opts)
+        code = 0
+    except SelfCheckError as exc:
+        log.error("self-check failed: %s", exc)
+        print(f"error: self-check failed, nothing was written to {opts.out_dir}: {exc}", file=sys.stderr)
+        return 1
+    if args.report is not None:
+        write_json(args.report, report)
+    log.info("%s", human_summary(report, opts.dry_run))
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    elif not opts.dry_run:
+        sys.stdout.write("# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir)))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc} (see --help)", file=sys.stderr)
+        return 2
+    configure_logging(args.debug)
+    try:
+        return run(args)
+    except CliError as exc:
+        if args.debug:
+            log.exception("traceback")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)".splitlines()[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

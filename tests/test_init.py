@@ -1,0 +1,159 @@
+"""Rows for tokens the source lacks: FVT, role mapping, and matching across conventions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+import factories
+import remap_tokenizer as rt
+from conftest import BYTE_SPECIALS, SP_SPECIALS
+from test_remap import remap, report_of, tensors
+
+
+def two_token_word(tokenizer_json: dict) -> tuple[str, str]:
+    """Two regular tokens whose concatenation the source's model splits back into them."""
+    vocab = tokenizer_json["model"]["vocab"]
+    stripped = dict(tokenizer_json, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
+    model_only = Tokenizer.from_str(json.dumps(stripped))
+    words = [t for t in vocab if t.startswith("Ġ") and len(t) > 3]
+    tails = [t for t in vocab if t.isalpha() and len(t) > 2]
+    for head in words:
+        for tail in tails:
+            if head + tail not in vocab and model_only.encode(head + tail).ids == [vocab[head], vocab[tail]]:
+                return head, tail
+    raise AssertionError("no two-token word in the test vocabulary")
+
+
+def test_fvt_row_is_the_mean_of_the_decomposition_bit_for_bit(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    head, tail = two_token_word(byte_tok)
+    src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
+    base_json = factories.with_tokens(byte_tok, regular=[head + tail])
+    base = factories.write_tokenizer(tmp_path / "base", base_json, **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra", "--init-report", "5")
+    assert code == 0, err
+    assert f"init fvt" in err and repr(head) in err and repr(tail) in err
+    new_id = factories.vocab_of(base_json)[head + tail]
+    src_t, out_t = tensors(src), tensors(out)
+    a, b = byte_tok["model"]["vocab"][head], byte_tok["model"]["vocab"][tail]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected = torch.stack([src_t[name][a], src_t[name][b]]).mean(0)
+        assert torch.equal(out_t[name][new_id], expected), name
+    report = report_of(out)
+    assert report["plan"]["init_rules"] == {"fvt": 1}
+    assert report["plan"]["initialised"] == [{"token": head + tail, "id": new_id, "rule": "fvt", "from": [head, tail]}]
+
+
+def test_fvt_in_bf16_rounds_like_torch(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    head, tail = two_token_word(byte_tok)
+    src = factories.write_model(tmp_path / "src", byte_tok, dtype="bfloat16", **BYTE_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", factories.with_tokens(byte_tok, regular=[head + tail]), **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra")[0] == 0
+    src_t, out_t = tensors(src), tensors(out)
+    a, b = byte_tok["model"]["vocab"][head], byte_tok["model"]["vocab"][tail]
+    expected = ((src_t["lm_head.weight"][a].double() + src_t["lm_head.weight"][b].double()) / 2).float().to(torch.bfloat16)
+    assert out_t["lm_head.weight"].dtype == torch.bfloat16
+    assert torch.equal(out_t["lm_head.weight"][len(byte_tok["model"]["vocab"])], expected)
+
+
+def test_special_tokens_get_role_rows_or_the_mean_never_a_decomposition(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
+    base_json = factories.with_tokens(byte_tok, added=["<|eot|>", "<|im_start|>"])
+    base = factories.write_tokenizer(tmp_path / "base", base_json, bos="<|begin_of_text|>", eos="<|eot|>")
+    out = tmp_path / "out"
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra")[0] == 0
+    base_vocab = factories.vocab_of(base_json)
+    src_t, out_t = tensors(src), tensors(out)
+    src_eos = byte_tok["model"]["vocab"]["<|end_of_text|>"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(out_t[name][base_vocab["<|eot|>"]], src_t[name][src_eos])
+        mean = src_t[name][:400].double().mean(0).float()
+        assert torch.equal(out_t[name][base_vocab["<|im_start|>"]], mean)
+    assert report_of(out)["plan"]["init_rules"] == {"mean": 1, "role": 1}
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == base_vocab["<|eot|>"]
+
+
+def test_zero_init(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
+    base_json = factories.with_tokens(byte_tok, regular=["Ġzzz"], added=["<|x|>"])
+    base = factories.write_tokenizer(tmp_path / "base", base_json, **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra", "--init", "zero")[0] == 0
+    embed = tensors(out)["model.embed_tokens.weight"]
+    assert not embed[400:].any()
+    assert report_of(out)["plan"]["init_rules"] == {"zero": 2}
+
+
+def test_nan_rows_never_leak_into_initialised_rows(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    head, tail = two_token_word(byte_tok)
+    vocab = byte_tok["model"]["vocab"]
+    poisoned = torch.randn(400, 32)
+    poisoned[vocab[head]] = float("nan")
+    poisoned[5, 3] = float("inf")
+    src = factories.write_model(tmp_path / "src", byte_tok, state_dict_overrides={"model.embed_tokens.weight": poisoned}, **BYTE_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", factories.with_tokens(byte_tok, regular=[head + tail], added=["<|x|>"]), **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra")
+    assert code == 0
+    assert "2 row(s) hold NaN/Inf" in err
+    embed = tensors(out)["model.embed_tokens.weight"]
+    assert torch.isfinite(embed[400:]).all()
+    assert torch.equal(embed[400], poisoned[vocab[tail]])  # the NaN part is left out of the FVT mean
+    assert torch.isnan(embed[vocab[head]]).all()  # copied rows stay bit-exact, NaN included
+
+
+def test_sentencepiece_source_onto_byte_level_base_shares_rows_by_bytes(tmp_path: Path, sp_tok: dict, byte_tok: dict, capsys) -> None:
+    src = factories.write_model(tmp_path / "src", sp_tok, **SP_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", byte_tok, **BYTE_SPECIALS)
+    counts = {}
+    for match in ("exact", "bytes"):
+        out = tmp_path / match
+        code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra", "--match", match)
+        assert code == 0, err
+        plan = report_of(out)["plan"]["counts"]
+        counts[match] = plan["copied"] + plan["moved"]
+    assert counts["bytes"] > 0.5 * len(byte_tok["model"]["vocab"])
+    assert counts["exact"] < 0.5 * counts["bytes"]
+    auto = tmp_path / "auto"
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", auto, "--drop-extra")[0] == 0
+    assert report_of(auto)["match_mode"] == "bytes"
+    # rows matched by bytes are the source's rows of the same text
+    src_t, out_t = tensors(src), tensors(tmp_path / "bytes")
+    assert torch.equal(out_t["lm_head.weight"][byte_tok["model"]["vocab"]["Ġthe"]], src_t["lm_head.weight"][sp_tok["model"]["vocab"]["▁the"]])
+
+
+def test_byte_level_source_onto_sentencepiece_base_decomposes_by_bytes(tmp_path: Path, sp_tok: dict, byte_tok: dict, capsys) -> None:
+    src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", sp_tok, **SP_SPECIALS)
+    out = tmp_path / "out"
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra", "--init-report", "400")
+    assert code == 0, err
+    report = report_of(out)
+    by_token = {i["token"]: i for i in report["plan"]["initialised"]}
+    # a byte-fallback token of the base is the source's byte-level symbol for that byte
+    assert report["plan"]["counts"]["copied"] + report["plan"]["counts"]["moved"] > 200
+    assert "<0x0A>" not in by_token  # matched to `Ċ` by bytes
+    fvt = [i for i in report["plan"]["initialised"] if i["rule"] == "fvt"]
+    assert any(len(i["from"]) >= 2 for i in fvt)
+    for item in fvt:  # every decomposition spells exactly the base token's bytes
+        spelled = b"".join(rt.token_bytes(t, "byte_level", False) for t in item["from"])
+        assert spelled == rt.token_bytes(item["token"], "metaspace", True), item
+    # the role rows: base <s>/</s> take the source's bos/eos rows
+    assert by_token["<s>"]["rule"] == "role:bos" and by_token["</s>"]["rule"] == "role:eos"
+
+
+@pytest.mark.parametrize(
+    ("token", "convention", "fallback"),
+    [("▁the", "metaspace", False), ("Ġthe", "byte_level", False), ("<0x20>", "metaspace", True)],
+)
+def test_conventions_resolve_to_the_same_bytes(token: str, convention: str, fallback: bool) -> None:
+    data = rt.token_bytes(token, convention, fallback)
+    assert data in (b" the", b" ")
+    if token == "<0x20>":
+        assert data + rt.token_bytes("the", "metaspace", True) == b" the"
