@@ -1044,6 +1044,9 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CliError(f"{path}: corrupt safetensors header")
     header.pop("__metadata__", None)
+    data_end = max((info.get("data_offsets", [0, 0])[1] for info in header.values() if isinstance(info, dict)), default=0)
+    if 8 + length + data_end > path.stat().st_size:
+        raise CliError(f"{path}: truncated: its header describes {data_end} bytes of data but the file is shorter; re-download it")
     return header
 
 

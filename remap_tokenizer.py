@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -83,8 +84,9 @@ INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weigh
 OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 COPY_CHUNK_BYTES = 16 * 2**20
-ROW_CHUNK_BYTES = 32 * 2**20
+ROW_CHUNK_BYTES = 8 * 2**20  # below glibc's largest mmap threshold, so chunk buffers are reused, not faulted in anew
 FVT_BATCH_ROWS = 512
+HASH_WINDOW_BYTES = 64 * 2**20
 LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
@@ -617,10 +619,17 @@ def _uint_view(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Rows (of a (rows, row_bytes) uint8 matrix) holding a NaN or an infinity: all
-    exponent bits set, tested on the integers without converting to float."""
-    mask = NONFINITE_MASK[dtype][1]
+    exponent bits set, tested on the integers, a row chunk at a time (cache-sized)."""
+    import numpy as np
+
     bits = _uint_view(raw, dtype)
-    return ((bits & bits.dtype.type(mask)) == bits.dtype.type(mask)).any(axis=1)
+    mask = bits.dtype.type(NONFINITE_MASK[dtype][1])
+    result = np.empty(len(raw), dtype=bool)
+    step = max(1, ROW_CHUNK_BYTES // 8 // max(1, raw.shape[1]))
+    for start in range(0, len(raw), step):
+        # (x & mask) <= mask for every element, with equality only when all exponent bits are set
+        result[start : start + step] = np.bitwise_and(bits[start : start + step], mask).max(axis=1) == mask
+    return result
 
 
 def decode_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -719,26 +728,37 @@ def fvt_average(
 
 def patch_tokenizer_json(base_json: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
     """T's tokenizer.json plus the appended tokens at their output ids. Regular tokens join
-    the model vocabulary with no merges (encoding text keeps giving T's ids); added tokens
-    keep their flags and are written into the model vocabulary too, because the tokenizers
-    library renumbers an added token that is not in it."""
-    data = json.loads(json.dumps(base_json))
-    model = data["model"]
+    the model vocabulary with no merges (encoding text keeps giving T's ids). The tokenizers
+    library numbers an added token that is not in the model vocabulary right after it, so
+    once the vocabulary grows every added token (T's own, like Llama-3's specials, and the
+    appended ones) must be in the model vocabulary at its id too."""
+    model = dict(base_json["model"])  # copy only what changes: vocab and added_tokens
+    data = {**base_json, "model": model, "added_tokens": list(base_json.get("added_tokens") or [])}
+    model["vocab"] = list(model["vocab"]) if isinstance(model["vocab"], list) else dict(model["vocab"])
     kind = model.get("type")
-    if kind not in ("BPE", "Unigram") and plan.appended:
+    if not plan.appended:
+        return data
+    if kind not in ("BPE", "Unigram"):
         raise CliError(f"append mode cannot extend a {kind} tokenizer without changing how it encodes; use --drop-extra")
-    if kind == "Unigram" and plan.appended and len(model["vocab"]) != plan.n_base:
-        raise CliError("the base Unigram tokenizer keeps added tokens outside its piece list; append mode cannot extend it: use --drop-extra")
-    lowest = min((score for _, score in model["vocab"]), default=0.0) if kind == "Unigram" else 0.0
+    added_by_id = {entry["id"]: entry["content"] for entry in data.get("added_tokens") or []}
+    if kind == "Unigram":
+        pieces = model["vocab"]
+        lowest = min((score for _, score in pieces), default=0.0) - 100.0  # Viterbi picks these only where nothing else fits
+        for token_id in range(len(pieces), plan.n_base):
+            if token_id not in added_by_id:
+                raise CliError("the base Unigram tokenizer has ids outside its piece list that are not added tokens; use --drop-extra")
+            pieces.append([added_by_id[token_id], lowest])
+    else:
+        for token_id, content in added_by_id.items():
+            model["vocab"].setdefault(content, token_id)
     for spelling, _src_id, out_id in plan.appended:
         if kind == "Unigram":
-            # A score far below every piece: Viterbi picks it only where nothing else fits.
-            model["vocab"].append([spelling, lowest - 100.0])
+            model["vocab"].append([spelling, lowest])
         else:
             model["vocab"][spelling] = out_id
         flags = src_added.get(spelling)
         if flags is not None:
-            data.setdefault("added_tokens", []).append({"id": out_id, "content": spelling, **{f: bool(flags.get(f, False)) for f in ADDED_TOKEN_FLAGS}})
+            data["added_tokens"].append({"id": out_id, "content": spelling, **{f: bool(flags.get(f, False)) for f in ADDED_TOKEN_FLAGS}})
     return data
 
 
@@ -821,6 +841,139 @@ def patch_generation_config(config: Mapping[str, Any], ids: Mapping[str, Any]) -
 
 def mergekit_snippet(out_dir: str) -> str:
     return f"  - model: {out_dir}\n    parameters:\n      weight: 1.0\n"
+
+
+# ---- mergekit configurations --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model of a mergekit configuration: `path[@revision][+lora]`."""
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{text}+{self.lora}" if self.lora else text
+
+
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
+    if "@" in reference and not os.path.exists(reference):
+        path, _, revision = reference.rpartition("@")
+        return path, revision or None
+    return reference, None
+
+
+def parse_model_reference(value: Any) -> ModelRef:
+    """A mergekit model reference, as a string (`path@rev+lora`) or its dict form."""
+    if isinstance(value, Mapping):
+        model, lora = value.get("model"), value.get("lora")
+        if isinstance(model, Mapping):
+            path, revision = model.get("path"), model.get("revision")
+        else:
+            path, revision = split_revision(str(model)) if model is not None else (None, None)
+        if isinstance(lora, Mapping):
+            lora = lora.get("path")
+        if not path:
+            raise CliError(f"cannot read the model reference {value!r}")
+        return ModelRef(str(path), revision, str(lora) if lora else None)
+    if not isinstance(value, str) or not value:
+        raise CliError(f"cannot read the model reference {value!r}")
+    model_part, _, lora = value.partition("+")
+    path, revision = split_revision(model_part)
+    return ModelRef(path, revision, lora or None)
+
+
+def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of a mergekit configuration with every model reference replaced by
+    change(reference): models[].model, slices[].sources[].model, slices[].base_model,
+    base_model, and the same inside modules."""
+    if not isinstance(config, Mapping):
+        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
+
+    def block(part: Mapping[str, Any]) -> dict[str, Any]:
+        result = dict(part)
+        if part.get("models") is not None:
+            if not isinstance(part["models"], list):
+                raise CliError("models: must be a list of {model: ...} entries")
+            result["models"] = []
+            for entry in part["models"]:
+                if not isinstance(entry, Mapping) or "model" not in entry:
+                    raise CliError(f"models[] entry without a 'model' key: {entry!r}")
+                result["models"].append({**entry, "model": change(entry["model"])})
+        if part.get("slices") is not None:
+            if not isinstance(part["slices"], list):
+                raise CliError("slices: must be a list")
+            result["slices"] = []
+            for slice_ in part["slices"]:
+                if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
+                    raise CliError(f"slices[] entry without a list of sources: {slice_!r}")
+                sources = []
+                for source in slice_["sources"]:
+                    if not isinstance(source, Mapping) or "model" not in source:
+                        raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
+                    sources.append({**source, "model": change(source["model"])})
+                new_slice = {**slice_, "sources": sources}
+                if slice_.get("base_model") is not None:
+                    new_slice["base_model"] = change(slice_["base_model"])
+                result["slices"].append(new_slice)
+        if part.get("base_model") is not None:
+            result["base_model"] = change(part["base_model"])
+        return result
+
+    result = block(config)
+    if config.get("modules") is not None:
+        if not isinstance(config["modules"], Mapping):
+            raise CliError("modules: must be a mapping of name -> {models|slices}")
+        result["modules"] = {name: block(module) for name, module in config["modules"].items()}
+    if not any(result.get(key) for key in ("models", "slices", "modules")):
+        raise CliError("the mergekit configuration names no models (expected models:, slices: or modules:)")
+    return result
+
+
+def mergekit_references(config: Any) -> list[Any]:
+    """Every model reference of a mergekit configuration in order of appearance, base_model
+    first (references repeat where the YAML repeats them)."""
+    found: list[Any] = []
+
+    def record(reference: Any) -> Any:
+        found.append(reference)
+        return reference
+
+    map_model_references(config, record)
+    base = config.get("base_model")
+    return ([base] if base is not None else []) + found
+
+
+def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
+    """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
+    `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
+    for value in (config.get("tokenizer_source"), (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None):
+        if value is None:
+            continue
+        if value == "base":
+            return config.get("base_model")
+        if value == "union":
+            return None
+        if isinstance(value, str) and value.startswith("model:"):
+            return value[len("model:") :]
+        return value
+    return config.get("base_model")
+
+
+def aligned_name(ref: ModelRef, taken: set[str]) -> str:
+    """A readable directory name for a remapped model, unique among `taken`."""
+    stem = ref.path.rstrip("/")
+    stem = stem.replace("/", "--") if looks_like_hub_id(stem) and not os.path.exists(stem) else os.path.basename(stem) or "model"
+    stem = re.sub(r"[^\w.-]+", "_", stem + (f"-{ref.revision}" if ref.revision else ""))
+    name, counter = stem, 2
+    while name in taken:
+        name, counter = f"{stem}-{counter}", counter + 1
+    taken.add(name)
+    return name
 
 
 # --------------------------------------------------------------------------------------
@@ -962,11 +1115,8 @@ class TokenizerSource:
     config: Mapping[str, Any]
     generation_config: Mapping[str, Any]
     on_disk: bool  # False: converted from tokenizer.model / vocab.json by transformers
-
-    def library_tokenizer(self) -> Any:
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_str(json.dumps(self.tokenizer_json))
+    text: str  # tokenizer.json as read (or as converted)
+    library: Any  # the tokenizers.Tokenizer built from `text`, or None (see read_tokenizer)
 
 
 def tokenizer_json_via_transformers(directory: Path) -> str:
@@ -985,7 +1135,33 @@ def tokenizer_json_via_transformers(directory: Path) -> str:
         raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
 
 
-def read_tokenizer(path: Path) -> TokenizerSource:
+def library_added_ids(text: str, where: Path) -> dict[str, int]:
+    """The ids the tokenizers library gives the added tokens (and proof that it can load
+    the file at all)."""
+    from tokenizers import Tokenizer
+
+    try:
+        library = Tokenizer.from_str(text)
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    return {token.content: token_id for token_id, token in library.get_added_tokens_decoder().items()}
+
+
+def check_added_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], where: Path) -> None:
+    """The tokenizers library numbers an added token that is not in the model vocabulary
+    right after it: refuse a file whose declared ids it would not keep."""
+    for content, token_id in library_ids.items():
+        if vocab.get(content) != token_id:
+            raise CliError(
+                f"{where}: added token {content!r} is declared at id {vocab.get(content)} but the tokenizers library "
+                f"loads it at id {token_id} (not in the model vocabulary and not numbered right after it); fix tokenizer.json"
+            )
+
+
+def read_tokenizer(path: Path, *, build_library: bool = True) -> TokenizerSource:
+    """Read and validate a tokenizer. With build_library=False the caller must check the
+    file with the tokenizers library itself (library_added_ids + check_added_ids),
+    typically in the background: building a 128k-token BPE costs 0.3 s of CPU."""
     from tokenizers import Tokenizer
 
     directory = path.parent if path.is_file() else path
@@ -993,25 +1169,27 @@ def read_tokenizer(path: Path) -> TokenizerSource:
     if file.is_file():
         if file.stat().st_size == 0:
             raise CliError(f"{file}: empty file; expected a tokenizer.json")
-        data = read_json(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CliError(f"{file}: corrupt JSON ({exc}); re-download or fix the file") from exc
         on_disk = True
     elif (directory / "tokenizer.model").is_file() or (directory / "vocab.json").is_file():
-        data, on_disk = json.loads(tokenizer_json_via_transformers(directory)), False
+        text = tokenizer_json_via_transformers(directory)
+        data, on_disk = json.loads(text), False
     else:
         raise CliError(f"{directory}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
     if not isinstance(data, dict):
         raise CliError(f"{file}: not a tokenizer.json (expected a JSON object)")
     vocab = vocab_from_json(data, file)
-    try:
-        library = Tokenizer.from_str(json.dumps(data))
-    except Exception as exc:  # the tokenizers library raises plain Exception
-        raise CliError(f"{file}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
-    for token_id, token in library.get_added_tokens_decoder().items():
-        if vocab.get(token.content) != token_id:
-            raise CliError(
-                f"{file}: added token {token.content!r} is declared at id {vocab.get(token.content)} but the tokenizers library "
-                f"loads it at id {token_id} (not in the model vocabulary and not numbered right after it); fix tokenizer.json"
-            )
+    library = None
+    if build_library:
+        try:
+            library = Tokenizer.from_str(text)
+        except Exception as exc:  # the tokenizers library raises plain Exception
+            raise CliError(f"{file}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+        check_added_ids(vocab, {t.content: i for i, t in library.get_added_tokens_decoder().items()}, file)
     tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
     roles = read_special_tokens(data, tokenizer_config, read_optional_json(directory / "special_tokens_map.json"))
     for role, token in roles.items():
@@ -1034,18 +1212,49 @@ def read_tokenizer(path: Path) -> TokenizerSource:
         read_optional_json(directory / "config.json"),
         read_optional_json(directory / "generation_config.json"),
         on_disk,
+        text,
+        library,
     )
+
+
+class Background:
+    """fn(*args) in a forked worker process where fork exists (the work holds the GIL),
+    else right here, when the result is asked for."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        import multiprocessing
+
+        self.fn, self.args, self.pool, self.future = fn, args, None, None
+        if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+            self.future = self.pool.submit(fn, *args)
+
+    def result(self) -> Any:
+        if self.future is None:
+            return self.fn(*self.args)
+        try:
+            return self.future.result()
+        finally:
+            self.pool.shutdown()
 
 
 def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSource) -> dict[str, tuple[int, ...]]:
     """For each base token, the source ids that spell the same bytes: the token's bytes
     written in the source's convention and run through the source's model alone (no
     normalizer or pre-tokenizer: the bytes are already what the model sees). One
-    `encode_batch` call, so 100k tokens take about a second."""
-    from tokenizers import Tokenizer
+    `encode_batch` call, so 100k tokens take about a second. Strips the source's library
+    tokenizer in place (rebuilding a 128k-token BPE costs 0.3 s); nothing needs it after."""
+    if src.library is None:
+        from tokenizers import Tokenizer
 
-    stripped = dict(src.tokenizer_json, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
-    model_only = Tokenizer.from_str(json.dumps(stripped))
+        model_only = Tokenizer.from_str(src.text)
+    else:
+        model_only = src.library
+    model_only.normalizer = None
+    model_only.pre_tokenizer = None
+    model_only.post_processor = None
     spec = src.spec
     pieces_of_token: list[list[tuple[str | None, int | None]]] = []
     texts: list[str] = []
@@ -1278,7 +1487,9 @@ def find_vocab_tensors(
         else:
             found = vocab_tensors_from_meta(ckpt.directory, shapes, trust_remote_code)
             if found is None:
-                candidates = ", ".join(sorted(n for n, s in shapes.items() if len(s) == 2 and s[0] >= 1000)[:6]) or "none"
+                rows = config_value(config, "vocab_size")
+                matrices = sorted((n for n, s in shapes.items() if len(s) == 2), key=lambda n: (shapes[n][0] != rows, -shapes[n][0], n))
+                candidates = ", ".join(matrices[:6]) or "none"
                 raise CliError(
                     f"{ckpt.directory}: cannot tell which tensor is the input embedding (2-D candidates: {candidates}); "
                     "pass --embed-name NAME (and --head-name NAME unless the embeddings are tied)"
@@ -1304,78 +1515,107 @@ def find_vocab_tensors(
 
 
 def read_matrix(ckpt: Checkpoint, tensor: SourceTensor) -> np.ndarray:
-    """A vocabulary tensor as a (rows, row_bytes) uint8 array, read (not memory-mapped)
-    so that resident memory holds exactly this tensor."""
+    """A vocabulary tensor as a read-only (rows, row_bytes) uint8 array. Only this
+    tensor's bytes are memory-mapped (populated at once from the page cache): no copy, no
+    anonymous memory, and nothing else of the shard enters the process."""
+    import mmap
+
     import numpy as np
 
     rows = tensor.shape[0] if tensor.shape else 1
     if ckpt.kind == "bin":
-        flat = ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-        return np.array(flat).reshape(rows, -1)
-    data = np.empty(tensor.nbytes, dtype=np.uint8)
-    with tensor.file.open("rb", buffering=0) as handle:
-        view = memoryview(data)
+        return ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy().reshape(rows, -1)
+    if tensor.nbytes == 0:
+        return np.zeros((rows, 0), dtype=np.uint8)
+    aligned = tensor.start - tensor.start % mmap.ALLOCATIONGRANULARITY
+    length = tensor.start + tensor.nbytes - aligned
+    with tensor.file.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size < tensor.start + tensor.nbytes:
+            raise CliError(f"{tensor.file}: ends inside tensor {tensor.name}; the file is truncated: re-download it")
+        if hasattr(mmap, "MAP_POPULATE"):
+            mapped = mmap.mmap(handle.fileno(), length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=aligned)
+        else:
+            mapped = mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_READ, offset=aligned)
+    return np.frombuffer(mapped, dtype=np.uint8, count=tensor.nbytes, offset=tensor.start - aligned).reshape(rows, -1)
+
+
+def read_exactly(path: Path, offset: int, view: memoryview, what: str) -> None:
+    with path.open("rb", buffering=0) as handle:
         done = 0
-        while done < tensor.nbytes:
-            got = os.preadv(handle.fileno(), [view[done:]], tensor.start + done)
+        while done < len(view):
+            got = os.preadv(handle.fileno(), [view[done:]], offset + done)
             if got == 0:
-                raise CliError(f"{tensor.file}: ends inside tensor {tensor.name}; the file is truncated: re-download it")
+                raise CliError(f"{path}: ends inside {what}; the file is truncated: re-download it")
             done += got
-    return data.reshape(rows, -1)
 
 
 # ---- streaming writer ------------------------------------------------------------------
 
 
-class BackgroundHasher:
-    """sha256 (then fsync and close) of every output file on a second thread, fed with the
-    very buffers that were written, so hashing overlaps the copy instead of re-reading."""
+class FileHasher:
+    """sha256, then fsync and close, of one output file, computed on a worker thread from
+    what the writer hands over: bytes it wrote, or byte ranges the kernel copied (read back
+    from the page cache). At most one worker per core hashes; files queue for a worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path, fd: int, pool: Any) -> None:
+        self.path, self.fd = path, fd
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
-        self.digests: dict[str, str] = {}
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self.thread.start()
+        self.future = pool.submit(self._run)
 
-    def _run(self) -> None:
-        hashes: dict[str, Any] = {}
+    def _run(self) -> str:
+        import mmap
+
+        digest = hashlib.sha256()
+        try:
+            with self.path.open("rb", buffering=0) as reader:
+                while True:
+                    item = self.queue.get()
+                    if item is None:
+                        break
+                    if not isinstance(item, tuple):
+                        digest.update(item)
+                        continue
+                    # (offset, length) copied by the kernel: hash it through a window mapped
+                    # over the page cache (no copy into this process; the window bounds RSS)
+                    offset, length = item
+                    while length:
+                        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+                        size = min(length, HASH_WINDOW_BYTES)
+                        with mmap.mmap(reader.fileno(), offset + size - aligned, access=mmap.ACCESS_READ, offset=aligned) as window:
+                            with memoryview(window) as view:
+                                digest.update(view[offset - aligned :])
+                        offset, length = offset + size, length - size
+            os.fsync(self.fd)
+            return digest.hexdigest()
+        finally:
+            os.close(self.fd)
+            while not self.queue.empty():  # unblock a writer stuck on a full queue
+                self.queue.get_nowait()
+
+    def put(self, item: Any) -> None:
         while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            key, data, release, fd = item
             try:
-                if self.error is None:
-                    if data is not None:
-                        hashes.setdefault(key, hashlib.sha256()).update(data)
-                    if fd is not None:
-                        self.digests[key] = hashes.pop(key, hashlib.sha256()).hexdigest()
-                        os.fsync(fd)
-            except BaseException as exc:  # reported to the writing thread
-                self.error = exc
-            finally:
-                if fd is not None:
-                    os.close(fd)
-                if release is not None:
-                    release()
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self.future.done():  # the worker failed: report its error
+                    self.future.result()
+                    raise OSError(errno.EIO, f"hashing {self.path} stopped")
 
-    def submit(self, key: str, data: Any, release: Callable[[], None] | None = None) -> None:
-        self.raise_error()
-        self.queue.put((key, data, release, None))
+    def finish(self) -> None:
+        self.put(None)
 
-    def finish(self, key: str, fd: int) -> None:
-        self.queue.put((key, None, None, fd))
-
-    def close(self) -> dict[str, str]:
-        self.queue.put(None)
-        self.thread.join()
-        self.raise_error()
-        return self.digests
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def abort(self) -> None:
+        """Stop the worker whatever it was given (after an error elsewhere)."""
+        while True:
+            try:
+                self.queue.put_nowait(None)
+                return
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    pass
 
 
 def write_all(fd: int, data: memoryview) -> None:
@@ -1386,40 +1626,60 @@ def write_all(fd: int, data: memoryview) -> None:
 
 class ShardWriter:
     """Writes one safetensors file: header first (every shape is known from the plan),
-    then each tensor's bytes, hashed on the side by a BackgroundHasher."""
+    then each tensor's bytes. Pass-through tensors are copied by the kernel
+    (copy_file_range: no trip through this process); everything is hashed on the side."""
 
-    def __init__(self, path: Path, entries: Sequence[TensorEntry], hasher: BackgroundHasher, progress: Any) -> None:
-        self.path, self.hasher, self.progress = path, hasher, progress
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], pool: Any, progress: Any) -> None:
+        self.path, self.progress = path, progress
+        self.position = 0
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(3):
-            self.free.put(bytearray(COPY_CHUNK_BYTES))
-        self.write(safetensors_header(entries, {"format": "pt"}))
+        try:
+            self.hasher = FileHasher(path, os.dup(self.fd), pool)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
+            self.write(safetensors_header(entries, {"format": "pt"}))
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
         write_all(self.fd, view)
-        self.hasher.submit(self.path.name, view)
+        self.hasher.put(view)
         self.progress.update(len(view))
+        self.position += len(view)
 
     def copy_range(self, source: Path, start: int, nbytes: int) -> None:
         """Pass a tensor through unchanged: raw bytes from the source file, never decoded."""
         with source.open("rb", buffering=0) as handle:
             done = 0
             while done < nbytes:
-                buffer = self.free.get()
-                view = memoryview(buffer)[: min(len(buffer), nbytes - done)]
-                got = os.preadv(handle.fileno(), [view], start + done)
+                count = min(nbytes - done, 1 << 30)
+                try:
+                    got = os.copy_file_range(handle.fileno(), self.fd, count, start + done)
+                except (AttributeError, OSError) as exc:  # no copy_file_range here, or not across these files
+                    if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    data = os.pread(handle.fileno(), min(count, COPY_CHUNK_BYTES), start + done)
+                    if not data:
+                        raise CliError(f"{source}: ends inside a tensor; the file is truncated: re-download it") from None
+                    self.write(data)
+                    done += len(data)
+                    continue
                 if got == 0:
-                    self.free.put(buffer)
                     raise CliError(f"{source}: ends inside a tensor; the file is truncated: re-download it")
-                write_all(self.fd, view[:got])
-                self.hasher.submit(self.path.name, view[:got], lambda b=buffer: self.free.put(b))
+                self.hasher.put((self.position, got))
                 self.progress.update(got)
+                self.position += got
                 done += got
 
     def close(self) -> None:
-        self.hasher.finish(self.path.name, self.fd)
+        try:
+            self.hasher.finish()
+        finally:
+            os.close(self.fd)
 
 
 class NoProgress:
@@ -1479,7 +1739,9 @@ def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str
 
 
 def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
-    """Every output tensor in source order; vocabulary tensors with their new row count."""
+    """Every output tensor; vocabulary tensors (with their new row count) first, then the
+    rest in source order. The vocabulary rows are built while one core is free to hash
+    them, and the run ends with kernel copies whose hashing spreads over both cores."""
     roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias"}
     entries = []
     for name, tensor in ckpt.tensors.items():
@@ -1490,102 +1752,127 @@ def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[T
         row_bytes = tensor.nbytes // max(1, tensor.shape[0])
         shape = (n_rows, *tensor.shape[1:])
         entries.append(TensorEntry(name, tensor.dtype, shape, n_rows * row_bytes, str(tensor.file), tensor.start, role))
-    return entries
+    return sorted(entries, key=lambda entry: entry.vocab_role is None)
 
 
 def write_shards(
-    out: Path, ckpt: Checkpoint, shard_plan: ShardPlan, plan: RemapPlan, src_token_of_id: Mapping[int, str], show_progress: bool
-) -> dict[str, str]:
-    """Stream every shard into `out`; returns {file name: sha256}."""
-    hasher = BackgroundHasher()
+    out: Path,
+    ckpt: Checkpoint,
+    shard_plan: ShardPlan,
+    plan: RemapPlan,
+    src_token_of_id: Mapping[int, str],
+    show_progress: bool,
+) -> tuple[dict[str, str], int]:
+    """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified).
+    Each vocabulary tensor is read back from the written file while its source rows are
+    still in memory, and every copied row compared bit for bit (SelfCheckError); that check
+    runs on a thread while the next tensors are copied."""
     progress = progress_bar(shard_plan.total_size, show_progress)
-    try:
-        for file, entries in zip(shard_plan.files, shard_plan.tensors):
-            writer = ShardWriter(out / file, entries, hasher, progress)
-            try:
-                for entry in entries:
-                    if entry.vocab_role is None and ckpt.kind == "safetensors":
-                        writer.copy_range(Path(entry.source_file or ""), entry.source_start, entry.nbytes)
-                    elif entry.vocab_role is None:
-                        writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
-                    else:
+    verified = 0
+    pending: Future[int] | None = None
+    hashers: dict[str, FileHasher] = {}
+    cores = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(cores, thread_name_prefix="sha256") as pool, ThreadPoolExecutor(1, thread_name_prefix="verify") as checker:
+        try:
+            for file, entries in zip(shard_plan.files, shard_plan.tensors):
+                writer = ShardWriter(out / file, entries, pool, progress)
+                hashers[file] = writer.hasher
+                try:
+                    for entry in entries:
+                        if entry.vocab_role is None and ckpt.kind == "safetensors":
+                            writer.copy_range(Path(entry.source_file or ""), entry.source_start, entry.nbytes)
+                            continue
+                        if entry.vocab_role is None:
+                            writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
+                            continue
                         ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
                         if entry.dtype in FLOAT_DTYPES:
                             warn_nonfinite(ctx, entry.name, src_token_of_id)
                         elif any(s < 0 for s in plan.row_source):
                             raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
+                        start = writer.position
                         for chunk in vocab_chunks(ctx, plan):
                             writer.write(chunk)
-                        del ctx
-            finally:
-                writer.close()
-        return hasher.close()
-    except BaseException:
-        try:
-            hasher.close()
-        except BaseException:  # the first error is the one to report
-            pass
-        raise
-    finally:
-        progress.close()
+                        if pending is not None:
+                            verified += pending.result()
+                        pending = checker.submit(verify_copied_rows, out / file, start, ctx.matrix, plan, entry.name)
+                finally:
+                    writer.close()
+            if pending is not None:
+                verified += pending.result()
+            digests = {file: hasher.future.result() for file, hasher in hashers.items()}
+        except BaseException:
+            for hasher in hashers.values():
+                hasher.abort()
+            raise
+        finally:
+            progress.close()
+    return digests, verified
 
 
-def self_check(out: Path, shard_plan: ShardPlan, plan: RemapPlan, ckpt: Checkpoint) -> dict[str, Any]:
-    """Re-open the written shards with the safetensors library: names, shapes and dtypes
-    must be the plan's, and every copied row must equal its source row bit for bit."""
+def verify_copied_rows(path: Path, offset: int, source: np.ndarray, plan: RemapPlan, name: str) -> int:
+    """Read a written vocabulary tensor back and compare every copied row with its source
+    row, chunk by chunk (memory: one chunk, not a second matrix)."""
     import numpy as np
+
+    row_bytes = source.shape[1]
+    sources = np.asarray(plan.row_source, dtype=np.int64)
+    step = max(1, ROW_CHUNK_BYTES // max(1, row_bytes))
+    buffer = np.empty((min(step, plan.n_rows), row_bytes), dtype=np.uint8)
+    checked = 0
+    for start in range(0, plan.n_rows, step):
+        rows = min(step, plan.n_rows - start)
+        written = buffer[:rows]
+        read_exactly(path, offset + start * row_bytes, memoryview(written.reshape(-1)), f"the written {name}")
+        chunk_sources = sources[start : start + rows]
+        copied = np.flatnonzero(chunk_sources >= 0)
+        got, expected = (written, source[chunk_sources]) if len(copied) == rows else (written[copied], source[chunk_sources[copied]])
+        if row_bytes % 8 == 0:  # compare 8 bytes at a time
+            got, expected = got.view(np.uint64), expected.view(np.uint64)
+        if not np.array_equal(got, expected):
+            bad = copied[(written[copied] != source[chunk_sources[copied]]).any(axis=1)][0]
+            raise SelfCheckError(f"{path.name}: {name} row {start + int(bad)} differs from source row {int(chunk_sources[bad])}")
+        checked += len(copied)
+    return checked
+
+
+def self_check(out: Path, shard_plan: ShardPlan) -> None:
+    """Re-open the written shards with the safetensors library: every tensor's name, shape
+    and dtype must be the plan's, and the metadata {"format": "pt"}."""
     from safetensors import safe_open
 
     problems: list[str] = []
-    checked_rows = 0
     for file, entries in zip(shard_plan.files, shard_plan.tensors):
-        path = out / file
-        with safe_open(str(path), framework="numpy") as handle:
-            if set(handle.keys()) != {e.name for e in entries}:
-                problems.append(f"{file}: tensor names differ from the plan")
-            if handle.metadata() != {"format": "pt"}:
-                problems.append(f"{file}: metadata {handle.metadata()!r}")
-            for entry in entries:
-                if entry.name not in handle.keys():
-                    continue
-                view = handle.get_slice(entry.name)
-                if tuple(view.get_shape()) != entry.shape or view.get_dtype() != entry.dtype:
-                    problems.append(f"{file}: {entry.name} is {view.get_dtype()} {view.get_shape()}, planned {entry.dtype} {list(entry.shape)}")
-        header, data_start = read_safetensors_header(path)
-        for entry in entries:
-            if entry.vocab_role is None:
-                continue
-            source = read_matrix(ckpt, ckpt.tensors[entry.name])
-            out_tensor = SourceTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, path, data_start + header[entry.name]["data_offsets"][0])
-            written = read_matrix(ckpt=Checkpoint(out, "safetensors", {}), tensor=out_tensor)
-            sources = np.asarray(plan.row_source, dtype=np.int64)
-            copied = np.flatnonzero(sources >= 0)
-            step = max(1, ROW_CHUNK_BYTES // max(1, source.shape[1]))
-            for begin in range(0, len(copied), step):
-                rows = copied[begin : begin + step]
-                differ = np.flatnonzero((written[rows] != source[sources[rows]]).any(axis=1))
-                if len(differ):
-                    problems.append(f"{entry.name}: row {int(rows[differ[0]])} differs from source row {int(sources[rows[differ[0]]])} ({len(differ)}+ rows)")
-                    break
-            checked_rows += len(copied)
-            del source, written
+        try:
+            with safe_open(str(out / file), framework="numpy") as handle:
+                names = set(handle.keys())
+                if names != {e.name for e in entries}:
+                    problems.append(f"{file}: tensor names differ from the plan")
+                if handle.metadata() != {"format": "pt"}:
+                    problems.append(f"{file}: metadata {handle.metadata()!r}")
+                for entry in entries:
+                    if entry.name in names:
+                        view = handle.get_slice(entry.name)
+                        if tuple(view.get_shape()) != entry.shape or view.get_dtype() != entry.dtype:
+                            problems.append(f"{file}: {entry.name} is {view.get_dtype()} {view.get_shape()}, planned {entry.dtype} {list(entry.shape)}")
+        except Exception as exc:  # the library refuses the file
+            problems.append(f"{file}: the safetensors library cannot open it ({exc})")
     if problems:
         raise SelfCheckError("; ".join(problems[:5]))
-    return {"ok": True, "copied_rows_checked": checked_rows}
 
 
-def check_patched_tokenizer(patched: Mapping[str, Any], plan: RemapPlan, convention: str, byte_fallback: bool) -> int:
+def check_patched_tokenizer(patched_text: str, plan: RemapPlan, convention: str, byte_fallback: bool) -> int:
     """The patched tokenizer must load with exactly the plan's vocabulary. Returns how many
     appended regular tokens are reachable by encoding their own text (with `ignore_merges`
     a whole word that is in the vocabulary becomes one token)."""
     from tokenizers import Tokenizer
 
-    library = Tokenizer.from_str(json.dumps(patched))
+    library = Tokenizer.from_str(patched_text)
     loaded = library.get_vocab(with_added_tokens=True)
     if loaded != dict(plan.out_vocab):
         wrong = sorted(set(loaded.items()) ^ set(plan.out_vocab.items()), key=lambda item: item[1])[:3]
         raise SelfCheckError(f"the patched tokenizer.json loads a different vocabulary than planned (e.g. {wrong})")
-    added = {entry["content"] for entry in patched.get("added_tokens") or []}
+    added = {token.content for token in library.get_added_tokens_decoder().values()}
     regular = [(spelling, out_id) for spelling, _, out_id in plan.appended if spelling not in added]
     texts = []
     for spelling, out_id in regular:
@@ -1627,7 +1914,10 @@ def nearest_existing(path: Path) -> Path:
 def check_free_space(parent: Path, needed: int) -> None:
     free = shutil.disk_usage(nearest_existing(parent)).free
     if free < needed + 64 * 10**6:
-        raise CliError(f"not enough free space in {nearest_existing(parent)}: the output needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+        raise CliError(
+            f"not enough free space in {nearest_existing(parent)}: the output needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; "
+            "free some space or choose another --out_dir"
+        )
 
 
 class StagedDirectory:
@@ -1636,8 +1926,11 @@ class StagedDirectory:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        except OSError as exc:
+            raise CliError(f"cannot create a directory in {out_dir.parent} ({exc.strerror}); choose another --out_dir") from exc
 
     def publish(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
@@ -1744,17 +2037,19 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     """Plan and (unless dry_run) write one remapped model. Returns the report; raises
     CliError for bad input and SelfCheckError when the written output is wrong."""
     started = time.monotonic()
+
+    def phase(name: str) -> None:
+        log.debug("%6.2f s  %s", time.monotonic() - started, name)
+
     src_dir = resolve_model(opts.src_model, opts.revision)
     base_path = resolve_source(opts.base_tokenizer, opts.base_revision, [*TOKENIZER_FILES, *CONFIG_FILES])
     if not src_dir.is_dir():
         raise CliError(f"--src_model {opts.src_model}: expected a model directory or repo id, got a file")
     base_dir = base_path if base_path.is_dir() else base_path.parent
     check_out_dir(opts.out_dir, {"source model": src_dir, "base tokenizer": base_dir}, opts.overwrite)
-    src = read_tokenizer(src_dir)
-    base = read_tokenizer(base_path)
     if not (src_dir / "config.json").is_file():
         raise CliError(f"{src_dir}: no config.json; is this a transformers model directory?")
-    config = src.config
+    config = read_optional_json(src_dir / "config.json")
     ckpt = read_checkpoint(src_dir)
     vocab = find_vocab_tensors(ckpt, config, embed_name=opts.embed_name, head_name=opts.head_name, trust_remote_code=opts.trust_remote_code)
     config_rows = config_value(config, "vocab_size")
@@ -1763,6 +2058,11 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             f"{src_dir / 'config.json'}: vocab_size {config_rows} disagrees with {vocab.embed}, which has {vocab.rows} rows; "
             f"the tensors are right (transformers cannot load this checkpoint as is): set vocab_size to {vocab.rows}"
         )
+    phase("checkpoint headers read")
+    base = read_tokenizer(base_path, build_library=False)
+    base_library_ids = Background(library_added_ids, base.text, base.directory)
+    src = read_tokenizer(src_dir)
+    phase("tokenizers read")
     match_mode = effective_match_mode(opts.match, base.spec, src.spec)
     matches = match_tokens(base.spec, src.spec, match_mode)
     decompositions: dict[str, tuple[int, ...]] = {}
@@ -1784,6 +2084,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         pad_to_multiple_of=opts.pad_to_multiple_of,
         decompositions=decompositions,
     )
+    phase("planned")
     src_token_of_id = {i: t for t, i in src.spec.vocab.items()}
     entries = output_entries(ckpt, vocab, plan.n_rows)
     shards = plan_shards(entries, opts.max_shard_size)
@@ -1811,7 +2112,8 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
     patched = None
     if plan.mode == "append" and plan.appended:
-        patched = patch_tokenizer_json(base.tokenizer_json, plan, appended_added)
+        # compact JSON: with indent the json module falls back to its pure-Python encoder
+        patched = json.dumps(patch_tokenizer_json(base.tokenizer_json, plan, appended_added), ensure_ascii=False)
         reachable = check_patched_tokenizer(patched, plan, base.spec.convention, base.spec.byte_fallback)
         report["tokenizer"] = {"appended_reachable_by_encoding": reachable}
         if reachable:
@@ -1830,6 +2132,8 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         plan,
     )
     report["config"] = {"vocab_size": plan.n_rows, **{f"{role}_token_id": value for role, value in config_ids.items()}}
+    check_added_ids(base.spec.vocab, base_library_ids.result(), base.directory)
+    phase("tokenizer patched, report ready")
     if opts.dry_run:
         report["seconds"] = round(time.monotonic() - started, 3)
         return report
@@ -1837,8 +2141,10 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     staged = StagedDirectory(opts.out_dir)
     try:
         out = staged.path
-        digests = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress)
-        report["self_check"] = self_check(out, shards, plan, ckpt)
+        digests, verified = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress)
+        phase("shards written, hashed, synced and verified")
+        self_check(out, shards)
+        report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
         if len(shards.files) > 1:
             write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
         write_json(out / "config.json", patch_config(config, plan.n_rows, config_ids))
@@ -1852,6 +2158,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         report["seconds"] = round(time.monotonic() - started, 3)
         write_json(out / REPORT_NAME, report)
         staged.publish()
+        phase("published")
     except OSError as exc:
         staged.discard()
         if exc.errno == errno.ENOSPC:
@@ -1863,7 +2170,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     return report
 
 
-def write_tokenizer_files(base: TokenizerSource, out: Path, patched: Mapping[str, Any] | None, plan: RemapPlan, appended_added: Mapping[str, Any]) -> None:
+def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]) -> None:
     """T's tokenizer files byte for byte; in append mode with new tokens, the patched
     tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files."""
     for name in TOKENIZER_FILES:
@@ -1874,7 +2181,7 @@ def write_tokenizer_files(base: TokenizerSource, out: Path, patched: Mapping[str
             continue
         shutil.copyfile(path, out / name)
     if patched is not None:
-        write_json(out / "tokenizer.json", patched)
+        (out / "tokenizer.json").write_text(patched, encoding="utf-8")
         if base.tokenizer_config:
             write_json(out / "tokenizer_config.json", patch_tokenizer_config(base.tokenizer_config, plan, appended_added))
     elif not base.on_disk:
@@ -1899,6 +2206,203 @@ def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
                 lines.append(f"  {kind[:-1] if kind != 'ghosts' else 'ghost'}: {item}")
     elif "self_check" in report:
         lines.append(f"self-check: ok ({report['self_check']['copied_rows_checked']} copied rows bit-identical)")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A model (or tokenizer) as the alignment sees it: its vocabulary and row count."""
+
+    source: str
+    revision: str | None
+    directory: Path
+    vocab: Mapping[str, int]
+    rows: int
+    weight_bytes: int
+
+
+def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
+    directory = resolve_model(source, revision)
+    tokenizer = read_tokenizer(directory)
+    config = tokenizer.config
+    if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
+        ckpt = read_checkpoint(directory)
+        vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
+        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()))
+    rows = config_value(config, "vocab_size")
+    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
+
+
+def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
+    """mergekit resolves relative paths against the working directory; fall back to the
+    YAML's directory so that a configuration can travel with its models."""
+    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return ref.path
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    config: Path
+    out_dir: Path
+    base_tokenizer: str | None = None
+    base_revision: str | None = None
+    init: str = "fvt"
+    match: str = "auto"
+    max_shard_size: int = 5 * 10**9
+    dry_run: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    show_progress: bool = False
+
+
+def read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
+    """Remap, with --drop-extra, every model of a mergekit configuration whose vocabulary
+    or row count differs from the target tokenizer's, and write a configuration that
+    merges the aligned models. Returns (summary, exit code)."""
+    import yaml
+
+    config = read_yaml(opts.config)
+    yaml_dir = opts.config.resolve().parent
+    references = [parse_model_reference(r) for r in mergekit_references(config)]
+    for ref in references:
+        if ref.lora:
+            raise CliError(
+                f"{opts.config}: {ref} applies a LoRA ({ref.lora}); its vocabulary rows cannot be remapped before the LoRA is "
+                "merged: merge it first (e.g. with PEFT's merge_and_unload) and reference the merged model"
+            )
+    if opts.base_tokenizer is not None:
+        target_ref = ModelRef(opts.base_tokenizer, opts.base_revision)
+    else:
+        chosen = tokenizer_target(config)
+        target_ref = parse_model_reference(chosen) if chosen is not None else references[0]
+    target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
+    target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
+    log.info("target tokenizer: %s (%d tokens, %d rows)", target_ref, len(target.vocab), target.rows)
+
+    unique: dict[tuple[str, str | None], ModelRef] = {}
+    for ref in references:
+        unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
+    rows: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    to_remap = []
+    for (source, revision), ref in unique.items():
+        view = view_model(source, revision, opts.trust_remote_code)
+        same = view.vocab == target.vocab and view.rows == target.rows
+        entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
+                 "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
+        if not same:
+            entry["output"] = str((opts.out_dir / aligned_name(ref, taken)).resolve())
+            to_remap.append((entry, view))
+        rows.append(entry)
+    summary: dict[str, Any] = {
+        "schema": "merge_tools.align/1",
+        "config": str(opts.config),
+        "target": {"model": str(target_ref), "tokens": len(target.vocab), "rows": target.rows},
+        "models": rows,
+    }
+    if opts.dry_run:
+        return summary, 0
+    check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in to_remap))
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    code = 0
+    for entry, view in to_remap:
+        out = Path(entry["output"])
+        remap_opts = RemapOptions(
+            src_model=entry["source"], base_tokenizer=target_source, out_dir=out, drop_extra=True, init=opts.init, match=opts.match,
+            max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=target_ref.revision,
+            trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress,
+        )  # fmt: skip
+        previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None
+        if previous is not None and previous.get("options") == json.loads(json.dumps(remap_opts.identity())) and previous.get("self_check", {}).get("ok"):
+            entry["status"], report = "reused", previous
+            log.info("%s: reusing the finished remap in %s", entry["model"], out)
+        else:
+            if out.exists() and previous is None and any(out.iterdir()) and not opts.overwrite:
+                raise CliError(f"{out} exists and is not a remap of {entry['model']}; remove it or pass --overwrite")
+            log.info("%s: remapping into %s", entry["model"], out)
+            try:
+                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
+                entry["status"] = "remapped"
+            except SelfCheckError as exc:
+                log.error("%s: self-check failed: %s", entry["model"], exc)
+                entry["status"], code = "failed", 1
+                continue
+        counts = report["plan"]["counts"]
+        entry.update(copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"])
+
+    replacement = {entry["source"] + "@" + str(entry["revision"]): entry["output"] for entry in rows if entry["status"] in ("remapped", "reused")}
+
+    def substitute(reference: Any) -> Any:
+        ref = parse_model_reference(reference)
+        source = local_or_hub(ref, yaml_dir)
+        new = replacement.get(source + "@" + str(ref.revision))
+        if new is not None:
+            return new if not (isinstance(reference, Mapping) and reference.get("override_architecture")) else {**reference, "model": new}
+        if source != ref.path:  # a local path: absolute, so the aligned YAML works from anywhere
+            return str(ModelRef(source, ref.revision)) if isinstance(reference, str) else reference
+        return reference
+
+    aligned = map_model_references(config, substitute)
+    aligned.pop("tokenizer_source", None)
+    aligned.pop("tokenizer", None)
+    merge_yaml = opts.out_dir / "merge.yaml"
+    staged_yaml = merge_yaml.with_name(".merge.yaml.tmp")
+    staged_yaml.write_text(
+        f"# Written by remap_tokenizer.py from {opts.config}: every model uses the token order of {target_ref}.\n"
+        + yaml.safe_dump(aligned, sort_keys=False, allow_unicode=True),
+        encoding="utf-8",
+    )
+    os.replace(staged_yaml, merge_yaml)
+    summary["merge_yaml"] = str(merge_yaml)
+    summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
+    failures = gate(aligned, yaml_dir, target, opts.trust_remote_code) if code == 0 else ["a remap failed its self-check"]
+    summary["gate"] = {"ok": not failures, "problems": failures}
+    if failures:
+        code = 1
+    return summary, code
+
+
+def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
+    """What compare_tokenizers.py --weights would object to in the aligned configuration."""
+    problems = []
+    seen = set()
+    for reference in mergekit_references(config):
+        ref = parse_model_reference(reference)
+        key = (local_or_hub(ref, yaml_dir), ref.revision)
+        if key in seen:
+            continue
+        seen.add(key)
+        view = view_model(key[0], ref.revision, trust_remote_code)
+        if view.vocab != target.vocab:
+            problems.append(f"{ref}: vocabulary differs from the target's")
+        if view.rows != target.rows:
+            problems.append(f"{ref}: {view.rows} embedding rows, the target has {target.rows}")
+    return problems
+
+
+def align_table(summary: Mapping[str, Any]) -> str:
+    width = max(len(m["model"]) for m in summary["models"])
+    lines = [f"target tokenizer: {summary['target']['model']} ({summary['target']['tokens']} tokens, {summary['target']['rows']} rows)", ""]
+    lines.append(f"{'model':<{width}}  {'status':<10} {'copied':>7} {'initialised':>11}  output")
+    for m in summary["models"]:
+        lines.append(f"{m['model']:<{width}}  {m['status']:<10} {m.get('copied', '-')!s:>7} {m.get('initialised', '-')!s:>11}  {m['output']}")
+    if "gate" in summary:
+        lines.append("")
+        lines.append("gate: ok, every model now has the target's token->id map and rows" if summary["gate"]["ok"] else "gate: FAILED: " + "; ".join(summary["gate"]["problems"]))
     return "\n".join(lines)
 
 
@@ -1932,17 +2436,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Permute a model's embedding and lm_head rows into a base tokenizer's token order.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "M and T: a local directory or a Hugging Face repo id.\n\n"
+            "M and T: a local directory or a Hugging Face repo id.\n"
+            "  remap_tokenizer.py --src_model M --base_tokenizer T --out_dir D [options]\n"
+            "  remap_tokenizer.py --mergekit-config merge.yaml --out_dir ALIGNED [--base_tokenizer T] [options]\n\n"
             "exit codes:\n"
             "  0    ok (the output directory is complete and self-checked)\n"
-            "  1    the self-check of the written output failed (nothing is left in --out_dir)\n"
+            "  1    the self-check of the written output failed (nothing is left in --out_dir); with\n"
+            "       --mergekit-config also: the aligned configuration fails the gate\n"
             "  2    usage or input error (one 'error: ...' line on stderr; --debug shows the traceback)\n"
             "  130  interrupted (nothing is left in --out_dir)"
         ),
     )
-    parser.add_argument("--src_model", "--src-model", dest="src_model", metavar="M", required=True, help="the model to remap")
-    parser.add_argument("--base_tokenizer", "--base-tokenizer", dest="base_tokenizer", metavar="T", required=True, help="the tokenizer whose token order the output follows")
-    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", metavar="D", type=Path, required=True, help="where to write the remapped model")
+    parser.add_argument("--src_model", "--src-model", dest="src_model", metavar="M", help="the model to remap")
+    parser.add_argument("--base_tokenizer", "--base-tokenizer", dest="base_tokenizer", metavar="T", help="the tokenizer whose token order the output follows")
+    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", metavar="D", type=Path, required=True, help="where to write the remapped model (with --mergekit-config: the aligned models and merge.yaml)")
+    parser.add_argument("--mergekit-config", type=Path, metavar="FILE", help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) and write D/merge.yaml")
     parser.add_argument("--drop-extra", action="store_true", help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's")
     parser.add_argument("--init", choices=INIT_METHODS, default="fvt", help="rows for T's tokens that M lacks (default: fvt)")
     parser.add_argument("--match", choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ")
@@ -1971,7 +2479,42 @@ def configure_logging(debug: bool) -> None:
     log.propagate = False
 
 
+def run_align(args: argparse.Namespace) -> int:
+    if args.src_model is not None:
+        raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
+    for flag, value in (("--revision", args.revision), ("--embed-name", args.embed_name), ("--head-name", args.head_name), ("--pad-to-multiple-of", args.pad_to_multiple_of)):
+        if value is not None:
+            raise CliError(f"{flag} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
+    opts = AlignOptions(
+        config=args.mergekit_config,
+        out_dir=args.out_dir,
+        base_tokenizer=args.base_tokenizer,
+        base_revision=args.base_revision,
+        init=args.init,
+        match=args.match,
+        max_shard_size=args.max_shard_size,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        show_progress=not args.json and sys.stderr.isatty(),
+    )
+    summary, code = align_mergekit(opts)
+    if args.report is not None:
+        write_json(args.report, summary)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(align_table(summary) + "\n")
+        if "command" in summary and code == 0:
+            sys.stdout.write(f"\nnow run:\n  {summary['command']}\n")
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.mergekit_config is not None:
+        return run_align(args)
+    if args.src_model is None or args.base_tokenizer is None:
+        raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
     opts = RemapOptions(
         src_model=args.src_model,
         base_tokenizer=args.base_tokenizer,

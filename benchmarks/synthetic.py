@@ -99,28 +99,36 @@ def synthetic_tokenizer(regular: int = 128_000, specials: int = 256, seed: int =
 
 
 def variant(tokenizer_json: Mapping[str, Any], missing: float = 0.05, new: float = 0.01, seed: int = 1) -> dict[str, Any]:
-    """A base-tokenizer variant: `missing` of the regular tokens removed, `new` fresh tokens
-    added, and every regular id shuffled (the special tokens keep their place at the end)."""
+    """A base-tokenizer variant: `missing` of the regular tokens removed (with the merges
+    that need them), `new` fresh tokens added, and every regular id shuffled (the special
+    tokens keep their place at the end)."""
     rng = random.Random(seed)
     data = copy.deepcopy(dict(tokenizer_json))
     model = data["model"]
-    alphabet = set(byte_level_alphabet())
-    regular = [t for t in model["vocab"] if t not in alphabet]
-    removed = set(rng.sample(regular, int(len(regular) * missing)))
-    merges = [m for m in model["merges"] if removed.isdisjoint((m[0], m[1], m[0] + m[1]))]
-    kept = [t for t in model["vocab"] if t not in removed]
-    reachable = set(alphabet) | {m[0] + m[1] for m in merges}
-    kept = [t for t in kept if t in reachable]
-    tokens_now = list(kept)
-    fresh: list[str] = []
-    while len(fresh) < int(len(regular) * new):
-        left, right = rng.choice(tokens_now), rng.choice(tokens_now[:2000])
+    alphabet = byte_level_alphabet()
+    regular = [t for t in model["vocab"] if t not in set(alphabet)]
+    # remove tokens no merge builds on, so that exactly `missing` of them go
+    parts = {part for merge in model["merges"] for part in merge}
+    leaves = [t for t in regular if t not in parts]
+    removed = set(rng.sample(leaves, min(len(leaves), int(len(regular) * missing))))
+    alive = set(alphabet)
+    merges = []
+    for left, right in model["merges"]:  # a merge survives if its parts do
         merged = left + right
-        if len(merged) <= 16 and merged not in reachable:
+        if left in alive and right in alive and merged not in removed and merged not in alive:
+            alive.add(merged)
             merges.append([left, right])
-            reachable.add(merged)
+    kept = [t for t in model["vocab"] if t in alive]
+    fresh: list[str] = []
+    pool = list(kept)
+    while len(fresh) < int(len(regular) * new):
+        left, right = rng.choice(pool), rng.choice(pool[:2000])
+        merged = left + right
+        if len(merged) <= 16 and merged not in alive:
+            merges.append([left, right])
+            alive.add(merged)
             fresh.append(merged)
-            tokens_now.append(merged)
+            pool.append(merged)
     order = kept + fresh
     rng.shuffle(order)
     model["vocab"] = {token: i for i, token in enumerate(order)}

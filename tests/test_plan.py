@@ -212,14 +212,26 @@ def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, t
         rt.TensorEntry(name, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors.items()
     ]
-    hasher = rt.BackgroundHasher()
-    writer = rt.ShardWriter(directory / "x.safetensors", entries, hasher, rt.NoProgress())
-    for entry in entries:
-        writer.write(tensors[entry.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    writer.close()
-    digests = hasher.close()
+    from concurrent.futures import ThreadPoolExecutor
+
+    # half the tensors go through a file and the kernel copy path, half through write()
+    source = directory / "source.bin"
+    blobs = {name: tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for name in tensors}
+    source.write_bytes(b"".join(blobs.values()))
+    offsets, position = {}, 0
+    for name, blob in blobs.items():
+        offsets[name], position = position, position + len(blob)
+    with ThreadPoolExecutor(2) as pool:
+        writer = rt.ShardWriter(directory / "x.safetensors", entries, pool, rt.NoProgress())
+        for i, entry in enumerate(entries):
+            if i % 2:
+                writer.copy_range(source, offsets[entry.name], entry.nbytes)
+            else:
+                writer.write(blobs[entry.name])
+        writer.close()
+        digest = writer.hasher.future.result()
     path = directory / "x.safetensors"
-    assert digests["x.safetensors"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0
     loaded = load_file(str(path))
     assert loaded.keys() == tensors.keys()

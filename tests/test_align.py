@@ -1,0 +1,171 @@
+"""remap_tokenizer.py --mergekit-config: one command aligns a whole merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import compare_tokenizers as ct
+import factories
+import remap_tokenizer as rt
+from merge_fixtures import build_models, linear_yaml, tensors
+
+
+@pytest.fixture
+def models(tmp_path: Path, byte_tok: dict) -> dict[str, Path]:
+    return build_models(tmp_path / "models", byte_tok)
+
+
+def run(capsys, *argv: object) -> tuple[int, str, str]:
+    code = rt.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_align_a_linear_merge(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.4), (models["same"], 0.2), (models["padded"], 0.2), (models["chat"], 0.2)])
+    assert ct.main(["--mergekit-config", str(config), "--weights"]) == 1
+    capsys.readouterr()
+    aligned = tmp_path / "aligned"
+    code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    status = {Path(m["source"]).name: m["status"] for m in summary["models"]}
+    assert status == {"base": "identical", "same": "identical", "padded": "remapped", "chat": "remapped"}
+    assert summary["gate"] == {"ok": True, "problems": []}
+    merged = yaml.safe_load((aligned / "merge.yaml").read_text())
+    paths = [m["model"] for m in merged["models"]]
+    assert paths[:2] == [str(models["base"].resolve()), str(models["same"].resolve())]
+    assert paths[2] == str((aligned / "padded").resolve()) and paths[3] == str((aligned / "chat").resolve())
+    assert [m["parameters"] for m in merged["models"]] == [{"weight": 0.4}, {"weight": 0.2}, {"weight": 0.2}, {"weight": 0.2}]
+    assert merged["merge_method"] == "linear" and merged["dtype"] == "float32"
+    assert ct.main(["--mergekit-config", str(aligned / "merge.yaml"), "--weights"]) == 0
+    # padded model: same tokens, rows cut back to the target's; its copied rows unchanged
+    padded = tensors(aligned / "padded")
+    assert padded["model.embed_tokens.weight"].shape[0] == 400
+    assert (padded["lm_head.weight"] == tensors(models["padded"])["lm_head.weight"][:400]).all()
+    summary_text = run(capsys, "--mergekit-config", config, "--out_dir", aligned)[1]
+    assert "reused" in summary_text and f"mergekit-yaml {aligned / 'merge.yaml'}" in summary_text
+
+
+def test_rerun_reuses_finished_remaps(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)])
+    aligned = tmp_path / "aligned"
+    assert run(capsys, "--mergekit-config", config, "--out_dir", aligned)[0] == 0
+    before = factories.tree_digest(aligned / "chat")
+    stamp = (aligned / "chat" / "model.safetensors").stat().st_mtime_ns
+    code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0
+    assert [m["status"] for m in json.loads(out)["models"]] == ["identical", "reused"]
+    assert factories.tree_digest(aligned / "chat") == before
+    assert (aligned / "chat" / "model.safetensors").stat().st_mtime_ns == stamp
+    # other options: the finished remap does not match, so it is redone
+    code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json", "--init", "mean")
+    assert code == 0 and json.loads(out)["models"][1]["status"] == "remapped"
+
+
+def test_slices_and_union_tokenizer(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = tmp_path / "franken.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {"sources": [{"model": str(models["base"]), "layer_range": [0, 1]}]},
+                    {"sources": [{"model": str(models["chat"]), "layer_range": [1, 2]}]},
+                ],
+                "tokenizer_source": "union",
+                "dtype": "float32",
+            }
+        )
+    )
+    aligned = tmp_path / "aligned"
+    code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", aligned)
+    assert code == 0, err
+    merged = yaml.safe_load((aligned / "merge.yaml").read_text())
+    assert "tokenizer_source" not in merged
+    assert merged["slices"][1]["sources"][0] == {"model": str((aligned / "chat").resolve()), "layer_range": [1, 2]}
+    assert "target tokenizer: " + str(models["base"]) in out
+
+
+def test_target_from_tokenizer_source_and_override(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)], tokenizer_source=str(models["chat"]))
+    code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--dry-run", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["target"]["model"] == str(models["chat"]) and summary["target"]["tokens"] == 402
+    assert [m["status"] for m in summary["models"]] == ["to remap", "identical"]
+    assert not (tmp_path / "a").exists()
+    code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--dry-run", "--json", "--base_tokenizer", models["base"])
+    assert json.loads(out)["target"]["model"] == str(models["base"])
+
+
+def test_lora_references_are_refused(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {models['base']}+some/lora\n    parameters: {{weight: 1.0}}\n")
+    code, _, err = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a")
+    assert code == 2 and "applies a LoRA" in err and "merge it first" in err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("- a\n- b\n", "top level must be a mapping"), ("merge_method: linear\n", "names no models"), ("models: 3\n", "must be a list")],
+)
+def test_unknown_yaml_shapes(tmp_path: Path, capsys, text: str, message: str) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text(text)
+    code, _, err = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a")
+    assert code == 2 and message in err
+
+
+def test_mode_flags_conflict(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 1.0)])
+    code, _, err = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--src_model", models["base"])
+    assert code == 2 and "leave out --src_model" in err
+    code, _, err = run(capsys, "--out_dir", tmp_path / "a")
+    assert code == 2 and "--src_model and --base_tokenizer are required" in err
+
+
+def test_map_model_references_keeps_every_other_key() -> None:
+    config = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [{"model": "x", "parameters": {"density": 0.5, "weight": [0, 1]}}],
+        "parameters": {"normalize": True},
+        "modules": {"text": {"slices": [{"sources": [{"model": "y", "layer_range": [0, 4]}], "base_model": "b"}]}},
+    }
+    mapped = rt.map_model_references(config, lambda r: r.upper())
+    assert mapped == {
+        "merge_method": "ties",
+        "base_model": "B",
+        "models": [{"model": "X", "parameters": {"density": 0.5, "weight": [0, 1]}}],
+        "parameters": {"normalize": True},
+        "modules": {"text": {"slices": [{"sources": [{"model": "Y", "layer_range": [0, 4]}], "base_model": "B"}]}},
+    }
+    assert rt.mergekit_references(config) == ["b", "x", "b", "y", "b"]
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"base_model": "b"}, "b"),
+        ({"base_model": "b", "tokenizer_source": "base"}, "b"),
+        ({"base_model": "b", "tokenizer_source": "union"}, None),
+        ({"base_model": "b", "tokenizer_source": "model:x"}, "x"),
+        ({"base_model": "b", "tokenizer": {"source": "y"}}, "y"),
+        ({"models": []}, None),
+    ],
+)
+def test_tokenizer_target(config: dict, expected: str | None) -> None:
+    assert rt.tokenizer_target(config) == expected
+
+
+def test_aligned_names_are_readable_and_unique() -> None:
+    taken: set[str] = set()
+    assert rt.aligned_name(rt.ModelRef("org/model"), taken) == "org--model"
+    assert rt.aligned_name(rt.ModelRef("org/model", "v2"), taken) == "org--model-v2"
+    assert rt.aligned_name(rt.ModelRef("/models/a/"), taken) == "a"
+    assert rt.aligned_name(rt.ModelRef("/other/a"), taken) == "a-2"

@@ -1,0 +1,126 @@
+"""End to end with the real mergekit (requirements-e2e.txt; transformers 5 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compare_tokenizers as ct
+import factories
+import remap_tokenizer as rt
+from merge_fixtures import build_models, linear_yaml, mergekit_linear, tensors
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mergekit() -> None:
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        if os.environ.get("MERGE_TOOLS_REQUIRE_E2E"):  # set by .ci/run: a missing mergekit is a failure there
+            raise
+        pytest.skip("the e2e tests need requirements-e2e.txt (mergekit 0.1.5)")
+    assert MERGEKIT_YAML.exists(), f"mergekit is installed but {MERGEKIT_YAML} is missing"
+
+
+def mergekit(config: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([str(MERGEKIT_YAML), str(config), str(out), "--copy-tokenizer"], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_models(tmp_path_factory.mktemp("models"), factories.byte_level_bpe())
+
+
+WEIGHTS = {"base": 0.5, "padded": 0.25, "chat": 0.25}
+
+
+def test_remap_then_merge_with_mergekit(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models[n], w) for n, w in WEIGHTS.items()])
+    # 1. the gate names the models that differ
+    assert ct.main(["--mergekit-config", str(config), "--weights"]) == 1
+    summary = [line for line in capsys.readouterr().out.splitlines() if "MISMATCH" in line]
+    assert any(str(models["padded"]) in line for line in summary) and any(str(models["chat"]) in line for line in summary)
+    # 2. the odd models are remapped onto the base's tokenizer
+    remapped = {"base": models["base"]}
+    for name in ("padded", "chat"):
+        remapped[name] = tmp_path / f"{name}-remapped"
+        assert rt.main(["--src_model", str(models[name]), "--base_tokenizer", str(models["base"]), "--out_dir", str(remapped[name]), "--drop-extra"]) == 0
+    aligned = linear_yaml(tmp_path / "aligned.yaml", models["base"], [(remapped[n], w) for n, w in WEIGHTS.items()])
+    # 3. the gate passes
+    capsys.readouterr()
+    assert ct.main(["--mergekit-config", str(aligned), "--weights"]) == 0
+    # 4. mergekit merges them
+    out = tmp_path / "merged"
+    result = mergekit(aligned, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 5. the merged model loads, has the base's tokenizer, and its vocabulary rows are the
+    #    weighted average of the remapped inputs' rows, exactly in fp32
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(models["base"]).get_vocab()
+    merged = tensors(out)
+    inputs = [tensors(remapped[n]) for n in WEIGHTS]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected = mergekit_linear([t[name] for t in inputs], list(WEIGHTS.values()))
+        assert torch.equal(merged[name], expected), name
+    assert model.get_input_embeddings().weight.shape[0] == 400
+    assert compare_tokenizers_ok(models["base"], out)
+
+
+def compare_tokenizers_ok(reference: Path, other: Path) -> bool:
+    return ct.main([str(reference), str(other), "--weights"]) == 0
+
+
+def test_merging_without_the_remap_fails_or_is_wrong(tmp_path: Path, models: dict[str, Path]) -> None:
+    """Why the tools exist: mergekit refuses vocabularies of different sizes, and merges
+    same-size vocabularies in different orders without a word, averaging the rows of
+    different tokens."""
+    padded = linear_yaml(tmp_path / "padded.yaml", models["base"], [(models["base"], 0.5), (models["padded"], 0.5)])
+    result = mergekit(padded, tmp_path / "padded-merge")
+    assert result.returncode != 0 and "Tensor size mismatch" in result.stderr
+    permuted = linear_yaml(tmp_path / "permuted.yaml", models["base"], [(models["base"], 0.5), (models["permuted"], 0.5)])
+    result = mergekit(permuted, tmp_path / "permuted-merge")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = tensors(tmp_path / "permuted-merge")["model.embed_tokens.weight"]
+    base_vocab = factories.vocab_of(json.loads((models["base"] / "tokenizer.json").read_text()))
+    permuted_vocab = factories.vocab_of(json.loads((models["permuted"] / "tokenizer.json").read_text()))
+    base_rows, permuted_rows = tensors(models["base"])["model.embed_tokens.weight"], tensors(models["permuted"])["model.embed_tokens.weight"]
+    wrong = 0
+    for token, base_id in base_vocab.items():
+        right = mergekit_linear([base_rows[base_id : base_id + 1], permuted_rows[permuted_vocab[token] : permuted_vocab[token] + 1]], [0.5, 0.5])[0]
+        wrong += not torch.equal(merged[base_id], right)
+    assert wrong > 390  # nearly every token's row mixes two different tokens
+    # after the remap the same merge is right
+    remapped = tmp_path / "permuted-remapped"
+    assert rt.main(["--src_model", str(models["permuted"]), "--base_tokenizer", str(models["base"]), "--out_dir", str(remapped), "--drop-extra"]) == 0
+    fixed = linear_yaml(tmp_path / "fixed.yaml", models["base"], [(models["base"], 0.5), (remapped, 0.5)])
+    assert mergekit(fixed, tmp_path / "fixed-merge").returncode == 0
+    merged = tensors(tmp_path / "fixed-merge")["model.embed_tokens.weight"]
+    assert torch.equal(merged, mergekit_linear([base_rows, tensors(remapped)["model.embed_tokens.weight"]], [0.5, 0.5]))
+    for token, base_id in list(base_vocab.items())[:50]:
+        assert torch.equal(merged[base_id], mergekit_linear([base_rows[base_id : base_id + 1], permuted_rows[permuted_vocab[token] : permuted_vocab[token] + 1]], [0.5, 0.5])[0])
+
+
+def test_align_command_then_mergekit(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["same"], 0.25), (models["padded"], 0.125), (models["chat"], 0.125)])
+    aligned = tmp_path / "aligned"
+    assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    result = mergekit(aligned / "merge.yaml", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = tensors(out)
+    inputs = [tensors(models["base"]), tensors(models["same"]), tensors(aligned / "padded"), tensors(aligned / "chat")]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], mergekit_linear([t[name] for t in inputs], [0.5, 0.25, 0.125, 0.125])), name
