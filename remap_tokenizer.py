@@ -776,6 +776,19 @@ def patch_tokenizer_config(config: Mapping[str, Any], plan: RemapPlan, src_added
     return data
 
 
+def portable_tokenizer_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """tokenizer_config.json as transformers 4.x can read it too, or None if it already can.
+    transformers 5 writes a class 4.x lacks (`TokenizersBackend`) and its extra special
+    tokens as a list; 5.x reads the 4.x spellings of both."""
+    data = dict(config)
+    if data.get("tokenizer_class") == "TokenizersBackend":
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(data.get("extra_special_tokens"), list):
+        extra = data.pop("extra_special_tokens")
+        data["additional_special_tokens"] = list(dict.fromkeys([*(data.get("additional_special_tokens") or []), *extra]))
+    return data if data != dict(config) else None
+
+
 def role_ids(roles: Mapping[str, str | None], vocab: Mapping[str, int]) -> dict[str, int | None]:
     return {role: vocab.get(token) if token is not None else None for role, token in roles.items()}
 
@@ -2172,7 +2185,8 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
 
 def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]) -> None:
     """T's tokenizer files byte for byte; in append mode with new tokens, the patched
-    tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files."""
+    tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files.
+    A transformers-5-only tokenizer_config.json is rewritten so that 4.x loads it too."""
     for name in TOKENIZER_FILES:
         path = base.directory / name
         if not path.is_file():
@@ -2182,10 +2196,15 @@ def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None,
         shutil.copyfile(path, out / name)
     if patched is not None:
         (out / "tokenizer.json").write_text(patched, encoding="utf-8")
-        if base.tokenizer_config:
-            write_json(out / "tokenizer_config.json", patch_tokenizer_config(base.tokenizer_config, plan, appended_added))
     elif not base.on_disk:
         log.info("the base has no tokenizer.json; its %s files are copied as they are", ", ".join(n for n in SLOW_TOKENIZER_FILES if (base.directory / n).is_file()))
+    if base.tokenizer_config:
+        config = patch_tokenizer_config(base.tokenizer_config, plan, appended_added) if patched is not None else base.tokenizer_config
+        portable = portable_tokenizer_config(config)
+        if portable is not None:
+            log.info("tokenizer_config.json: transformers 5 layout rewritten so that transformers 4.x loads it too")
+        if portable is not None or patched is not None:
+            write_json(out / "tokenizer_config.json", portable or config)
 
 
 def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
