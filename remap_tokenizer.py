@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -151,6 +153,16 @@ class RemapPlan:
     src_padding_rows: int
     matches: Matches
     warnings: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def fvt_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """fvt_parts as arrays: sorted output rows, offsets into the flat source rows."""
+        import numpy as np
+
+        rows = np.array(sorted(self.fvt_parts), dtype=np.int64)
+        lengths = np.array([len(self.fvt_parts[int(r)]) for r in rows], dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(self.fvt_parts[int(r)] for r in rows), dtype=np.int64, count=int(lengths.sum()))
+        return rows, np.concatenate(([0], np.cumsum(lengths))).astype(np.int64), flat
 
     def rule_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -695,30 +707,40 @@ def build_rows(
     out[sources == ZERO_ROW] = 0
     if (sources == MEAN_ROW).any():
         out[sources == MEAN_ROW] = mean_row()
-    fvt_rows = np.flatnonzero(sources == FVT_ROW)
-    for batch in range(0, len(fvt_rows), FVT_BATCH_ROWS):
-        rows = fvt_rows[batch : batch + FVT_BATCH_ROWS]
-        out[rows] = fvt_average(src, dtype, [plan.fvt_parts[start + int(i)] for i in rows], finite, mean_row)
+    if (sources == FVT_ROW).any():
+        rows, offsets, flat = plan.fvt_csr
+        first, last = np.searchsorted(rows, [start, stop])
+        for batch in range(first, last, FVT_BATCH_ROWS):
+            end = min(last, batch + FVT_BATCH_ROWS)
+            averaged = fvt_average(src, dtype, flat[offsets[batch] : offsets[end]], offsets[batch : end + 1] - offsets[batch], finite, mean_row)
+            out[rows[batch:end] - start] = averaged
     return out
 
 
 def fvt_average(
-    src: np.ndarray, dtype: str, parts: Sequence[Sequence[int]], finite: np.ndarray, mean_row: Callable[[], np.ndarray]
+    src: np.ndarray, dtype: str, parts: np.ndarray, offsets: np.ndarray, finite: np.ndarray, mean_row: Callable[[], np.ndarray]
 ) -> np.ndarray:
-    """Raw rows, each the float64 mean of its finite source rows (the mean row when none)."""
+    """Raw rows, row k the float64 mean of the finite source rows parts[offsets[k]:offsets[k+1]]
+    (the mean row when none is finite). Summed one part position at a time: rows have a
+    handful of parts, and this is ~10x faster than numpy's reduceat over rows."""
     import numpy as np
 
-    kept = [np.asarray([i for i in p if finite[i]], dtype=np.int64) for p in parts]
-    counts = np.array([len(k) for k in kept])
-    hidden = src.shape[1] // DTYPE_SIZES[dtype]
-    sums = np.zeros((len(kept), hidden), dtype=np.float64)
-    nonempty = np.flatnonzero(counts)
-    if len(nonempty):
-        flat = np.concatenate([kept[i] for i in nonempty])
-        starts = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
-        sums[nonempty] = np.add.reduceat(decode_rows(src[flat], dtype).astype(np.float64), starts, axis=0)
+    n = len(offsets) - 1
+    owner = np.repeat(np.arange(n), np.diff(offsets))
+    keep = finite[parts]
+    parts, owner = parts[keep], owner[keep]
+    counts = np.bincount(owner, minlength=n)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    sums = np.zeros((n, src.shape[1] // DTYPE_SIZES[dtype]), dtype=np.float64)
+    for position in range(int(counts.max(initial=0))):
+        rows = np.flatnonzero(counts > position)
+        values = decode_rows(src[parts[first[rows] + position]], dtype)
+        if len(rows) == n:
+            sums += values
+        else:
+            sums[rows] += values
     averaged = encode_rows(sums / np.maximum(counts, 1)[:, None], dtype)
-    if len(nonempty) < len(kept):
+    if (counts == 0).any():
         averaged[counts == 0] = mean_row()
     return averaged
 

@@ -1,0 +1,41 @@
+"""The benchmarks run (at a tiny size): they are measurements, not tests of speed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(*argv: str) -> str:
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_remap_tiny(tmp_path: Path) -> None:
+    out = run("benchmarks/bench_remap.py", "--tiny", "--repeat", "1", "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json"))
+    for contender in ("cp -r", "remap append", "remap drop", "naive"):
+        assert f"| {contender} |" in out
+    assert "budgets: RssAnon" in out
+
+
+def test_bench_compare_tiny(tmp_path: Path) -> None:
+    out = run("benchmarks/bench_compare.py", "--tokens", "1500", "--runs", "1", "--workdir", str(tmp_path))
+    assert "| identical vocabularies |" in out and "| 5% missing, 1% new, ids shuffled |" in out
+
+
+def test_bench_fvt_tiny(tmp_path: Path) -> None:
+    out = run("benchmarks/bench_fvt.py", "--tokens", "3000", "--missing", "500", "--hidden", "64", "--workdir", str(tmp_path))
+    assert "500 missing tokens" in out and "total:" in out
+
+
+def test_init_quality_demo_tiny(tmp_path: Path) -> None:
+    out = run("benchmarks/init_quality.py", "--demo", "--steps", "3", "--init", "fvt", "mean", "--match", "exact", "--workdir", str(tmp_path))
+    lines = [line for line in out.splitlines() if line.startswith("| remapped")]
+    assert len(lines) == 2 and "| original (own tokenizer) |" in out
