@@ -210,14 +210,15 @@ class RemapPlan:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of the output, and where its bytes come from in the source."""
+    """A tensor of a checkpoint: in the source, where its bytes are; in the output plan,
+    also whether its rows are rebuilt (vocab_role) or its source bytes copied."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    source_file: str | None = None  # safetensors file, for a byte-range copy
-    source_start: int = 0  # absolute offset of the data in source_file
+    file: Path | None = None  # the source file (safetensors or .bin)
+    start: int = 0  # absolute byte offset of the data in a safetensors file
     vocab_role: str | None = None  # embed | head | bias: rows are rebuilt from the plan
 
 
@@ -1318,21 +1319,11 @@ def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSou
 # ---- checkpoints -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SourceTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    file: Path
-    start: int  # absolute byte offset in a safetensors file (0 for .bin tensors)
-
-
 @dataclass
 class Checkpoint:
     directory: Path
     kind: str  # safetensors | bin
-    tensors: dict[str, SourceTensor]  # in file, then offset order
+    tensors: dict[str, TensorEntry]  # in file, then offset order
     bin_tensors: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor (mmap)
 
 
@@ -1390,13 +1381,13 @@ def read_checkpoint(directory: Path) -> Checkpoint:
                 raise CliError(f"{index_path}: names shard {name!r}, which is missing; re-download the model")
     if kind == "bin":
         return read_bin_checkpoint(directory, files, expected)
-    tensors: dict[str, SourceTensor] = {}
+    tensors: dict[str, TensorEntry] = {}
     for name in files:
         path = inside(directory, name, directory)
         header, data_start = read_safetensors_header(path)
         for tensor, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
-            tensors[tensor] = SourceTensor(tensor, info["dtype"], tuple(info["shape"]), end - start, path, data_start + start)
+            tensors[tensor] = TensorEntry(tensor, info["dtype"], tuple(info["shape"]), end - start, path, data_start + start)
         for tensor, file in expected.items():
             if file == name and tensor not in header:
                 raise CliError(f"{directory / SAFETENSORS_INDEX}: tensor {tensor!r} should be in {name} but is not; re-download the model")
@@ -1409,7 +1400,7 @@ def read_bin_checkpoint(directory: Path, files: Sequence[str], expected: Mapping
 
     import torch
 
-    tensors: dict[str, SourceTensor] = {}
+    tensors: dict[str, TensorEntry] = {}
     bin_tensors: dict[str, Any] = {}
     for name in files:
         path = inside(directory, name, directory)
@@ -1440,7 +1431,7 @@ def read_bin_checkpoint(directory: Path, files: Sequence[str], expected: Mapping
             dtype = TORCH_DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch."))
             if dtype is None:
                 raise CliError(f"{path}: tensor {tensor_name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-            tensors[tensor_name] = SourceTensor(tensor_name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), path, 0)
+            tensors[tensor_name] = TensorEntry(tensor_name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), path, 0)
             bin_tensors[tensor_name] = tensor
         for tensor_name, file in expected.items():
             if file == name and tensor_name not in state:
@@ -1549,7 +1540,7 @@ def find_vocab_tensors(
     return VocabTensors(embed_name, head_name, bias, rows, width, how)
 
 
-def read_matrix(ckpt: Checkpoint, tensor: SourceTensor) -> np.ndarray:
+def read_matrix(ckpt: Checkpoint, tensor: TensorEntry) -> np.ndarray:
     """A vocabulary tensor as a read-only (rows, row_bytes) uint8 array. Only this
     tensor's bytes are memory-mapped (populated at once from the page cache): no copy, no
     anonymous memory, and nothing else of the shard enters the process."""
@@ -1781,12 +1772,10 @@ def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[T
     entries = []
     for name, tensor in ckpt.tensors.items():
         role = roles.get(name)
-        if role is None:
-            entries.append(TensorEntry(name, tensor.dtype, tensor.shape, tensor.nbytes, str(tensor.file), tensor.start))
-            continue
-        row_bytes = tensor.nbytes // max(1, tensor.shape[0])
-        shape = (n_rows, *tensor.shape[1:])
-        entries.append(TensorEntry(name, tensor.dtype, shape, n_rows * row_bytes, str(tensor.file), tensor.start, role))
+        if role is not None:
+            row_bytes = tensor.nbytes // max(1, tensor.shape[0])
+            tensor = dataclasses.replace(tensor, shape=(n_rows, *tensor.shape[1:]), nbytes=n_rows * row_bytes, vocab_role=role)
+        entries.append(tensor)
     return sorted(entries, key=lambda entry: entry.vocab_role is None)
 
 
@@ -1815,7 +1804,7 @@ def write_shards(
                 try:
                     for entry in entries:
                         if entry.vocab_role is None and ckpt.kind == "safetensors":
-                            writer.copy_range(Path(entry.source_file or ""), entry.source_start, entry.nbytes)
+                            writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
                             continue
                         if entry.vocab_role is None:
                             writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())

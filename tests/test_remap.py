@@ -8,26 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import compare_tokenizers
 import factories
 import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS, SP_SPECIALS
+from merge_fixtures import tensors
 
 
 def remap(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
     code = rt.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    result = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            result.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return result
 
 
 def load_model(directory: Path) -> torch.nn.Module:
