@@ -1592,70 +1592,95 @@ def read_exactly(path: Path, offset: int, view: memoryview, what: str) -> None:
 # ---- streaming writer ------------------------------------------------------------------
 
 
+def hash_range(digest: Any, path: Path, offset: int, length: int, stop: threading.Event | None = None) -> None:
+    """Feed `length` bytes of a file from `offset` into `digest` through windows mapped over
+    the page cache: no copy into this process, and the window bounds the resident memory."""
+    import mmap
+
+    with path.open("rb", buffering=0) as handle:
+        while length:
+            if stop is not None and stop.is_set():
+                raise InterruptedError("stopped")
+            aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+            size = min(length, HASH_WINDOW_BYTES)
+            with mmap.mmap(handle.fileno(), offset + size - aligned, access=mmap.ACCESS_READ, offset=aligned) as window:
+                with memoryview(window) as view:
+                    digest.update(view[offset - aligned :])
+            offset, length = offset + size, length - size
+
+
+def planned_digest(entries: Sequence[TensorEntry], stop: threading.Event) -> str:
+    """sha256 of a shard that only passes source tensors through, computed from the plan
+    and the source files. It needs nothing of the output, so every such shard is hashed
+    on a free core while the writer is still busy elsewhere."""
+    digest = hashlib.sha256(safetensors_header(entries, {"format": "pt"}))
+    for entry in entries:
+        hash_range(digest, Path(entry.file or ""), entry.start, entry.nbytes, stop)
+    return digest.hexdigest()
+
+
 class FileHasher:
-    """sha256, then fsync and close, of one output file, computed on a worker thread from
-    what the writer hands over: bytes it wrote, or byte ranges the kernel copied (read back
-    from the page cache). At most one worker per core hashes; files queue for a worker."""
+    """sha256 of a shard with rebuilt rows, on a thread of its own, fed in file order with
+    the bytes the writer wrote and the source ranges the kernel copied."""
 
-    def __init__(self, path: Path, fd: int, pool: Any) -> None:
-        self.path, self.fd = path, fd
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
-        self.future = pool.submit(self._run)
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
+        self.thread.start()
 
-    def _run(self) -> str:
-        import mmap
-
+    def _run(self) -> None:
         digest = hashlib.sha256()
         try:
-            with self.path.open("rb", buffering=0) as reader:
-                while True:
-                    item = self.queue.get()
-                    if item is None:
-                        break
-                    if not isinstance(item, tuple):
-                        digest.update(item)
-                        continue
-                    # (offset, length) copied by the kernel: hash it through a window mapped
-                    # over the page cache (no copy into this process; the window bounds RSS)
-                    offset, length = item
-                    while length:
-                        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-                        size = min(length, HASH_WINDOW_BYTES)
-                        with mmap.mmap(reader.fileno(), offset + size - aligned, access=mmap.ACCESS_READ, offset=aligned) as window:
-                            with memoryview(window) as view:
-                                digest.update(view[offset - aligned :])
-                        offset, length = offset + size, length - size
-            os.fsync(self.fd)
-            return digest.hexdigest()
-        finally:
-            os.close(self.fd)
-            while not self.queue.empty():  # unblock a writer stuck on a full queue
-                self.queue.get_nowait()
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    break
+                if isinstance(item, tuple):  # (source file, offset, length) copied by the kernel
+                    hash_range(digest, *item)
+                else:
+                    digest.update(item)
+            self.digest = digest.hexdigest()
+        except BaseException as exc:  # handed to the writer
+            self.error = exc
+            while True:  # unblock a writer stuck on a full queue
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
 
     def put(self, item: Any) -> None:
         while True:
+            if self.error is not None:
+                raise self.error
             try:
                 self.queue.put(item, timeout=0.5)
                 return
             except queue.Full:
-                if self.future.done():  # the worker failed: report its error
-                    self.future.result()
-                    raise OSError(errno.EIO, f"hashing {self.path} stopped")
+                continue
 
-    def finish(self) -> None:
+    def result(self) -> str:
         self.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.digest is not None
+        return self.digest
 
     def abort(self) -> None:
-        """Stop the worker whatever it was given (after an error elsewhere)."""
+        """Stop the thread whatever it was given (after an error elsewhere)."""
         while True:
             try:
                 self.queue.put_nowait(None)
-                return
+                break
             except queue.Full:
                 try:
                     self.queue.get_nowait()
                 except queue.Empty:
                     pass
+        self.thread.join()
 
 
 def write_all(fd: int, data: memoryview) -> None:
@@ -1667,27 +1692,24 @@ def write_all(fd: int, data: memoryview) -> None:
 class ShardWriter:
     """Writes one safetensors file: header first (every shape is known from the plan),
     then each tensor's bytes. Pass-through tensors are copied by the kernel
-    (copy_file_range: no trip through this process); everything is hashed on the side."""
+    (copy_file_range: no trip through this process). A FileHasher, if given, sees every
+    byte in file order. The file stays open until sync_and_close()."""
 
-    def __init__(self, path: Path, entries: Sequence[TensorEntry], pool: Any, progress: Any) -> None:
-        self.path, self.progress = path, progress
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], hasher: FileHasher | None, progress: Any) -> None:
+        self.path, self.hasher, self.progress = path, hasher, progress
         self.position = 0
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            self.hasher = FileHasher(path, os.dup(self.fd), pool)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        try:
             self.write(safetensors_header(entries, {"format": "pt"}))
         except BaseException:
-            self.close()
+            os.close(self.fd)
             raise
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
         write_all(self.fd, view)
-        self.hasher.put(view)
+        if self.hasher is not None:
+            self.hasher.put(view)
         self.progress.update(len(view))
         self.position += len(view)
 
@@ -1710,14 +1732,15 @@ class ShardWriter:
                     continue
                 if got == 0:
                     raise CliError(f"{source}: ends inside a tensor; the file is truncated: re-download it")
-                self.hasher.put((self.position, got))
+                if self.hasher is not None:
+                    self.hasher.put((source, start + done, got))
                 self.progress.update(got)
                 self.position += got
                 done += got
 
-    def close(self) -> None:
+    def sync_and_close(self) -> None:
         try:
-            self.hasher.finish()
+            os.fsync(self.fd)
         finally:
             os.close(self.fd)
 
@@ -1804,48 +1827,63 @@ def write_shards(
     """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified).
     Each vocabulary tensor is read back from the written file while its source rows are
     still in memory, and every copied row compared bit for bit (SelfCheckError); that check
-    runs on a thread while the next tensors are copied."""
+    runs on a thread while the next tensors are written. Shards that only pass tensors
+    through are hashed from the plan on the other cores meanwhile."""
     progress = progress_bar(shard_plan.total_size, show_progress)
     verified = 0
     pending: Future[int] | None = None
+    stop = threading.Event()
     hashers: dict[str, FileHasher] = {}
-    cores = max(1, min(2, os.cpu_count() or 1))
-    with ThreadPoolExecutor(cores, thread_name_prefix="sha256") as pool, ThreadPoolExecutor(1, thread_name_prefix="verify") as checker:
-        try:
-            for file, entries in zip(shard_plan.files, shard_plan.tensors):
-                writer = ShardWriter(out / file, entries, pool, progress)
-                hashers[file] = writer.hasher
-                try:
-                    for entry in entries:
-                        if entry.vocab_role is None and ckpt.kind == "safetensors":
-                            writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
-                            continue
-                        if entry.vocab_role is None:
-                            writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
-                            continue
-                        ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
-                        if entry.dtype in FLOAT_DTYPES:
-                            warn_nonfinite(ctx, entry.name, src_token_of_id)
-                        elif any(s < 0 for s in plan.row_source):
-                            raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
-                        start = writer.position
-                        for chunk in vocab_chunks(ctx, plan):
-                            writer.write(chunk)
-                        if pending is not None:
-                            verified += pending.result()
-                        pending = checker.submit(verify_copied_rows, out / file, start, ctx.matrix, plan, entry.name)
-                finally:
-                    writer.close()
-            if pending is not None:
-                verified += pending.result()
-            digests = {file: hasher.future.result() for file, hasher in hashers.items()}
-        except BaseException:
-            for hasher in hashers.values():
-                hasher.abort()
-            raise
-        finally:
-            progress.close()
-    return digests, verified
+    writers: list[ShardWriter] = []
+    pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)), thread_name_prefix="sha256")
+    checker = ThreadPoolExecutor(1, thread_name_prefix="verify")
+    try:
+        planned = {
+            file: pool.submit(planned_digest, entries, stop)
+            for file, entries in zip(shard_plan.files, shard_plan.tensors)
+            if ckpt.kind == "safetensors" and not any(entry.vocab_role for entry in entries)
+        }
+        for file, entries in zip(shard_plan.files, shard_plan.tensors):
+            if file not in planned:
+                hashers[file] = FileHasher(out / file)
+            writer = ShardWriter(out / file, entries, hashers.get(file), progress)
+            writers.append(writer)
+            for entry in entries:
+                if entry.vocab_role is None and ckpt.kind == "safetensors":
+                    writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
+                    continue
+                if entry.vocab_role is None:
+                    writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
+                    continue
+                ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
+                if entry.dtype in FLOAT_DTYPES:
+                    warn_nonfinite(ctx, entry.name, src_token_of_id)
+                elif any(s < 0 for s in plan.row_source):
+                    raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
+                start = writer.position
+                for chunk in vocab_chunks(ctx, plan):
+                    writer.write(chunk)
+                if pending is not None:
+                    verified += pending.result()
+                pending = checker.submit(verify_copied_rows, out / file, start, ctx.matrix, plan, entry.name)
+        if pending is not None:
+            verified += pending.result()
+        digests = {file: hasher.result() for file, hasher in hashers.items()}
+        digests.update({file: future.result() for file, future in planned.items()})
+        while writers:
+            writers.pop(0).sync_and_close()
+        return digests, verified
+    except BaseException:
+        stop.set()
+        for hasher in hashers.values():
+            hasher.abort()
+        for writer in writers:
+            os.close(writer.fd)
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+        checker.shutdown(cancel_futures=True)
+        progress.close()
 
 
 def verify_copied_rows(path: Path, offset: int, source: np.ndarray, plan: RemapPlan, name: str) -> int:

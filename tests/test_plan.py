@@ -3,6 +3,7 @@ safetensors headers and the row arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -212,7 +213,7 @@ def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, t
         rt.TensorEntry(name, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors.items()
     ]
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
 
     # half the tensors go through a file and the kernel copy path, half through write()
     source = directory / "source.bin"
@@ -221,17 +222,24 @@ def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, t
     offsets, position = {}, 0
     for name, blob in blobs.items():
         offsets[name], position = position, position + len(blob)
-    with ThreadPoolExecutor(2) as pool:
-        writer = rt.ShardWriter(directory / "x.safetensors", entries, pool, rt.NoProgress())
-        for i, entry in enumerate(entries):
-            if i % 2:
-                writer.copy_range(source, offsets[entry.name], entry.nbytes)
-            else:
-                writer.write(blobs[entry.name])
-        writer.close()
-        digest = writer.hasher.future.result()
+    hasher = rt.FileHasher(directory / "x.safetensors")
+    writer = rt.ShardWriter(directory / "x.safetensors", entries, hasher, rt.NoProgress())
+    for i, entry in enumerate(entries):
+        if i % 2:
+            writer.copy_range(source, offsets[entry.name], entry.nbytes)
+        else:
+            writer.write(blobs[entry.name])
+    writer.sync_and_close()
+    digest = hasher.result()
     path = directory / "x.safetensors"
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    # a shard that only copies: its digest comes from the plan and the source alone
+    copied = [dataclasses.replace(e, file=source, start=offsets[e.name]) for e in entries]
+    only_copies = rt.ShardWriter(directory / "y.safetensors", copied, None, rt.NoProgress())
+    for entry in copied:
+        only_copies.copy_range(source, entry.start, entry.nbytes)
+    only_copies.sync_and_close()
+    assert rt.planned_digest(copied, threading.Event()) == hashlib.sha256((directory / "y.safetensors").read_bytes()).hexdigest()
     assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0
     loaded = load_file(str(path))
     assert loaded.keys() == tensors.keys()
