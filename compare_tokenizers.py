@@ -17,7 +17,6 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import hashlib
 import heapq

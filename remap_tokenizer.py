@@ -2067,6 +2067,72 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---- mergekit configurations ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A model (or tokenizer) as the alignment sees it: its vocabulary and row count."""
+
+    source: str
+    revision: str | None
+    directory: Path
+    vocab: Mapping[str, int]
+    rows: int
+    weight_bytes: int
+
+
+def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
+    directory = resolve_model(source, revision)
+    tokenizer = read_tokenizer(directory)
+    config = tokenizer.config
+    if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
+        ckpt = read_checkpoint(directory)
+        vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
+        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()))
+    rows = config_value(config, "vocab_size")
+    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
+
+
+def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
+    """mergekit resolves relative paths against the working directory; fall back to the
+    YAML's directory so that a configuration can travel with its models."""
+    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return ref.path
+
+
+def read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
+    """What compare_tokenizers.py --weights would object to in the aligned configuration."""
+    problems = []
+    seen = set()
+    for reference in mergekit_references(config):
+        ref = parse_model_reference(reference)
+        key = (local_or_hub(ref, yaml_dir), ref.revision)
+        if key in seen:
+            continue
+        seen.add(key)
+        view = view_model(key[0], ref.revision, trust_remote_code)
+        if view.vocab != target.vocab:
+            problems.append(f"{ref}: vocabulary differs from the target's")
+        if view.rows != target.rows:
+            problems.append(f"{ref}: {view.rows} embedding rows, the target has {target.rows}")
+    return problems
+
+
 # --------------------------------------------------------------------------------------
 # 4. The remap, and the command line
 # --------------------------------------------------------------------------------------
@@ -2306,39 +2372,6 @@ def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
 
 
 @dataclass(frozen=True)
-class ModelView:
-    """A model (or tokenizer) as the alignment sees it: its vocabulary and row count."""
-
-    source: str
-    revision: str | None
-    directory: Path
-    vocab: Mapping[str, int]
-    rows: int
-    weight_bytes: int
-
-
-def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
-    directory = resolve_model(source, revision)
-    tokenizer = read_tokenizer(directory)
-    config = tokenizer.config
-    if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
-        ckpt = read_checkpoint(directory)
-        vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
-        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()))
-    rows = config_value(config, "vocab_size")
-    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
-
-
-def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
-    """mergekit resolves relative paths against the working directory; fall back to the
-    YAML's directory so that a configuration can travel with its models."""
-    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
-        if candidate.exists():
-            return str(candidate.resolve())
-    return ref.path
-
-
-@dataclass(frozen=True)
 class AlignOptions:
     config: Path
     out_dir: Path
@@ -2351,18 +2384,6 @@ class AlignOptions:
     overwrite: bool = False
     trust_remote_code: bool = False
     show_progress: bool = False
-
-
-def read_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
 def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
@@ -2415,7 +2436,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in to_remap))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
-    for entry, view in to_remap:
+    for entry, _view in to_remap:
         out = Path(entry["output"])
         remap_opts = RemapOptions(
             src_model=entry["source"], base_tokenizer=target_source, out_dir=out, drop_extra=True, init=opts.init, match=opts.match,
@@ -2470,24 +2491,6 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     if failures:
         code = 1
     return summary, code
-
-
-def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
-    """What compare_tokenizers.py --weights would object to in the aligned configuration."""
-    problems = []
-    seen = set()
-    for reference in mergekit_references(config):
-        ref = parse_model_reference(reference)
-        key = (local_or_hub(ref, yaml_dir), ref.revision)
-        if key in seen:
-            continue
-        seen.add(key)
-        view = view_model(key[0], ref.revision, trust_remote_code)
-        if view.vocab != target.vocab:
-            problems.append(f"{ref}: vocabulary differs from the target's")
-        if view.rows != target.rows:
-            problems.append(f"{ref}: {view.rows} embedding rows, the target has {target.rows}")
-    return problems
 
 
 def align_table(summary: Mapping[str, Any]) -> str:

@@ -39,7 +39,7 @@ def corpus(repeat: int = 30) -> list[str]:
     return CORPUS * repeat
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_level_json(vocab_size: int, specials: tuple[str, ...], ignore_merges: bool) -> str:
     tokenizer = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -61,7 +61,7 @@ def byte_level_bpe(
     return json.loads(_byte_level_json(vocab_size, tuple(specials), ignore_merges))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _metaspace_json(vocab_size: int, specials: tuple[str, ...]) -> str:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])

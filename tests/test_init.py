@@ -37,7 +37,7 @@ def test_fvt_row_is_the_mean_of_the_decomposition_bit_for_bit(tmp_path: Path, by
     out = tmp_path / "out"
     code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra", "--init-report", "5")
     assert code == 0, err
-    assert f"init fvt" in err and repr(head) in err and repr(tail) in err
+    assert "init fvt" in err and repr(head) in err and repr(tail) in err
     new_id = factories.vocab_of(base_json)[head + tail]
     src_t, out_t = tensors(src), tensors(out)
     a, b = byte_tok["model"]["vocab"][head], byte_tok["model"]["vocab"][tail]

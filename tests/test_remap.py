@@ -413,3 +413,36 @@ def test_self_check_failure_exits_1_and_writes_nothing(tmp_path: Path, byte_tok:
     code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out)
     assert code == 1 and "self-check failed" in err
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_append_with_ignore_merges_counts_reachable_tokens(tmp_path: Path, capsys) -> None:
+    """With ignore_merges a whole word found in the vocabulary is one token, so an appended
+    word becomes reachable: counted, warned about, and --drop-extra recommended."""
+    base_json = factories.byte_level_bpe(ignore_merges=True)
+    src_json = factories.with_tokens(base_json, regular=["Ġmergekit", "Ġremapping"])
+    src = factories.write_model(tmp_path / "src", src_json, **BYTE_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", base_json, **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out)
+    assert code == 0
+    assert "2 appended token(s) can be produced by encoding text" in err and "use --drop-extra" in err
+    assert report_of(out)["tokenizer"] == {"appended_reachable_by_encoding": 2}
+    assert load_tokenizer(out)(" mergekit", add_special_tokens=False).input_ids == [factories.vocab_of(src_json)["Ġmergekit"]]
+
+
+def test_append_onto_a_base_whose_specials_are_not_in_the_model_vocabulary(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    """Llama-3 keeps its special tokens out of the BPE vocabulary and numbers them after it;
+    once the vocabulary grows, the tokenizers library would renumber them unless they are
+    written into it too."""
+    base_json = factories.with_tokens(byte_tok, added=["<|eot_id|>", "<|reserved_0|>"])
+    for token in ("<|eot_id|>", "<|reserved_0|>"):
+        del base_json["model"]["vocab"][token]  # still ids 400, 401: numbered right after the vocabulary
+    src_json = factories.with_tokens(byte_tok, regular=["Ġzzz"], added=["<|im_end|>"])
+    src = factories.write_model(tmp_path / "src", src_json, **BYTE_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", base_json, **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out)
+    assert code == 0, err
+    vocab = load_tokenizer(out).get_vocab()
+    assert (vocab["<|eot_id|>"], vocab["<|reserved_0|>"]) == (400, 401)
+    assert (vocab["Ġzzz"], vocab["<|im_end|>"]) == (402, 403)
