@@ -36,3 +36,12 @@ def test_installed_commands(command: str) -> None:
         pytest.skip(f"{command} is not installed here (pip install .)")
     result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "exit codes:" in result.stdout
+
+
+def test_examples_are_made_by_the_committed_script(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "examples/make_examples.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("base-model", "chat-finetune"):
+        for file in ("tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+            assert (tmp_path / name / file).read_bytes() == (ROOT / "examples" / name / file).read_bytes(), (name, file)
+    assert (tmp_path / "merge.yaml").read_text() == (ROOT / "examples" / "merge.yaml").read_text()
