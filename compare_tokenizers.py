@@ -964,15 +964,25 @@ def library_view(tokenizer_file: Path | None, text: str | None) -> tuple[tuple[i
     return ids, {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()}
 
 
-def read_tokenizer_json(resolved: ResolvedSource) -> tuple[dict[str, Any], str | None]:
-    """tokenizer.json as a dict, plus its text when transformers had to convert it."""
+def read_tokenizer_json(resolved: ResolvedSource) -> tuple[bytes, str | None]:
+    """tokenizer.json's raw bytes, plus its text when transformers had to convert it."""
     if resolved.tokenizer_file is None:
         text = tokenizer_json_via_transformers(resolved.directory)
-        return json.loads(text), text
-    data = read_json(resolved.tokenizer_file)
+        return text.encode(), text
+    try:
+        return resolved.tokenizer_file.read_bytes(), None
+    except OSError as exc:
+        raise CliError(f"{resolved.tokenizer_file}: cannot read ({exc.strerror})") from exc
+
+
+def parse_tokenizer_json(raw: bytes, where: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{where}: corrupt JSON ({exc}); re-download or fix the file") from exc
     if not isinstance(data, dict):
-        raise CliError(f"{resolved.tokenizer_file}: not a tokenizer.json (expected a JSON object)")
-    return data, None
+        raise CliError(f"{where}: not a tokenizer.json (expected a JSON object)")
+    return data
 
 
 def read_tokenizer_info(resolved: ResolvedSource, tokenizer_json: Mapping[str, Any], library: tuple[tuple[int, ...], dict[str, int | None]], weights: bool) -> TokenizerInfo:
@@ -1014,25 +1024,36 @@ def read_tokenizer_info(resolved: ResolvedSource, tokenizer_json: Mapping[str, A
 
 
 def read_tokenizer_infos(resolved: Sequence[ResolvedSource], weights: bool) -> list[TokenizerInfo]:
-    """Read every tokenizer. Building a 128k-token BPE costs ~0.3 s of CPU in the
-    tokenizers library, under the GIL, so where fork exists worker processes build them
-    while this process parses the same files' JSON."""
+    """Read every tokenizer. Identical tokenizer.json files (models of one family often
+    share one) are parsed and built once. Building a 128k-token BPE costs ~0.3 s of CPU in
+    the tokenizers library, under the GIL, so where fork exists worker processes build the
+    distinct ones while this process parses their JSON."""
     import multiprocessing
 
-    # Conversions through transformers (no tokenizer.json) happen here, before any fork.
-    converted = [read_tokenizer_json(item) if item.tokenizer_file is None else None for item in resolved]
-    if len(resolved) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        views = [library_view(item.tokenizer_file, pre[1] if pre else None) for item, pre in zip(resolved, converted)]
-        jsons = [pre or read_tokenizer_json(item) for item, pre in zip(resolved, converted)]
+    raws = [read_tokenizer_json(item) for item in resolved]  # conversions happen here, before any fork
+    first_of: dict[str, int] = {}
+    for index, (raw, _) in enumerate(raws):
+        first_of.setdefault(hashlib.sha256(raw).hexdigest(), index)
+    distinct = list(first_of.values())
+    owner = [first_of[hashlib.sha256(raw).hexdigest()] for raw, _ in raws]
+
+    def view_of(index: int) -> tuple[tuple[int, ...], dict[str, int]]:
+        return library_view(resolved[index].tokenizer_file, raws[index][1])
+
+    def parse(index: int) -> dict[str, Any]:
+        return parse_tokenizer_json(raws[index][0], resolved[index].tokenizer_file or resolved[index].directory)
+
+    if len(distinct) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        views = {i: view_of(i) for i in distinct}
+        jsons = {i: parse(i) for i in distinct}
     else:
         from concurrent.futures import ProcessPoolExecutor
 
-        workers = min(len(resolved), os.cpu_count() or 1)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(library_view, item.tokenizer_file, pre[1] if pre else None) for item, pre in zip(resolved, converted)]
-            jsons = [pre or read_tokenizer_json(item) for item, pre in zip(resolved, converted)]
-            views = [future.result() for future in futures]
-    return [read_tokenizer_info(item, data, view, weights) for item, (data, _), view in zip(resolved, jsons, views)]
+        with ProcessPoolExecutor(min(len(distinct), os.cpu_count() or 1), mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {i: pool.submit(library_view, resolved[i].tokenizer_file, raws[i][1]) for i in distinct}
+            jsons = {i: parse(i) for i in distinct}
+            views = {i: future.result() for i, future in futures.items()}
+    return [read_tokenizer_info(item, jsons[owner[i]], views[owner[i]], weights) for i, item in enumerate(resolved)]
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

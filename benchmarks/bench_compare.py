@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     base = synthetic.synthetic_tokenizer(regular=args.tokens, seed=0)
     pairs = {
-        "identical vocabularies": (base, base),
+        "identical (two copies of one tokenizer.json)": (base, base),
         "5% missing, 1% new, ids shuffled": (base, synthetic.variant(base, missing=0.05, new=0.01, seed=1)),
     }
     print(f"| pair ({args.tokens + 256} tokens each) | compare_tokenizers.py (s) | naive AutoTokenizer (s) | speed-up |")
