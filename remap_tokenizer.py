@@ -875,6 +875,14 @@ def patch_generation_config(config: Mapping[str, Any], ids: Mapping[str, Any]) -
     return data
 
 
+def human_bytes(count: int) -> str:
+    """Decimal units, as --max-shard-size reads them."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
 def mergekit_snippet(out_dir: str) -> str:
     return f"  - model: {out_dir}\n    parameters:\n      weight: 1.0\n"
 
@@ -2360,9 +2368,9 @@ def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
         describe_counts(plan),
     ]
     shards = report["shards"]
-    lines.append(f"shards: {len(shards['shards'])} file(s), {shards['total_size'] / 1e9:.3f} GB")
+    lines.append(f"shards: {len(shards['shards'])} file(s), {human_bytes(shards['total_size'])}")
     if dry_run:
-        lines += [f"  {s['file']}  {s['tensors']} tensors  {s['bytes'] / 1e6:.1f} MB" for s in shards["shards"]]
+        lines += [f"  {s['file']}  {s['tensors']} tensors  {human_bytes(s['bytes'])}" for s in shards["shards"]]
         for kind in ("initialised", "dropped", "ghosts"):
             for item in plan[kind][:10]:
                 lines.append(f"  {kind[:-1] if kind != 'ghosts' else 'ghost'}: {item}")
