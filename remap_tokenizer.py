@@ -2111,7 +2111,7 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     return ref.path
 
 
-def read_yaml(path: Path) -> Any:
+def read_mergekit_config(path: Path) -> Any:
     import yaml
 
     try:
@@ -2400,7 +2400,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     merges the aligned models. Returns (summary, exit code)."""
     import yaml
 
-    config = read_yaml(opts.config)
+    config = read_mergekit_config(opts.config)
     yaml_dir = opts.config.resolve().parent
     references = [parse_model_reference(r) for r in mergekit_references(config)]
     for ref in references:
