@@ -17,18 +17,21 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import functools
+import gc
 import hashlib
-import heapq
 import json
 import logging
 import os
 import re
 import sys
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import chain, compress
+from operator import add, itemgetter, ne
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -55,6 +58,7 @@ TOKENIZER_FILES = (
 CONFIG_FILES = ("config.json", "generation_config.json")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 INPUT_EMBEDDING_SUFFIXES = (
     "embed_tokens.weight",
     "wte.weight",
@@ -315,11 +319,16 @@ def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact
     """How many tokens two tokenizers share when regular tokens match by their bytes and
     added tokens by content (what `remap_tokenizer.py --match bytes` copies)."""
     same_convention = (ref.convention, ref.byte_fallback) == (other.convention, other.byte_fallback)
-    if same_convention and ref.convention == "byte_level" and not ref.byte_fallback:
-        # Within the alphabet the byte map is one character per byte and injective, so
-        # matching by bytes is matching by spelling: no need to build 2 x 128k keys.
-        if all(in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other)):
-            return shared_exact
+    # Within the alphabet the byte map is one character per byte and injective, so
+    # matching by bytes is matching by spelling: no need to build 2 x 128k keys. (Usually
+    # the added tokens are in the alphabet too, and one scan of everything settles it.)
+    if (
+        same_convention
+        and ref.convention == "byte_level"
+        and not ref.byte_fallback
+        and all(in_byte_level_alphabet("".join(info.vocab)) or in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other))
+    ):
+        return shared_exact
     keys = []
     for info in (ref, other):
         added = {token.content for token in info.added_tokens}
@@ -353,38 +362,44 @@ def show_token(token: str, convention: str = "plain", byte_fallback: bool = Fals
 
 def diff_vocab(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> VocabDiff:
     """Counts over the whole vocabularies, lists of the first `head` by REF id (OTHER id
-    for tokens only in OTHER). Set operations and sorts run in C: shuffled 128k-token
-    vocabularies differ in nearly every id, and a Python loop over them is too slow."""
+    for tokens only in OTHER). Ids are 0..n-1 (vocab_from_json makes sure). Shuffled
+    128k-token vocabularies differ in nearly every id, so each pass over all tokens is a
+    sort, a set operation or a map() that runs in C: one lookup per REF token in all."""
     ref_vocab, other_vocab = ref.vocab, other.vocab
     moved: list[tuple[str, int, int]] = []
-    only_ref: tuple[tuple[str, int], ...] = ()
-    only_other: tuple[tuple[str, int], ...] = ()
+    only_ref: list[tuple[str, int]] = []
+    only_other: list[tuple[str, int]] = []
     counts = (0, 0, 0)
     if ref_vocab != other_vocab:
-        by_id = itemgetter(1)
-        differing = ref_vocab.items() - other_vocab.items()  # moved tokens and tokens only in REF
-        missing = ref_vocab.keys() - other_vocab.keys()
-        extra = other_vocab.items() - ref_vocab.items()
-        for token, ref_id in sorted(differing, key=by_id):
-            if len(moved) == head:
+        ref_tokens = sorted(ref_vocab, key=ref_vocab.__getitem__)
+        other_id_of = list(map(other_vocab.get, ref_tokens))  # None: only in REF
+        missing = other_id_of.count(None)
+        shared = len(ref_tokens) - missing
+        counts = (sum(map(ne, other_id_of, range(len(ref_tokens)))) - missing, missing, len(other_vocab) - shared)
+        for ref_id, other_id in enumerate(other_id_of):
+            if len(moved) == min(head, counts[0]):
                 break
-            if token not in missing:
-                moved.append((token, ref_id, other_vocab[token]))
-        only_ref = tuple(heapq.nsmallest(head, ((t, ref_vocab[t]) for t in missing), key=by_id))
-        only_other = tuple(heapq.nsmallest(head, ((t, i) for t, i in extra if t not in ref_vocab), key=by_id))
-        counts = (len(differing) - len(missing), len(missing), len(other_vocab) - (len(ref_vocab) - len(missing)))
-    shared_exact = len(ref_vocab) - counts[1]
+            if other_id is not None and other_id != ref_id:
+                moved.append((ref_tokens[ref_id], ref_id, other_id))
+        ref_id = -1
+        for _ in range(min(head, missing)):
+            ref_id = other_id_of.index(None, ref_id + 1)
+            only_ref.append((ref_tokens[ref_id], ref_id))
+        if counts[2]:
+            other_tokens = dict(zip(other_vocab.values(), other_vocab.keys()))
+            extra_ids = sorted(set(range(len(other_vocab))).difference(other_id_of))[:head]
+            only_other = [(other_tokens[other_id], other_id) for other_id in extra_ids]
     return VocabDiff(
         ref_size=len(ref_vocab),
         other_size=len(other_vocab),
         moved=tuple(moved),
-        only_in_ref=only_ref,
-        only_in_other=only_other,
+        only_in_ref=tuple(only_ref),
+        only_in_other=tuple(only_other),
         moved_count=counts[0],
         only_in_ref_count=counts[1],
         only_in_other_count=counts[2],
-        shared_exact=shared_exact,
-        shared_by_bytes=count_shared_by_bytes(ref, other, shared_exact),
+        shared_exact=len(ref_vocab) - counts[1],
+        shared_by_bytes=count_shared_by_bytes(ref, other, len(ref_vocab) - counts[1]),
     )
 
 
@@ -509,6 +524,65 @@ def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
         if x != y:
             return index
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
+    whatever ids the file declares: in file order, a token the model vocabulary has keeps
+    that id, every other one gets the next id after the model vocabulary; empty contents
+    are skipped. (Library versions differ on a model vocabulary that is not 0..n-1, where
+    this is refused either way.) tests/test_compare.py checks it against the installed
+    library."""
+    ids: dict[str, int] = {}
+    next_id = model_vocab_size
+    for entry in added_tokens:
+        content = entry.get("content")
+        if not content or content in ids:
+            continue
+        if content in model_vocab:
+            ids[content] = model_vocab[content]
+        else:
+            ids[content], next_id = next_id, next_id + 1
+    return ids
+
+
+def substrings(words: Iterable[str], longest: int) -> set[str]:
+    """Every substring of every word, up to `longest` characters."""
+    found: set[str] = set()
+    for word in set(words):
+        for start in range(len(word)):
+            found.update(word[start:end] for end in range(start + 1, min(len(word), start + longest) + 1))
+    return found
+
+
+def merge_results(merges: Sequence[Sequence[str]]) -> list[str]:
+    """The token each BPE merge makes ([left, right] -> left + right), computed in C."""
+    return list(map(add, map(itemgetter(0), merges), map(itemgetter(1), merges)))
+
+
+def bpe_model_for_words(model: Mapping[str, Any], merged: Sequence[str], words: Iterable[str]) -> dict[str, Any]:
+    """The part of a BPE model (tokenizer.json "model"; `merged`: merge_results of its
+    merges) that can act on `words` (pre-tokenized, spelled as the model sees them): encoding any
+    of the words with it gives the same tokens and ids as with the whole model.
+
+    BPE only merges two adjacent pieces of one word into a piece that is again a substring
+    of that word, and `ignore_merges` looks the whole word up; so it can only use the
+    vocabulary entries that are substrings of a word, byte-fallback tokens, the unk token,
+    and merges whose result is one of those (kept in their order, which is all that rank
+    means). Ids are kept. Not for continuing_subword_prefix / end_of_word_suffix models,
+    whose pieces are spelled differently from the word."""
+    vocab = model["vocab"]
+    wanted = substrings(words, max(map(len, vocab), default=0))
+    if model.get("byte_fallback"):
+        wanted |= BYTE_FALLBACK_TOKENS
+    if isinstance(model.get("unk_token"), str):
+        wanted.add(model["unk_token"])
+    kept = wanted & vocab.keys()
+    return {
+        **model,
+        "vocab": {token: vocab[token] for token in kept},
+        "merges": list(compress(model["merges"], map(kept.__contains__, merged))),
+    }
 
 
 def encoding_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
@@ -815,18 +889,22 @@ def tokenizer_json_via_transformers(directory: Path) -> str:
         raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
 
 
+def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> Mapping[str, int]:
+    """The model's own token->id, added tokens not included, as the tokenizers library
+    reads it (a Unigram vocabulary is a list of [piece, score] pairs in id order)."""
+    raw = (tokenizer_json.get("model") or {}).get("vocab")
+    if isinstance(raw, list):
+        return {entry[0]: token_id for token_id, entry in enumerate(raw)}
+    if isinstance(raw, Mapping):
+        return raw
+    raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+
+
 def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str, int]:
     """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
     refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
     id other than its vocabulary id."""
-    model = tokenizer_json.get("model") or {}
-    raw = model.get("vocab")
-    if isinstance(raw, list):  # Unigram: [piece, score] pairs in id order
-        vocab = {entry[0]: token_id for token_id, entry in enumerate(raw)}
-    elif isinstance(raw, Mapping):
-        vocab = dict(raw)
-    else:
-        raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+    vocab = dict(model_vocab_from_json(tokenizer_json, where))
     for added in tokenizer_json.get("added_tokens") or []:
         content, declared = added.get("content"), added.get("id")
         if not isinstance(content, str) or not isinstance(declared, int):
@@ -837,7 +915,9 @@ def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str,
                 f"at id {vocab[content]}; fix tokenizer.json"
             )
         vocab[content] = declared
-    by_id: dict[int, str] = {}
+    if set(vocab.values()) == set(range(len(vocab))):
+        return vocab
+    by_id: dict[int, str] = {}  # slow path, only to name the problem
     for token, token_id in vocab.items():
         if token_id in by_id:
             raise CliError(
@@ -845,13 +925,11 @@ def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str,
                 "the vocabulary is corrupt (re-download or fix tokenizer.json)"
             )
         by_id[token_id] = token
-    if by_id and (min(by_id) < 0 or max(by_id) + 1 != len(by_id)):
-        missing = next((i for i in range(len(by_id)) if i not in by_id), min(by_id))
-        raise CliError(
-            f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); "
-            "fast tokenizers assume contiguous ids: fix tokenizer.json"
-        )
-    return vocab
+    missing = next(i for i in range(len(by_id)) if i not in by_id)
+    raise CliError(
+        f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); "
+        "fast tokenizers assume contiguous ids: fix tokenizer.json"
+    )
 
 
 def check_library_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], where: Path) -> None:
@@ -951,26 +1029,59 @@ def resolve_tokenizer(source: str, revision: str | None, *, weights: bool) -> Re
     return ResolvedSource(source, name, revision, directory, tokenizer_file)
 
 
-def library_view(tokenizer_file: Path | None, text: str | None) -> tuple[tuple[int, ...], dict[str, int]]:
-    """What the tokenizers library makes of a tokenizer: the fingerprint sample's ids and
-    the ids it gives the added tokens. Runs in a worker process (see read_tokenizer_infos)."""
+def build_library_tokenizer(text: str, where: Path) -> Any:
     from tokenizers import Tokenizer
 
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file is not None else Tokenizer.from_str(text or "")
+        return Tokenizer.from_str(text)
     except Exception as exc:  # the tokenizers library raises plain Exception
-        raise CliError(f"{tokenizer_file or 'converted tokenizer'}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
-    ids = tuple(tokenizer.encode(FINGERPRINT_SAMPLE, add_special_tokens=False).ids)
-    return ids, {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()}
+        raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
 
 
-def read_tokenizer_json(resolved: ResolvedSource) -> tuple[bytes, str | None]:
-    """tokenizer.json's raw bytes, plus its text when transformers had to convert it."""
-    if resolved.tokenizer_file is None:
-        text = tokenizer_json_via_transformers(resolved.directory)
-        return text.encode(), text
+def encode_fingerprint(tokenizer_json: Mapping[str, Any], merges: Sequence[Sequence[str]] | None, raw: bytes, where: Path, sample: str = FINGERPRINT_SAMPLE) -> tuple[int, ...]:
+    """The ids the tokenizers library gives `sample` (no special tokens added).
+
+    Building a whole 128k-token BPE costs ~0.2 s of CPU; a BPE that only holds the
+    entries the sample can reach (bpe_model_for_words) builds in milliseconds and encodes
+    it the same. That needs the sample's words exactly as the model sees them, which the
+    library's own normalizer and pre-tokenizer give as long as no added token occurs in the
+    sample (added tokens split the text before both). Otherwise, and for other models,
+    the whole tokenizer is built."""
+    model = tokenizer_json.get("model") or {}
+    if (
+        model.get("type") == "BPE"
+        and isinstance(model.get("vocab"), Mapping)
+        and merges is not None
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+    ):
+        probe_json = {**tokenizer_json, "added_tokens": [], "model": {"type": "WordLevel", "vocab": {"<probe>": 0}, "unk_token": "<probe>"}}
+        probe = build_library_tokenizer(json.dumps(probe_json), where)
+        normalize = probe.normalizer.normalize_str if probe.normalizer is not None else (lambda text: text)
+        normalized = normalize(sample)
+        contents = [entry.get("content") or "" for entry in tokenizer_json.get("added_tokens") or []]
+        if not any(content in sample or content in normalized or normalize(content) in normalized for content in contents):
+            # The library refuses a merge of or into a token it does not know; the pruned
+            # build no longer sees most merges, so they are checked here.
+            vocab, merged = model["vocab"], merge_results(merges)
+            if not (all(map(vocab.__contains__, merged)) and vocab.keys() >= set(chain.from_iterable(merges))):
+                raise CliError(f"{where}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)")
+            words = [word for word, _ in probe.pre_tokenizer.pre_tokenize_str(normalized)] if probe.pre_tokenizer is not None else [normalized]
+            pruned = {**tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merged, words)}
+            return tuple(build_library_tokenizer(json.dumps(pruned), where).encode(sample, add_special_tokens=False).ids)
     try:
-        return resolved.tokenizer_file.read_bytes(), None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{where}: not UTF-8 ({exc})") from exc
+    return tuple(build_library_tokenizer(text, where).encode(sample, add_special_tokens=False).ids)
+
+
+def read_tokenizer_json(resolved: ResolvedSource) -> bytes:
+    """tokenizer.json's raw bytes (as transformers converts them when there is none)."""
+    if resolved.tokenizer_file is None:
+        return tokenizer_json_via_transformers(resolved.directory).encode()
+    try:
+        return resolved.tokenizer_file.read_bytes()
     except OSError as exc:
         raise CliError(f"{resolved.tokenizer_file}: cannot read ({exc.strerror})") from exc
 
@@ -985,12 +1096,20 @@ def parse_tokenizer_json(raw: bytes, where: Path) -> dict[str, Any]:
     return data
 
 
-def read_tokenizer_info(resolved: ResolvedSource, tokenizer_json: Mapping[str, Any], library: tuple[tuple[int, ...], dict[str, int | None]], weights: bool) -> TokenizerInfo:
+def read_tokenizer_info(
+    resolved: ResolvedSource,
+    tokenizer_json: Mapping[str, Any],
+    merges: Sequence[Sequence[str]] | None,
+    fingerprint: Callable[[], tuple[int, ...]],
+    weights: bool,
+) -> TokenizerInfo:
     directory, tokenizer_file = resolved.directory, resolved.tokenizer_file
     where = tokenizer_file or directory
     vocab = vocab_from_json(tokenizer_json, where)
-    fingerprint_ids, library_ids = library
-    check_library_ids(vocab, library_ids, where)
+    model = tokenizer_json.get("model") or {}
+    added_tokens = tokenizer_json.get("added_tokens") or []
+    model_vocab = model_vocab_from_json(tokenizer_json, where)
+    check_library_ids(vocab, library_added_token_ids(model_vocab, len(model["vocab"]), added_tokens), where)
     tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
     special_map = read_optional_json(directory / "special_tokens_map.json")
     special_tokens = read_special_tokens(tokenizer_json, tokenizer_config, special_map)
@@ -1000,15 +1119,14 @@ def read_tokenizer_info(resolved: ResolvedSource, tokenizer_json: Mapping[str, A
                 f"{directory / 'tokenizer_config.json'}: {role}_token {escape_text(token)!r} is not in the vocabulary "
                 f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
             )
-    model = tokenizer_json.get("model") or {}
     config = read_optional_json(directory / "config.json")
     return TokenizerInfo(
         source=resolved.source,
         path=str(tokenizer_file if tokenizer_file is not None and tokenizer_file.parent != directory else directory),
         vocab=vocab,
-        added_tokens=tuple(added_token_from_json(entry) for entry in tokenizer_json.get("added_tokens") or []),
+        added_tokens=tuple(added_token_from_json(entry) for entry in added_tokens),
         model_type=str(model.get("type", "?")),
-        merges=normalized_merges(model),
+        merges=merges,
         normalizer=tokenizer_json.get("normalizer"),
         pre_tokenizer=tokenizer_json.get("pre_tokenizer"),
         decoder=tokenizer_json.get("decoder"),
@@ -1018,42 +1136,28 @@ def read_tokenizer_info(resolved: ResolvedSource, tokenizer_json: Mapping[str, A
         config_ids=read_role_ids(config),
         generation_ids=read_role_ids(read_optional_json(directory / "generation_config.json")),
         chat_template=read_chat_template(directory, tokenizer_config),
-        fingerprint_ids=fingerprint_ids,
+        fingerprint_ids=fingerprint(),
         weights=read_weights_info(directory, resolved.name, resolved.revision, config) if weights else None,
     )
 
 
 def read_tokenizer_infos(resolved: Sequence[ResolvedSource], weights: bool) -> list[TokenizerInfo]:
     """Read every tokenizer. Identical tokenizer.json files (models of one family often
-    share one) are parsed and built once. Building a 128k-token BPE costs ~0.3 s of CPU in
-    the tokenizers library, under the GIL, so where fork exists worker processes build the
-    distinct ones while this process parses their JSON."""
-    import multiprocessing
-
-    raws = [read_tokenizer_json(item) for item in resolved]  # conversions happen here, before any fork
-    first_of: dict[str, int] = {}
-    for index, (raw, _) in enumerate(raws):
-        first_of.setdefault(hashlib.sha256(raw).hexdigest(), index)
-    distinct = list(first_of.values())
-    owner = [first_of[hashlib.sha256(raw).hexdigest()] for raw, _ in raws]
-
-    def view_of(index: int) -> tuple[tuple[int, ...], dict[str, int]]:
-        return library_view(resolved[index].tokenizer_file, raws[index][1])
-
-    def parse(index: int) -> dict[str, Any]:
-        return parse_tokenizer_json(raws[index][0], resolved[index].tokenizer_file or resolved[index].directory)
-
-    if len(distinct) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        views = {i: view_of(i) for i in distinct}
-        jsons = {i: parse(i) for i in distinct}
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(len(distinct), os.cpu_count() or 1), mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {i: pool.submit(library_view, resolved[i].tokenizer_file, raws[i][1]) for i in distinct}
-            jsons = {i: parse(i) for i in distinct}
-            views = {i: future.result() for i, future in futures.items()}
-    return [read_tokenizer_info(item, jsons[owner[i]], views[owner[i]], weights) for i, item in enumerate(resolved)]
+    share one) are parsed and fingerprinted once."""
+    shared: dict[str, tuple[dict[str, Any], Sequence[Sequence[str]] | None, Callable[[], tuple[int, ...]]]] = {}
+    infos = []
+    for item in resolved:
+        raw = read_tokenizer_json(item)
+        where = item.tokenizer_file or item.directory
+        key = hashlib.sha256(raw).hexdigest()
+        if key not in shared:
+            tokenizer_json = parse_tokenizer_json(raw, where)
+            merges = normalized_merges(tokenizer_json.get("model") or {})
+            # Called after read_tokenizer_info's checks, so that their messages come first.
+            fingerprint = functools.cache(functools.partial(encode_fingerprint, tokenizer_json, merges, raw, where))
+            shared[key] = (tokenizer_json, merges, fingerprint)
+        infos.append(read_tokenizer_info(item, *shared[key], weights))
+    return infos
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -1174,6 +1278,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: reading two 128k-token tokenizers makes ~10^6
+    objects that all live on, so the collections it would trigger free nothing and cost
+    ~10 % of a run."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.head < 0:
         raise CliError("--head must be >= 0")
@@ -1200,9 +1318,10 @@ def run(args: argparse.Namespace) -> int:
         if len(sources) < 2:
             raise CliError("need a reference and at least one other tokenizer (or --mergekit-config FILE)")
     resolved = [resolve_tokenizer(source, args.revision, weights=args.weights) for source in sources]
-    infos = read_tokenizer_infos(resolved, args.weights)
-    ref = infos[0]
-    comparisons = [compare(ref, other, strict=args.strict, head=args.head) for other in infos[1:]]
+    with collection_paused():
+        infos = read_tokenizer_infos(resolved, args.weights)
+        ref = infos[0]
+        comparisons = [compare(ref, other, strict=args.strict, head=args.head) for other in infos[1:]]
     report = build_report(ref, comparisons, strict=args.strict, weights=args.weights)
     if args.json:
         sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")

@@ -357,3 +357,156 @@ def test_library_renumbering_of_added_tokens_is_refused(tmp_path: Path, tok_dir:
         f"error: {other / 'tokenizer.json'}: added token '<|b|>' is declared at id 401 but the tokenizers library loads "
         "it at id 400 (not in the model vocabulary and not numbered right after it); fix tokenizer.json"
     ]
+
+
+# ------------------------------------------------------------------ fast paths agree with the slow truth
+
+
+def info_of(vocab: dict[str, int]) -> ct.TokenizerInfo:
+    return ct.TokenizerInfo(
+        source="t", path="t", vocab=vocab, added_tokens=(), model_type="BPE", merges=None, normalizer=None, pre_tokenizer=None,
+        decoder=None, byte_fallback=False, convention="plain", special_tokens={}, config_ids={}, generation_ids={},
+        chat_template=None, fingerprint_ids=(),
+    )
+
+
+@st.composite
+def vocab_pairs(draw: st.DrawFn) -> tuple[dict[str, int], dict[str, int]]:
+    pool = [f"t{i}" for i in range(40)]
+    ref_tokens = draw(st.lists(st.sampled_from(pool), unique=True, max_size=30))
+    other_tokens = draw(st.lists(st.sampled_from(pool), unique=True, max_size=30))
+    if draw(st.booleans()):
+        other_tokens = list(ref_tokens)
+    ref_ids, other_ids = draw(st.permutations(range(len(ref_tokens)))), draw(st.permutations(range(len(other_tokens))))
+    return dict(zip(ref_tokens, ref_ids)), dict(zip(other_tokens, other_ids))
+
+
+@given(vocab_pairs(), st.integers(0, 8))
+@settings(max_examples=300, deadline=None)
+def test_diff_vocab_agrees_with_a_plain_reading_of_the_definition(pair: tuple[dict[str, int], dict[str, int]], head: int) -> None:
+    ref, other = pair
+    moved = sorted((ref[t], t, other[t]) for t in ref if t in other and ref[t] != other[t])
+    only_ref = sorted((ref[t], t) for t in ref if t not in other)
+    only_other = sorted((other[t], t) for t in other if t not in ref)
+    diff = ct.diff_vocab(info_of(ref), info_of(other), head)
+    assert (diff.moved_count, diff.only_in_ref_count, diff.only_in_other_count) == (len(moved), len(only_ref), len(only_other))
+    assert diff.moved == tuple((t, a, b) for a, t, b in moved[:head])
+    assert diff.only_in_ref == tuple((t, i) for i, t in only_ref[:head])
+    assert diff.only_in_other == tuple((t, i) for i, t in only_other[:head])
+    assert diff.shared_exact == len(ref) - len(only_ref)
+    assert diff.equal == (ref == other)
+
+
+ADDED_POOL = ["a", "b", "ab", "<x>", "<y>", "<z>", ""]
+
+
+@given(
+    model_tokens=st.lists(st.sampled_from(["a", "b", "ab", "c", "<x>"]), unique=True, min_size=0, max_size=5),
+    gap=st.booleans(),
+    added=st.lists(st.tuples(st.sampled_from(ADDED_POOL), st.booleans(), st.integers(0, 9)), max_size=6),
+)
+@settings(max_examples=400, deadline=None)
+def test_added_token_ids_are_the_ones_the_tokenizers_library_gives(model_tokens: list[str], gap: bool, added: list[tuple[str, bool, int]]) -> None:
+    from tokenizers import Tokenizer
+
+    model_vocab = {token: i + (1 if gap and i else 0) for i, token in enumerate(model_tokens)}
+    entries = [
+        {"id": declared, "content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": not special, "special": special}
+        for content, special, declared in added
+    ]
+    document = {"version": "1.0", "added_tokens": entries, "model": {"type": "BPE", "vocab": model_vocab, "merges": []}}
+    library = {token.content: token_id for token_id, token in Tokenizer.from_str(json.dumps(document)).get_added_tokens_decoder().items()}
+    predicted = ct.library_added_token_ids(model_vocab, len(model_vocab), entries)
+    if set(model_vocab.values()) == set(range(len(model_vocab))):
+        assert predicted == library
+    else:  # library versions number differently here, but every one of them moves a declared id
+        try:
+            vocab = ct.vocab_from_json(document, Path("tokenizer.json"))
+        except ct.CliError:
+            return
+        assert any(vocab[content] != token_id for content, token_id in predicted.items())
+        assert any(vocab[content] != token_id for content, token_id in library.items())
+
+
+def full_library_ids(tokenizer_json: dict, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(json.dumps(tokenizer_json)).encode(text, add_special_tokens=False).ids
+
+
+def fingerprint_of(tokenizer_json: dict, text: str, monkeypatch: pytest.MonkeyPatch) -> tuple[tuple[int, ...], list[int]]:
+    """(ids, sizes of the tokenizer.json texts the library was asked to build)."""
+    built: list[int] = []
+    build = ct.build_library_tokenizer
+
+    def recording(document: str, where: Path) -> object:
+        built.append(len(document))
+        return build(document, where)
+
+    monkeypatch.setattr(ct, "build_library_tokenizer", recording)
+    raw = json.dumps(tokenizer_json).encode()
+    ids = ct.encode_fingerprint(tokenizer_json, ct.normalized_merges(tokenizer_json["model"]), raw, Path("tokenizer.json"), sample=text)
+    monkeypatch.undo()
+    return ids, built
+
+
+def whitespace_nfkc_bpe() -> dict:
+    data = factories.byte_level_bpe(ignore_merges=True)
+    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
+    data["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}],
+    }
+    return data
+
+
+FINGERPRINT_TOKENIZERS = {
+    "byte-level": lambda: factories.byte_level_bpe(),
+    "byte-level, ignore_merges": lambda: factories.byte_level_bpe(ignore_merges=True),
+    "SentencePiece-style, byte fallback": lambda: factories.metaspace_bpe(),
+    "NFKC + lowercase, digits, prefix space": whitespace_nfkc_bpe,
+}
+# Words the tokenizers were trained on (so that long tokens and merge chains occur), glued
+# to arbitrary characters.
+TEXTS = st.lists(
+    st.one_of(
+        st.sampled_from([piece for line in factories.CORPUS for piece in re.split(r"(?=\s)", line)]),
+        st.text(alphabet=st.one_of(st.characters(codec="utf-8"), st.sampled_from(list("the  ▁Ġ\n\t日本🦙é\u0301２0"))), max_size=4),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@pytest.mark.parametrize("kind", FINGERPRINT_TOKENIZERS)
+def test_fingerprint_builds_only_what_the_sample_reaches_and_encodes_it_the_same(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer_json = FINGERPRINT_TOKENIZERS[kind]()
+    ids, built = fingerprint_of(tokenizer_json, ct.FINGERPRINT_SAMPLE, monkeypatch)
+    assert list(ids) == full_library_ids(tokenizer_json, ct.FINGERPRINT_SAMPLE)
+    assert len(built) == 2 and max(built) < len(json.dumps(tokenizer_json)), "the whole tokenizer was built"
+
+    @given(TEXTS)
+    @settings(max_examples=150, deadline=None)
+    def same_ids_for_any_text(text: str) -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            assert list(fingerprint_of(tokenizer_json, text, patch)[0]) == full_library_ids(tokenizer_json, text)
+
+    same_ids_for_any_text()
+
+
+def test_fingerprint_of_a_sample_holding_an_added_token_builds_the_whole_tokenizer(byte_tok: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Added tokens split the text before the normalizer and pre-tokenizer see it, so the
+    # sample's words are no longer known in advance.
+    tokenizer_json = factories.with_tokens(byte_tok, added=["quick brown"], special=False)
+    ids, built = fingerprint_of(tokenizer_json, ct.FINGERPRINT_SAMPLE, monkeypatch)
+    assert list(ids) == full_library_ids(tokenizer_json, ct.FINGERPRINT_SAMPLE)
+    assert tokenizer_json["added_tokens"][-1]["id"] in ids
+    assert built[-1] == len(json.dumps(tokenizer_json))
+
+
+def test_a_merge_of_an_unknown_token_is_refused(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
+    broken = copy.deepcopy(byte_tok)
+    broken["model"]["merges"].append(["Ġzz", "q"])
+    other = factories.write_tokenizer(tmp_path / "other", broken, **BYTE_SPECIALS)
+    code, _, err = run(capsys, tok_dir, other)
+    assert code == 2
+    assert error_lines(err) == [f"error: {other / 'tokenizer.json'}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)"]
