@@ -20,16 +20,18 @@ Exit codes: 0 ok, 1 the self-check of the written output failed, 2 usage or inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
+import gc
 import hashlib
 import itertools
 import json
 import logging
 import math
+import operator
 import os
-import queue
 import re
 import shutil
 import sys
@@ -37,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -77,6 +79,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
     "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
@@ -85,10 +88,12 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes whose rows this script ca
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
 OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-COPY_CHUNK_BYTES = 16 * 2**20
+COPY_CHUNK_BYTES = 2**20  # the writer's buffer: small enough to stay in the CPU cache between read, hash and write
+DIRECT_IO_ALIGNMENT = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (512 or 4096)
+MAX_WRITER_THREADS = 8
 ROW_CHUNK_BYTES = 8 * 2**20  # below glibc's largest mmap threshold, so chunk buffers are reused, not faulted in anew
 FVT_BATCH_ROWS = 512
-HASH_WINDOW_BYTES = 64 * 2**20
+FVT_PRUNE_MAX_SUBSTRINGS = 300_000  # about: above it, listing the texts' substrings costs more than building the whole BPE
 LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
@@ -388,6 +393,65 @@ def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str
 
 def round_up(value: int, multiple: int | None) -> int:
     return value if not multiple else -(-value // multiple) * multiple
+
+
+def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
+    whatever ids the file declares: in file order, a token the model vocabulary has keeps
+    that id, every other one gets the next id after the model vocabulary; empty contents
+    are skipped. (Library versions differ on a model vocabulary that is not 0..n-1, where
+    this is refused either way.) tests/test_compare.py checks it against the installed
+    library."""
+    ids: dict[str, int] = {}
+    next_id = model_vocab_size
+    for entry in added_tokens:
+        content = entry.get("content")
+        if not content or content in ids:
+            continue
+        if content in model_vocab:
+            ids[content] = model_vocab[content]
+        else:
+            ids[content], next_id = next_id, next_id + 1
+    return ids
+
+
+def substrings(words: Iterable[str], longest: int) -> set[str]:
+    """Every substring of every word, up to `longest` characters."""
+    found: set[str] = set()
+    for word in set(words):
+        for start in range(len(word)):
+            found.update(word[start:end] for end in range(start + 1, min(len(word), start + longest) + 1))
+    return found
+
+
+def merge_results(merges: Sequence[Sequence[str]]) -> list[str]:
+    """The token each BPE merge makes ([left, right] -> left + right), computed in C."""
+    return list(map(operator.add, map(operator.itemgetter(0), merges), map(operator.itemgetter(1), merges)))
+
+
+def bpe_model_for_words(model: Mapping[str, Any], merged: Sequence[str], words: Iterable[str]) -> dict[str, Any]:
+    """The part of a BPE model (tokenizer.json "model"; `merged`: merge_results of its
+    merges) that can act on `words` (spelled as the model sees them): encoding any of
+    them with it gives the same tokens and ids as with the whole model.
+
+    BPE only merges two adjacent pieces of one word into a piece that is again a substring
+    of that word, and `ignore_merges` looks the whole word up; so it can only use the
+    vocabulary entries that are substrings of a word, byte-fallback tokens, the unk token,
+    and merges whose result is one of those (kept in their order, which is all that rank
+    means). Ids are kept. Not for continuing_subword_prefix / end_of_word_suffix models,
+    whose pieces are spelled differently from the word."""
+    vocab = model["vocab"]
+    wanted = substrings(words, max(map(len, vocab), default=0))
+    if model.get("byte_fallback"):
+        wanted |= BYTE_FALLBACK_TOKENS
+    if isinstance(model.get("unk_token"), str):
+        wanted.add(model["unk_token"])
+    kept = wanted & vocab.keys()
+    return {
+        **model,
+        "vocab": {token: vocab[token] for token in kept},
+        "merges": list(itertools.compress(model["merges"], map(kept.__contains__, merged))),
+    }
 
 
 def plan_remap(
@@ -1116,15 +1180,15 @@ def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str,
                 f"{where}: added token {content!r} is declared at id {declared} but the vocabulary has it at id {vocab[content]}; fix tokenizer.json"
             )
         vocab[content] = declared
-    by_id: dict[int, str] = {}
+    if set(vocab.values()) == set(range(len(vocab))):
+        return vocab
+    by_id: dict[int, str] = {}  # slow path, only to name the problem
     for token, token_id in vocab.items():
         if token_id in by_id:
             raise CliError(f"{where}: tokens {by_id[token_id]!r} and {token!r} share id {token_id}; the vocabulary is corrupt (re-download or fix tokenizer.json)")
         by_id[token_id] = token
-    if by_id and (min(by_id) < 0 or max(by_id) + 1 != len(by_id)):
-        missing = next((i for i in range(len(by_id)) if i not in by_id), min(by_id))
-        raise CliError(f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); fast tokenizers assume contiguous ids: fix tokenizer.json")
-    return vocab
+    missing = next(i for i in range(len(by_id)) if i not in by_id)
+    raise CliError(f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); fast tokenizers assume contiguous ids: fix tokenizer.json")
 
 
 def special_token_content(value: Any) -> str | None:
@@ -1160,7 +1224,6 @@ class TokenizerSource:
     generation_config: Mapping[str, Any]
     on_disk: bool  # False: converted from tokenizer.model / vocab.json by transformers
     text: str  # tokenizer.json as read (or as converted)
-    library: Any  # the tokenizers.Tokenizer built from `text`, or None (see read_tokenizer)
 
 
 def tokenizer_json_via_transformers(directory: Path) -> str:
@@ -1179,16 +1242,15 @@ def tokenizer_json_via_transformers(directory: Path) -> str:
         raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
 
 
-def library_added_ids(text: str, where: Path) -> dict[str, int]:
-    """The ids the tokenizers library gives the added tokens (and proof that it can load
-    the file at all)."""
+def check_library_loads(text: str, where: Path) -> None:
+    """Build the tokenizer with the tokenizers library: proof that transformers can load
+    the file (run in the background for the base tokenizer, whose files are written out)."""
     from tokenizers import Tokenizer
 
     try:
-        library = Tokenizer.from_str(text)
+        Tokenizer.from_str(text)
     except Exception as exc:  # the tokenizers library raises plain Exception
         raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
-    return {token.content: token_id for token_id, token in library.get_added_tokens_decoder().items()}
 
 
 def check_added_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], where: Path) -> None:
@@ -1202,12 +1264,9 @@ def check_added_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], wh
             )
 
 
-def read_tokenizer(path: Path, *, build_library: bool = True) -> TokenizerSource:
-    """Read and validate a tokenizer. With build_library=False the caller must check the
-    file with the tokenizers library itself (library_added_ids + check_added_ids),
-    typically in the background: building a 128k-token BPE costs 0.3 s of CPU."""
-    from tokenizers import Tokenizer
-
+def read_tokenizer(path: Path) -> TokenizerSource:
+    """Read and validate a tokenizer (the tokenizers library is not needed for that: see
+    library_added_token_ids and check_library_loads)."""
     directory = path.parent if path.is_file() else path
     file = path if path.is_file() else directory / "tokenizer.json"
     if file.is_file():
@@ -1227,13 +1286,9 @@ def read_tokenizer(path: Path, *, build_library: bool = True) -> TokenizerSource
     if not isinstance(data, dict):
         raise CliError(f"{file}: not a tokenizer.json (expected a JSON object)")
     vocab = vocab_from_json(data, file)
-    library = None
-    if build_library:
-        try:
-            library = Tokenizer.from_str(text)
-        except Exception as exc:  # the tokenizers library raises plain Exception
-            raise CliError(f"{file}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
-        check_added_ids(vocab, {t.content: i for i, t in library.get_added_tokens_decoder().items()}, file)
+    model = data.get("model") or {}
+    model_vocab = model["vocab"] if isinstance(model["vocab"], Mapping) else {entry[0]: i for i, entry in enumerate(model["vocab"])}
+    check_added_ids(vocab, library_added_token_ids(model_vocab, len(model["vocab"]), data.get("added_tokens") or []), file)
     tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
     roles = read_special_tokens(data, tokenizer_config, read_optional_json(directory / "special_tokens_map.json"))
     for role, token in roles.items():
@@ -1246,7 +1301,6 @@ def read_tokenizer(path: Path, *, build_library: bool = True) -> TokenizerSource
         entry["content"]: {flag: bool(entry.get(flag, flag == "normalized" and not entry.get("special"))) for flag in ADDED_TOKEN_FLAGS}
         for entry in data.get("added_tokens") or []
     }
-    model = data.get("model") or {}
     spec = VocabSpec(vocab, added, roles, detect_convention(data), bool(model.get("byte_fallback", False)))
     return TokenizerSource(
         directory,
@@ -1257,7 +1311,6 @@ def read_tokenizer(path: Path, *, build_library: bool = True) -> TokenizerSource
         read_optional_json(directory / "generation_config.json"),
         on_disk,
         text,
-        library,
     )
 
 
@@ -1298,21 +1351,44 @@ def _background_child(sender: Any, fn: Callable[..., Any], args: tuple[Any, ...]
         sender.send((False, exc))
 
 
+def model_only_tokenizer(src: TokenizerSource, texts: Sequence[str]) -> Any:
+    """The source tokenizer's model alone (its added tokens still split the text), for
+    texts already spelled as the model sees them. A whole 128k-token BPE costs ~0.2 s of
+    CPU to build; when the texts are few, only the entries they can reach are built
+    (bpe_model_for_words), which encodes them the same (tests/test_init.py)."""
+    from tokenizers import Tokenizer
+
+    model = src.tokenizer_json.get("model") or {}
+    joined = "\0".join(texts)
+    prunable = (
+        model.get("type") == "BPE"
+        and isinstance(model.get("vocab"), Mapping)
+        and isinstance(model.get("merges"), list)
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+        and sum(len(text) ** 2 for text in texts) <= FVT_PRUNE_MAX_SUBSTRINGS
+        and not any(entry.get("content", "") in joined for entry in src.tokenizer_json.get("added_tokens") or [])
+    )
+    try:
+        if prunable:
+            pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
+            pruned = {**src.tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merge_results(pairs), texts)}
+            tokenizer = Tokenizer.from_str(json.dumps(pruned))
+        else:
+            tokenizer = Tokenizer.from_str(src.text)
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise CliError(f"{src.directory}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = None
+    tokenizer.post_processor = None
+    return tokenizer
+
+
 def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSource) -> dict[str, tuple[int, ...]]:
     """For each base token, the source ids that spell the same bytes: the token's bytes
     written in the source's convention and run through the source's model alone (no
     normalizer or pre-tokenizer: the bytes are already what the model sees). One
-    `encode_batch` call, so 100k tokens take about a second. Strips the source's library
-    tokenizer in place (rebuilding a 128k-token BPE costs 0.3 s); nothing needs it after."""
-    if src.library is None:
-        from tokenizers import Tokenizer
-
-        model_only = Tokenizer.from_str(src.text)
-    else:
-        model_only = src.library
-    model_only.normalizer = None
-    model_only.pre_tokenizer = None
-    model_only.post_processor = None
+    `encode_batch` call, so 100k tokens take about a second."""
     spec = src.spec
     pieces_of_token: list[list[tuple[str | None, int | None]]] = []
     texts: list[str] = []
@@ -1323,7 +1399,7 @@ def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSou
             pieces = [(spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte) for text, byte in utf8_pieces(data)]
         pieces_of_token.append(pieces)
         texts += [text for text, _ in pieces if text]
-    encoded = iter(model_only.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
+    encoded = iter(model_only_tokenizer(src, texts).encode_batch(texts, add_special_tokens=False)) if texts else iter(())
     result: dict[str, tuple[int, ...]] = {}
     for token, pieces in zip(tokens, pieces_of_token):
         ids: list[int] = []
@@ -1600,157 +1676,124 @@ def read_exactly(path: Path, offset: int, view: memoryview, what: str) -> None:
 # ---- streaming writer ------------------------------------------------------------------
 
 
-def hash_range(digest: Any, path: Path, offset: int, length: int, stop: threading.Event | None = None) -> None:
-    """Feed `length` bytes of a file from `offset` into `digest` through windows mapped over
-    the page cache: no copy into this process, and the window bounds the resident memory."""
-    import mmap
-
-    with path.open("rb", buffering=0) as handle:
-        while length:
-            if stop is not None and stop.is_set():
-                raise InterruptedError("stopped")
-            aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-            size = min(length, HASH_WINDOW_BYTES)
-            with mmap.mmap(handle.fileno(), offset + size - aligned, access=mmap.ACCESS_READ, offset=aligned) as window:
-                with memoryview(window) as view:
-                    digest.update(view[offset - aligned :])
-            offset, length = offset + size, length - size
-
-
-def planned_digest(entries: Sequence[TensorEntry], stop: threading.Event) -> str:
-    """sha256 of a shard that only passes source tensors through, computed from the plan
-    and the source files. It needs nothing of the output, so every such shard is hashed
-    on a free core while the writer is still busy elsewhere."""
-    digest = hashlib.sha256(safetensors_header(entries, {"format": "pt"}))
-    for entry in entries:
-        hash_range(digest, Path(entry.file or ""), entry.start, entry.nbytes, stop)
-    return digest.hexdigest()
-
-
-class FileHasher:
-    """sha256 of a shard with rebuilt rows, on a thread of its own, fed in file order with
-    the bytes the writer wrote and the source ranges the kernel copied."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
-        self.digest: str | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        digest = hashlib.sha256()
-        try:
-            while True:
-                item = self.queue.get()
-                if item is None:
-                    break
-                if isinstance(item, tuple):  # (source file, offset, length) copied by the kernel
-                    hash_range(digest, *item)
-                else:
-                    digest.update(item)
-            self.digest = digest.hexdigest()
-        except BaseException as exc:  # handed to the writer
-            self.error = exc
-            while True:  # unblock a writer stuck on a full queue
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
-
-    def put(self, item: Any) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def result(self) -> str:
-        self.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.digest is not None
-        return self.digest
-
-    def abort(self) -> None:
-        """Stop the thread whatever it was given (after an error elsewhere)."""
-        while True:
-            try:
-                self.queue.put_nowait(None)
-                break
-            except queue.Full:
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    pass
-        self.thread.join()
-
-
-def write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
-        written = os.write(fd, data)
-        data = data[written:]
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def direct_io(fd: int) -> bool:
+    """Switch a file to O_DIRECT where the system and the file system allow it (Linux on
+    ext4, xfs, btrfs...; not tmpfs or macOS): writes then go from this process's buffer to
+    the disk, with no copy into the page cache. That copy was the largest CPU cost of a
+    remap (perf: a quarter of all samples), and a 70B model written through the page cache
+    also evicts everything else from it."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 class ShardWriter:
-    """Writes one safetensors file: header first (every shape is known from the plan),
-    then each tensor's bytes. Pass-through tensors are copied by the kernel
-    (copy_file_range: no trip through this process). A FileHasher, if given, sees every
-    byte in file order. The file stays open until sync_and_close()."""
+    """Writes one safetensors file and its sha256 as it goes: header first (every shape is
+    known from the plan), then each tensor's bytes, through one page-aligned buffer of
+    COPY_CHUNK_BYTES written out whole (O_DIRECT needs aligned offsets and lengths; the last
+    block is padded, then the file cut to size). A pass-through tensor is read from the
+    source straight into the buffer and hashed there, never decoded: one pass over the
+    bytes. Setting `stop` makes the next chunk raise InterruptedError. finish(), then
+    sync_and_close()."""
 
-    def __init__(self, path: Path, entries: Sequence[TensorEntry], hasher: FileHasher | None, progress: Any) -> None:
-        self.path, self.hasher, self.progress = path, hasher, progress
-        self.position = 0
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], progress: Any, stop: threading.Event | None = None) -> None:
+        import mmap
+
+        self.path, self.progress, self.stop = path, progress, stop
+        self.position = 0  # bytes of the file so far, those in the buffer included
+        self.filled = 0  # bytes in the buffer, which go at offset position - filled
+        self.digest = hashlib.sha256()
+        self.buffer = memoryview(mmap.mmap(-1, COPY_CHUNK_BYTES))
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.direct = direct_io(self.fd)
         try:
             self.write(safetensors_header(entries, {"format": "pt"}))
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise InterruptedError(f"{self.path.name}: stopped")
+
+    def _appended(self, count: int) -> None:
+        self.digest.update(self.buffer[self.filled : self.filled + count])
+        self.filled += count
+        self.position += count
+        self.progress.update(count)
+        if self.filled == len(self.buffer):
+            self._flush(self.filled)
+
+    def _flush(self, length: int) -> None:
+        offset = self.position - self.filled
+        try:
+            write_all(self.fd, self.buffer[:length], offset)
+        except OSError as exc:  # a file system that takes the O_DIRECT flag but not these writes
+            if not self.direct or exc.errno != errno.EINVAL:
+                raise
+            import fcntl
+
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+            write_all(self.fd, self.buffer[:length], offset)
+        self.filled = 0
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
-        write_all(self.fd, view)
-        if self.hasher is not None:
-            self.hasher.put(view)
-        self.progress.update(len(view))
-        self.position += len(view)
+        while view:
+            self._check_stop()
+            count = min(len(view), len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + count] = view[:count]
+            self._appended(count)
+            view = view[count:]
 
     def copy_range(self, source: Path, start: int, nbytes: int) -> None:
-        """Pass a tensor through unchanged: raw bytes from the source file, never decoded."""
+        """Pass a tensor through unchanged: raw bytes from the source file."""
         with source.open("rb", buffering=0) as handle:
             done = 0
             while done < nbytes:
-                count = min(nbytes - done, 1 << 30)
-                try:
-                    got = os.copy_file_range(handle.fileno(), self.fd, count, start + done)
-                except (AttributeError, OSError) as exc:  # no copy_file_range here, or not across these files
-                    if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    data = os.pread(handle.fileno(), min(count, COPY_CHUNK_BYTES), start + done)
-                    if not data:
-                        raise CliError(f"{source}: ends inside a tensor; the file is truncated: re-download it") from None
-                    self.write(data)
-                    done += len(data)
-                    continue
+                self._check_stop()
+                room = self.buffer[self.filled : self.filled + min(len(self.buffer) - self.filled, nbytes - done)]
+                got = os.preadv(handle.fileno(), [room], start + done)
                 if got == 0:
                     raise CliError(f"{source}: ends inside a tensor; the file is truncated: re-download it")
-                if self.hasher is not None:
-                    self.hasher.put((source, start + done, got))
-                self.progress.update(got)
-                self.position += got
+                self._appended(got)
                 done += got
 
-    def sync_and_close(self) -> None:
+    def finish(self) -> None:
+        """Write out what the buffer holds: the file is then complete, read it back at will."""
+        if self.filled and self.direct:
+            padded = -(-self.filled // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+            self.buffer[self.filled : padded] = bytes(padded - self.filled)
+            self._flush(padded)
+            os.ftruncate(self.fd, self.position)
+        elif self.filled:
+            self._flush(self.filled)
+
+    def sync_and_close(self) -> str:
+        """fsync, close; the file's sha256."""
         try:
             os.fsync(self.fd)
         finally:
+            self.close()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
 
 class NoProgress:
@@ -1761,12 +1804,26 @@ class NoProgress:
         pass
 
 
+class SharedProgress:
+    """A tqdm bar that several writer threads update."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.lock = bar, threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self.lock:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def progress_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", file=sys.stderr, leave=False)
+    return SharedProgress(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", file=sys.stderr, leave=False))
 
 
 @dataclass
@@ -1833,65 +1890,61 @@ def write_shards(
     show_progress: bool,
 ) -> tuple[dict[str, str], int]:
     """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified).
-    Each vocabulary tensor is read back from the written file while its source rows are
-    still in memory, and every copied row compared bit for bit (SelfCheckError); that check
-    runs on a thread while the next tensors are written. Shards that only pass tensors
-    through are hashed from the plan on the other cores meanwhile."""
+    Shards are written side by side, one per core (reading, hashing and the numpy row
+    work release the GIL), vocabulary shards first since they take longest. Each
+    vocabulary tensor is read back once written and every copied row compared bit for bit
+    with its source row (SelfCheckError). The first error stops every writer."""
     progress = progress_bar(shard_plan.total_size, show_progress)
-    verified = 0
-    pending: Future[int] | None = None
     stop = threading.Event()
-    hashers: dict[str, FileHasher] = {}
-    writers: list[ShardWriter] = []
-    pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)), thread_name_prefix="sha256")
-    checker = ThreadPoolExecutor(1, thread_name_prefix="verify")
-    try:
-        planned = {
-            file: pool.submit(planned_digest, entries, stop)
-            for file, entries in zip(shard_plan.files, shard_plan.tensors)
-            if ckpt.kind == "safetensors" and not any(entry.vocab_role for entry in entries)
-        }
-        for file, entries in zip(shard_plan.files, shard_plan.tensors):
-            if file not in planned:
-                hashers[file] = FileHasher(out / file)
-            writer = ShardWriter(out / file, entries, hashers.get(file), progress)
-            writers.append(writer)
-            for entry in entries:
-                if entry.vocab_role is None and ckpt.kind == "safetensors":
-                    writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
-                    continue
-                if entry.vocab_role is None:
-                    writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
-                    continue
-                ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
-                if entry.dtype in FLOAT_DTYPES:
-                    warn_nonfinite(ctx, entry.name, src_token_of_id)
-                elif any(s < 0 for s in plan.row_source):
-                    raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
+    writers: list[ShardWriter] = []  # every file opened, closed at the end whatever happens
+
+    def write_shard(file: str, entries: Sequence[TensorEntry]) -> tuple[ShardWriter, int]:
+        writer = ShardWriter(out / file, entries, progress, stop)
+        writers.append(writer)
+        written: list[tuple[int, np.ndarray, str]] = []  # vocabulary tensors, to read back
+        for entry in entries:
+            if entry.vocab_role is None and ckpt.kind == "safetensors":
+                writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
+            elif entry.vocab_role is None:
+                writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
+            else:
                 start = writer.position
-                for chunk in vocab_chunks(ctx, plan):
-                    writer.write(chunk)
-                if pending is not None:
-                    verified += pending.result()
-                pending = checker.submit(verify_copied_rows, out / file, start, ctx.matrix, plan, entry.name)
-        if pending is not None:
-            verified += pending.result()
-        digests = {file: hasher.result() for file, hasher in hashers.items()}
-        digests.update({file: future.result() for file, future in planned.items()})
-        while writers:
-            writers.pop(0).sync_and_close()
-        return digests, verified
+                written.append((start, write_vocab_tensor(writer, ckpt, entry, plan, src_token_of_id), entry.name))
+        writer.finish()
+        return writer, sum(verify_copied_rows(out / file, start, matrix, plan, name) for start, matrix, name in written)
+
+    pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(shard_plan.files), MAX_WRITER_THREADS)), thread_name_prefix="shard")
+    try:
+        futures = {file: pool.submit(write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
+        wait(futures.values(), return_when=FIRST_EXCEPTION)
+        failed = next((future.exception() for future in futures.values() if future.done() and future.exception()), None)
+        if failed is not None:
+            raise failed
+        results = {file: future.result() for file, future in futures.items()}
+        # fsync last, all at once: a writer thread waiting for the disk would leave its core idle
+        digests = dict(zip(results, pool.map(lambda result: result[0].sync_and_close(), results.values())))
     except BaseException:
         stop.set()
-        for hasher in hashers.values():
-            hasher.abort()
-        for writer in writers:
-            os.close(writer.fd)
         raise
     finally:
-        pool.shutdown(cancel_futures=True)
-        checker.shutdown(cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        for writer in writers:
+            writer.close()
         progress.close()
+    return digests, sum(verified for _, verified in results.values())
+
+
+def write_vocab_tensor(writer: ShardWriter, ckpt: Checkpoint, entry: TensorEntry, plan: RemapPlan, src_token_of_id: Mapping[int, str]) -> np.ndarray:
+    """Write a vocabulary tensor's rows in output order, chunk by chunk; returns the
+    source matrix (memory-mapped) for the read-back check."""
+    ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
+    if entry.dtype in FLOAT_DTYPES:
+        warn_nonfinite(ctx, entry.name, src_token_of_id)
+    elif any(s < 0 for s in plan.row_source):
+        raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
+    for chunk in vocab_chunks(ctx, plan):
+        writer.write(chunk)
+    return ctx.matrix
 
 
 def verify_copied_rows(path: Path, offset: int, source: np.ndarray, plan: RemapPlan, name: str) -> int:
@@ -2217,8 +2270,8 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             f"the tensors are right (transformers cannot load this checkpoint as is): set vocab_size to {vocab.rows}"
         )
     phase("checkpoint headers read")
-    base = read_tokenizer(base_path, build_library=False)
-    base_library_ids = Background(library_added_ids, base.text, base.directory)
+    base = read_tokenizer(base_path)
+    base_loads = Background(check_library_loads, base.text, base.directory)
     src = read_tokenizer(src_dir)
     phase("tokenizers read")
     match_mode = effective_match_mode(opts.match, base.spec, src.spec)
@@ -2268,7 +2321,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         for example in report["plan"]["initialised"][: opts.init_report]:
             log.info("init %-18s %r <- %s", example["rule"], example["token"], " + ".join(repr(t) for t in example["from"]) or "-")
     appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
-    check_added_ids(base.spec.vocab, base_library_ids.result(), base.directory)
+    base_loads.result()
     # The patched tokenizer is built and checked in a forked worker while the shards are
     # written (0.5 s of GIL-bound work for a 128k-token BPE).
     patched_job = Background(patched_tokenizer, base.tokenizer_json, plan, appended_added, base.spec.convention, base.spec.byte_fallback) if plan.mode == "append" and plan.appended else None
@@ -2658,6 +2711,20 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: two 128k-token tokenizers make ~10^6 objects
+    that all live on, so the collections they would trigger free nothing and cost ~10 %
+    of a run's preparation."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -2665,8 +2732,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc} (see --help)", file=sys.stderr)
         return 2
     configure_logging(args.debug)
+    # numpy's OpenBLAS threads spin for ~0.1 s of CPU once started; nothing here multiplies
+    # matrices, and the writer threads want every core (no effect once numpy is imported)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
-        return run(args)
+        with collection_paused():
+            return run(args)
     except CliError as exc:
         if args.debug:
             log.exception("traceback")

@@ -37,7 +37,7 @@ def main() -> None:
     src_dir = synthetic.write_tokenizer_dir(args.workdir / "src", synthetic.synthetic_tokenizer(regular=args.tokens, seed=10))
     base_dir = synthetic.write_tokenizer_dir(args.workdir / "base", synthetic.synthetic_tokenizer(regular=args.tokens, seed=20))
     src = rt.read_tokenizer(src_dir)
-    base = rt.read_tokenizer(base_dir, build_library=False)
+    base = rt.read_tokenizer(base_dir)
     missing = [t for t in base.spec.vocab if t not in src.spec.vocab and t not in base.spec.added][: args.missing]
     started = time.perf_counter()
     decompositions = rt.fvt_decompositions(missing, base.spec, src)

@@ -365,11 +365,11 @@ def test_disk_full_while_writing(capsys, model: Path, base: Path, tmp_path: Path
     real = rt.write_all
     calls = {"n": 0}
 
-    def full(fd: int, data: memoryview) -> None:
+    def full(fd: int, data: memoryview, offset: int) -> None:
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(28, "No space left on device")
-        real(fd, data)
+        real(fd, data, offset)
 
     monkeypatch.setattr(rt, "write_all", full)
     check(capsys, rt.main, remap_args(model, base, tmp_path / "out", "--max-shard-size", "20KB"), mentions=["disk full", "nothing was left behind"], sources=[model, base], out=tmp_path / "out")

@@ -157,3 +157,31 @@ def test_conventions_resolve_to_the_same_bytes(token: str, convention: str, fall
     assert data in (b" the", b" ")
     if token == "<0x20>":
         assert data + rt.token_bytes("the", "metaspace", True) == b" the"
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-level, ignore_merges", "SentencePiece-style"])
+def test_fvt_model_built_for_the_texts_encodes_them_as_the_whole_model_does(tmp_path: Path, kind: str) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tokenizer_json = {
+        "byte-level": lambda: factories.byte_level_bpe(),
+        "byte-level, ignore_merges": lambda: factories.byte_level_bpe(ignore_merges=True),
+        "SentencePiece-style": lambda: factories.metaspace_bpe(),
+    }[kind]()
+    src = rt.read_tokenizer(factories.write_tokenizer(tmp_path / "src", tokenizer_json))
+    whole = Tokenizer.from_str(src.text)
+    whole.normalizer, whole.pre_tokenizer, whole.post_processor = None, None, None
+    vocab = sorted(tokenizer_json["model"]["vocab"])
+    characters = sorted({char for token in vocab for char in token} | set("日é\n "))
+    texts = st.lists(st.lists(st.one_of(st.sampled_from(vocab), st.sampled_from(characters)), min_size=1, max_size=6).map("".join), min_size=1, max_size=20)
+
+    @given(texts)
+    @settings(max_examples=100, deadline=None)
+    def same_ids(batch: list[str]) -> None:
+        pruned = rt.model_only_tokenizer(src, batch)
+        if not any(added["content"] in text for added in tokenizer_json["added_tokens"] for text in batch):
+            assert pruned.get_vocab_size() < len(vocab)
+        assert [e.ids for e in pruned.encode_batch(batch, add_special_tokens=False)] == [e.ids for e in whole.encode_batch(batch, add_special_tokens=False)]
+
+    same_ids()

@@ -3,10 +3,13 @@ safetensors headers and the row arithmetic."""
 
 from __future__ import annotations
 
-import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -205,41 +208,36 @@ def tensor_sets(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     return result
 
 
-@given(tensor_sets())
+@given(tensor_sets(), st.booleans(), st.sampled_from([4096, 8192, 2**20]))
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, tensors: dict[str, torch.Tensor]) -> None:
+def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, tensors: dict[str, torch.Tensor], direct: bool, chunk: int) -> None:
+    """Through O_DIRECT (where the temporary directory's file system has it) and the page
+    cache, with buffers small enough that tensors straddle flushes."""
     directory = tmp_path_factory.mktemp("st")
+    direct = direct and supports_direct_io(directory)
     entries = [
         rt.TensorEntry(name, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors.items()
     ]
-    import threading
-
-    # half the tensors go through a file and the kernel copy path, half through write()
+    # half the tensors are copied from a file, half go through write()
     source = directory / "source.bin"
     blobs = {name: tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for name in tensors}
     source.write_bytes(b"".join(blobs.values()))
     offsets, position = {}, 0
     for name, blob in blobs.items():
         offsets[name], position = position, position + len(blob)
-    hasher = rt.FileHasher(directory / "x.safetensors")
-    writer = rt.ShardWriter(directory / "x.safetensors", entries, hasher, rt.NoProgress())
-    for i, entry in enumerate(entries):
-        if i % 2:
-            writer.copy_range(source, offsets[entry.name], entry.nbytes)
-        else:
-            writer.write(blobs[entry.name])
-    writer.sync_and_close()
-    digest = hasher.result()
     path = directory / "x.safetensors"
+    with mock.patch.object(rt, "COPY_CHUNK_BYTES", chunk), mock.patch.object(rt, "direct_io", lambda fd: direct and DIRECT_IO(fd)):
+        writer = rt.ShardWriter(path, entries, rt.NoProgress())
+        for i, entry in enumerate(entries):
+            if i % 2:
+                writer.copy_range(source, offsets[entry.name], entry.nbytes)
+            else:
+                writer.write(blobs[entry.name])
+        writer.finish()
+        assert writer.direct == direct
+        digest = writer.sync_and_close()
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    # a shard that only copies: its digest comes from the plan and the source alone
-    copied = [dataclasses.replace(e, file=source, start=offsets[e.name]) for e in entries]
-    only_copies = rt.ShardWriter(directory / "y.safetensors", copied, None, rt.NoProgress())
-    for entry in copied:
-        only_copies.copy_range(source, entry.start, entry.nbytes)
-    only_copies.sync_and_close()
-    assert rt.planned_digest(copied, threading.Event()) == hashlib.sha256((directory / "y.safetensors").read_bytes()).hexdigest()
     assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0
     loaded = load_file(str(path))
     assert loaded.keys() == tensors.keys()
@@ -248,6 +246,43 @@ def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, t
         assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
     header, _ = rt.read_safetensors_header(path)
     assert set(header) == set(tensors)
+
+
+DIRECT_IO = rt.direct_io
+
+
+def supports_direct_io(directory: Path) -> bool:
+    with (directory / "probe").open("wb") as handle:
+        supported = DIRECT_IO(handle.fileno())
+    (directory / "probe").unlink()
+    return supported
+
+
+def test_writer_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_path: Path, monkeypatch) -> None:
+    # Some file systems take the O_DIRECT flag and then refuse the writes (EINVAL).
+    real, refused = rt.write_all, []
+
+    def picky(fd: int, data: memoryview, offset: int) -> None:
+        if os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL):
+            refused.append(len(data))
+            if offset:  # a first block gets through, then the file system refuses
+                raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, data, offset)
+
+    if not supports_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system has no O_DIRECT")
+    monkeypatch.setattr(rt, "write_all", picky)
+    monkeypatch.setattr(rt, "COPY_CHUNK_BYTES", 4096)
+    payload = bytes(range(256)) * 40
+    entry = rt.TensorEntry("t", "U8", (len(payload),), len(payload))
+    writer = rt.ShardWriter(tmp_path / "x.safetensors", [entry], rt.NoProgress())
+    assert writer.direct
+    writer.write(payload)
+    writer.finish()
+    digest = writer.sync_and_close()
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert refused and not writer.direct
+    assert data.endswith(payload) and digest == hashlib.sha256(data).hexdigest()
 
 
 def test_header_validation_rejects_overlaps_and_truncation() -> None:
