@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -1701,11 +1701,13 @@ def direct_io(fd: int) -> bool:
 
 class ShardWriter:
     """Writes one safetensors file and its sha256 as it goes: header first (every shape is
-    known from the plan), then each tensor's bytes, through one page-aligned buffer of
-    COPY_CHUNK_BYTES written out whole (O_DIRECT needs aligned offsets and lengths; the last
-    block is padded, then the file cut to size). A pass-through tensor is read from the
-    source straight into the buffer and hashed there, never decoded: one pass over the
-    bytes. Setting `stop` makes the next chunk raise InterruptedError. finish(), then
+    known from the plan), then each tensor's bytes. Bytes are gathered in page-aligned
+    buffers of COPY_CHUNK_BYTES that are written out whole (O_DIRECT needs aligned offsets
+    and lengths; the last block is padded, then the file cut to size) by a thread of the
+    writer's own, so that the disk writes one buffer while the next is filled: with
+    O_DIRECT a write returns only once the disk has the data. A pass-through tensor is read
+    from the source straight into the buffer and hashed there, never decoded: one pass over
+    the bytes. Setting `stop` makes the next chunk raise InterruptedError. finish(), then
     sync_and_close()."""
 
     def __init__(self, path: Path, entries: Sequence[TensorEntry], progress: Any, stop: threading.Event | None = None) -> None:
@@ -1715,7 +1717,9 @@ class ShardWriter:
         self.position = 0  # bytes of the file so far, those in the buffer included
         self.filled = 0  # bytes in the buffer, which go at offset position - filled
         self.digest = hashlib.sha256()
-        self.buffer = memoryview(mmap.mmap(-1, COPY_CHUNK_BYTES))
+        self.buffer, self.spare = (memoryview(mmap.mmap(-1, COPY_CHUNK_BYTES)) for _ in range(2))
+        self.writing: Future[None] | None = None  # the spare buffer's write
+        self.io = ThreadPoolExecutor(1, thread_name_prefix=f"write {path.name}")
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.direct = direct_io(self.fd)
         try:
@@ -1737,9 +1741,18 @@ class ShardWriter:
             self._flush(self.filled)
 
     def _flush(self, length: int) -> None:
-        offset = self.position - self.filled
+        """Hand the buffer's first `length` bytes to the write thread; go on in the spare
+        buffer once its own write is done."""
+        previous = self.writing
+        self.writing = self.io.submit(self._write_at, self.buffer[:length], self.position - self.filled)
+        if previous is not None:
+            previous.result()
+        self.buffer, self.spare = self.spare, self.buffer
+        self.filled = 0
+
+    def _write_at(self, data: memoryview, offset: int) -> None:
         try:
-            write_all(self.fd, self.buffer[:length], offset)
+            write_all(self.fd, data, offset)
         except OSError as exc:  # a file system that takes the O_DIRECT flag but not these writes
             if not self.direct or exc.errno != errno.EINVAL:
                 raise
@@ -1747,8 +1760,7 @@ class ShardWriter:
 
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             self.direct = False
-            write_all(self.fd, self.buffer[:length], offset)
-        self.filled = 0
+            write_all(self.fd, data, offset)
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -1773,14 +1785,18 @@ class ShardWriter:
                 done += got
 
     def finish(self) -> None:
-        """Write out what the buffer holds: the file is then complete, read it back at will."""
+        """Write out what the buffers hold: the file is then complete, read it back at will."""
         if self.filled and self.direct:
             padded = -(-self.filled // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
             self.buffer[self.filled : padded] = bytes(padded - self.filled)
             self._flush(padded)
-            os.ftruncate(self.fd, self.position)
         elif self.filled:
             self._flush(self.filled)
+        if self.writing is not None:
+            self.writing.result()
+            self.writing = None
+        if os.fstat(self.fd).st_size != self.position:
+            os.ftruncate(self.fd, self.position)
 
     def sync_and_close(self) -> str:
         """fsync, close; the file's sha256."""
@@ -1791,6 +1807,7 @@ class ShardWriter:
         return self.digest.hexdigest()
 
     def close(self) -> None:
+        self.io.shutdown(wait=True, cancel_futures=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
