@@ -93,7 +93,7 @@ DIRECT_IO_ALIGNMENT = 4096  # O_DIRECT offsets and lengths: a multiple of the lo
 MAX_WRITER_THREADS = 8
 ROW_CHUNK_BYTES = 8 * 2**20  # below glibc's largest mmap threshold, so chunk buffers are reused, not faulted in anew
 FVT_BATCH_ROWS = 512
-FVT_PRUNE_MAX_SUBSTRINGS = 300_000  # about: above it, listing the texts' substrings costs more than building the whole BPE
+FVT_PRUNE_MAX_SUBSTRINGS = 300_000  # sum of len(text)**2 over the FVT texts past which listing their substrings costs more than building the whole BPE
 LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
@@ -1885,8 +1885,8 @@ def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str
 
 def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
     """Every output tensor; vocabulary tensors (with their new row count) first, then the
-    rest in source order. The vocabulary rows are built while one core is free to hash
-    them, and the run ends with kernel copies whose hashing spreads over both cores."""
+    rest in source order: the shards that hold the vocabulary take longest to write (rows
+    built, then read back and checked), so they start first."""
     roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias"}
     entries = []
     for name, tensor in ckpt.tensors.items():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import compare_tokenizers as ct
 import factories
+import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS, SP_SPECIALS
 
 
@@ -417,6 +418,7 @@ def test_added_token_ids_are_the_ones_the_tokenizers_library_gives(model_tokens:
     document = {"version": "1.0", "added_tokens": entries, "model": {"type": "BPE", "vocab": model_vocab, "merges": []}}
     library = {token.content: token_id for token_id, token in Tokenizer.from_str(json.dumps(document)).get_added_tokens_decoder().items()}
     predicted = ct.library_added_token_ids(model_vocab, len(model_vocab), entries)
+    assert rt.library_added_token_ids(model_vocab, len(model_vocab), entries) == predicted  # the two scripts' copies
     if set(model_vocab.values()) == set(range(len(model_vocab))):
         assert predicted == library
     else:  # library versions number differently here, but check_library_ids decides the same
