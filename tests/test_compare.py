@@ -461,8 +461,15 @@ def whitespace_nfkc_bpe() -> dict:
     return data
 
 
+def legacy_merges(data: dict) -> dict:
+    """merges as "left right" strings, as tokenizers before 0.20 wrote them."""
+    data["model"]["merges"] = [" ".join(pair) for pair in data["model"]["merges"]]
+    return data
+
+
 FINGERPRINT_TOKENIZERS = {
     "byte-level": lambda: factories.byte_level_bpe(),
+    "byte-level, merges as strings": lambda: legacy_merges(factories.byte_level_bpe()),
     "byte-level, ignore_merges": lambda: factories.byte_level_bpe(ignore_merges=True),
     "SentencePiece-style, byte fallback": lambda: factories.metaspace_bpe(),
     "NFKC + lowercase, digits, prefix space": whitespace_nfkc_bpe,
