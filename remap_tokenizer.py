@@ -1684,10 +1684,10 @@ def write_all(fd: int, data: memoryview, offset: int) -> None:
 
 def direct_io(fd: int) -> bool:
     """Switch a file to O_DIRECT where the system and the file system allow it (Linux on
-    ext4, xfs, btrfs...; not tmpfs or macOS): writes then go from this process's buffer to
-    the disk, with no copy into the page cache. That copy was the largest CPU cost of a
-    remap (perf: a quarter of all samples), and a 70B model written through the page cache
-    also evicts everything else from it."""
+    ext4, xfs, btrfs and most others; macOS has no O_DIRECT): writes then go from this
+    process's buffer to the disk, with no copy into the page cache. That copy was the
+    largest CPU cost of a remap (perf: a quarter of all samples), and a 70B model written
+    through the page cache also evicts everything else from it."""
     if not hasattr(os, "O_DIRECT"):
         return False
     import fcntl
