@@ -1159,18 +1159,22 @@ def read_optional_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> Mapping[str, int]:
+    """The model's own token->id, added tokens not included, as the tokenizers library
+    reads it (a Unigram vocabulary is a list of [piece, score] pairs in id order)."""
+    raw = (tokenizer_json.get("model") or {}).get("vocab")
+    if isinstance(raw, list):
+        return {entry[0]: token_id for token_id, entry in enumerate(raw)}
+    if isinstance(raw, Mapping):
+        return raw
+    raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+
+
 def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str, int]:
     """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
     refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
     id other than its vocabulary id."""
-    model = tokenizer_json.get("model") or {}
-    raw = model.get("vocab")
-    if isinstance(raw, list):  # Unigram: [piece, score] pairs in id order
-        vocab = {entry[0]: token_id for token_id, entry in enumerate(raw)}
-    elif isinstance(raw, Mapping):
-        vocab = dict(raw)
-    else:
-        raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+    vocab = dict(model_vocab_from_json(tokenizer_json, where))
     for added in tokenizer_json.get("added_tokens") or []:
         content, declared = added.get("content"), added.get("id")
         if not isinstance(content, str) or not isinstance(declared, int):
@@ -1287,7 +1291,7 @@ def read_tokenizer(path: Path) -> TokenizerSource:
         raise CliError(f"{file}: not a tokenizer.json (expected a JSON object)")
     vocab = vocab_from_json(data, file)
     model = data.get("model") or {}
-    model_vocab = model["vocab"] if isinstance(model["vocab"], Mapping) else {entry[0]: i for i, entry in enumerate(model["vocab"])}
+    model_vocab = model_vocab_from_json(data, file)
     check_added_ids(vocab, library_added_token_ids(model_vocab, len(model["vocab"]), data.get("added_tokens") or []), file)
     tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
     roles = read_special_tokens(data, tokenizer_config, read_optional_json(directory / "special_tokens_map.json"))
