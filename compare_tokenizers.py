@@ -1038,7 +1038,9 @@ def build_library_tokenizer(text: str, where: Path) -> Any:
         raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
 
 
-def encode_fingerprint(tokenizer_json: Mapping[str, Any], merges: Sequence[Sequence[str]] | None, raw: bytes, where: Path, sample: str = FINGERPRINT_SAMPLE) -> tuple[int, ...]:
+def encode_fingerprint(
+    tokenizer_json: Mapping[str, Any], merges: Sequence[Sequence[str]] | None, raw: bytes, where: Path, sample: str = FINGERPRINT_SAMPLE
+) -> tuple[int, ...]:
     """The ids the tokenizers library gives `sample` (no special tokens added).
 
     Building a whole 128k-token BPE costs ~0.2 s of CPU; a BPE that only holds the
@@ -1059,7 +1061,8 @@ def encode_fingerprint(tokenizer_json: Mapping[str, Any], merges: Sequence[Seque
         probe = build_library_tokenizer(json.dumps(probe_json), where)
         normalize = probe.normalizer.normalize_str if probe.normalizer is not None else (lambda text: text)
         normalized = normalize(sample)
-        contents = [entry.get("content") or "" for entry in tokenizer_json.get("added_tokens") or []]
+        # the library skips added tokens with empty content
+        contents = [entry["content"] for entry in tokenizer_json.get("added_tokens") or [] if entry.get("content")]
         if not any(content in sample or content in normalized or normalize(content) in normalized for content in contents):
             # The library refuses a merge of or into a token it does not know; the pruned
             # build no longer sees most merges, so they are checked here.

@@ -1371,7 +1371,7 @@ def model_only_tokenizer(src: TokenizerSource, texts: Sequence[str]) -> Any:
         and not model.get("continuing_subword_prefix")
         and not model.get("end_of_word_suffix")
         and sum(len(text) ** 2 for text in texts) <= FVT_PRUNE_MAX_SUBSTRINGS
-        and not any(entry.get("content", "") in joined for entry in src.tokenizer_json.get("added_tokens") or [])
+        and not any(entry.get("content") and entry["content"] in joined for entry in src.tokenizer_json.get("added_tokens") or [])
     )
     try:
         if prunable:
