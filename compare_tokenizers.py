@@ -37,13 +37,15 @@ from typing import Any, NoReturn
 
 log = logging.getLogger("compare_tokenizers")
 
-# --------------------------------------------------------------------------------------
-# 1. Constants and result types
-# --------------------------------------------------------------------------------------
+# >>> shared: identical in compare_tokenizers.py and remap_tokenizer.py
+# Each script works when copied alone, so the code both need is written out in both files;
+# tests/test_shared.py fails as soon as the two copies differ.
 
-JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
-SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
-ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+
+class CliError(Exception):
+    """An input or usage problem, reported as one `error: ...` line and exit code 2."""
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -56,7 +58,156 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 CONFIG_FILES = ("config.json", "generation_config.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    return bool(HUB_ID_RE.match(source)) and not source.startswith((".", "~")) and not source.endswith(".json")
+
+
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
+    if "@" in reference and not os.path.exists(reference):
+        path, _, revision = reference.rpartition("@")
+        return path, revision or None
+    return reference, None
+
+
+def file_in_model_dir(directory: Path, name: str, where: Path) -> Path:
+    """`directory/name` for a file name read from a file (a shard named by an index).
+    The name is judged, not where it leads: an absolute name, `..` or a subdirectory is
+    refused, while a file that is in the directory by name is read wherever its symlink
+    points (the Hub cache links every file into `blobs/`; users link shards to other disks)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        raise CliError(f"{where}: names the file {name!r}, which is not a plain file name inside the model directory; refusing to read it")
+    return directory / name
+
+
+def select_weight_files(filenames: Iterable[str]) -> tuple[str, list[str]]:
+    """Which files hold a checkpoint's weights: ("safetensors"|"bin", files). Prefers
+    safetensors, then the `model*` / `pytorch_model*` naming transformers writes (repos
+    often also carry `consolidated.safetensors` or `original/*.pth` copies)."""
+    names = sorted(set(filenames))
+    top = [n for n in names if "/" not in n]
+    for kind, index, pattern in (
+        ("safetensors", SAFETENSORS_INDEX, re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")),
+        ("safetensors", None, re.compile(r"^(?!consolidated).*\.safetensors$")),
+        ("bin", BIN_INDEX, re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")),
+    ):
+        if index is not None and index in top:
+            return kind, [index]
+        files = [n for n in top if pattern.match(n)]
+        if files:
+            return kind, files
+    return "none", []
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_failure(where: str, revision: str | None, exc: BaseException) -> str:
+    """One line that says why huggingface_hub could not give `where`, and what to do."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    causes = []
+    cause: BaseException | None = exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    token_hint = "set HF_TOKEN=hf_... or run `hf auth login`"
+    for cause in causes:
+        if isinstance(cause, GatedRepoError):
+            if os.environ.get("HF_TOKEN"):
+                return f"{where}: gated repository, and the token in HF_TOKEN has no access: accept its licence on the Hub with that account"
+            return f"{where}: gated repository: accept its licence on the Hub, then pass a token ({token_hint})"
+        if isinstance(cause, RevisionNotFoundError):
+            return f"{where}: the repository has no revision {revision!r}"
+        if isinstance(cause, RepositoryNotFoundError):
+            return f"{where}: neither a local directory nor a Hub repository (a private repo needs a token: {token_hint})"
+    if hub_offline():
+        return f"{where}: not a local directory, and not in the local Hub cache (HF_HUB_OFFLINE is set): download it once online or pass a local directory"
+    for cause in causes:
+        response = getattr(cause, "response", None)
+        if isinstance(cause, HfHubHTTPError) and response is not None:
+            return f"{where}: not in the local Hub cache, and {endpoint} answered HTTP {response.status_code}: try again later"
+        if "Connect" in type(cause).__name__ or "Timeout" in type(cause).__name__ or isinstance(cause, ConnectionError):
+            return f"{where}: neither a local directory nor a reachable Hub repo ({endpoint} cannot be reached, and it is not in the local Hub cache)"
+    return f"{where}: cannot fetch from the Hub ({type(exc).__name__}: {exc})".splitlines()[0]
+
+
+def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[str]) -> Path:
+    """A local path as is, or the folder of a Hub repo's snapshot in the Hugging Face cache
+    holding `allow_patterns` (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT
+    and HF_HOME; mergekit finds the same files there)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_hub_id(source):
+        raise CliError(f"{source}: no such file or directory")
+    from huggingface_hub import snapshot_download
+
+    where = f"{source}@{revision}" if revision else source
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns)))
+    except Exception as exc:  # huggingface_hub raises HTTP, OS, validation and cache errors
+        raise CliError(hub_failure(where, revision, exc)) from exc
+
+
+def show_hub_progress(show: bool) -> None:
+    """huggingface_hub's download bars write to stderr: on a terminal only, never with --json."""
+    if show:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_mergekit_config(path: Path) -> Any:
+    import yaml
+
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+# <<< shared
+
+# --------------------------------------------------------------------------------------
+# 1. Constants and result types
+# --------------------------------------------------------------------------------------
+
+JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 INPUT_EMBEDDING_SUFFIXES = (
@@ -81,10 +232,6 @@ FINGERPRINT_SAMPLE = (
     "e\u0301 n\u0303 a\u0308 combining marks; café naïve Ünïcödé ñ ß İ ﬁ\n"
     "Ελληνικά русский العربية हिन्दी עברית ไทย\n"
 )
-
-
-class CliError(Exception):
-    """An input or usage problem, reported as one `error: ...` line and exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -759,14 +906,6 @@ def parse_model_reference(value: Any) -> tuple[str, str | None, str | None]:
     return path, revision, (lora or None)
 
 
-def split_revision(reference: str) -> tuple[str, str | None]:
-    """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
-    if "@" in reference and not os.path.exists(reference):
-        path, _, revision = reference.rpartition("@")
-        return path, revision or None
-    return reference, None
-
-
 def mergekit_models(config: Any) -> tuple[str | None, list[Any]]:
     """Every model reference of a mergekit YAML, in order of appearance, and base_model."""
     if not isinstance(config, Mapping):
@@ -811,66 +950,6 @@ def dedupe(items: Sequence[Any]) -> list[Any]:
 # --------------------------------------------------------------------------------------
 # 3. I/O adapters: resolve sources, read tokenizers, configs and safetensors headers
 # --------------------------------------------------------------------------------------
-
-
-def looks_like_hub_id(source: str) -> bool:
-    return bool(HUB_ID_RE.match(source)) and not source.startswith((".", "~")) and not source.endswith(".json")
-
-
-def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[str]) -> Path:
-    """A local path as is, or a Hub repo's snapshot holding only `allow_patterns`
-    (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE and the local cache)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if not looks_like_hub_id(source):
-        raise CliError(f"{source}: no such file or directory")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HfHubHTTPError,
-            HFValidationError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a requirement
-        raise CliError(f"{source}: not a local path, and huggingface_hub is not installed") from exc
-    where = f"{source}@{revision}" if revision else source
-    try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns)))
-    except LocalEntryNotFoundError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub is unreachable and it is not in the local cache"
-        raise CliError(f"{where}: not a local path; {reason} (download it first or pass a local directory)") from exc
-    except GatedRepoError as exc:
-        raise CliError(f"{where}: gated repository; accept its licence on the Hub and set HF_TOKEN") from exc
-    except RepositoryNotFoundError as exc:
-        raise CliError(f"{where}: no such local path or Hub repository (private? set HF_TOKEN)") from exc
-    except RevisionNotFoundError as exc:
-        raise CliError(f"{where}: the repository has no revision {revision!r}") from exc
-    except (HFValidationError, HfHubHTTPError, OSError) as exc:
-        raise CliError(f"{where}: cannot fetch from the Hub: {exc}".splitlines()[0]) from exc
-
-
-def read_json(path: Path) -> Any:
-    try:
-        with path.open("rb") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
-
-
-def read_optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: expected a JSON object")
-    return data
 
 
 def tokenizer_json_via_transformers(directory: Path) -> str:
@@ -1021,11 +1100,11 @@ class ResolvedSource:
     tokenizer_file: Path | None
 
 
-def resolve_tokenizer(source: str, revision: str | None, *, weights: bool) -> ResolvedSource:
+def resolve_tokenizer(source: str, revision: str | None) -> ResolvedSource:
     name, inline_revision = split_revision(source)
     revision = inline_revision or revision
-    patterns = [*TOKENIZER_FILES, *CONFIG_FILES] + (["*.safetensors.index.json"] if weights else [])
-    directory, tokenizer_file = find_tokenizer_dir(resolve_source(name, revision, patterns))
+    # safetensors headers of a repo are read over HTTP (hub_safetensors_shapes): no weights here
+    directory, tokenizer_file = find_tokenizer_dir(resolve_source(name, revision, [*TOKENIZER_FILES, *CONFIG_FILES]))
     return ResolvedSource(source, name, revision, directory, tokenizer_file)
 
 
@@ -1194,11 +1273,31 @@ def pick_vocab_tensor(shapes: Mapping[str, Sequence[int]], suffixes: Sequence[st
     return min(candidates, key=lambda name: (name.count("."), len(name))) if candidates else None
 
 
+def local_safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files that hold a local checkpoint: the shards its index names
+    (only plain names inside the directory), else the weight files beside it."""
+    kind, names = select_weight_files(p.name for p in directory.iterdir() if p.is_file())
+    if kind != "safetensors":
+        return []
+    if names[0] != SAFETENSORS_INDEX:
+        return [directory / name for name in names]
+    index_path = directory / SAFETENSORS_INDEX
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CliError(f"{index_path}: no weight_map; re-download the file")
+    files = [file_in_model_dir(directory, str(name), index_path) for name in dict.fromkeys(weight_map.values())]
+    for file in files:
+        if not file.is_file():
+            raise CliError(f"{index_path}: names shard {file.name!r}, which is missing; re-download the model")
+    return files
+
+
 def read_weights_info(directory: Path, name: str, revision: str | None, config: Mapping[str, Any]) -> WeightsInfo | None:
     nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
     config_vocab = config.get("vocab_size", nested.get("vocab_size"))
     shapes: dict[str, Sequence[int]] = {}
-    files = sorted(directory.glob("*.safetensors"))
+    files = local_safetensors_files(directory)
     if files:
         for file in files:
             shapes.update({key: value.get("shape", ()) for key, value in read_safetensors_header(file).items()})
@@ -1229,18 +1328,6 @@ def hub_safetensors_shapes(repo_id: str, revision: str | None) -> dict[str, Sequ
         log.warning("%s: cannot read safetensors headers from the Hub (%s); using config.json", repo_id, str(exc).splitlines()[0])
         return {}
     return {name: info.shape for file in metadata.files_metadata.values() for name, info in file.tensors.items()}
-
-
-def read_mergekit_config(path: Path) -> Any:
-    import yaml
-
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -1320,7 +1407,7 @@ def run(args: argparse.Namespace) -> int:
         sources = args.sources
         if len(sources) < 2:
             raise CliError("need a reference and at least one other tokenizer (or --mergekit-config FILE)")
-    resolved = [resolve_tokenizer(source, args.revision, weights=args.weights) for source in sources]
+    resolved = [resolve_tokenizer(source, args.revision) for source in sources]
     infos = read_tokenizer_infos(resolved, args.weights)
     ref = infos[0]
     comparisons = [compare(ref, other, strict=args.strict, head=args.head) for other in infos[1:]]
@@ -1348,6 +1435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc} (see --help)", file=sys.stderr)
         return 2
     configure_logging(args.debug)
+    show_hub_progress(sys.stderr.isatty() and not args.json)
     try:
         with collection_paused():
             return run(args)

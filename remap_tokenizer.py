@@ -49,16 +49,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remap_tokenizer")
 
-# --------------------------------------------------------------------------------------
-# 1. Constants and result types
-# --------------------------------------------------------------------------------------
+# >>> shared: identical in compare_tokenizers.py and remap_tokenizer.py
+# Each script works when copied alone, so the code both need is written out in both files;
+# tests/test_shared.py fails as soon as the two copies differ.
 
-REPORT_NAME = "remap_report.json"
-REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
-SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
-ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
-INIT_METHODS = ("fvt", "mean", "unk", "zero")
-MATCH_MODES = ("auto", "exact", "bytes")
+
+class CliError(Exception):
+    """An input or usage problem, reported as one `error: ...` line and exit code 2."""
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -70,14 +69,164 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-# Files only a slow (Python) tokenizer reads: in append mode they would disagree with
-# the patched tokenizer.json, so they are left out.
-SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
 CONFIG_FILES = ("config.json", "generation_config.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pkl", ".ot")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    return bool(HUB_ID_RE.match(source)) and not source.startswith((".", "~")) and not source.endswith(".json")
+
+
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
+    if "@" in reference and not os.path.exists(reference):
+        path, _, revision = reference.rpartition("@")
+        return path, revision or None
+    return reference, None
+
+
+def file_in_model_dir(directory: Path, name: str, where: Path) -> Path:
+    """`directory/name` for a file name read from a file (a shard named by an index).
+    The name is judged, not where it leads: an absolute name, `..` or a subdirectory is
+    refused, while a file that is in the directory by name is read wherever its symlink
+    points (the Hub cache links every file into `blobs/`; users link shards to other disks)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        raise CliError(f"{where}: names the file {name!r}, which is not a plain file name inside the model directory; refusing to read it")
+    return directory / name
+
+
+def select_weight_files(filenames: Iterable[str]) -> tuple[str, list[str]]:
+    """Which files hold a checkpoint's weights: ("safetensors"|"bin", files). Prefers
+    safetensors, then the `model*` / `pytorch_model*` naming transformers writes (repos
+    often also carry `consolidated.safetensors` or `original/*.pth` copies)."""
+    names = sorted(set(filenames))
+    top = [n for n in names if "/" not in n]
+    for kind, index, pattern in (
+        ("safetensors", SAFETENSORS_INDEX, re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")),
+        ("safetensors", None, re.compile(r"^(?!consolidated).*\.safetensors$")),
+        ("bin", BIN_INDEX, re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")),
+    ):
+        if index is not None and index in top:
+            return kind, [index]
+        files = [n for n in top if pattern.match(n)]
+        if files:
+            return kind, files
+    return "none", []
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_failure(where: str, revision: str | None, exc: BaseException) -> str:
+    """One line that says why huggingface_hub could not give `where`, and what to do."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    causes = []
+    cause: BaseException | None = exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    token_hint = "set HF_TOKEN=hf_... or run `hf auth login`"
+    for cause in causes:
+        if isinstance(cause, GatedRepoError):
+            if os.environ.get("HF_TOKEN"):
+                return f"{where}: gated repository, and the token in HF_TOKEN has no access: accept its licence on the Hub with that account"
+            return f"{where}: gated repository: accept its licence on the Hub, then pass a token ({token_hint})"
+        if isinstance(cause, RevisionNotFoundError):
+            return f"{where}: the repository has no revision {revision!r}"
+        if isinstance(cause, RepositoryNotFoundError):
+            return f"{where}: neither a local directory nor a Hub repository (a private repo needs a token: {token_hint})"
+    if hub_offline():
+        return f"{where}: not a local directory, and not in the local Hub cache (HF_HUB_OFFLINE is set): download it once online or pass a local directory"
+    for cause in causes:
+        response = getattr(cause, "response", None)
+        if isinstance(cause, HfHubHTTPError) and response is not None:
+            return f"{where}: not in the local Hub cache, and {endpoint} answered HTTP {response.status_code}: try again later"
+        if "Connect" in type(cause).__name__ or "Timeout" in type(cause).__name__ or isinstance(cause, ConnectionError):
+            return f"{where}: neither a local directory nor a reachable Hub repo ({endpoint} cannot be reached, and it is not in the local Hub cache)"
+    return f"{where}: cannot fetch from the Hub ({type(exc).__name__}: {exc})".splitlines()[0]
+
+
+def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[str]) -> Path:
+    """A local path as is, or the folder of a Hub repo's snapshot in the Hugging Face cache
+    holding `allow_patterns` (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT
+    and HF_HOME; mergekit finds the same files there)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_hub_id(source):
+        raise CliError(f"{source}: no such file or directory")
+    from huggingface_hub import snapshot_download
+
+    where = f"{source}@{revision}" if revision else source
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns)))
+    except Exception as exc:  # huggingface_hub raises HTTP, OS, validation and cache errors
+        raise CliError(hub_failure(where, revision, exc)) from exc
+
+
+def show_hub_progress(show: bool) -> None:
+    """huggingface_hub's download bars write to stderr: on a terminal only, never with --json."""
+    if show:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_mergekit_config(path: Path) -> Any:
+    import yaml
+
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+# <<< shared
+
+# --------------------------------------------------------------------------------------
+# 1. Constants and result types
+# --------------------------------------------------------------------------------------
+
+REPORT_NAME = "remap_report.json"
+REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+INIT_METHODS = ("fvt", "mean", "unk", "zero")
+MATCH_MODES = ("auto", "exact", "bytes")
+# Files only a slow (Python) tokenizer reads: in append mode they would disagree with
+# the patched tokenizer.json, so they are left out.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pkl", ".ot")
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 DTYPE_SIZES = {
@@ -98,10 +247,6 @@ LIST_CAP = 50  # entries per list in remap_report.json; counts are always comple
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
 MEAN_ROW, ZERO_ROW, FVT_ROW = -1, -2, -3
-
-
-class CliError(Exception):
-    """An input or usage problem, reported as one `error: ...` line and exit code 2."""
 
 
 class SelfCheckError(Exception):
@@ -653,35 +798,6 @@ def validate_safetensors_header(header: Mapping[str, Any], data_size: int, where
         raise CliError(f"{where}: tensors need {position} bytes of data but the file holds {data_size}: truncated download? re-download it")
 
 
-def select_weight_files(filenames: Iterable[str]) -> tuple[str, list[str]]:
-    """Which files hold a checkpoint's weights: ("safetensors"|"bin", files). Prefers
-    safetensors, then the `model*` / `pytorch_model*` naming transformers writes (repos
-    often also carry `consolidated.safetensors` or `original/*.pth` copies)."""
-    names = sorted(set(filenames))
-    top = [n for n in names if "/" not in n]
-    for kind, index, pattern in (
-        ("safetensors", SAFETENSORS_INDEX, re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")),
-        ("safetensors", None, re.compile(r"^(?!consolidated).*\.safetensors$")),
-        ("bin", BIN_INDEX, re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")),
-    ):
-        if index is not None and index in top:
-            return kind, [index]
-        files = [n for n in top if pattern.match(n)]
-        if files:
-            return kind, files
-    return "none", []
-
-
-def hub_allow_patterns(kind: str, files: Sequence[str]) -> list[str]:
-    """What to download of a model repo: its weights, configs and tokenizer files."""
-    weights = list(files)
-    if kind == "safetensors" and SAFETENSORS_INDEX in files:
-        weights += ["model-*.safetensors"]
-    if kind == "bin" and BIN_INDEX in files:
-        weights += ["pytorch_model-*.bin"]
-    return [*weights, *CONFIG_FILES, *TOKENIZER_FILES]
-
-
 # ---- row math (numpy) ----------------------------------------------------------------
 
 NONFINITE_MASK = {"F64": (8, 0x7FF0000000000000), "F32": (4, 0x7F800000), "F16": (2, 0x7C00), "BF16": (2, 0x7F80)}
@@ -967,14 +1083,6 @@ class ModelRef:
         return f"{text}+{self.lora}" if self.lora else text
 
 
-def split_revision(reference: str) -> tuple[str, str | None]:
-    """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
-    if "@" in reference and not os.path.exists(reference):
-        path, _, revision = reference.rpartition("@")
-        return path, revision or None
-    return reference, None
-
-
 def parse_model_reference(value: Any) -> ModelRef:
     """A mergekit model reference, as a string (`path@rev+lora`) or its dict form."""
     if isinstance(value, Mapping):
@@ -1087,76 +1195,6 @@ def aligned_name(ref: ModelRef, taken: set[str]) -> str:
 # --------------------------------------------------------------------------------------
 # 3. I/O adapters: sources, tokenizers, checkpoints, streaming writer, output directory
 # --------------------------------------------------------------------------------------
-
-
-def looks_like_hub_id(source: str) -> bool:
-    return bool(HUB_ID_RE.match(source)) and not source.startswith((".", "~")) and not source.endswith(".json")
-
-
-def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[str]) -> Path:
-    """A local path as is, or a Hub repo's snapshot holding only `allow_patterns`
-    (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE and the local cache)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if not looks_like_hub_id(source):
-        raise CliError(f"{source}: no such file or directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    where = f"{source}@{revision}" if revision else source
-    try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns)))
-    except LocalEntryNotFoundError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub is unreachable and it is not in the local cache"
-        raise CliError(f"{where}: not a local path; {reason} (download it first or pass a local directory)") from exc
-    except GatedRepoError as exc:
-        raise CliError(f"{where}: gated repository; accept its licence on the Hub and set HF_TOKEN") from exc
-    except RepositoryNotFoundError as exc:
-        raise CliError(f"{where}: no such local path or Hub repository (private? set HF_TOKEN)") from exc
-    except RevisionNotFoundError as exc:
-        raise CliError(f"{where}: the repository has no revision {revision!r}") from exc
-    except (HFValidationError, HfHubHTTPError, OSError) as exc:
-        raise CliError(f"{where}: cannot fetch from the Hub: {exc}".splitlines()[0]) from exc
-
-
-def model_allow_patterns(repo_id: str, revision: str | None) -> list[str]:
-    """Only the weights in one format, configs and tokenizer files of a model repo."""
-    try:
-        from huggingface_hub import HfApi
-
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-    except Exception:  # offline or unreachable: resolve_source reports it precisely
-        log.debug("cannot list %s; asking for every weight format", repo_id)
-        return ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *CONFIG_FILES, *TOKENIZER_FILES]
-    return hub_allow_patterns(*select_weight_files(files))
-
-
-def read_json(path: Path) -> Any:
-    try:
-        with path.open("rb") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
-
-
-def read_optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: expected a JSON object")
-    return data
 
 
 def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> Mapping[str, int]:
@@ -1436,14 +1474,6 @@ TORCH_DTYPE_NAMES = {
 }  # fmt: skip
 
 
-def inside(directory: Path, name: str, where: Path) -> Path:
-    """`directory/name`, refusing names that escape the directory (`../`, absolute)."""
-    path = (directory / name).resolve()
-    if Path(name).is_absolute() or directory.resolve() not in path.parents:
-        raise CliError(f"{where}: file name {name!r} points outside the model directory; refusing to read it")
-    return path
-
-
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header without __metadata__, absolute offset of the data) of a safetensors file."""
     try:
@@ -1479,13 +1509,13 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         expected = {str(k): str(v) for k, v in weight_map.items()}
         files = list(dict.fromkeys(expected.values()))
         for name in files:
-            if not inside(directory, name, index_path).is_file():
+            if not file_in_model_dir(directory, name, index_path).is_file():
                 raise CliError(f"{index_path}: names shard {name!r}, which is missing; re-download the model")
     if kind == "bin":
         return read_bin_checkpoint(directory, files, expected)
     tensors: dict[str, TensorEntry] = {}
     for name in files:
-        path = inside(directory, name, directory)
+        path = file_in_model_dir(directory, name, directory)
         header, data_start = read_safetensors_header(path)
         for tensor, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
@@ -1505,7 +1535,7 @@ def read_bin_checkpoint(directory: Path, files: Sequence[str], expected: Mapping
     tensors: dict[str, TensorEntry] = {}
     bin_tensors: dict[str, Any] = {}
     for name in files:
-        path = inside(directory, name, directory)
+        path = file_in_model_dir(directory, name, directory)
         try:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -2185,18 +2215,6 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     return ref.path
 
 
-def read_mergekit_config(path: Path) -> Any:
-    import yaml
-
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
-
-
 def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
     """What compare_tokenizers.py --weights would object to in the aligned configuration."""
     problems = []
@@ -2250,9 +2268,42 @@ class RemapOptions:
 
 
 def resolve_model(source: str, revision: str | None) -> Path:
-    if Path(source).expanduser().exists():
-        return Path(source).expanduser()
-    return resolve_source(source, revision, model_allow_patterns(source, revision) if looks_like_hub_id(source) else [])
+    """A local model directory as it is; for a Hub repo, the snapshot in the Hugging Face
+    cache holding its configs, tokenizer files and the weights in one format: the index
+    and exactly the shards it names (never a second format, `original/*.pth` or `.gguf`)."""
+    if Path(source).expanduser().exists() or not looks_like_hub_id(source):
+        return resolve_source(source, revision, [])
+    files = hub_repo_files(source, revision)
+    if files is None:  # offline or unlisted: what the cached snapshot holds decides
+        files = [p.name for p in resolve_source(source, revision, ["config.json"]).iterdir()]
+    _kind, weights = select_weight_files(files)
+    directory = resolve_source(source, revision, [*CONFIG_FILES, *TOKENIZER_FILES, *weights])
+    if weights and weights[0].endswith(".index.json"):
+        index_path = directory / weights[0]
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CliError(f"{index_path}: no weight_map; re-download the file")
+        shards = sorted({file_in_model_dir(directory, str(name), index_path).name for name in weight_map.values()})
+        # the snapshot folder is named by its commit: the shards come from the same commit
+        directory = resolve_source(source, directory.name, [*CONFIG_FILES, *TOKENIZER_FILES, *weights, *shards])
+    return directory
+
+
+def hub_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """The files of a Hub repo at a revision, from its model info; None when
+    the Hub cannot say (offline, unreachable, missing: resolve_source then says which).
+    Model info, not the tree listing: huggingface_hub retries a listing for ~20 s."""
+    if hub_offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, revision=revision)
+    except Exception as exc:  # every HTTP, connection and validation error alike
+        log.debug("cannot list %s: %s", repo_id, exc)
+        return None
+    return None if info.siblings is None else [sibling.rfilename for sibling in info.siblings]
 
 
 def describe_counts(plan_report: Mapping[str, Any]) -> str:
@@ -2753,6 +2804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc} (see --help)", file=sys.stderr)
         return 2
     configure_logging(args.debug)
+    show_hub_progress(sys.stderr.isatty() and not args.json)
     # numpy's OpenBLAS threads spin for ~0.1 s of CPU once started; nothing here multiplies
     # matrices, and the writer threads want every core (no effect once numpy is imported)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

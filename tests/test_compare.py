@@ -147,8 +147,8 @@ def test_repo_id_offline_and_not_cached_is_a_clear_error(tok_dir: Path, capsys) 
     code, _, err = run(capsys, tok_dir, "some-org/not-cached-model")
     assert code == 2
     assert error_lines(err) == [
-        "error: some-org/not-cached-model: not a local path; HF_HUB_OFFLINE is set and it is not in the local cache "
-        "(download it first or pass a local directory)"
+        "error: some-org/not-cached-model: not a local directory, and not in the local Hub cache (HF_HUB_OFFLINE is set): "
+        "download it once online or pass a local directory"
     ]
 
 

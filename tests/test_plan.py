@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import compare_tokenizers as ct
 import remap_tokenizer as rt
 
 UNIVERSE = [f"t{i}" for i in range(40)] + ["<s>", "</s>", "<unk>", "<|im_start|>"]
@@ -367,12 +369,20 @@ def test_select_weight_files() -> None:
     assert rt.select_weight_files(["model.safetensors", "consolidated.safetensors", "pytorch_model.bin"]) == ("safetensors", ["model.safetensors"])
     assert rt.select_weight_files(["pytorch_model.bin", "original/consolidated.00.pth"]) == ("bin", ["pytorch_model.bin"])
     assert rt.select_weight_files(["README.md"]) == ("none", [])
-    assert "*.pth" not in rt.hub_allow_patterns("safetensors", ["model.safetensors"])
 
 
-def test_inside_refuses_escaping_names(tmp_path: Path) -> None:
-    with pytest.raises(rt.CliError, match="outside the model directory"):
-        rt.inside(tmp_path, "../evil.safetensors", tmp_path / "index.json")
-    with pytest.raises(rt.CliError):
-        rt.inside(tmp_path, "/etc/passwd", tmp_path / "index.json")
-    assert rt.inside(tmp_path, "model.safetensors", tmp_path) == (tmp_path / "model.safetensors").resolve()
+@pytest.mark.parametrize("module", [rt, ct], ids=["remap", "compare"])
+@pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ".", "", "a\\b.safetensors"])
+def test_file_names_read_from_files_must_be_plain(tmp_path: Path, module: Any, name: str) -> None:
+    with pytest.raises(module.CliError, match="not a plain file name inside the model directory"):
+        module.file_in_model_dir(tmp_path, name, tmp_path / "model.safetensors.index.json")
+
+
+def test_a_plain_name_is_kept_even_when_its_symlink_leads_elsewhere(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "other-disk" / "blob"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").symlink_to(elsewhere)
+    path = rt.file_in_model_dir(tmp_path / "model", "model.safetensors", tmp_path)
+    assert path == tmp_path / "model" / "model.safetensors" and path.read_bytes() == b"x"
