@@ -24,9 +24,12 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,12 +173,10 @@ def show_hub_progress(show: bool) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        with path.open("rb") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    return parse_json(raw, path)
 
 
 def read_optional_json(path: Path) -> dict[str, Any]:
@@ -199,6 +200,497 @@ def read_mergekit_config(path: Path) -> Any:
         raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
+# Signals: SIGINT, SIGTERM (timeout, Slurm, Docker, systemd) and SIGHUP all stop a run the
+# same way: an Interrupted exception in the main thread, cleanup, one line, 128 + signal.
+# Inside deferred_signals() (publishing an output) a signal only sets a flag, and is raised
+# once the output directory is in a known state.
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal; KeyboardInterrupt so that every cleanup path sees it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SignalState:
+    deferring = 0
+    pending: int | None = None
+    stopping = False  # a signal was raised: later ones wait for the cleanup to end
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    if SignalState.deferring or SignalState.stopping:
+        SignalState.pending = SignalState.pending or signum
+        return
+    SignalState.stopping = True
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_handled() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (elsewhere, as in a
+    worker thread of a caller, the process keeps its own handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    SignalState.deferring, SignalState.pending, SignalState.stopping = 0, None, False
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    SignalState.deferring += 1
+    try:
+        yield
+    finally:
+        SignalState.deferring -= 1
+    if not SignalState.deferring and SignalState.pending is not None and not SignalState.stopping:
+        SignalState.stopping = True
+        raise Interrupted(SignalState.pending)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+MAIN_FINISHED = False  # main() has decided the outcome: a late signal changes nothing
+
+
+def _signal_outside_main(signum: int, _frame: object) -> None:
+    if not MAIN_FINISHED:  # before main() installs its handlers nothing was written yet
+        os.write(2, f"error: interrupted ({signal_name(signum)}); nothing was written\n".encode())
+        os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in STOP_SIGNALS:
+        signal.signal(_signum, _signal_outside_main)
+
+
+def finish_main() -> None:
+    """main() has decided the outcome. When the script runs as a program the process exits
+    right after, and Python restores the default handlers while it exits: block the stop
+    signals, so that one arriving then cannot turn a finished run into a kill."""
+    global MAIN_FINISHED
+    MAIN_FINISHED = True
+    if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+# ---- JSON, tokenizer.json and safetensors headers, read strictly -------------------------
+# What the tokenizers, transformers and safetensors libraries refuse, both tools refuse
+# (exit 2 naming the file); what they accept but would read two ways, too.
+
+ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
+}  # fmt: skip
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(\\u[dD][c-fC-F][0-9a-fA-F]{2})?|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def parse_json(raw: bytes, where: object) -> Any:
+    """JSON read the way the Rust libraries read it, strictly: UTF-8 without a byte-order
+    mark, no key twice in one object, no lone surrogate, no NaN/Infinity."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise CliError(f"{where}: starts with a UTF-8 byte-order mark, which the tokenizers library cannot read: save it without one")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}; UTF-16?): save it as UTF-8") from exc
+    if "\\u" in text:
+        for match in SURROGATE_ESCAPE_RE.finditer(text):
+            if match.group(1) is None:  # a pair has both halves; a lone half is not text
+                line = text.count("\n", 0, match.start()) + 1
+                raise CliError(f"{where}: line {line}: {match.group(0)} is half of a UTF-16 surrogate pair, not a character; fix the file")
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        data = dict(pairs)
+        if len(data) < len(pairs):
+            seen: set[str] = set()
+            twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+            raise CliError(f"{where}: the key {escape_text(twice)!r} appears twice in one object; readers disagree on which one counts: fix the file")
+        return data
+
+    def no_constants(name: str) -> NoReturn:
+        raise CliError(f"{where}: {name} is not valid JSON; fix the file")
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{where}: corrupt JSON ({exc}); re-download or fix the file") from exc
+    except RecursionError as exc:
+        raise CliError(f"{where}: nested too deeply to be a configuration file; the file is corrupt") from exc
+
+
+def is_int(value: Any) -> bool:
+    return type(value) is int  # JSON true/false are bools, and 1.0 is a float: neither is an id
+
+
+def check_tokenizer_json(data: Any, where: object) -> None:
+    """The structure the tokenizers library requires of tokenizer.json, checked before any
+    of it is used: a model with a vocabulary, integer ids, added tokens with all their flags,
+    merges as pairs."""
+    if not isinstance(data, dict):
+        raise CliError(f"{where}: not a tokenizer.json (expected a JSON object)")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise CliError(f"{where}: no \"model\" object in tokenizer.json")
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        if not all(map(is_int, vocab.values())):
+            token, value = next((t, v) for t, v in vocab.items() if not is_int(v))
+            raise CliError(f"{where}: the id of token {escape_text(token)!r} is {value!r}, not an integer; fix tokenizer.json")
+    elif isinstance(vocab, list):
+        for token_id, entry in enumerate(vocab):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+                raise CliError(f"{where}: Unigram piece {token_id} is {entry!r}, not a [piece, score] pair; fix tokenizer.json")
+    else:
+        raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+    added_tokens = data.get("added_tokens")
+    if added_tokens is not None and not isinstance(added_tokens, list):
+        raise CliError(f"{where}: added_tokens is not a list; fix tokenizer.json")
+    for index, entry in enumerate(added_tokens or []):
+        problem = None
+        if not isinstance(entry, dict):
+            problem = "is not an object"
+        elif not isinstance(entry.get("content"), str):
+            problem = "has no text \"content\""
+        elif not is_int(entry.get("id")) or entry["id"] < 0:
+            problem = f"has the id {entry.get('id')!r}, not a non-negative integer"
+        else:
+            wrong = [flag for flag in ADDED_TOKEN_FLAGS if not isinstance(entry.get(flag), bool)]
+            problem = f"needs true/false for {', '.join(wrong)}" if wrong else None
+        if problem:
+            raise CliError(f"{where}: added_tokens[{index}] {problem} (the tokenizers library refuses it); fix tokenizer.json")
+    merges = model.get("merges")
+    if merges is not None:
+        if not isinstance(merges, list):
+            raise CliError(f"{where}: merges is not a list; fix tokenizer.json")
+        for rank, merge in enumerate(merges):
+            pair = merge.split(" ") if isinstance(merge, str) else merge
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)):
+                raise CliError(f"{where}: merge {rank} is {merge!r}, not a pair of tokens; fix tokenizer.json")
+
+
+def escape_text(text: str) -> str:
+    """Show control, format and whitespace characters other than a space as escapes."""
+    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+    out = []
+    for char in text:
+        if char in named:
+            out.append(named[char])
+        elif unicodedata.category(char)[0] in "CZ" and char != " ":
+            out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> Mapping[str, int]:
+    """The model's own token->id, added tokens not included, as the tokenizers library
+    reads it (a Unigram vocabulary is a list of [piece, score] pairs in id order)."""
+    raw = tokenizer_json["model"]["vocab"]
+    return {entry[0]: token_id for token_id, entry in enumerate(raw)} if isinstance(raw, list) else raw
+
+
+def vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> dict[str, int]:
+    """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
+    refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
+    id other than its vocabulary id."""
+    vocab = dict(model_vocab_from_json(tokenizer_json, where))
+    for added in tokenizer_json.get("added_tokens") or []:
+        content, declared = added["content"], added["id"]
+        if vocab.get(content, declared) != declared:
+            raise CliError(
+                f"{where}: added token {escape_text(content)!r} is declared at id {declared} but the vocabulary has it "
+                f"at id {vocab[content]}; fix tokenizer.json"
+            )
+        vocab[content] = declared
+    if set(vocab.values()) == set(range(len(vocab))):
+        return vocab
+    by_id: dict[int, str] = {}  # slow path, only to name the problem
+    for token, token_id in vocab.items():
+        if token_id in by_id:
+            raise CliError(
+                f"{where}: tokens {escape_text(by_id[token_id])!r} and {escape_text(token)!r} share id {token_id}; "
+                "the vocabulary is corrupt (re-download or fix tokenizer.json)"
+            )
+        by_id[token_id] = token
+    missing = next(i for i in range(len(by_id)) if i not in by_id)
+    raise CliError(
+        f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); "
+        "fast tokenizers assume contiguous ids: fix tokenizer.json"
+    )
+
+
+def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
+    whatever ids the file declares: in file order, a token the model vocabulary has keeps
+    that id, every other one gets the next id after the model vocabulary; empty contents
+    are skipped. (Library versions differ on a model vocabulary that is not 0..n-1, where
+    this is refused either way.) tests/test_compare.py checks it against the installed
+    library."""
+    ids: dict[str, int] = {}
+    next_id = model_vocab_size
+    for entry in added_tokens:
+        content = entry.get("content")
+        if not content or content in ids:
+            continue
+        if content in model_vocab:
+            ids[content] = model_vocab[content]
+        else:
+            ids[content], next_id = next_id, next_id + 1
+    return ids
+
+
+def read_vocabulary(tokenizer_json: Any, where: object) -> dict[str, int]:
+    """token->id of a tokenizer.json, after every check that it loads as declared."""
+    check_tokenizer_json(tokenizer_json, where)
+    vocab = vocab_from_json(tokenizer_json, where)
+    model_vocab = model_vocab_from_json(tokenizer_json, where)
+    for content, loaded in library_added_token_ids(model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []).items():
+        if loaded != vocab.get(content):
+            raise CliError(
+                f"{where}: added token {escape_text(content)!r} is declared at id {vocab.get(content)} but the tokenizers "
+                f"library loads it at id {loaded} (not in the model vocabulary and not numbered right after it); "
+                "fix tokenizer.json"
+            )
+    return vocab
+
+
+def special_token_content(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]) -> dict[str, str | None]:
+    """bos/eos/pad/unk as transformers reads them: tokenizer_config.json, then
+    special_tokens_map.json; unk also from the model itself."""
+    roles: dict[str, str | None] = {}
+    model = tokenizer_json.get("model") or {}
+    for role in SPECIAL_ROLES:
+        key = f"{role}_token"
+        token = special_token_content(tokenizer_config.get(key)) or special_token_content(special_map.get(key))
+        if token is None and role == "unk":
+            if isinstance(model.get("unk_token"), str):
+                token = model["unk_token"]
+            elif is_int(model.get("unk_id")) and model.get("type") == "Unigram" and 0 <= model["unk_id"] < len(model["vocab"]):
+                token = model["vocab"][model["unk_id"]][0]
+        roles[role] = token
+    return roles
+
+
+def check_special_tokens(
+    vocab: Mapping[str, int], roles: Mapping[str, str | None], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any], directory: Path
+) -> None:
+    """transformers appends every special token it is told about but cannot find as a new
+    id, so the vocabulary it loads would be larger than tokenizer.json's: refuse that."""
+    named: list[tuple[str, Any]] = [(f"{role}_token", token) for role, token in roles.items()]
+    for source in (tokenizer_config, special_map):
+        extra = source.get("additional_special_tokens") or []
+        named += [("additional_special_tokens entry", token) for token in (extra if isinstance(extra, list) else [])]
+        extra = source.get("extra_special_tokens") or []
+        named += [("extra_special_tokens entry", token) for token in (extra.values() if isinstance(extra, Mapping) else extra if isinstance(extra, list) else [])]
+    decoder = tokenizer_config.get("added_tokens_decoder") or {}
+    named += [("added_tokens_decoder entry", entry) for entry in (decoder.values() if isinstance(decoder, Mapping) else [])]
+    for key, value in named:
+        token = special_token_content(value)
+        if token is not None and token not in vocab:
+            raise CliError(
+                f"{directory / 'tokenizer_config.json'}: {key} {escape_text(token)!r} is not in the vocabulary "
+                f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
+            )
+
+
+def check_safetensors_header(header: Any, data_size: int | None, where: object) -> dict[str, Any]:
+    """The tensors of a safetensors header, refused as the safetensors library refuses them
+    (unknown dtype, a shape that is not a list of non-negative integers, data_offsets that
+    disagree with shape x dtype size, overlap, leave a hole or do not end where the file
+    does) before anything is written. data_size None: the file size is not known."""
+    if not isinstance(header, dict):
+        raise CliError(f"{where}: corrupt safetensors header (not a JSON object); re-download it")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CliError(f"{where}: __metadata__ must map names to strings; re-download the file")
+            continue
+        if not isinstance(info, dict):
+            raise CliError(f"{where}: the header entry of tensor {escape_text(name)!r} is not an object; re-download the file")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise CliError(f"{where}: tensor {escape_text(name)!r} has the unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)}); re-download the file")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise CliError(f"{where}: tensor {escape_text(name)!r} has the shape {shape!r}, not a list of non-negative integers; re-download the file")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets)) and 0 <= offsets[0] <= offsets[1]):
+            raise CliError(f"{where}: tensor {escape_text(name)!r} has invalid data_offsets {offsets!r}; re-download the file")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise CliError(f"{where}: tensor {escape_text(name)!r} ({dtype} {shape}) takes {expected} bytes, its data_offsets give {offsets[1] - offsets[0]}; re-download the file")
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            what = "overlaps the previous tensor" if start < position else "leaves a hole before it"
+            raise CliError(f"{where}: tensor {escape_text(name)!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt")
+        position = end
+    if data_size is not None and position != data_size:
+        problem = "truncated download?" if position > data_size else "extra bytes after the last tensor"
+        raise CliError(f"{where}: its tensors need {position} bytes of data, the file holds {data_size} ({problem}); re-download it")
+    return {name: info for name, info in header.items() if name != "__metadata__"}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(checked tensors of the header, absolute offset of the data) of a safetensors file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > min(100_000_000, size - 8):
+                raise CliError(f"{path}: not a safetensors file or truncated (header length {length}, file size {size}); re-download it")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    return check_safetensors_header(parse_json(raw, path), size - 8 - length, path), 8 + length
+
+
+# ---- mergekit configurations ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model of a mergekit configuration: `path[@revision][+lora]`."""
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{text}+{self.lora}" if self.lora else text
+
+
+def parse_model_reference(value: Any) -> ModelRef:
+    """A mergekit model reference, as a string (`path@rev+lora`) or its dict form."""
+    if isinstance(value, Mapping):
+        model, lora = value.get("model"), value.get("lora")
+        if isinstance(model, Mapping):
+            path, revision = model.get("path"), model.get("revision")
+        else:
+            path, revision = split_revision(str(model)) if model is not None else (None, None)
+        if isinstance(lora, Mapping):
+            lora = lora.get("path")
+        if not path:
+            raise CliError(f"cannot read the model reference {value!r}")
+        return ModelRef(str(path), revision, str(lora) if lora else None)
+    if not isinstance(value, str) or not value:
+        raise CliError(f"cannot read the model reference {value!r}")
+    model_part, _, lora = value.partition("+")
+    path, revision = split_revision(model_part)
+    return ModelRef(path, revision, lora or None)
+
+
+def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of a mergekit configuration with every model reference replaced by
+    change(reference): models[].model, slices[].sources[].model, slices[].base_model,
+    base_model, and the same inside modules."""
+    if not isinstance(config, Mapping):
+        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
+
+    def block(part: Mapping[str, Any]) -> dict[str, Any]:
+        result = dict(part)
+        if part.get("models") is not None:
+            if not isinstance(part["models"], list):
+                raise CliError("models: must be a list of {model: ...} entries")
+            result["models"] = []
+            for entry in part["models"]:
+                if not isinstance(entry, Mapping) or "model" not in entry:
+                    raise CliError(f"models[] entry without a 'model' key: {entry!r}")
+                result["models"].append({**entry, "model": change(entry["model"])})
+        if part.get("slices") is not None:
+            if not isinstance(part["slices"], list):
+                raise CliError("slices: must be a list")
+            result["slices"] = []
+            for slice_ in part["slices"]:
+                if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
+                    raise CliError(f"slices[] entry without a list of sources: {slice_!r}")
+                sources = []
+                for source in slice_["sources"]:
+                    if not isinstance(source, Mapping) or "model" not in source:
+                        raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
+                    sources.append({**source, "model": change(source["model"])})
+                new_slice = {**slice_, "sources": sources}
+                if slice_.get("base_model") is not None:
+                    new_slice["base_model"] = change(slice_["base_model"])
+                result["slices"].append(new_slice)
+        if part.get("base_model") is not None:
+            result["base_model"] = change(part["base_model"])
+        return result
+
+    result = block(config)
+    if config.get("modules") is not None:
+        if not isinstance(config["modules"], Mapping):
+            raise CliError("modules: must be a mapping of name -> {models|slices}")
+        result["modules"] = {name: block(module) for name, module in config["modules"].items()}
+    if not any(result.get(key) for key in ("models", "slices", "modules")):
+        raise CliError("the mergekit configuration names no models (expected models:, slices: or modules:)")
+    return result
+
+
+def mergekit_references(config: Any) -> list[Any]:
+    """Every model reference of a mergekit configuration in order of appearance, base_model
+    first (references repeat where the YAML repeats them)."""
+    found: list[Any] = []
+
+    def record(reference: Any) -> Any:
+        found.append(reference)
+        return reference
+
+    map_model_references(config, record)
+    base = config.get("base_model")
+    return ([base] if base is not None else []) + found
+
+
+def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
+    """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
+    `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
+    for value in (config.get("tokenizer_source"), (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None):
+        if value is None:
+            continue
+        if value == "base":
+            return config.get("base_model")
+        if value == "union":
+            return None
+        if isinstance(value, str) and value.startswith("model:"):
+            return value[len("model:") :]
+        return value
+    return config.get("base_model")
+
+
+def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
+    """mergekit resolves relative paths against the working directory; fall back to the
+    YAML's directory so that a configuration can travel with its models."""
+    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return ref.path
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -206,8 +698,6 @@ def read_mergekit_config(path: Path) -> Any:
 # --------------------------------------------------------------------------------------
 
 JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
-SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
-ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 INPUT_EMBEDDING_SUFFIXES = (
@@ -484,20 +974,6 @@ def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact
     return len(ref_added & other_added) + len(ref_bytes & other_bytes)
 
 
-def escape_text(text: str) -> str:
-    """Show control, format and whitespace characters other than a space as escapes."""
-    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
-    out = []
-    for char in text:
-        if char in named:
-            out.append(named[char])
-        elif unicodedata.category(char)[0] in "CZ" and char != " ":
-            out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    return "".join(out)
-
-
 def show_token(token: str, convention: str = "plain", byte_fallback: bool = False) -> str:
     """`'Ġthe' (" the")`: the token as stored, plus its text when the spelling differs."""
     shown = f"'{escape_text(token)}'"
@@ -671,26 +1147,6 @@ def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
         if x != y:
             return index
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
-    whatever ids the file declares: in file order, a token the model vocabulary has keeps
-    that id, every other one gets the next id after the model vocabulary; empty contents
-    are skipped. (Library versions differ on a model vocabulary that is not 0..n-1, where
-    this is refused either way.) tests/test_compare.py checks it against the installed
-    library."""
-    ids: dict[str, int] = {}
-    next_id = model_vocab_size
-    for entry in added_tokens:
-        content = entry.get("content")
-        if not content or content in ids:
-            continue
-        if content in model_vocab:
-            ids[content] = model_vocab[content]
-        else:
-            ids[content], next_id = next_id, next_id + 1
-    return ids
 
 
 def substrings(words: Iterable[str], longest: int) -> set[str]:
@@ -884,61 +1340,6 @@ def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: b
     return "\n".join(out) + "\n"
 
 
-def parse_model_reference(value: Any) -> tuple[str, str | None, str | None]:
-    """A mergekit model reference (`path[@rev][+lora[@rev]]` or its dict form) as
-    (path, revision, lora)."""
-    if isinstance(value, Mapping):
-        model = value.get("model")
-        lora = value.get("lora")
-        if isinstance(model, Mapping):
-            path, revision = model.get("path"), model.get("revision")
-        else:
-            path, revision = split_revision(str(model)) if model is not None else (None, None)
-        if isinstance(lora, Mapping):
-            lora = lora.get("path")
-        if not path:
-            raise CliError(f"cannot read the model reference {value!r}")
-        return str(path), revision, (str(lora) if lora else None)
-    if not isinstance(value, str) or not value:
-        raise CliError(f"cannot read the model reference {value!r}")
-    model_part, _, lora = value.partition("+")
-    path, revision = split_revision(model_part)
-    return path, revision, (lora or None)
-
-
-def mergekit_models(config: Any) -> tuple[str | None, list[Any]]:
-    """Every model reference of a mergekit YAML, in order of appearance, and base_model."""
-    if not isinstance(config, Mapping):
-        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
-    references: list[Any] = []
-
-    def from_block(block: Mapping[str, Any]) -> None:
-        for entry in block.get("models") or []:
-            if not isinstance(entry, Mapping) or "model" not in entry:
-                raise CliError(f"models[] entry without a 'model' key: {entry!r}")
-            references.append(entry["model"])
-        for slice_ in block.get("slices") or []:
-            if not isinstance(slice_, Mapping):
-                raise CliError(f"slices[] entry is not a mapping: {slice_!r}")
-            for source in slice_.get("sources") or []:
-                if not isinstance(source, Mapping) or "model" not in source:
-                    raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
-                references.append(source["model"])
-            if slice_.get("base_model"):
-                references.append(slice_["base_model"])
-
-    from_block(config)
-    for module in (config.get("modules") or {}).values():
-        if isinstance(module, Mapping):
-            from_block(module)
-    base = config.get("base_model")
-    if base is not None:
-        references.insert(0, base)
-    if not references:
-        raise CliError("the mergekit configuration names no models (expected models:, slices: or base_model:)")
-    return base, references
-
-
 def dedupe(items: Sequence[Any]) -> list[Any]:
     seen: list[Any] = []
     for item in items:
@@ -968,88 +1369,8 @@ def tokenizer_json_via_transformers(directory: Path) -> str:
         raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
 
 
-def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> Mapping[str, int]:
-    """The model's own token->id, added tokens not included, as the tokenizers library
-    reads it (a Unigram vocabulary is a list of [piece, score] pairs in id order)."""
-    raw = (tokenizer_json.get("model") or {}).get("vocab")
-    if isinstance(raw, list):
-        return {entry[0]: token_id for token_id, entry in enumerate(raw)}
-    if isinstance(raw, Mapping):
-        return raw
-    raise CliError(f"{where}: no model vocabulary in tokenizer.json")
-
-
-def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str, int]:
-    """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
-    refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
-    id other than its vocabulary id."""
-    vocab = dict(model_vocab_from_json(tokenizer_json, where))
-    for added in tokenizer_json.get("added_tokens") or []:
-        content, declared = added.get("content"), added.get("id")
-        if not isinstance(content, str) or not isinstance(declared, int):
-            raise CliError(f"{where}: malformed added_tokens entry {added!r}")
-        if vocab.get(content, declared) != declared:
-            raise CliError(
-                f"{where}: added token {escape_text(content)!r} is declared at id {declared} but the vocabulary has it "
-                f"at id {vocab[content]}; fix tokenizer.json"
-            )
-        vocab[content] = declared
-    if set(vocab.values()) == set(range(len(vocab))):
-        return vocab
-    by_id: dict[int, str] = {}  # slow path, only to name the problem
-    for token, token_id in vocab.items():
-        if token_id in by_id:
-            raise CliError(
-                f"{where}: tokens {escape_text(by_id[token_id])!r} and {escape_text(token)!r} share id {token_id}; "
-                "the vocabulary is corrupt (re-download or fix tokenizer.json)"
-            )
-        by_id[token_id] = token
-    missing = next(i for i in range(len(by_id)) if i not in by_id)
-    raise CliError(
-        f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); "
-        "fast tokenizers assume contiguous ids: fix tokenizer.json"
-    )
-
-
-def check_library_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], where: Path) -> None:
-    """The tokenizers library renumbers an added token that is not in the model
-    vocabulary to the next free id: refuse a file whose declared ids it would not keep."""
-    for content, loaded in library_ids.items():
-        if loaded != vocab.get(content):
-            raise CliError(
-                f"{where}: added token {escape_text(content)!r} is declared at id {vocab.get(content)} but the tokenizers "
-                f"library loads it at id {loaded} (not in the model vocabulary and not numbered right after it); "
-                "fix tokenizer.json"
-            )
-
-
 def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
-    defaults = AddedToken("", 0)
-    flags = {flag: bool(entry.get(flag, getattr(defaults, flag))) for flag in ADDED_TOKEN_FLAGS}
-    return AddedToken(content=entry["content"], id=entry["id"], **flags)
-
-
-def special_token_content(value: Any) -> str | None:
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def read_special_tokens(
-    tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]
-) -> dict[str, str | None]:
-    roles: dict[str, str | None] = {}
-    model = tokenizer_json.get("model") or {}
-    for role in SPECIAL_ROLES:
-        key = f"{role}_token"
-        token = special_token_content(tokenizer_config.get(key)) or special_token_content(special_map.get(key))
-        if token is None and role == "unk":
-            if isinstance(model.get("unk_token"), str):
-                token = model["unk_token"]
-            elif isinstance(model.get("unk_id"), int) and model.get("type") == "Unigram":
-                token = model["vocab"][model["unk_id"]][0]
-        roles[role] = token
-    return roles
+    return AddedToken(content=entry["content"], id=entry["id"], **{flag: entry[flag] for flag in ADDED_TOKEN_FLAGS})
 
 
 def read_role_ids(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -1169,12 +1490,8 @@ def read_tokenizer_json(resolved: ResolvedSource) -> bytes:
 
 
 def parse_tokenizer_json(raw: bytes, where: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{where}: corrupt JSON ({exc}); re-download or fix the file") from exc
-    if not isinstance(data, dict):
-        raise CliError(f"{where}: not a tokenizer.json (expected a JSON object)")
+    data = parse_json(raw, where)
+    check_tokenizer_json(data, where)
     return data
 
 
@@ -1187,20 +1504,13 @@ def read_tokenizer_info(
 ) -> TokenizerInfo:
     directory, tokenizer_file = resolved.directory, resolved.tokenizer_file
     where = tokenizer_file or directory
-    vocab = vocab_from_json(tokenizer_json, where)
-    model = tokenizer_json.get("model") or {}
+    vocab = read_vocabulary(tokenizer_json, where)
+    model = tokenizer_json["model"]
     added_tokens = tokenizer_json.get("added_tokens") or []
-    model_vocab = model_vocab_from_json(tokenizer_json, where)
-    check_library_ids(vocab, library_added_token_ids(model_vocab, len(model["vocab"]), added_tokens), where)
     tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
     special_map = read_optional_json(directory / "special_tokens_map.json")
     special_tokens = read_special_tokens(tokenizer_json, tokenizer_config, special_map)
-    for role, token in special_tokens.items():
-        if token is not None and token not in vocab:
-            raise CliError(
-                f"{directory / 'tokenizer_config.json'}: {role}_token {escape_text(token)!r} is not in the vocabulary "
-                f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
-            )
+    check_special_tokens(vocab, special_tokens, tokenizer_config, special_map, directory)
     config = read_optional_json(directory / "config.json")
     return TokenizerInfo(
         source=resolved.source,
@@ -1242,30 +1552,6 @@ def read_tokenizer_infos(resolved: Sequence[ResolvedSource], weights: bool) -> l
     return infos
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: 8-byte little-endian length, then JSON."""
-    try:
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise CliError(f"{path}: truncated safetensors file (no header)")
-            length = int.from_bytes(prefix, "little")
-            if length > min(100_000_000, path.stat().st_size - 8):
-                raise CliError(f"{path}: corrupt safetensors header (declared length {length})")
-            header = json.loads(handle.read(length))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path}: corrupt safetensors header ({exc})") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
-    if not isinstance(header, dict):
-        raise CliError(f"{path}: corrupt safetensors header")
-    header.pop("__metadata__", None)
-    data_end = max((info.get("data_offsets", [0, 0])[1] for info in header.values() if isinstance(info, dict)), default=0)
-    if 8 + length + data_end > path.stat().st_size:
-        raise CliError(f"{path}: truncated: its header describes {data_end} bytes of data but the file is shorter; re-download it")
-    return header
-
-
 def pick_vocab_tensor(shapes: Mapping[str, Sequence[int]], suffixes: Sequence[str]) -> str | None:
     """The 2-D tensor named like a vocabulary tensor; the shortest name wins (multimodal
     checkpoints carry other `embeddings` tensors deeper in the tree)."""
@@ -1300,7 +1586,7 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
     files = local_safetensors_files(directory)
     if files:
         for file in files:
-            shapes.update({key: value.get("shape", ()) for key, value in read_safetensors_header(file).items()})
+            shapes.update({key: value["shape"] for key, value in read_safetensors_header(file)[0].items()})
     elif not directory.joinpath("config.json").is_file():
         return None
     elif looks_like_hub_id(name) and not Path(name).exists():
@@ -1319,15 +1605,25 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
 
 
 def hub_safetensors_shapes(repo_id: str, revision: str | None) -> dict[str, Sequence[int]]:
-    """Tensor shapes of a Hub repo from its safetensors headers (HTTP range requests)."""
+    """Tensor shapes of a Hub repo from its safetensors headers (HTTP range requests),
+    checked as local headers are; {} (with a warning) when they cannot be fetched."""
     from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
     try:
         metadata = get_safetensors_metadata(repo_id, revision=revision)
-    except Exception as exc:  # offline, not a safetensors repo, HTTP errors
+    except NotASafetensorsRepoError:
+        return {}
+    except SafetensorsParsingError as exc:
+        raise CliError(f"{repo_id}: corrupt safetensors header on the Hub ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # offline, unreachable: the tokenizers were read from the cache
         log.warning("%s: cannot read safetensors headers from the Hub (%s); using config.json", repo_id, str(exc).splitlines()[0])
         return {}
-    return {name: info.shape for file in metadata.files_metadata.values() for name, info in file.tensors.items()}
+    shapes: dict[str, Sequence[int]] = {}
+    for file, info in metadata.files_metadata.items():
+        header = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()}
+        shapes.update({name: entry["shape"] for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items()})
+    return shapes
 
 
 # --------------------------------------------------------------------------------------
@@ -1388,21 +1684,19 @@ def run(args: argparse.Namespace) -> int:
     if args.mergekit_config is not None:
         if args.sources:
             raise CliError("give either REF OTHER... or --mergekit-config, not both")
-        base, references = mergekit_models(read_mergekit_config(args.mergekit_config))
+        config = read_mergekit_config(args.mergekit_config)
+        yaml_dir = args.mergekit_config.resolve().parent
         sources = []
-        for reference in dedupe(references):
-            path, revision, lora = parse_model_reference(reference)
-            if lora:
-                log.warning("%s: the LoRA %s is not applied; comparing the base model's tokenizer", path, lora)
-            # mergekit resolves relative paths against the working directory; fall back
-            # to the YAML's directory so that a config can travel with its models.
-            beside_yaml = args.mergekit_config.parent / path
-            local = path if Path(path).exists() or not beside_yaml.exists() else str(beside_yaml)
-            sources.append(f"{local}@{revision}" if revision else local)
+        for reference in dedupe(mergekit_references(config)):
+            ref = parse_model_reference(reference)
+            if ref.lora:
+                log.warning("%s: the LoRA %s is not applied; comparing the base model's tokenizer", ref.path, ref.lora)
+            local = local_or_hub(ref, yaml_dir)
+            sources.append(f"{local}@{ref.revision}" if ref.revision else local)
         sources = dedupe(sources)
         if len(sources) < 2:
             raise CliError(f"{args.mergekit_config}: names only one model ({sources[0]}); nothing to compare")
-        log.info("reference: %s (%s)", sources[0], "base_model" if base is not None else "first model")
+        log.debug("reference: %s (%s)", sources[0], "base_model" if config.get("base_model") is not None else "first model")
     else:
         sources = args.sources
         if len(sources) < 2:
@@ -1437,16 +1731,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.debug)
     show_hub_progress(sys.stderr.isatty() and not args.json)
     try:
-        with collection_paused():
-            return run(args)
+        with signals_handled(), collection_paused():
+            try:
+                return run(args)
+            finally:
+                finish_main()
     except CliError as exc:
         if args.debug:
             log.exception("traceback")
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
+        signum = getattr(exc, "signum", 2)
+        print(f"error: interrupted ({signal_name(signum)})", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise

@@ -34,10 +34,11 @@ import operator
 import os
 import re
 import shutil
+import signal
 import sys
-import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -182,12 +183,10 @@ def show_hub_progress(show: bool) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        with path.open("rb") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path}: corrupt JSON ({exc}); re-download or fix the file") from exc
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    return parse_json(raw, path)
 
 
 def read_optional_json(path: Path) -> dict[str, Any]:
@@ -211,6 +210,497 @@ def read_mergekit_config(path: Path) -> Any:
         raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
+# Signals: SIGINT, SIGTERM (timeout, Slurm, Docker, systemd) and SIGHUP all stop a run the
+# same way: an Interrupted exception in the main thread, cleanup, one line, 128 + signal.
+# Inside deferred_signals() (publishing an output) a signal only sets a flag, and is raised
+# once the output directory is in a known state.
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal; KeyboardInterrupt so that every cleanup path sees it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SignalState:
+    deferring = 0
+    pending: int | None = None
+    stopping = False  # a signal was raised: later ones wait for the cleanup to end
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    if SignalState.deferring or SignalState.stopping:
+        SignalState.pending = SignalState.pending or signum
+        return
+    SignalState.stopping = True
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_handled() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (elsewhere, as in a
+    worker thread of a caller, the process keeps its own handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    SignalState.deferring, SignalState.pending, SignalState.stopping = 0, None, False
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    SignalState.deferring += 1
+    try:
+        yield
+    finally:
+        SignalState.deferring -= 1
+    if not SignalState.deferring and SignalState.pending is not None and not SignalState.stopping:
+        SignalState.stopping = True
+        raise Interrupted(SignalState.pending)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+MAIN_FINISHED = False  # main() has decided the outcome: a late signal changes nothing
+
+
+def _signal_outside_main(signum: int, _frame: object) -> None:
+    if not MAIN_FINISHED:  # before main() installs its handlers nothing was written yet
+        os.write(2, f"error: interrupted ({signal_name(signum)}); nothing was written\n".encode())
+        os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in STOP_SIGNALS:
+        signal.signal(_signum, _signal_outside_main)
+
+
+def finish_main() -> None:
+    """main() has decided the outcome. When the script runs as a program the process exits
+    right after, and Python restores the default handlers while it exits: block the stop
+    signals, so that one arriving then cannot turn a finished run into a kill."""
+    global MAIN_FINISHED
+    MAIN_FINISHED = True
+    if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+# ---- JSON, tokenizer.json and safetensors headers, read strictly -------------------------
+# What the tokenizers, transformers and safetensors libraries refuse, both tools refuse
+# (exit 2 naming the file); what they accept but would read two ways, too.
+
+ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
+}  # fmt: skip
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(\\u[dD][c-fC-F][0-9a-fA-F]{2})?|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def parse_json(raw: bytes, where: object) -> Any:
+    """JSON read the way the Rust libraries read it, strictly: UTF-8 without a byte-order
+    mark, no key twice in one object, no lone surrogate, no NaN/Infinity."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise CliError(f"{where}: starts with a UTF-8 byte-order mark, which the tokenizers library cannot read: save it without one")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}; UTF-16?): save it as UTF-8") from exc
+    if "\\u" in text:
+        for match in SURROGATE_ESCAPE_RE.finditer(text):
+            if match.group(1) is None:  # a pair has both halves; a lone half is not text
+                line = text.count("\n", 0, match.start()) + 1
+                raise CliError(f"{where}: line {line}: {match.group(0)} is half of a UTF-16 surrogate pair, not a character; fix the file")
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        data = dict(pairs)
+        if len(data) < len(pairs):
+            seen: set[str] = set()
+            twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+            raise CliError(f"{where}: the key {escape_text(twice)!r} appears twice in one object; readers disagree on which one counts: fix the file")
+        return data
+
+    def no_constants(name: str) -> NoReturn:
+        raise CliError(f"{where}: {name} is not valid JSON; fix the file")
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{where}: corrupt JSON ({exc}); re-download or fix the file") from exc
+    except RecursionError as exc:
+        raise CliError(f"{where}: nested too deeply to be a configuration file; the file is corrupt") from exc
+
+
+def is_int(value: Any) -> bool:
+    return type(value) is int  # JSON true/false are bools, and 1.0 is a float: neither is an id
+
+
+def check_tokenizer_json(data: Any, where: object) -> None:
+    """The structure the tokenizers library requires of tokenizer.json, checked before any
+    of it is used: a model with a vocabulary, integer ids, added tokens with all their flags,
+    merges as pairs."""
+    if not isinstance(data, dict):
+        raise CliError(f"{where}: not a tokenizer.json (expected a JSON object)")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise CliError(f"{where}: no \"model\" object in tokenizer.json")
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        if not all(map(is_int, vocab.values())):
+            token, value = next((t, v) for t, v in vocab.items() if not is_int(v))
+            raise CliError(f"{where}: the id of token {escape_text(token)!r} is {value!r}, not an integer; fix tokenizer.json")
+    elif isinstance(vocab, list):
+        for token_id, entry in enumerate(vocab):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+                raise CliError(f"{where}: Unigram piece {token_id} is {entry!r}, not a [piece, score] pair; fix tokenizer.json")
+    else:
+        raise CliError(f"{where}: no model vocabulary in tokenizer.json")
+    added_tokens = data.get("added_tokens")
+    if added_tokens is not None and not isinstance(added_tokens, list):
+        raise CliError(f"{where}: added_tokens is not a list; fix tokenizer.json")
+    for index, entry in enumerate(added_tokens or []):
+        problem = None
+        if not isinstance(entry, dict):
+            problem = "is not an object"
+        elif not isinstance(entry.get("content"), str):
+            problem = "has no text \"content\""
+        elif not is_int(entry.get("id")) or entry["id"] < 0:
+            problem = f"has the id {entry.get('id')!r}, not a non-negative integer"
+        else:
+            wrong = [flag for flag in ADDED_TOKEN_FLAGS if not isinstance(entry.get(flag), bool)]
+            problem = f"needs true/false for {', '.join(wrong)}" if wrong else None
+        if problem:
+            raise CliError(f"{where}: added_tokens[{index}] {problem} (the tokenizers library refuses it); fix tokenizer.json")
+    merges = model.get("merges")
+    if merges is not None:
+        if not isinstance(merges, list):
+            raise CliError(f"{where}: merges is not a list; fix tokenizer.json")
+        for rank, merge in enumerate(merges):
+            pair = merge.split(" ") if isinstance(merge, str) else merge
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)):
+                raise CliError(f"{where}: merge {rank} is {merge!r}, not a pair of tokens; fix tokenizer.json")
+
+
+def escape_text(text: str) -> str:
+    """Show control, format and whitespace characters other than a space as escapes."""
+    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+    out = []
+    for char in text:
+        if char in named:
+            out.append(named[char])
+        elif unicodedata.category(char)[0] in "CZ" and char != " ":
+            out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> Mapping[str, int]:
+    """The model's own token->id, added tokens not included, as the tokenizers library
+    reads it (a Unigram vocabulary is a list of [piece, score] pairs in id order)."""
+    raw = tokenizer_json["model"]["vocab"]
+    return {entry[0]: token_id for token_id, entry in enumerate(raw)} if isinstance(raw, list) else raw
+
+
+def vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> dict[str, int]:
+    """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
+    refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
+    id other than its vocabulary id."""
+    vocab = dict(model_vocab_from_json(tokenizer_json, where))
+    for added in tokenizer_json.get("added_tokens") or []:
+        content, declared = added["content"], added["id"]
+        if vocab.get(content, declared) != declared:
+            raise CliError(
+                f"{where}: added token {escape_text(content)!r} is declared at id {declared} but the vocabulary has it "
+                f"at id {vocab[content]}; fix tokenizer.json"
+            )
+        vocab[content] = declared
+    if set(vocab.values()) == set(range(len(vocab))):
+        return vocab
+    by_id: dict[int, str] = {}  # slow path, only to name the problem
+    for token, token_id in vocab.items():
+        if token_id in by_id:
+            raise CliError(
+                f"{where}: tokens {escape_text(by_id[token_id])!r} and {escape_text(token)!r} share id {token_id}; "
+                "the vocabulary is corrupt (re-download or fix tokenizer.json)"
+            )
+        by_id[token_id] = token
+    missing = next(i for i in range(len(by_id)) if i not in by_id)
+    raise CliError(
+        f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); "
+        "fast tokenizers assume contiguous ids: fix tokenizer.json"
+    )
+
+
+def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
+    whatever ids the file declares: in file order, a token the model vocabulary has keeps
+    that id, every other one gets the next id after the model vocabulary; empty contents
+    are skipped. (Library versions differ on a model vocabulary that is not 0..n-1, where
+    this is refused either way.) tests/test_compare.py checks it against the installed
+    library."""
+    ids: dict[str, int] = {}
+    next_id = model_vocab_size
+    for entry in added_tokens:
+        content = entry.get("content")
+        if not content or content in ids:
+            continue
+        if content in model_vocab:
+            ids[content] = model_vocab[content]
+        else:
+            ids[content], next_id = next_id, next_id + 1
+    return ids
+
+
+def read_vocabulary(tokenizer_json: Any, where: object) -> dict[str, int]:
+    """token->id of a tokenizer.json, after every check that it loads as declared."""
+    check_tokenizer_json(tokenizer_json, where)
+    vocab = vocab_from_json(tokenizer_json, where)
+    model_vocab = model_vocab_from_json(tokenizer_json, where)
+    for content, loaded in library_added_token_ids(model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []).items():
+        if loaded != vocab.get(content):
+            raise CliError(
+                f"{where}: added token {escape_text(content)!r} is declared at id {vocab.get(content)} but the tokenizers "
+                f"library loads it at id {loaded} (not in the model vocabulary and not numbered right after it); "
+                "fix tokenizer.json"
+            )
+    return vocab
+
+
+def special_token_content(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]) -> dict[str, str | None]:
+    """bos/eos/pad/unk as transformers reads them: tokenizer_config.json, then
+    special_tokens_map.json; unk also from the model itself."""
+    roles: dict[str, str | None] = {}
+    model = tokenizer_json.get("model") or {}
+    for role in SPECIAL_ROLES:
+        key = f"{role}_token"
+        token = special_token_content(tokenizer_config.get(key)) or special_token_content(special_map.get(key))
+        if token is None and role == "unk":
+            if isinstance(model.get("unk_token"), str):
+                token = model["unk_token"]
+            elif is_int(model.get("unk_id")) and model.get("type") == "Unigram" and 0 <= model["unk_id"] < len(model["vocab"]):
+                token = model["vocab"][model["unk_id"]][0]
+        roles[role] = token
+    return roles
+
+
+def check_special_tokens(
+    vocab: Mapping[str, int], roles: Mapping[str, str | None], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any], directory: Path
+) -> None:
+    """transformers appends every special token it is told about but cannot find as a new
+    id, so the vocabulary it loads would be larger than tokenizer.json's: refuse that."""
+    named: list[tuple[str, Any]] = [(f"{role}_token", token) for role, token in roles.items()]
+    for source in (tokenizer_config, special_map):
+        extra = source.get("additional_special_tokens") or []
+        named += [("additional_special_tokens entry", token) for token in (extra if isinstance(extra, list) else [])]
+        extra = source.get("extra_special_tokens") or []
+        named += [("extra_special_tokens entry", token) for token in (extra.values() if isinstance(extra, Mapping) else extra if isinstance(extra, list) else [])]
+    decoder = tokenizer_config.get("added_tokens_decoder") or {}
+    named += [("added_tokens_decoder entry", entry) for entry in (decoder.values() if isinstance(decoder, Mapping) else [])]
+    for key, value in named:
+        token = special_token_content(value)
+        if token is not None and token not in vocab:
+            raise CliError(
+                f"{directory / 'tokenizer_config.json'}: {key} {escape_text(token)!r} is not in the vocabulary "
+                f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
+            )
+
+
+def check_safetensors_header(header: Any, data_size: int | None, where: object) -> dict[str, Any]:
+    """The tensors of a safetensors header, refused as the safetensors library refuses them
+    (unknown dtype, a shape that is not a list of non-negative integers, data_offsets that
+    disagree with shape x dtype size, overlap, leave a hole or do not end where the file
+    does) before anything is written. data_size None: the file size is not known."""
+    if not isinstance(header, dict):
+        raise CliError(f"{where}: corrupt safetensors header (not a JSON object); re-download it")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CliError(f"{where}: __metadata__ must map names to strings; re-download the file")
+            continue
+        if not isinstance(info, dict):
+            raise CliError(f"{where}: the header entry of tensor {escape_text(name)!r} is not an object; re-download the file")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise CliError(f"{where}: tensor {escape_text(name)!r} has the unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)}); re-download the file")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise CliError(f"{where}: tensor {escape_text(name)!r} has the shape {shape!r}, not a list of non-negative integers; re-download the file")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets)) and 0 <= offsets[0] <= offsets[1]):
+            raise CliError(f"{where}: tensor {escape_text(name)!r} has invalid data_offsets {offsets!r}; re-download the file")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise CliError(f"{where}: tensor {escape_text(name)!r} ({dtype} {shape}) takes {expected} bytes, its data_offsets give {offsets[1] - offsets[0]}; re-download the file")
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            what = "overlaps the previous tensor" if start < position else "leaves a hole before it"
+            raise CliError(f"{where}: tensor {escape_text(name)!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt")
+        position = end
+    if data_size is not None and position != data_size:
+        problem = "truncated download?" if position > data_size else "extra bytes after the last tensor"
+        raise CliError(f"{where}: its tensors need {position} bytes of data, the file holds {data_size} ({problem}); re-download it")
+    return {name: info for name, info in header.items() if name != "__metadata__"}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(checked tensors of the header, absolute offset of the data) of a safetensors file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > min(100_000_000, size - 8):
+                raise CliError(f"{path}: not a safetensors file or truncated (header length {length}, file size {size}); re-download it")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    return check_safetensors_header(parse_json(raw, path), size - 8 - length, path), 8 + length
+
+
+# ---- mergekit configurations ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model of a mergekit configuration: `path[@revision][+lora]`."""
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{text}+{self.lora}" if self.lora else text
+
+
+def parse_model_reference(value: Any) -> ModelRef:
+    """A mergekit model reference, as a string (`path@rev+lora`) or its dict form."""
+    if isinstance(value, Mapping):
+        model, lora = value.get("model"), value.get("lora")
+        if isinstance(model, Mapping):
+            path, revision = model.get("path"), model.get("revision")
+        else:
+            path, revision = split_revision(str(model)) if model is not None else (None, None)
+        if isinstance(lora, Mapping):
+            lora = lora.get("path")
+        if not path:
+            raise CliError(f"cannot read the model reference {value!r}")
+        return ModelRef(str(path), revision, str(lora) if lora else None)
+    if not isinstance(value, str) or not value:
+        raise CliError(f"cannot read the model reference {value!r}")
+    model_part, _, lora = value.partition("+")
+    path, revision = split_revision(model_part)
+    return ModelRef(path, revision, lora or None)
+
+
+def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of a mergekit configuration with every model reference replaced by
+    change(reference): models[].model, slices[].sources[].model, slices[].base_model,
+    base_model, and the same inside modules."""
+    if not isinstance(config, Mapping):
+        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
+
+    def block(part: Mapping[str, Any]) -> dict[str, Any]:
+        result = dict(part)
+        if part.get("models") is not None:
+            if not isinstance(part["models"], list):
+                raise CliError("models: must be a list of {model: ...} entries")
+            result["models"] = []
+            for entry in part["models"]:
+                if not isinstance(entry, Mapping) or "model" not in entry:
+                    raise CliError(f"models[] entry without a 'model' key: {entry!r}")
+                result["models"].append({**entry, "model": change(entry["model"])})
+        if part.get("slices") is not None:
+            if not isinstance(part["slices"], list):
+                raise CliError("slices: must be a list")
+            result["slices"] = []
+            for slice_ in part["slices"]:
+                if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
+                    raise CliError(f"slices[] entry without a list of sources: {slice_!r}")
+                sources = []
+                for source in slice_["sources"]:
+                    if not isinstance(source, Mapping) or "model" not in source:
+                        raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
+                    sources.append({**source, "model": change(source["model"])})
+                new_slice = {**slice_, "sources": sources}
+                if slice_.get("base_model") is not None:
+                    new_slice["base_model"] = change(slice_["base_model"])
+                result["slices"].append(new_slice)
+        if part.get("base_model") is not None:
+            result["base_model"] = change(part["base_model"])
+        return result
+
+    result = block(config)
+    if config.get("modules") is not None:
+        if not isinstance(config["modules"], Mapping):
+            raise CliError("modules: must be a mapping of name -> {models|slices}")
+        result["modules"] = {name: block(module) for name, module in config["modules"].items()}
+    if not any(result.get(key) for key in ("models", "slices", "modules")):
+        raise CliError("the mergekit configuration names no models (expected models:, slices: or modules:)")
+    return result
+
+
+def mergekit_references(config: Any) -> list[Any]:
+    """Every model reference of a mergekit configuration in order of appearance, base_model
+    first (references repeat where the YAML repeats them)."""
+    found: list[Any] = []
+
+    def record(reference: Any) -> Any:
+        found.append(reference)
+        return reference
+
+    map_model_references(config, record)
+    base = config.get("base_model")
+    return ([base] if base is not None else []) + found
+
+
+def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
+    """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
+    `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
+    for value in (config.get("tokenizer_source"), (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None):
+        if value is None:
+            continue
+        if value == "base":
+            return config.get("base_model")
+        if value == "union":
+            return None
+        if isinstance(value, str) and value.startswith("model:"):
+            return value[len("model:") :]
+        return value
+    return config.get("base_model")
+
+
+def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
+    """mergekit resolves relative paths against the working directory; fall back to the
+    YAML's directory so that a configuration can travel with its models."""
+    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return ref.path
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -219,8 +709,6 @@ def read_mergekit_config(path: Path) -> Any:
 
 REPORT_NAME = "remap_report.json"
 REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
-SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
-ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 INIT_METHODS = ("fvt", "mean", "unk", "zero")
 MATCH_MODES = ("auto", "exact", "bytes")
 # Files only a slow (Python) tokenizer reads: in append mode they would disagree with
@@ -229,10 +717,6 @@ SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pkl", ".ot")
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
-}  # fmt: skip
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes whose rows this script can average
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
 OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
@@ -540,26 +1024,6 @@ def round_up(value: int, multiple: int | None) -> int:
     return value if not multiple else -(-value // multiple) * multiple
 
 
-def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
-    whatever ids the file declares: in file order, a token the model vocabulary has keeps
-    that id, every other one gets the next id after the model vocabulary; empty contents
-    are skipped. (Library versions differ on a model vocabulary that is not 0..n-1, where
-    this is refused either way.) tests/test_compare.py checks it against the installed
-    library."""
-    ids: dict[str, int] = {}
-    next_id = model_vocab_size
-    for entry in added_tokens:
-        content = entry.get("content")
-        if not content or content in ids:
-            continue
-        if content in model_vocab:
-            ids[content] = model_vocab[content]
-        else:
-            ids[content], next_id = next_id, next_id + 1
-    return ids
-
-
 def substrings(words: Iterable[str], longest: int) -> set[str]:
     """Every substring of every word, up to `longest` characters."""
     found: set[str] = set()
@@ -769,33 +1233,6 @@ def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, st
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-(len(text) + 8) % 8)
     return len(text).to_bytes(8, "little") + text
-
-
-def validate_safetensors_header(header: Mapping[str, Any], data_size: int, where: str) -> None:
-    """Refuse headers whose tensors overlap, leave holes, run past the data or disagree
-    with their shape: reading them would silently give wrong rows."""
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CliError(f"{where}: malformed header entry for {name!r}; re-download the file") from exc
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
-            raise CliError(f"{where}: tensor {name!r} has invalid data_offsets {[start, end]}; re-download the file")
-        if dtype in DTYPE_SIZES and end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise CliError(f"{where}: tensor {name!r} ({dtype} {shape}) should take {math.prod(shape) * DTYPE_SIZES[dtype]} bytes, its offsets give {end - start}")
-        spans.append((start, end, name))
-    spans.sort()
-    position = 0
-    for start, end, name in spans:
-        if start != position:
-            what = "overlaps the previous tensor" if start < position else "leaves a hole before it"
-            raise CliError(f"{where}: tensor {name!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt")
-        position = end
-    if position > data_size:
-        raise CliError(f"{where}: tensors need {position} bytes of data but the file holds {data_size}: truncated download? re-download it")
 
 
 # ---- row math (numpy) ----------------------------------------------------------------
@@ -1070,123 +1507,20 @@ def mergekit_snippet(out_dir: str) -> str:
 # ---- mergekit configurations --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """A model of a mergekit configuration: `path[@revision][+lora]`."""
-
-    path: str
-    revision: str | None = None
-    lora: str | None = None
-
-    def __str__(self) -> str:
-        text = f"{self.path}@{self.revision}" if self.revision else self.path
-        return f"{text}+{self.lora}" if self.lora else text
-
-
-def parse_model_reference(value: Any) -> ModelRef:
-    """A mergekit model reference, as a string (`path@rev+lora`) or its dict form."""
-    if isinstance(value, Mapping):
-        model, lora = value.get("model"), value.get("lora")
-        if isinstance(model, Mapping):
-            path, revision = model.get("path"), model.get("revision")
-        else:
-            path, revision = split_revision(str(model)) if model is not None else (None, None)
-        if isinstance(lora, Mapping):
-            lora = lora.get("path")
-        if not path:
-            raise CliError(f"cannot read the model reference {value!r}")
-        return ModelRef(str(path), revision, str(lora) if lora else None)
-    if not isinstance(value, str) or not value:
-        raise CliError(f"cannot read the model reference {value!r}")
-    model_part, _, lora = value.partition("+")
-    path, revision = split_revision(model_part)
-    return ModelRef(path, revision, lora or None)
-
-
-def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str, Any]:
-    """A copy of a mergekit configuration with every model reference replaced by
-    change(reference): models[].model, slices[].sources[].model, slices[].base_model,
-    base_model, and the same inside modules."""
-    if not isinstance(config, Mapping):
-        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
-
-    def block(part: Mapping[str, Any]) -> dict[str, Any]:
-        result = dict(part)
-        if part.get("models") is not None:
-            if not isinstance(part["models"], list):
-                raise CliError("models: must be a list of {model: ...} entries")
-            result["models"] = []
-            for entry in part["models"]:
-                if not isinstance(entry, Mapping) or "model" not in entry:
-                    raise CliError(f"models[] entry without a 'model' key: {entry!r}")
-                result["models"].append({**entry, "model": change(entry["model"])})
-        if part.get("slices") is not None:
-            if not isinstance(part["slices"], list):
-                raise CliError("slices: must be a list")
-            result["slices"] = []
-            for slice_ in part["slices"]:
-                if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
-                    raise CliError(f"slices[] entry without a list of sources: {slice_!r}")
-                sources = []
-                for source in slice_["sources"]:
-                    if not isinstance(source, Mapping) or "model" not in source:
-                        raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
-                    sources.append({**source, "model": change(source["model"])})
-                new_slice = {**slice_, "sources": sources}
-                if slice_.get("base_model") is not None:
-                    new_slice["base_model"] = change(slice_["base_model"])
-                result["slices"].append(new_slice)
-        if part.get("base_model") is not None:
-            result["base_model"] = change(part["base_model"])
-        return result
-
-    result = block(config)
-    if config.get("modules") is not None:
-        if not isinstance(config["modules"], Mapping):
-            raise CliError("modules: must be a mapping of name -> {models|slices}")
-        result["modules"] = {name: block(module) for name, module in config["modules"].items()}
-    if not any(result.get(key) for key in ("models", "slices", "modules")):
-        raise CliError("the mergekit configuration names no models (expected models:, slices: or modules:)")
-    return result
-
-
-def mergekit_references(config: Any) -> list[Any]:
-    """Every model reference of a mergekit configuration in order of appearance, base_model
-    first (references repeat where the YAML repeats them)."""
-    found: list[Any] = []
-
-    def record(reference: Any) -> Any:
-        found.append(reference)
-        return reference
-
-    map_model_references(config, record)
-    base = config.get("base_model")
-    return ([base] if base is not None else []) + found
-
-
-def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
-    """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
-    `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
-    for value in (config.get("tokenizer_source"), (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None):
-        if value is None:
-            continue
-        if value == "base":
-            return config.get("base_model")
-        if value == "union":
-            return None
-        if isinstance(value, str) and value.startswith("model:"):
-            return value[len("model:") :]
-        return value
-    return config.get("base_model")
-
-
 def aligned_name(ref: ModelRef, taken: set[str]) -> str:
-    """A readable directory name for a remapped model, unique among `taken`."""
-    stem = ref.path.rstrip("/")
-    stem = stem.replace("/", "--") if looks_like_hub_id(stem) and not os.path.exists(stem) else os.path.basename(stem) or "model"
-    stem = re.sub(r"[^\w.-]+", "_", stem + (f"-{ref.revision}" if ref.revision else ""))
+    """A readable directory name for a remapped model: one plain path component (never
+    empty, `.`, `..` or hidden, whatever the model path ends with), unique among `taken`
+    (compared case-insensitively, for case-insensitive file systems)."""
+    path = ref.path.rstrip("/\\")
+    if looks_like_hub_id(path) and not os.path.exists(path):
+        stem = path.replace("/", "--")
+    else:
+        stem = os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path or "."))))
+    stem = re.sub(r"[^\w.-]+", "_", stem + (f"-{ref.revision}" if ref.revision else "")).lstrip(".") or "model"
+    if len(stem) > 100:
+        stem = f"{stem[:80]}-{hashlib.sha1(stem.encode()).hexdigest()[:12]}"
     name, counter = stem, 2
-    while name in taken:
+    while name.lower() in {n.lower() for n in taken}:
         name, counter = f"{stem}-{counter}", counter + 1
     taken.add(name)
     return name
@@ -1195,63 +1529,6 @@ def aligned_name(ref: ModelRef, taken: set[str]) -> str:
 # --------------------------------------------------------------------------------------
 # 3. I/O adapters: sources, tokenizers, checkpoints, streaming writer, output directory
 # --------------------------------------------------------------------------------------
-
-
-def model_vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> Mapping[str, int]:
-    """The model's own token->id, added tokens not included, as the tokenizers library
-    reads it (a Unigram vocabulary is a list of [piece, score] pairs in id order)."""
-    raw = (tokenizer_json.get("model") or {}).get("vocab")
-    if isinstance(raw, list):
-        return {entry[0]: token_id for token_id, entry in enumerate(raw)}
-    if isinstance(raw, Mapping):
-        return raw
-    raise CliError(f"{where}: no model vocabulary in tokenizer.json")
-
-
-def vocab_from_json(tokenizer_json: Mapping[str, Any], where: Path) -> dict[str, int]:
-    """token->id as tokenizer.json declares it (model vocabulary, then added tokens),
-    refused when ambiguous: two tokens on one id, gaps, or an added token declared at an
-    id other than its vocabulary id."""
-    vocab = dict(model_vocab_from_json(tokenizer_json, where))
-    for added in tokenizer_json.get("added_tokens") or []:
-        content, declared = added.get("content"), added.get("id")
-        if not isinstance(content, str) or not isinstance(declared, int):
-            raise CliError(f"{where}: malformed added_tokens entry {added!r}")
-        if vocab.get(content, declared) != declared:
-            raise CliError(
-                f"{where}: added token {content!r} is declared at id {declared} but the vocabulary has it at id {vocab[content]}; fix tokenizer.json"
-            )
-        vocab[content] = declared
-    if set(vocab.values()) == set(range(len(vocab))):
-        return vocab
-    by_id: dict[int, str] = {}  # slow path, only to name the problem
-    for token, token_id in vocab.items():
-        if token_id in by_id:
-            raise CliError(f"{where}: tokens {by_id[token_id]!r} and {token!r} share id {token_id}; the vocabulary is corrupt (re-download or fix tokenizer.json)")
-        by_id[token_id] = token
-    missing = next(i for i in range(len(by_id)) if i not in by_id)
-    raise CliError(f"{where}: token ids are not 0..{len(by_id) - 1} (the first missing id is {missing}); fast tokenizers assume contiguous ids: fix tokenizer.json")
-
-
-def special_token_content(value: Any) -> str | None:
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]) -> dict[str, str | None]:
-    roles: dict[str, str | None] = {}
-    model = tokenizer_json.get("model") or {}
-    for role in SPECIAL_ROLES:
-        key = f"{role}_token"
-        token = special_token_content(tokenizer_config.get(key)) or special_token_content(special_map.get(key))
-        if token is None and role == "unk":
-            if isinstance(model.get("unk_token"), str):
-                token = model["unk_token"]
-            elif isinstance(model.get("unk_id"), int) and model.get("type") == "Unigram":
-                token = model["vocab"][model["unk_id"]][0]
-        roles[role] = token
-    return roles
 
 
 @dataclass(frozen=True)
@@ -1295,17 +1572,6 @@ def check_library_loads(text: str, where: Path) -> None:
         raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
 
 
-def check_added_ids(vocab: Mapping[str, int], library_ids: Mapping[str, int], where: Path) -> None:
-    """The tokenizers library numbers an added token that is not in the model vocabulary
-    right after it: refuse a file whose declared ids it would not keep."""
-    for content, token_id in library_ids.items():
-        if vocab.get(content) != token_id:
-            raise CliError(
-                f"{where}: added token {content!r} is declared at id {vocab.get(content)} but the tokenizers library "
-                f"loads it at id {token_id} (not in the model vocabulary and not numbered right after it); fix tokenizer.json"
-            )
-
-
 def read_tokenizer(path: Path) -> TokenizerSource:
     """Read and validate a tokenizer (the tokenizers library is not needed for that: see
     library_added_token_ids and check_library_loads)."""
@@ -1315,34 +1581,23 @@ def read_tokenizer(path: Path) -> TokenizerSource:
         if file.stat().st_size == 0:
             raise CliError(f"{file}: empty file; expected a tokenizer.json")
         try:
-            text = file.read_text(encoding="utf-8")
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CliError(f"{file}: corrupt JSON ({exc}); re-download or fix the file") from exc
-        on_disk = True
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise CliError(f"{file}: cannot read ({exc.strerror})") from exc
+        data, on_disk = parse_json(raw, file), True
+        text = raw.decode("utf-8")
     elif (directory / "tokenizer.model").is_file() or (directory / "vocab.json").is_file():
         text = tokenizer_json_via_transformers(directory)
-        data, on_disk = json.loads(text), False
+        data, on_disk = parse_json(text.encode(), file), False
     else:
         raise CliError(f"{directory}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
-    if not isinstance(data, dict):
-        raise CliError(f"{file}: not a tokenizer.json (expected a JSON object)")
-    vocab = vocab_from_json(data, file)
-    model = data.get("model") or {}
-    model_vocab = model_vocab_from_json(data, file)
-    check_added_ids(vocab, library_added_token_ids(model_vocab, len(model["vocab"]), data.get("added_tokens") or []), file)
+    vocab = read_vocabulary(data, file)
+    model = data["model"]
     tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
-    roles = read_special_tokens(data, tokenizer_config, read_optional_json(directory / "special_tokens_map.json"))
-    for role, token in roles.items():
-        if token is not None and token not in vocab:
-            raise CliError(
-                f"{directory / 'tokenizer_config.json'}: {role}_token {token!r} is not in the vocabulary "
-                f"(transformers would append it as a new id {len(vocab)}); fix the file or the vocabulary"
-            )
-    added = {
-        entry["content"]: {flag: bool(entry.get(flag, flag == "normalized" and not entry.get("special"))) for flag in ADDED_TOKEN_FLAGS}
-        for entry in data.get("added_tokens") or []
-    }
+    special_map = read_optional_json(directory / "special_tokens_map.json")
+    roles = read_special_tokens(data, tokenizer_config, special_map)
+    check_special_tokens(vocab, roles, tokenizer_config, special_map, directory)
+    added = {entry["content"]: {flag: entry[flag] for flag in ADDED_TOKEN_FLAGS} for entry in data.get("added_tokens") or []}
     spec = VocabSpec(vocab, added, roles, detect_convention(data), bool(model.get("byte_fallback", False)))
     return TokenizerSource(
         directory,
@@ -1378,6 +1633,9 @@ class Background:
         try:
             ok, value = self.receiver.recv()
         except EOFError:
+            self.process.join()
+            if SignalState.pending is not None or self.process.exitcode in (-2, -15, -1):
+                raise Interrupted(SignalState.pending or -self.process.exitcode) from None
             raise CliError(f"a worker process checking the tokenizer died (exit code {self.process.exitcode})") from None
         finally:
             self.process.join()
@@ -1387,6 +1645,14 @@ class Background:
 
 
 def _background_child(sender: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the run and this daemon
+    # child ends with it; SIGTERM / SIGHUP end the child at once, without a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         sender.send((True, fn(*args)))
     except BaseException as exc:  # handed to the parent, which raises it
@@ -1472,27 +1738,6 @@ TORCH_DTYPE_NAMES = {
     "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16",
     "uint32": "U32", "uint64": "U64", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64",
 }  # fmt: skip
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header without __metadata__, absolute offset of the data) of a safetensors file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if length < 2 or length > min(100_000_000, size - 8):
-                raise CliError(f"{path}: not a safetensors file or truncated (header length {length}, file size {size}); re-download it")
-            header = json.loads(handle.read(length))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{path}: corrupt safetensors header ({exc}); re-download it") from exc
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
-    if not isinstance(header, dict):
-        raise CliError(f"{path}: corrupt safetensors header; re-download it")
-    validate_safetensors_header(header, size - 8 - length, str(path))
-    header.pop("__metadata__", None)
-    return header, 8 + length
 
 
 def read_checkpoint(directory: Path) -> Checkpoint:
@@ -2084,7 +2329,8 @@ def check_patched_tokenizer(patched_text: str, plan: RemapPlan, convention: str,
 
 
 def check_out_dir(out_dir: Path, protected: Mapping[str, Path], overwrite: bool) -> None:
-    """Refuse an out_dir that is a file, would touch an input, or holds something."""
+    """Refuse an out_dir that is a file, would touch an input, or holds something that
+    --overwrite may not replace (only an earlier output of this tool, with its report)."""
     resolved = out_dir.resolve()
     for label, path in protected.items():
         source = path.resolve()
@@ -2094,8 +2340,14 @@ def check_out_dir(out_dir: Path, protected: Mapping[str, Path], overwrite: bool)
             raise CliError(f"--out_dir {out_dir} contains the {label} directory {path}; --overwrite would delete it: choose another directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out_dir {out_dir} is an existing file; choose a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CliError(f"--out_dir {out_dir} exists and is not empty; pass --overwrite to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise CliError(f"--out_dir {out_dir} exists and is not empty; pass --overwrite to replace it")
+        if not (out_dir / REPORT_NAME).is_file():
+            raise CliError(
+                f"--out_dir {out_dir} holds files this tool did not write (no {REPORT_NAME}); --overwrite only replaces "
+                "an earlier output: remove it yourself or choose another directory"
+            )
     parent = nearest_existing(resolved.parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CliError(f"cannot write in {parent} (permission denied); choose another --out_dir")
@@ -2108,42 +2360,231 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_free_space(parent: Path, needed: int) -> None:
-    free = shutil.disk_usage(nearest_existing(parent)).free
+    where = nearest_existing(parent.resolve())
+    free = shutil.disk_usage(where).free
     if free < needed + 64 * 10**6:
         raise CliError(
-            f"not enough free space in {nearest_existing(parent)}: the output needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; "
+            f"not enough free space in {where}: the output needs {human_bytes(needed)} (+64 MB to spare), {human_bytes(free)} are free; "
             "free some space or choose another --out_dir"
         )
 
 
-class StagedDirectory:
-    """A temporary sibling of out_dir that becomes out_dir only when complete: a crash,
-    a full disk or Ctrl-C leave no out_dir and no temporary directory behind."""
+# The output directory: D appears complete or not at all. A run holds an exclusive lock on
+# D (`.<D>.lock` beside it) from start to end, writes into a staging directory beside D
+# (`.<D>.tmp-XXXXXX`, with an owner file naming the pid), and publishes it in one atomic
+# rename: renameat2(RENAME_EXCHANGE) over an existing D, RENAME_NOREPLACE onto a missing
+# one (Linux); elsewhere two renames, undone on failure. Staging directories of runs that
+# died (SIGKILL, power cut) are found by their name and removed by the next run into D.
 
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
+OWNER_FILE = ".remap-owner.json"
+PUBLISHED: list[Path] = []  # outputs this process has published, for an honest message on interrupt
+ACTIVE_OUTPUTS: list[OutputDirectory] = []  # entered and not yet left
+
+
+def release_outputs() -> None:
+    """Remove the staging directories and locks of outputs an interrupted run still holds."""
+    for output in list(ACTIVE_OUTPUTS):
+        output.__exit__(None, None, None)
+
+
+def short_name(out_dir: Path) -> str:
+    """A prefix for the files beside D that stays far below the 255-byte name limit."""
+    name = out_dir.name
+    return name if len(name.encode()) <= 80 else f"{name[:40]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks after boot, from /proc), or None if it is gone;
+    pids are reused, so a pid alone does not prove the owner is alive."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except OSError:
         try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "unknown"
+
+
+def rename_atomic(source: Path, target: Path, *, exchange: bool) -> bool:
+    """renameat2: swap two paths (exchange) or move one onto a missing path without ever
+    replacing one that appeared (no-replace). False where the system or file system lacks
+    it (the caller falls back); FileExistsError when the target appeared."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, flags = -100, 2 if exchange else 1  # RENAME_EXCHANGE, RENAME_NOREPLACE
+    if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        raise FileExistsError(code, os.strerror(code), str(target))
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(target))
+
+
+class OutputDirectory:
+    """`with OutputDirectory(D, overwrite) as output:` write into output.path, then
+    output.publish(). Leaving the block without publishing removes the staging directory;
+    leaving it always releases the lock."""
+
+    def __init__(self, out_dir: Path, overwrite: bool) -> None:
+        self.out_dir, self.overwrite = out_dir, overwrite
+        self.prefix = f".{short_name(out_dir)}"
+        self.lock_path = out_dir.parent / f"{self.prefix}.lock"
+        self.lock_fd = -1
+        self.path: Path | None = None
+        self.published = False
+
+    def __enter__(self) -> OutputDirectory:
+        # Each step that creates something records it before a signal can be raised, and
+        # main() releases what an interrupted run still holds (release_outputs).
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            with deferred_signals():
+                ACTIVE_OUTPUTS.append(self)
+                self._lock()
+            self._remove_stale()
+            with deferred_signals():
+                self.path = self._make_staging()
         except OSError as exc:
-            raise CliError(f"cannot create a directory in {out_dir.parent} ({exc.strerror}); choose another --out_dir") from exc
+            self.__exit__(None, None, None)
+            raise CliError(f"cannot create a directory in {self.out_dir.parent} ({exc.strerror}); choose another --out_dir") from exc
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with deferred_signals():
+            if self.path is not None and not self.published:
+                shutil.rmtree(self.path, ignore_errors=True)
+            self._unlock()
+            if self in ACTIVE_OUTPUTS:
+                ACTIVE_OUTPUTS.remove(self)
+
+    def _lock(self) -> None:
+        import fcntl
+
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise CliError(f"another remap is writing {self.out_dir} (pid {holder}); wait for it or choose another --out_dir") from None
+            # the holder before us unlinks the file before it unlocks: lock the file that is there now
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.lock_fd = fd
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self.lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def _remove_stale(self) -> None:
+        """Under the lock, no live run writes into D: staging directories of D are leftovers
+        (checked against their owner file all the same)."""
+        for candidate in self.out_dir.parent.glob(f"{glob_escape(self.prefix)}.tmp-*"):
+            if not candidate.is_dir() or candidate.is_symlink():
+                continue
+            owner = read_owner(candidate / OWNER_FILE)
+            if owner is not None and owner.get("pid") != os.getpid() and process_started(owner["pid"]) == owner.get("started"):
+                continue
+            log.info("removing %s, left by a run that did not finish", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+
+    def _make_staging(self) -> Path:
+        for _ in range(100):
+            path = self.out_dir.parent / f"{self.prefix}.tmp-{os.urandom(3).hex()}"
+            try:
+                os.mkdir(path, 0o777)  # the user's umask applies, as with mkdir
+            except FileExistsError:
+                continue
+            self.path = path
+            owner = {"tool": "remap_tokenizer.py", "pid": os.getpid(), "started": process_started(os.getpid()), "out_dir": str(self.out_dir)}
+            (path / OWNER_FILE).write_text(json.dumps(owner) + "\n", encoding="utf-8")
+            return path
+        raise FileExistsError(errno.EEXIST, "no free staging name", str(self.out_dir.parent))
 
     def publish(self) -> None:
+        """Make the staging directory D, in one step where the system allows it."""
+        assert self.path is not None and not self.published, "publish() once, inside the with block"
+        (self.path / OWNER_FILE).unlink()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        trash = None
-        if self.out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-            os.replace(self.out_dir, trash / "old")
-        os.replace(self.path, self.out_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        with deferred_signals():
+            self._replace_out_dir()
+            self.published = True
+            PUBLISHED.append(self.out_dir)
+        shutil.rmtree(self.path, ignore_errors=True)  # now the old D, if there was one
 
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+    def _replace_out_dir(self) -> None:
+        assert self.path is not None
+        exists = self.out_dir.exists() or self.out_dir.is_symlink()
+        if exists and self.out_dir.is_dir() and not self.out_dir.is_symlink() and any(self.out_dir.iterdir()):
+            if not self.overwrite or not (self.out_dir / REPORT_NAME).is_file():
+                raise CliError(f"{self.out_dir} appeared while the output was written; nothing was replaced: pass --overwrite or choose another --out_dir")
+        elif exists and not (self.out_dir.is_dir() and not self.out_dir.is_symlink()):
+            raise CliError(f"{self.out_dir} appeared as a file while the output was written; nothing was replaced")
+        if exists:
+            if not rename_atomic(self.path, self.out_dir, exchange=True):
+                self._replace_in_two_steps()
+        else:
+            try:
+                if not rename_atomic(self.path, self.out_dir, exchange=False):
+                    os.rename(self.path, self.out_dir)
+            except FileExistsError:
+                raise CliError(f"{self.out_dir} appeared while the output was written; nothing was replaced: pass --overwrite") from None
+            self.path.mkdir()  # publish() removes "the old D": here, nothing
+
+    def _replace_in_two_steps(self) -> None:
+        """Old D aside, new D in; if the second rename fails, the old D goes back."""
+        assert self.path is not None
+        aside = self.out_dir.parent / f"{self.prefix}.old-{os.urandom(3).hex()}"
+        os.rename(self.out_dir, aside)
+        try:
+            os.rename(self.path, self.out_dir)
+        except BaseException:
+            os.rename(aside, self.out_dir)
+            raise
+        os.rename(aside, self.path)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def read_owner(path: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
 
 
 def copy_other_files(src_dir: Path, out: Path) -> list[str]:
@@ -2204,15 +2645,6 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
         return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()))
     rows = config_value(config, "vocab_size")
     return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
-
-
-def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
-    """mergekit resolves relative paths against the working directory; fall back to the
-    YAML's directory so that a configuration can travel with its models."""
-    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
-        if candidate.exists():
-            return str(candidate.resolve())
-    return ref.path
 
 
 def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
@@ -2427,35 +2859,32 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         report["seconds"] = round(time.monotonic() - started, 3)
         return report
     check_free_space(opts.out_dir.parent, shards.total_size)
-    staged = StagedDirectory(opts.out_dir)
     try:
-        out = staged.path
-        digests, verified = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress)
-        phase("shards written, hashed, synced and verified")
-        self_check(out, shards)
-        report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
-        if len(shards.files) > 1:
-            write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
-        write_json(out / "config.json", patch_config(config, plan.n_rows, config_ids))
-        if src.generation_config:
-            write_json(out / "generation_config.json", patch_generation_config(src.generation_config, generation_ids))
-        write_tokenizer_files(base, out, patched_result(), plan, appended_added)
-        report["copied_files"] = copy_other_files(src_dir, out)
-        report["files"] = {
-            path.name: digests.get(path.name) or file_digest(path) for path in sorted(out.iterdir()) if path.is_file()
-        }
-        report["seconds"] = round(time.monotonic() - started, 3)
-        write_json(out / REPORT_NAME, report)
-        staged.publish()
-        phase("published")
+        with OutputDirectory(opts.out_dir, opts.overwrite) as output:
+            out = output.path
+            assert out is not None
+            digests, verified = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress)
+            phase("shards written, hashed, synced and verified")
+            self_check(out, shards)
+            report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
+            if len(shards.files) > 1:
+                write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
+            write_json(out / "config.json", patch_config(config, plan.n_rows, config_ids))
+            if src.generation_config:
+                write_json(out / "generation_config.json", patch_generation_config(src.generation_config, generation_ids))
+            write_tokenizer_files(base, out, patched_result(), plan, appended_added)
+            report["copied_files"] = copy_other_files(src_dir, out)
+            report["files"] = {
+                path.name: digests.get(path.name) or file_digest(path) for path in sorted(out.iterdir()) if path.is_file() and path.name != OWNER_FILE
+            }
+            report["seconds"] = round(time.monotonic() - started, 3)
+            write_json(out / REPORT_NAME, report)
+            output.publish()
+            phase("published")
     except OSError as exc:
-        staged.discard()
         if exc.errno == errno.ENOSPC:
-            raise CliError(f"disk full while writing into {opts.out_dir.parent}; nothing was left behind: free at least {shards.total_size / 1e9:.2f} GB") from exc
+            raise CliError(f"disk full while writing into {opts.out_dir.parent}; nothing was left behind: free at least {human_bytes(shards.total_size)}") from exc
         raise CliError(f"cannot write {exc.filename or opts.out_dir}: {exc.strerror}; nothing was left behind") from exc
-    except BaseException:
-        staged.discard()
-        raise
     return report
 
 
@@ -2555,7 +2984,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
                  "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
         if not same:
-            entry["output"] = str((opts.out_dir / aligned_name(ref, taken)).resolve())
+            entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
         rows.append(entry)
     summary: dict[str, Any] = {
@@ -2581,8 +3010,8 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
             entry["status"], report = "reused", previous
             log.info("%s: reusing the finished remap in %s", entry["model"], out)
         else:
-            if out.exists() and previous is None and any(out.iterdir()) and not opts.overwrite:
-                raise CliError(f"{out} exists and is not a remap of {entry['model']}; remove it or pass --overwrite")
+            if previous is None and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
+                raise CliError(f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir")
             log.info("%s: remapping into %s", entry["model"], out)
             try:
                 report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
@@ -2804,21 +3233,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc} (see --help)", file=sys.stderr)
         return 2
     configure_logging(args.debug)
+    PUBLISHED.clear()
     show_hub_progress(sys.stderr.isatty() and not args.json)
     # numpy's OpenBLAS threads spin for ~0.1 s of CPU once started; nothing here multiplies
     # matrices, and the writer threads want every core (no effect once numpy is imported)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
-        with collection_paused():
-            return run(args)
+        with signals_handled(), collection_paused():
+            try:
+                return run(args)
+            finally:
+                release_outputs()
+                finish_main()
     except CliError as exc:
         if args.debug:
             log.exception("traceback")
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
+        signum = getattr(exc, "signum", 2)
+        kept = f"{', '.join(map(str, PUBLISHED))}: complete, kept" if PUBLISHED else "nothing was written"
+        print(f"error: interrupted ({signal_name(signum)}); {kept}", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise

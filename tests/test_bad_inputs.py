@@ -391,4 +391,4 @@ def test_keyboard_interrupt_half_way(capsys, model: Path, base: Path, tmp_path: 
 
 def test_not_enough_free_space_is_found_before_writing(capsys, model: Path, base: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(rt.shutil, "disk_usage", lambda path: shutil_usage(total=10**6, used=10**6 - 4096, free=4096))
-    check(capsys, rt.main, remap_args(model, base, tmp_path / "out"), mentions=["not enough free space", "GB"], sources=[model, base], out=tmp_path / "out")
+    check(capsys, rt.main, remap_args(model, base, tmp_path / "out"), mentions=["not enough free space", "KB (+64 MB to spare), 4.10 KB are free"], sources=[model, base], out=tmp_path / "out")

@@ -316,7 +316,7 @@ def test_detect_convention(byte_tok: dict, sp_tok: dict) -> None:
     ],
 )
 def test_parse_model_reference(reference: object, expected: tuple) -> None:
-    assert ct.parse_model_reference(reference) == expected
+    assert ct.parse_model_reference(reference) == ct.ModelRef(*expected)
 
 
 def test_mergekit_models_reads_every_place_a_model_can_be() -> None:
@@ -326,7 +326,7 @@ def test_mergekit_models_reads_every_place_a_model_can_be() -> None:
         "slices": [{"sources": [{"model": "b", "layer_range": [0, 1]}], "base_model": "c"}],
         "modules": {"text": {"models": [{"model": "d"}]}},
     }
-    assert ct.mergekit_models(config) == ("base", ["base", "a", "b", "c", "d"])
+    assert ct.dedupe(ct.mergekit_references(config)) == ["base", "a", "b", "c", "d"]
 
 
 @pytest.mark.parametrize(

@@ -289,13 +289,62 @@ def test_writer_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_
 
 def test_header_validation_rejects_overlaps_and_truncation() -> None:
     good = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]}}
-    rt.validate_safetensors_header(good, 12, "x")
+    assert rt.check_safetensors_header(good, 12, "x") == good
     with pytest.raises(rt.CliError, match="overlaps"):
-        rt.validate_safetensors_header({**good, "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}, 12, "x")
+        rt.check_safetensors_header({**good, "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}, 12, "x")
     with pytest.raises(rt.CliError, match="truncated"):
-        rt.validate_safetensors_header(good, 10, "x")
-    with pytest.raises(rt.CliError, match="should take 8 bytes"):
-        rt.validate_safetensors_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 6]}}, 6, "x")
+        rt.check_safetensors_header(good, 10, "x")
+    with pytest.raises(rt.CliError, match="extra bytes"):
+        rt.check_safetensors_header(good, 16, "x")
+    with pytest.raises(rt.CliError, match="takes 8 bytes"):
+        rt.check_safetensors_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 6]}}, 6, "x")
+    for bad, message in (({"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}, "unknown dtype 'Q4'"),
+                         ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
+                         ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "not a list of non-negative integers"),
+                         ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "not a list of non-negative integers"),
+                         ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "not a list of non-negative integers"),
+                         ({"dtype": "F32", "shape": [2], "data_offsets": [0]}, "invalid data_offsets"),
+                         ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "invalid data_offsets"),
+                         ("F32", "not an object")):  # fmt: skip
+        with pytest.raises(rt.CliError, match=message):
+            rt.check_safetensors_header({"a": bad}, 8, "x")
+
+
+HEADER_ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "BF16", "U8", "I64", "Q4", "f32"]),
+        "shape": st.one_of(st.lists(st.integers(0, 4), max_size=3), st.lists(st.sampled_from([1.0, -1, True]), min_size=1, max_size=2)),
+        "data_offsets": st.one_of(st.tuples(st.integers(-2, 40), st.integers(-2, 40)).map(list), st.just([0])),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), HEADER_ENTRY, min_size=1, max_size=3), st.integers(0, 48))
+def test_header_checks_accept_exactly_what_the_safetensors_library_opens(tmp_path_factory, header: dict, data_size: int) -> None:
+    """Both tools read headers with the shared check: it must never accept a file that the
+    safetensors library refuses, nor refuse one it opens."""
+    from safetensors import safe_open
+
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path_factory.mktemp("header") / "x.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data_size))
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            library = sorted(handle.keys())
+    except Exception:  # the library refuses the file
+        library = None
+    try:
+        ours = sorted(rt.read_safetensors_header(path)[0])
+    except rt.CliError:
+        ours = None
+    assert ours == library, (header, data_size)
+    try:
+        compared = sorted(ct.read_safetensors_header(path)[0])
+    except ct.CliError:
+        compared = None
+    assert compared == ours
 
 
 # ------------------------------------------------------------------ row arithmetic

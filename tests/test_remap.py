@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -348,9 +349,24 @@ def test_existing_out_dir_is_refused_and_overwrite_replaces_it(tmp_path: Path, b
     code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out)
     assert code == 2 and "exists and is not empty; pass --overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
-    assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out, "--overwrite")[0] == 0
-    assert not (out / "keep.txt").exists() and (out / rt.REPORT_NAME).is_file()
+    # --overwrite replaces only what this tool wrote: never a directory of other files
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out, "--overwrite")
+    assert code == 2 and "holds files this tool did not write (no remap_report.json)" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out)[0] == 0  # an empty directory is fine
+    first = (out / rt.REPORT_NAME).read_text()
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out, "--init", "zero")[0] == 2
+    assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out, "--init", "zero", "--overwrite")[0] == 0
+    assert (out / rt.REPORT_NAME).read_text() != first and json.loads((out / rt.REPORT_NAME).read_text())["options"]["init"] == "zero"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())  # as mkdir would make it
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_failure_half_way_leaves_nothing(tmp_path: Path, byte_tok: dict, capsys, monkeypatch) -> None:

@@ -1,0 +1,264 @@
+"""Nothing is ever lost: output names that cannot escape, an atomic publish, signals at any
+moment, runs that died, two runs on one output. Signals and concurrency use real
+subprocesses and real signals; every case checks that nothing beside the output changed."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import factories
+import remap_tokenizer as rt
+from conftest import BYTE_SPECIALS
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = ["<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    chat_json = factories.permuted(factories.with_tokens(byte_tok, added=CHAT), seed=3, keep=BYTE_SPECIALS.values())
+    chat = factories.write_model(root / "chat", chat_json, seed=4, bos=BYTE_SPECIALS["bos"], eos="<|im_end|>")
+    (chat / "original").mkdir()
+    return {
+        "base": factories.write_model(root / "base", byte_tok, seed=1, **BYTE_SPECIALS),
+        "chat": chat,
+        # a few MB in many shards, so that a run spends a while writing
+        "wide": factories.write_model(root / "wide", chat_json, hidden=256, shard_size="300KB", seed=5, bos=BYTE_SPECIALS["bos"], eos="<|im_end|>"),
+    }
+
+
+def listing_digest(directory: Path) -> dict[str, str]:
+    """Every path below `directory` (links not followed) with the sha256 of each file."""
+    result = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        result[key] = "link" if path.is_symlink() else hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return result
+
+
+def beside(out: Path) -> list[str]:
+    """What sits beside D apart from D: staging, old or lock files left behind."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+def remap_cli(*args: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "remap_tokenizer.py"), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_complete(out: Path) -> None:
+    report = json.loads((out / rt.REPORT_NAME).read_text())
+    assert report["self_check"]["ok"]
+    files = {p.name for p in out.iterdir()}
+    assert set(report["files"]) | {rt.REPORT_NAME} == files
+
+
+# ---------------------------------------------------------------- names of aligned outputs
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["models/chat/..", "models/chat/.", "models/chat/", "/", ".", "..", "~", "a/b/../../..", ".hidden", "...", "x" * 300, "org/name", "a b/c:d"],
+)
+def test_aligned_names_are_one_plain_component(path: str) -> None:
+    taken: set[str] = set()
+    name = rt.aligned_name(rt.ModelRef(path), taken)
+    assert name not in ("", ".", "..") and "/" not in name and not name.startswith(".") and len(name.encode()) <= 120
+    assert rt.aligned_name(rt.ModelRef(path), taken) != name  # unique
+    assert rt.aligned_name(rt.ModelRef(path.upper()), {n.upper() for n in taken}) not in {n.upper() for n in taken}
+
+
+def test_model_paths_ending_in_dot_dot_or_dot_stay_inside_aligned(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    work = tmp_path / "work"
+    aligned = work / "aligned"
+    previous = aligned / "previous"
+    previous.mkdir(parents=True)
+    (previous / rt.REPORT_NAME).write_text("{}")  # an earlier output of this tool: replaceable
+    (work / "precious.txt").write_text("the parent of ALIGNED must not change")
+    before = listing_digest(work)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "linear", "base_model": str(models["base"]), "dtype": "float32",
+        "models": [{"model": str(models["base"]), "parameters": {"weight": 0.5}},
+                   {"model": f"{models['chat']}/original/..", "parameters": {"weight": 0.25}},
+                   {"model": f"{models['chat']}/.", "parameters": {"weight": 0.25}}],
+    }))  # fmt: skip
+    assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--overwrite"]) == 0, capsys.readouterr().err
+    after = listing_digest(work)
+    assert {k: v for k, v in after.items() if not k.startswith("aligned/")} == {k: v for k, v in before.items() if not k.startswith("aligned/")}
+    assert after["aligned/previous/remap_report.json"] == before["aligned/previous/remap_report.json"]
+    assert sorted(p.name for p in aligned.iterdir()) == ["chat", "merge.yaml", "previous"]
+    assert_complete(aligned / "chat")
+
+
+def test_overwrite_never_replaces_what_the_tool_did_not_write(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    aligned = tmp_path / "aligned"
+    (aligned / "chat").mkdir(parents=True)
+    (aligned / "chat" / "notes.txt").write_text("mine")
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]), "models": [{"model": str(models["chat"])}]}))
+    assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--overwrite"]) == 2
+    assert "holds files this tool did not write" in capsys.readouterr().err
+    assert (aligned / "chat" / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def run_remap(capsys: pytest.CaptureFixture[str], models: dict[str, Path], out: Path, *extra: str) -> tuple[int, str]:
+    code = rt.main(["--src_model", str(models["chat"]), "--base_tokenizer", str(models["base"]), "--out_dir", str(out), *extra])
+    return code, capsys.readouterr().err
+
+
+def test_overwrite_swaps_atomically(tmp_path: Path, models: dict[str, Path], capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    assert run_remap(capsys, models, out)[0] == 0
+    exchanged = []
+    real = rt.rename_atomic
+    monkeypatch.setattr(rt, "rename_atomic", lambda a, b, *, exchange: exchanged.append(exchange) or real(a, b, exchange=exchange))
+    assert run_remap(capsys, models, out, "--overwrite", "--init", "zero")[0] == 0
+    assert exchanged == [True] and json.loads((out / rt.REPORT_NAME).read_text())["options"]["init"] == "zero"
+    assert beside(out) == []
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path: Path, models: dict[str, Path], capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without renameat2 (macOS, some file systems) the swap is two renames; when the
+    second fails, the first is undone."""
+    out = tmp_path / "out"
+    assert run_remap(capsys, models, out)[0] == 0
+    before = listing_digest(out)
+    monkeypatch.setattr(rt, "rename_atomic", lambda a, b, *, exchange: False)
+    real_rename = os.rename
+
+    def rename(source: object, target: object) -> None:
+        if Path(str(target)) == out and ".tmp-" in str(source):
+            raise OSError(errno.EIO, "Input/output error", str(target))
+        real_rename(source, target)
+
+    monkeypatch.setattr(rt.os, "rename", rename)
+    code, err = run_remap(capsys, models, out, "--overwrite", "--init", "zero")
+    assert code == 2 and "nothing was left behind" in err
+    assert listing_digest(out) == before and beside(out) == []
+
+
+def test_a_long_output_name_works(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    out = tmp_path / ("m" * 250)
+    code, err = run_remap(capsys, models, out)
+    assert code == 0, err
+    assert_complete(out) and beside(out) == []
+
+
+# ---------------------------------------------------------------- runs that died, runs side by side
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".out.tmp-dead01"
+    stale.mkdir()
+    (stale / "model-00001-of-00009.safetensors").write_bytes(b"partial")
+    (stale / rt.OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "started": "1", "out_dir": str(out)}))
+    unmarked = tmp_path / ".out.tmp-dead02"  # died before writing its owner file
+    unmarked.mkdir()
+    alive = tmp_path / ".out.tmp-live01"  # a live process (on a file system where flock does not reach it): kept
+    alive.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (alive / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": rt.process_started(sleeper.pid), "out_dir": str(out)}))
+    reused_pid = tmp_path / ".out.tmp-dead04"  # its pid now belongs to another process
+    reused_pid.mkdir()
+    (reused_pid / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": "0", "out_dir": str(out)}))
+    other = tmp_path / ".other.tmp-dead03"  # another output's: not touched
+    other.mkdir()
+    try:
+        code, err = run_remap(capsys, models, out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert code == 0, err
+    assert beside(out) == [".other.tmp-dead03", ".out.tmp-live01"]
+
+
+def test_sigkill_leaves_a_staging_directory_that_the_next_run_removes(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    out = tmp_path / "out"
+    proc = remap_cli("--src_model", models["wide"], "--base_tokenizer", models["base"], "--out_dir", out, "--max-shard-size", "300KB")
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    code, err = run_remap(capsys, models, out)
+    assert code == 0, err
+    assert beside(out) == []
+
+
+def test_another_run_holding_the_lock_is_named(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242\n")
+        lock.flush()
+        code, err = run_remap(capsys, models, out)
+    assert code == 2 and f"error: another remap is writing {out} (pid 4242)" in err
+    assert not out.exists()
+
+
+def test_two_runs_on_one_output(tmp_path: Path, models: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    args = ("--src_model", models["wide"], "--base_tokenizer", models["base"], "--out_dir", out, "--max-shard-size", "300KB")
+    first, second = remap_cli(*args), remap_cli(*args)
+    results = sorted((proc.wait(120), proc.communicate()[1]) for proc in (first, second))
+    assert [code for code, _ in results] == [0, 2], results
+    assert any(text in results[1][1] for text in ("another remap is writing", "appeared while", "exists and is not empty")), results[1][1]
+    assert_complete(out) and beside(out) == []
+
+
+# ---------------------------------------------------------------- signals at any moment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_at_any_moment_leave_a_complete_output_or_nothing(tmp_path: Path, models: dict[str, Path], signum: int) -> None:
+    """Signals at spread-out moments (imports, reading, once staging exists, mid-shard,
+    around publish): exit 0 with a complete D, or 128 + signal with one line that says
+    truthfully whether D was completed; never a traceback, never leftovers."""
+    outcomes = set()
+    for attempt in range(8):
+        out = tmp_path / f"out{attempt}"
+        proc = remap_cli("--src_model", models["wide"], "--base_tokenizer", models["base"], "--out_dir", out, "--max-shard-size", "300KB")
+        if attempt == 0:
+            time.sleep(0.15)  # during the imports or the reading
+        else:  # once the staging directory exists, then later and later
+            deadline = time.monotonic() + 60
+            while not any(p.name.startswith(f".{out.name}.tmp-") for p in tmp_path.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep((attempt - 1) * 0.03)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+        if proc.returncode == 0:
+            assert_complete(out)
+        else:
+            assert proc.returncode == 128 + signum, err
+            assert err.strip().splitlines()[-1].startswith(f"error: interrupted ({signal.Signals(signum).name}); "), err
+            if "complete, kept" in err:
+                assert_complete(out)
+            else:
+                assert "nothing was written" in err and not out.exists(), err
+        assert [p for p in beside(out) if p.startswith(f".{out.name}.")] == [], beside(out)
+        outcomes.add(proc.returncode)
+    assert 128 + signum in outcomes
