@@ -74,6 +74,8 @@ def split_revision(reference: str) -> tuple[str, str | None]:
     """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
     if "@" in reference and not os.path.exists(reference):
         path, _, revision = reference.rpartition("@")
+        if not path:
+            raise CliError(f"{reference!r}: no model name before the @revision")
         return path, revision or None
     return reference, None
 
@@ -146,6 +148,10 @@ def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[s
     """A local path as is, or the folder of a Hub repo's snapshot in the Hugging Face cache
     holding `allow_patterns` (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT
     and HF_HOME; mergekit finds the same files there)."""
+    if not source:
+        raise CliError("an empty model or tokenizer name")
+    if len(source) > 1000:
+        raise CliError(f"{source[:60]}...: a name of {len(source)} characters is neither a path nor a Hub repo id")
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -192,12 +198,25 @@ def read_mergekit_config(path: Path) -> Any:
     import yaml
 
     try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}): save it as UTF-8") from exc
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CliError(f"{path}: not valid YAML ({where}{problem})") from exc
+    except RecursionError as exc:
+        raise CliError(f"{path}: nested too deeply to be a mergekit configuration") from exc
+    if not isinstance(config, dict):
+        raise CliError(f"{path}: not a mergekit configuration (the top level must be a mapping, got {type(config).__name__})")
+    return config
 
 
 # Signals: SIGINT, SIGTERM (timeout, Slurm, Docker, systemd) and SIGHUP all stop a run the
@@ -375,6 +394,10 @@ def check_tokenizer_json(data: Any, where: object) -> None:
             problem = f"needs true/false for {', '.join(wrong)}" if wrong else None
         if problem:
             raise CliError(f"{where}: added_tokens[{index}] {problem} (the tokenizers library refuses it); fix tokenizer.json")
+    for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        component = data.get(key)
+        if component is not None and not (isinstance(component, dict) and isinstance(component.get("type"), str)):
+            raise CliError(f"{where}: {key} is {str(component)[:60]!r}, not an object with a \"type\"; fix tokenizer.json")
     merges = model.get("merges")
     if merges is not None:
         if not isinstance(merges, list):
@@ -460,6 +483,8 @@ def read_vocabulary(tokenizer_json: Any, where: object) -> dict[str, int]:
     """token->id of a tokenizer.json, after every check that it loads as declared."""
     check_tokenizer_json(tokenizer_json, where)
     vocab = vocab_from_json(tokenizer_json, where)
+    if not vocab:
+        raise CliError(f"{where}: the tokenizer has no tokens; fix or re-download tokenizer.json")
     model_vocab = model_vocab_from_json(tokenizer_json, where)
     for content, loaded in library_added_token_ids(model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []).items():
         if loaded != vocab.get(content):
@@ -691,6 +716,89 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     return ref.path
 
 
+class LogFormatter(logging.Formatter):
+    """`warning: ...` and `error: ...` as the one-line errors read; plain text for progress."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return printable(message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}")
+
+
+def printable(text: str) -> str:
+    """Text that stderr can take whatever its encoding: lone surrogates and characters it
+    cannot encode become backslash escapes instead of a UnicodeEncodeError."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+
+
+def print_error(message: str) -> None:
+    """The one `error: ...` line of a failed run."""
+    sys.stderr.write(printable("error: " + " ".join(str(message).splitlines())) + "\n")
+
+
+def configure_logging(debug: bool) -> None:
+    """Logs go to the current stderr (tests swap it), never to stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def read_weight_index(index_path: Path, *, shards_present: bool = True) -> dict[str, str]:
+    """tensor -> shard of a `*.index.json`: an object of strings whose shard names are plain
+    file names beside it (and, unless shards_present is False, exist)."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CliError(f"{index_path}: no weight_map; re-download the file")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CliError(f"{index_path}: the shard of tensor {escape_text(tensor)!r} is {shard!r}, not a file name; re-download the file")
+        path = file_in_model_dir(index_path.parent, shard, index_path)
+        if shards_present and not path.is_file():
+            raise CliError(f"{index_path}: names shard {shard!r}, which is missing; re-download the model")
+    return weight_map
+
+
+def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
+    """Every dict inside a tokenizer.json component (Sequence members included)."""
+    if isinstance(node, Mapping):
+        yield node
+        for value in node.values():
+            yield from iter_components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from iter_components(value)
+
+
+def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
+    """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
+    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
+    parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
+    types = {component.get("type") for component in iter_components(parts) if isinstance(component.get("type"), str)}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if "Metaspace" in types:
+        return "metaspace"
+    for component in iter_components(parts):
+        if component.get("type") == "Replace" and "▁" in json.dumps(component, ensure_ascii=False):
+            return "metaspace"
+    return "plain"
+
+
+def tokenizers_library(where: object, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """call(*args) into the tokenizers library. Whatever it raises, a Rust panic included
+    (PanicException, which is no Exception), means that it cannot use the file."""
+    try:
+        return call(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - PanicException derives from BaseException
+        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"{where}: not a valid tokenizer.json ({detail})") from exc
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -881,32 +989,6 @@ def in_byte_level_alphabet(text: str) -> bool:
 
 
 NOT_BYTE_LEVEL_RE = re.compile("[^\x21-\x7e\xa1-\xac\xae-\u0143]")
-
-
-def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
-    """Every dict inside a tokenizer.json component (Sequence members included)."""
-    if isinstance(node, Mapping):
-        yield node
-        for value in node.values():
-            yield from iter_components(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from iter_components(value)
-
-
-def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
-    """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
-    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
-    parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
-    types = {component.get("type") for component in iter_components(parts)}
-    if "ByteLevel" in types:
-        return "byte_level"
-    if "Metaspace" in types:
-        return "metaspace"
-    for component in iter_components(parts):
-        if component.get("type") == "Replace" and "▁" in json.dumps(component, ensure_ascii=False):
-            return "metaspace"
-    return "plain"
 
 
 def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
@@ -1432,10 +1514,7 @@ def resolve_tokenizer(source: str, revision: str | None) -> ResolvedSource:
 def build_library_tokenizer(text: str, where: Path) -> Any:
     from tokenizers import Tokenizer
 
-    try:
-        return Tokenizer.from_str(text)
-    except Exception as exc:  # the tokenizers library raises plain Exception
-        raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    return tokenizers_library(where, Tokenizer.from_str, text)
 
 
 def encode_fingerprint(
@@ -1459,7 +1538,11 @@ def encode_fingerprint(
     ):
         probe_json = {**tokenizer_json, "added_tokens": [], "model": {"type": "WordLevel", "vocab": {"<probe>": 0}, "unk_token": "<probe>"}}
         probe = build_library_tokenizer(json.dumps(probe_json), where)
-        normalize = probe.normalizer.normalize_str if probe.normalizer is not None else (lambda text: text)
+        normalizer = probe.normalizer
+
+        def normalize(text: str) -> str:
+            return tokenizers_library(where, normalizer.normalize_str, text) if normalizer is not None else text
+
         normalized = normalize(sample)
         # the library skips added tokens with empty content
         contents = [entry["content"] for entry in tokenizer_json.get("added_tokens") or [] if entry.get("content")]
@@ -1469,14 +1552,14 @@ def encode_fingerprint(
             vocab, merged = model["vocab"], merge_results(merges)
             if not (all(map(vocab.__contains__, merged)) and vocab.keys() >= set(chain.from_iterable(merges))):
                 raise CliError(f"{where}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)")
-            words = [word for word, _ in probe.pre_tokenizer.pre_tokenize_str(normalized)] if probe.pre_tokenizer is not None else [normalized]
-            pruned = {**tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merged, words)}
-            return tuple(build_library_tokenizer(json.dumps(pruned), where).encode(sample, add_special_tokens=False).ids)
+            pre_tokenized = tokenizers_library(where, probe.pre_tokenizer.pre_tokenize_str, normalized) if probe.pre_tokenizer is not None else [(normalized, None)]
+            pruned = {**tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merged, [word for word, _ in pre_tokenized])}
+            return tuple(tokenizers_library(where, build_library_tokenizer(json.dumps(pruned), where).encode, sample, add_special_tokens=False).ids)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CliError(f"{where}: not UTF-8 ({exc})") from exc
-    return tuple(build_library_tokenizer(text, where).encode(sample, add_special_tokens=False).ids)
+    return tuple(tokenizers_library(where, build_library_tokenizer(text, where).encode, sample, add_special_tokens=False).ids)
 
 
 def read_tokenizer_json(resolved: ResolvedSource) -> bytes:
@@ -1552,11 +1635,17 @@ def read_tokenizer_infos(resolved: Sequence[ResolvedSource], weights: bool) -> l
     return infos
 
 
-def pick_vocab_tensor(shapes: Mapping[str, Sequence[int]], suffixes: Sequence[str]) -> str | None:
-    """The 2-D tensor named like a vocabulary tensor; the shortest name wins (multimodal
-    checkpoints carry other `embeddings` tensors deeper in the tree)."""
-    candidates = [name for name, shape in shapes.items() if len(shape) == 2 and name.endswith(suffixes)]
-    return min(candidates, key=lambda name: (name.count("."), len(name))) if candidates else None
+def pick_vocab_tensor(shapes: Mapping[str, Sequence[int]], suffixes: Sequence[str], where: Path) -> str | None:
+    """The tensor named like a vocabulary tensor; the shortest name wins (multimodal
+    checkpoints carry other `embeddings` tensors deeper in the tree). One that is not a
+    matrix is refused, as the remap refuses it."""
+    candidates = [name for name in shapes if name.endswith(suffixes)]
+    if not candidates:
+        return None
+    name = min(candidates, key=lambda name: (name.count("."), len(name)))
+    if len(shapes[name]) != 2:
+        raise CliError(f"{where}: {name} has shape {list(shapes[name])}, not [rows, hidden]; the checkpoint is corrupt")
+    return name
 
 
 def local_safetensors_files(directory: Path) -> list[Path]:
@@ -1567,16 +1656,7 @@ def local_safetensors_files(directory: Path) -> list[Path]:
         return []
     if names[0] != SAFETENSORS_INDEX:
         return [directory / name for name in names]
-    index_path = directory / SAFETENSORS_INDEX
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CliError(f"{index_path}: no weight_map; re-download the file")
-    files = [file_in_model_dir(directory, str(name), index_path) for name in dict.fromkeys(weight_map.values())]
-    for file in files:
-        if not file.is_file():
-            raise CliError(f"{index_path}: names shard {file.name!r}, which is missing; re-download the model")
-    return files
+    return [directory / shard for shard in dict.fromkeys(read_weight_index(directory / SAFETENSORS_INDEX).values())]
 
 
 def read_weights_info(directory: Path, name: str, revision: str | None, config: Mapping[str, Any]) -> WeightsInfo | None:
@@ -1593,8 +1673,14 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
         shapes = hub_safetensors_shapes(name, revision)
     if not shapes and config_vocab is None:
         return None
-    embed = pick_vocab_tensor(shapes, INPUT_EMBEDDING_SUFFIXES)
-    head = pick_vocab_tensor(shapes, OUTPUT_EMBEDDING_SUFFIXES)
+    embed = pick_vocab_tensor(shapes, INPUT_EMBEDDING_SUFFIXES, directory)
+    head = pick_vocab_tensor(shapes, OUTPUT_EMBEDDING_SUFFIXES, directory)
+    if shapes and embed is None:
+        raise CliError(f"{directory}: the checkpoint has no input embedding (no tensor named *{', *'.join(INPUT_EMBEDDING_SUFFIXES)})")
+    if shapes and head is None and (config.get("tie_word_embeddings", nested.get("tie_word_embeddings")) is False):
+        raise CliError(f"{directory}: config.json says tie_word_embeddings: false, but the checkpoint has no output embedding (lm_head); re-download it")
+    if embed is not None and head is not None and shapes[embed] != shapes[head]:
+        raise CliError(f"{directory}: {embed} is {list(shapes[embed])} but {head} is {list(shapes[head])}; input and output embeddings must have the same shape")
     return WeightsInfo(
         embed_name=embed,
         embed_rows=shapes[embed][0] if embed else None,
@@ -1650,7 +1736,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  1  mismatch: any token->id or size difference; with --strict also special tokens, added-token\n"
             "     flags, chat template, merges/normalizer/pre-tokenizer/decoder or fingerprint; with --weights\n"
             "     also ghost tokens (ids with no embedding row) or differing embedding row counts\n"
-            "  2  usage error or unreadable input (one 'error: ...' line on stderr; --debug shows the traceback)"
+            "  2  usage error or unreadable input (one 'error: ...' line on stderr; --debug shows the traceback)\n"
+            "  130  interrupted by Ctrl-C (143: SIGTERM, 129: SIGHUP)"
         ),
     )
     parser.add_argument("sources", nargs="*", metavar="REF OTHER", help="reference first, then one or more others")
@@ -1714,19 +1801,11 @@ def run(args: argparse.Namespace) -> int:
     return report["exit_code"]
 
 
-def configure_logging(debug: bool) -> None:
-    """Logs go to the current stderr (tests swap it), never to stdout."""
-    log.handlers[:] = [logging.StreamHandler(sys.stderr)]
-    log.handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except CliError as exc:
-        print(f"error: {exc} (see --help)", file=sys.stderr)
+        print_error(f"{exc} (see --help)")
         return 2
     configure_logging(args.debug)
     show_hub_progress(sys.stderr.isatty() and not args.json)
@@ -1739,16 +1818,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if args.debug:
             log.exception("traceback")
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
         signum = getattr(exc, "signum", 2)
-        print(f"error: interrupted ({signal_name(signum)})", file=sys.stderr)
+        print_error(f"interrupted ({signal_name(signum)})")
         return 128 + signum
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)".splitlines()[0], file=sys.stderr)
+        print_error(f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)")
         return 2
 
 

@@ -84,6 +84,8 @@ def split_revision(reference: str) -> tuple[str, str | None]:
     """`org/name@rev` -> (`org/name`, `rev`); local paths keep any `@` they contain."""
     if "@" in reference and not os.path.exists(reference):
         path, _, revision = reference.rpartition("@")
+        if not path:
+            raise CliError(f"{reference!r}: no model name before the @revision")
         return path, revision or None
     return reference, None
 
@@ -156,6 +158,10 @@ def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[s
     """A local path as is, or the folder of a Hub repo's snapshot in the Hugging Face cache
     holding `allow_patterns` (huggingface_hub honours HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT
     and HF_HOME; mergekit finds the same files there)."""
+    if not source:
+        raise CliError("an empty model or tokenizer name")
+    if len(source) > 1000:
+        raise CliError(f"{source[:60]}...: a name of {len(source)} characters is neither a path nor a Hub repo id")
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -202,12 +208,25 @@ def read_mergekit_config(path: Path) -> Any:
     import yaml
 
     try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise CliError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}): save it as UTF-8") from exc
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CliError(f"{path}: not valid YAML ({where}{problem})") from exc
+    except RecursionError as exc:
+        raise CliError(f"{path}: nested too deeply to be a mergekit configuration") from exc
+    if not isinstance(config, dict):
+        raise CliError(f"{path}: not a mergekit configuration (the top level must be a mapping, got {type(config).__name__})")
+    return config
 
 
 # Signals: SIGINT, SIGTERM (timeout, Slurm, Docker, systemd) and SIGHUP all stop a run the
@@ -385,6 +404,10 @@ def check_tokenizer_json(data: Any, where: object) -> None:
             problem = f"needs true/false for {', '.join(wrong)}" if wrong else None
         if problem:
             raise CliError(f"{where}: added_tokens[{index}] {problem} (the tokenizers library refuses it); fix tokenizer.json")
+    for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        component = data.get(key)
+        if component is not None and not (isinstance(component, dict) and isinstance(component.get("type"), str)):
+            raise CliError(f"{where}: {key} is {str(component)[:60]!r}, not an object with a \"type\"; fix tokenizer.json")
     merges = model.get("merges")
     if merges is not None:
         if not isinstance(merges, list):
@@ -470,6 +493,8 @@ def read_vocabulary(tokenizer_json: Any, where: object) -> dict[str, int]:
     """token->id of a tokenizer.json, after every check that it loads as declared."""
     check_tokenizer_json(tokenizer_json, where)
     vocab = vocab_from_json(tokenizer_json, where)
+    if not vocab:
+        raise CliError(f"{where}: the tokenizer has no tokens; fix or re-download tokenizer.json")
     model_vocab = model_vocab_from_json(tokenizer_json, where)
     for content, loaded in library_added_token_ids(model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []).items():
         if loaded != vocab.get(content):
@@ -701,6 +726,89 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     return ref.path
 
 
+class LogFormatter(logging.Formatter):
+    """`warning: ...` and `error: ...` as the one-line errors read; plain text for progress."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return printable(message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}")
+
+
+def printable(text: str) -> str:
+    """Text that stderr can take whatever its encoding: lone surrogates and characters it
+    cannot encode become backslash escapes instead of a UnicodeEncodeError."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+
+
+def print_error(message: str) -> None:
+    """The one `error: ...` line of a failed run."""
+    sys.stderr.write(printable("error: " + " ".join(str(message).splitlines())) + "\n")
+
+
+def configure_logging(debug: bool) -> None:
+    """Logs go to the current stderr (tests swap it), never to stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def read_weight_index(index_path: Path, *, shards_present: bool = True) -> dict[str, str]:
+    """tensor -> shard of a `*.index.json`: an object of strings whose shard names are plain
+    file names beside it (and, unless shards_present is False, exist)."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CliError(f"{index_path}: no weight_map; re-download the file")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CliError(f"{index_path}: the shard of tensor {escape_text(tensor)!r} is {shard!r}, not a file name; re-download the file")
+        path = file_in_model_dir(index_path.parent, shard, index_path)
+        if shards_present and not path.is_file():
+            raise CliError(f"{index_path}: names shard {shard!r}, which is missing; re-download the model")
+    return weight_map
+
+
+def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
+    """Every dict inside a tokenizer.json component (Sequence members included)."""
+    if isinstance(node, Mapping):
+        yield node
+        for value in node.values():
+            yield from iter_components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from iter_components(value)
+
+
+def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
+    """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
+    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
+    parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
+    types = {component.get("type") for component in iter_components(parts) if isinstance(component.get("type"), str)}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if "Metaspace" in types:
+        return "metaspace"
+    for component in iter_components(parts):
+        if component.get("type") == "Replace" and "▁" in json.dumps(component, ensure_ascii=False):
+            return "metaspace"
+    return "plain"
+
+
+def tokenizers_library(where: object, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """call(*args) into the tokenizers library. Whatever it raises, a Rust panic included
+    (PanicException, which is no Exception), means that it cannot use the file."""
+    try:
+        return call(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - PanicException derives from BaseException
+        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"{where}: not a valid tokenizer.json ({detail})") from exc
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -905,32 +1013,6 @@ def bytes_to_unicode() -> dict[int, str]:
 BYTE_LEVEL_CHAR = bytes_to_unicode()
 BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in BYTE_LEVEL_CHAR.items()}
 LATIN1_TO_BYTE_LEVEL = {byte: char for byte, char in BYTE_LEVEL_CHAR.items()}
-
-
-def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
-    """Every dict inside a tokenizer.json component (Sequence members included)."""
-    if isinstance(node, Mapping):
-        yield node
-        for value in node.values():
-            yield from iter_components(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from iter_components(value)
-
-
-def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
-    """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
-    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
-    parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
-    types = {component.get("type") for component in iter_components(parts)}
-    if "ByteLevel" in types:
-        return "byte_level"
-    if "Metaspace" in types:
-        return "metaspace"
-    for component in iter_components(parts):
-        if component.get("type") == "Replace" and "▁" in json.dumps(component, ensure_ascii=False):
-            return "metaspace"
-    return "plain"
 
 
 def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
@@ -1566,10 +1648,7 @@ def check_library_loads(text: str, where: Path) -> None:
     the file (run in the background for the base tokenizer, whose files are written out)."""
     from tokenizers import Tokenizer
 
-    try:
-        Tokenizer.from_str(text)
-    except Exception as exc:  # the tokenizers library raises plain Exception
-        raise CliError(f"{where}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    tokenizers_library(where, Tokenizer.from_str, text)
 
 
 def read_tokenizer(path: Path) -> TokenizerSource:
@@ -1677,15 +1756,12 @@ def model_only_tokenizer(src: TokenizerSource, texts: Sequence[str]) -> Any:
         and sum(len(text) ** 2 for text in texts) <= FVT_PRUNE_MAX_SUBSTRINGS
         and not any(entry.get("content") and entry["content"] in joined for entry in src.tokenizer_json.get("added_tokens") or [])
     )
-    try:
-        if prunable:
-            pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
-            pruned = {**src.tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merge_results(pairs), texts)}
-            tokenizer = Tokenizer.from_str(json.dumps(pruned))
-        else:
-            tokenizer = Tokenizer.from_str(src.text)
-    except Exception as exc:  # the tokenizers library raises plain Exception
-        raise CliError(f"{src.directory}: not a valid tokenizer.json ({exc})".splitlines()[0]) from exc
+    if prunable:
+        pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
+        pruned = {**src.tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merge_results(pairs), texts)}
+        tokenizer = tokenizers_library(src.directory, Tokenizer.from_str, json.dumps(pruned))
+    else:
+        tokenizer = tokenizers_library(src.directory, Tokenizer.from_str, src.text)
     tokenizer.normalizer = None
     tokenizer.pre_tokenizer = None
     tokenizer.post_processor = None
@@ -1707,7 +1783,7 @@ def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSou
             pieces = [(spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte) for text, byte in utf8_pieces(data)]
         pieces_of_token.append(pieces)
         texts += [text for text, _ in pieces if text]
-    encoded = iter(model_only_tokenizer(src, texts).encode_batch(texts, add_special_tokens=False)) if texts else iter(())
+    encoded = iter(tokenizers_library(src.directory, model_only_tokenizer(src, texts).encode_batch, texts, add_special_tokens=False)) if texts else iter(())
     result: dict[str, tuple[int, ...]] = {}
     for token, pieces in zip(tokens, pieces_of_token):
         ids: list[int] = []
@@ -1746,16 +1822,8 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         raise CliError(f"{directory}: no weights (expected model*.safetensors or pytorch_model*.bin)")
     expected: dict[str, str] = {}
     if files[0].endswith(".index.json"):
-        index_path = directory / files[0]
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CliError(f"{index_path}: no weight_map; re-download the file")
-        expected = {str(k): str(v) for k, v in weight_map.items()}
+        expected = read_weight_index(directory / files[0])
         files = list(dict.fromkeys(expected.values()))
-        for name in files:
-            if not file_in_model_dir(directory, name, index_path).is_file():
-                raise CliError(f"{index_path}: names shard {name!r}, which is missing; re-download the model")
     if kind == "bin":
         return read_bin_checkpoint(directory, files, expected)
     tensors: dict[str, TensorEntry] = {}
@@ -1900,6 +1968,11 @@ def find_vocab_tensors(
             embed_name, head_name, how = found[0], head_name or found[1], "meta"
     if len(shapes[embed_name]) != 2:
         raise CliError(f"{ckpt.directory}: {embed_name} has shape {list(shapes[embed_name])}, not [rows, hidden]")
+    if head_name is None and config_value(config, "tie_word_embeddings") is False:
+        raise CliError(
+            f"{ckpt.directory}: config.json says tie_word_embeddings: false, but the checkpoint has no output embedding (lm_head); "
+            "the checkpoint is incomplete: re-download it (or pass --head-name NAME)"
+        )
     rows, width = shapes[embed_name]
     bias = None
     if head_name is not None:
@@ -2711,12 +2784,7 @@ def resolve_model(source: str, revision: str | None) -> Path:
     _kind, weights = select_weight_files(files)
     directory = resolve_source(source, revision, [*CONFIG_FILES, *TOKENIZER_FILES, *weights])
     if weights and weights[0].endswith(".index.json"):
-        index_path = directory / weights[0]
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CliError(f"{index_path}: no weight_map; re-download the file")
-        shards = sorted({file_in_model_dir(directory, str(name), index_path).name for name in weight_map.values()})
+        shards = sorted(set(read_weight_index(directory / weights[0], shards_present=False).values()))
         # the snapshot folder is named by its commit: the shards come from the same commit
         directory = resolve_source(source, directory.name, [*CONFIG_FILES, *TOKENIZER_FILES, *weights, *shards])
     return directory
@@ -3084,6 +3152,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def pad_multiple(text: str) -> int:
+    value = positive_int(text)
+    if value > 2**20:
+        raise argparse.ArgumentTypeError(f"{value} rows is not a padding multiple (models pad to 8 ... 1024; at most {2**20})")
+    return value
+
+
 def size_argument(text: str) -> int:
     try:
         return parse_size(text)
@@ -3105,7 +3180,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  1    the self-check of the written output failed (nothing is left in --out_dir); with\n"
             "       --mergekit-config also: the aligned configuration fails the gate\n"
             "  2    usage or input error (one 'error: ...' line on stderr; --debug shows the traceback)\n"
-            "  130  interrupted (nothing is left in --out_dir)"
+            "  130  interrupted by Ctrl-C; the error line says whether --out_dir was completed, else it is as before\n"
+            "  143  stopped by SIGTERM, as 130\n"
+            "  129  stopped by SIGHUP, as 130"
         ),
     )
     parser.add_argument("--src_model", "--src-model", dest="src_model", metavar="M", help="the model to remap")
@@ -3117,7 +3194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--match", choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ")
     parser.add_argument("--init-report", type=int, default=0, metavar="N", help="log N initialised tokens with their decomposition")
     parser.add_argument("--max-shard-size", type=size_argument, default="5GB", metavar="SIZE", help="largest output shard, decimal units (default 5GB; 2GiB for binary)")
-    parser.add_argument("--pad-to-multiple-of", type=positive_int, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
+    parser.add_argument("--pad-to-multiple-of", type=pad_multiple, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
     parser.add_argument("--revision", metavar="REV", help="Hub revision of M")
     parser.add_argument("--base-revision", metavar="REV", help="Hub revision of T")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
@@ -3129,15 +3206,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow transformers to run the model repo's code (only to find the embeddings)")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     return parser
-
-
-def configure_logging(debug: bool) -> None:
-    """Logs go to the current stderr (tests swap it), never to stdout."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "%(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
 
 
 def run_align(args: argparse.Namespace) -> int:
@@ -3199,8 +3267,7 @@ def run(args: argparse.Namespace) -> int:
         report = remap(opts)
         code = 0
     except SelfCheckError as exc:
-        log.error("self-check failed: %s", exc)
-        print(f"error: self-check failed, nothing was written to {opts.out_dir}: {exc}", file=sys.stderr)
+        print_error(f"self-check failed, nothing was written to {opts.out_dir}: {exc}")
         return 1
     if args.report is not None:
         write_json(args.report, report)
@@ -3230,7 +3297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except CliError as exc:
-        print(f"error: {exc} (see --help)", file=sys.stderr)
+        print_error(f"{exc} (see --help)")
         return 2
     configure_logging(args.debug)
     PUBLISHED.clear()
@@ -3248,17 +3315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if args.debug:
             log.exception("traceback")
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
         signum = getattr(exc, "signum", 2)
         kept = f"{', '.join(map(str, PUBLISHED))}: complete, kept" if PUBLISHED else "nothing was written"
-        print(f"error: interrupted ({signal_name(signum)}); {kept}", file=sys.stderr)
+        print_error(f"interrupted ({signal_name(signum)}); {kept}")
         return 128 + signum
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)".splitlines()[0], file=sys.stderr)
+        print_error(f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)")
         return 2
 
 

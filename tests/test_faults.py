@@ -262,3 +262,14 @@ def test_signals_at_any_moment_leave_a_complete_output_or_nothing(tmp_path: Path
         assert [p for p in beside(out) if p.startswith(f".{out.name}.")] == [], beside(out)
         outcomes.add(proc.returncode)
     assert 128 + signum in outcomes
+
+
+def test_compare_stops_on_sigterm_with_one_line(tmp_path: Path, models: dict[str, Path]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "compare_tokenizers.py"), models["base"], models["wide"], "--weights"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err
+    if proc.returncode != 1:  # finished (the tokenizers differ) before the signal came
+        assert proc.returncode == 143 and err == "error: interrupted (SIGTERM)\n" or err.endswith("nothing was written\n"), err

@@ -1,0 +1,185 @@
+"""Seeded mutations of every file the tools read: tokenizer.json, config.json,
+tokenizer_config.json, generation_config.json, safetensors headers, the shard index and a
+mergekit YAML. The contract, for every case: exit 0 (or 1 for a gate's mismatch) with a
+result the libraries agree with, or exit 2 with exactly one `error:` line; never a
+traceback, never "unexpected", never a remap that exits 1 for bad input; and the gate never
+accepts a file that the tokenizers or safetensors library refuses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+import compare_tokenizers as ct
+import factories
+import remap_tokenizer as rt
+from conftest import BYTE_SPECIALS
+
+CASES = int(os.environ.get("MERGE_TOOLS_FUZZ_CASES", "160"))  # a longer campaign: set it higher
+ODD_VALUES: list[Any] = [None, True, False, 0, -1, 1.5, 2**40, "", "x", "\ud800", [], {}, [1, 2], {"content": 3}, "<0xZZ>", "../x", "/abs"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pristine")
+    base = factories.write_model(root / "base", byte_tok, seed=1, **BYTE_SPECIALS)
+    model = factories.write_model(root / "model", factories.permuted(byte_tok, seed=7, keep=BYTE_SPECIALS.values()), seed=2, shard_size="20KB", **BYTE_SPECIALS)
+    return {"base": base, "model": model}
+
+
+def json_paths(node: Any, path: tuple = ()) -> list[tuple]:
+    """Every path into a JSON value (sampled below the first levels: vocabularies are big)."""
+    found = [path]
+    if isinstance(node, dict):
+        items = list(node.items())
+        for key, value in items if len(items) < 50 else random.sample(items, 5):
+            found += json_paths(value, (*path, key))
+    elif isinstance(node, list):
+        for index in range(len(node)) if len(node) < 20 else random.sample(range(len(node)), 3):
+            found += json_paths(node[index], (*path, index))
+    return found
+
+
+def mutate_value(data: Any, rng: random.Random) -> Any:
+    data = copy.deepcopy(data)
+    path = rng.choice(json_paths(data)[1:] or [()])
+    if not path:
+        return rng.choice(ODD_VALUES)
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    key = path[-1]
+    action = rng.random()
+    if action < 0.2 and isinstance(parent, dict):
+        del parent[key]
+    elif action < 0.3 and isinstance(parent[key], str):
+        parent[key] = parent[key] + rng.choice(["\x00", "\ud800", " ", "é", "▁"])
+    elif action < 0.4 and isinstance(parent[key], int) and not isinstance(parent[key], bool):
+        parent[key] = rng.choice([parent[key] + 1, -parent[key] - 1, float(parent[key]), str(parent[key])])
+    else:
+        parent[key] = rng.choice(ODD_VALUES)
+    return data
+
+
+def mutate_text(raw: bytes, rng: random.Random) -> bytes:
+    action = rng.randrange(6)
+    if action == 0:
+        return raw[: rng.randrange(len(raw))]
+    if action == 1:
+        return b"\xef\xbb\xbf" + raw
+    if action == 2:
+        return raw.decode("utf-8").encode("utf-16")
+    if action == 3:
+        position = rng.randrange(len(raw))
+        return raw[:position] + bytes([rng.randrange(256)]) + raw[position + 1 :]
+    if action == 4:  # a key written twice
+        text = raw.decode("utf-8")
+        position = text.find("{") + 1
+        return (text[:position] + '"version": "1", "version": "2", ' + text[position:]).encode()
+    return b"[" * 50_000 + b"]" * 50_000
+
+
+def mutate_json_file(path: Path, rng: random.Random) -> None:
+    raw = path.read_bytes()
+    if rng.random() < 0.3:
+        path.write_bytes(mutate_text(raw, rng))
+    else:
+        path.write_text(json.dumps(mutate_value(json.loads(raw), rng), ensure_ascii=False), encoding="utf-8", errors="surrogatepass")
+
+
+def mutate_header(path: Path, rng: random.Random) -> None:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    if rng.random() < 0.2:
+        text = mutate_text(raw[8 : 8 + length], rng)
+    else:
+        text = json.dumps(mutate_value(header, rng), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def library_accepts_tokenizer(directory: Path) -> bool:
+    try:
+        Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception:  # the library refuses it
+        return False
+    return True
+
+
+def library_opens_every_shard(directory: Path) -> bool:
+    for path in directory.glob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                list(handle.keys())
+        except Exception:  # the library refuses it
+            return False
+    return True
+
+
+def run(tool: Callable[[list[str]], int], argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    argv = [str(a) for a in argv]
+    code = tool(argv)
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err and "error: unexpected" not in err, (argv, err)
+    if code == 2:
+        assert err.count("error:") == 1 and err.strip().splitlines()[-1].startswith("error: "), err
+    return code, err
+
+
+TARGETS = ["tokenizer.json", "config.json", "tokenizer_config.json", "generation_config.json", "header", "index", "yaml"]
+
+
+@pytest.mark.slow
+def test_seeded_mutations_of_every_input(tmp_path: Path, pristine: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(int(os.environ.get("MERGE_TOOLS_FUZZ_SEED", "20261129")))
+    outcomes: dict[str, set[int]] = {target: set() for target in TARGETS}
+    for case in range(CASES):
+        target = TARGETS[case % len(TARGETS)]
+        random.seed(case)
+        work = tmp_path / f"case{case}"
+        model = work / "model"
+        shutil.copytree(pristine["model"], model)
+        if target == "header":
+            mutate_header(rng.choice(sorted(model.glob("*.safetensors"))), rng)
+        elif target == "index":
+            mutate_json_file(model / "model.safetensors.index.json", rng)
+        elif target == "yaml":
+            config = {"merge_method": "linear", "base_model": str(pristine["base"]), "models": [{"model": str(model), "parameters": {"weight": 0.5}}]}
+            raw = yaml.safe_dump(config).encode()
+            mutated = mutate_text(raw, rng) if rng.random() < 0.3 else yaml.safe_dump(mutate_value(config, rng), allow_unicode=True).encode("utf-8", "surrogatepass")
+            (work / "merge.yaml").write_bytes(mutated)
+        elif (model / target).exists():
+            mutate_json_file(model / target, rng)
+        if target == "yaml":
+            code, _ = run(ct.main, ["--mergekit-config", work / "merge.yaml", "--weights"], capsys)
+            assert code in (0, 1, 2)
+            code, _ = run(rt.main, ["--mergekit-config", work / "merge.yaml", "--out_dir", work / "aligned"], capsys)
+            assert code in (0, 2)
+            outcomes[target].add(code)
+            continue
+        gate, _ = run(ct.main, [pristine["base"], model, "--weights"], capsys)
+        if gate in (0, 1):  # the gate read it: the libraries must read it too
+            assert library_accepts_tokenizer(model), f"case {case}: the gate read a tokenizer.json the tokenizers library refuses"
+            assert library_opens_every_shard(model), f"case {case}: the gate read a header the safetensors library refuses"
+        out = work / "out"
+        code, err = run(rt.main, ["--src_model", model, "--base_tokenizer", pristine["base"], "--out_dir", out, "--drop-extra"], capsys)
+        assert code in (0, 2), f"case {case} ({target}): exit {code}: {err}"
+        if code == 0:
+            assert ct.main([str(pristine["base"]), str(out), "--weights"]) == 0, capsys.readouterr()
+            assert library_opens_every_shard(out)
+        else:
+            assert not out.exists() and sorted(p.name for p in work.iterdir()) == ["model"], (case, err)
+        outcomes[target].add(code)
+    assert all(2 in codes for target, codes in outcomes.items()), outcomes  # every kind of file was broken at least once
