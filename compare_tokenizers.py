@@ -799,6 +799,26 @@ def tokenizers_library(where: object, call: Callable[..., Any], *args: Any, **kw
         raise CliError(f"{where}: not a valid tokenizer.json ({detail})") from exc
 
 
+def read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
+    """The chat template as transformers finds it: chat_template.jinja, chat_template.json,
+    then tokenizer_config.json (several named templates are shown as sorted JSON)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"{jinja}: cannot read it as UTF-8 text ({exc})") from exc
+    template = read_optional_json(directory / "chat_template.json").get("chat_template", tokenizer_config.get("chat_template"))
+    if isinstance(template, list):
+        return json.dumps(template, ensure_ascii=False, sort_keys=True)
+    return template if isinstance(template, str) else None
+
+
+def template_special_tokens(template: str | None, tokens: Iterable[str]) -> list[str]:
+    """Which of `tokens` (added and special tokens) a chat template writes out literally."""
+    return [token for token in tokens if template and len(token) > 1 and token in template]
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -1458,16 +1478,6 @@ def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
 def read_role_ids(config: Mapping[str, Any]) -> dict[str, Any]:
     nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
     return {role: config.get(f"{role}_token_id", nested.get(f"{role}_token_id")) for role in SPECIAL_ROLES}
-
-
-def read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
-    jinja = directory / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = read_optional_json(directory / "chat_template.json").get("chat_template", tokenizer_config.get("chat_template"))
-    if isinstance(template, list):
-        return json.dumps(template, ensure_ascii=False, sort_keys=True)
-    return template if isinstance(template, str) else None
 
 
 def normalized_merges(model: Mapping[str, Any]) -> list[Any] | None:

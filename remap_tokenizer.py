@@ -809,6 +809,26 @@ def tokenizers_library(where: object, call: Callable[..., Any], *args: Any, **kw
         raise CliError(f"{where}: not a valid tokenizer.json ({detail})") from exc
 
 
+def read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
+    """The chat template as transformers finds it: chat_template.jinja, chat_template.json,
+    then tokenizer_config.json (several named templates are shown as sorted JSON)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"{jinja}: cannot read it as UTF-8 text ({exc})") from exc
+    template = read_optional_json(directory / "chat_template.json").get("chat_template", tokenizer_config.get("chat_template"))
+    if isinstance(template, list):
+        return json.dumps(template, ensure_ascii=False, sort_keys=True)
+    return template if isinstance(template, str) else None
+
+
+def template_special_tokens(template: str | None, tokens: Iterable[str]) -> list[str]:
+    """Which of `tokens` (added and special tokens) a chat template writes out literally."""
+    return [token for token in tokens if template and len(token) > 1 and token in template]
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -817,7 +837,7 @@ def tokenizers_library(where: object, call: Callable[..., Any], *args: Any, **kw
 
 REPORT_NAME = "remap_report.json"
 REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
-INIT_METHODS = ("fvt", "mean", "unk", "zero")
+INIT_METHODS = ("fvt", "mean", "unk", "zero", "donor", "omp")
 MATCH_MODES = ("auto", "exact", "bytes")
 # Files only a slow (Python) tokenizer reads: in append mode they would disagree with
 # the patched tokenizer.json, so they are left out.
@@ -838,7 +858,7 @@ FVT_PRUNE_MAX_SUBSTRINGS = 300_000  # sum of len(text)**2 over the FVT texts pas
 LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
-MEAN_ROW, ZERO_ROW, FVT_ROW = -1, -2, -3
+MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW = -1, -2, -3, -4, -5
 
 
 class SelfCheckError(Exception):
@@ -876,8 +896,10 @@ class RemapPlan:
     """Where every output row comes from.
 
     row_source[i] >= 0 copies source row row_source[i] bit for bit; MEAN_ROW, ZERO_ROW
-    and FVT_ROW (the mean of the source rows fvt_parts[i]) are initialised rows.
-    row_rule[i] says why (copied, moved, appended, role:eos, fvt, mean, unk, zero, padding).
+    and FVT_ROW (the mean of the source rows fvt_parts[i]) are initialised rows; DONOR_ROW
+    copies the donor's row donor_rows[i], OMP_ROW combines M's rows as OMP expresses the
+    donor's row donor_rows[i] in the donor's rows of shared tokens. row_rule[i] says why
+    (copied, moved, appended, role:eos, fvt, mean, unk, zero, donor, omp, *_fallback_*, padding).
     """
 
     mode: str  # append | drop
@@ -895,6 +917,7 @@ class RemapPlan:
     src_padding_rows: int
     matches: Matches
     warnings: tuple[str, ...] = ()
+    donor_rows: Mapping[int, int] = field(default_factory=dict)  # output row -> donor row (DONOR_ROW, OMP_ROW)
 
     @functools.cached_property
     def fvt_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1156,12 +1179,17 @@ def plan_remap(
     base_config_vocab_size: int | None = None,
     pad_to_multiple_of: int | None = None,
     decompositions: Mapping[str, Sequence[int]] | None = None,
+    donor_of_token: Mapping[str, int] | None = None,
 ) -> RemapPlan:
     """Decide where every output row comes from (see RemapPlan). Pure: the caller reads
-    the tokenizers and, for FVT, encodes the missing tokens' text (`decompositions`)."""
+    the tokenizers and, for FVT, encodes the missing tokens' text (`decompositions`); for
+    donor and omp, `donor_of_token` maps T's tokens to the donor's rows (tokens the donor
+    lacks fall back to FVT, then the mean)."""
     if init not in INIT_METHODS:
         raise ValueError(f"unknown init method {init!r}")
     decompositions = decompositions or {}
+    donor_of_token = donor_of_token or {}
+    donor_rows: dict[int, int] = {}
     warnings: list[str] = []
     n_base = len(base.vocab)
     src_id_rows = min(src_rows, len(src.vocab))
@@ -1191,18 +1219,25 @@ def plan_remap(
         elif init == "unk" and src_unk_row is not None:
             row_source.append(src_unk_row)
             row_rule.append("unk")
-        elif init == "fvt" and token not in base.added:
+        elif init in ("donor", "omp") and token in donor_of_token:
+            row_source.append(DONOR_ROW if init == "donor" else OMP_ROW)
+            row_rule.append(init)
+            donor_rows[base_id] = donor_of_token[token]
+        else:
             parts = tuple(i for i in decompositions.get(token, ()) if i < src_rows and i != src_unk)
-            if parts:
+            fallback = "" if init == "fvt" else f"{init}_fallback_"
+            if init in ("fvt", "donor", "omp") and token not in base.added and parts:
                 row_source.append(FVT_ROW)
-                row_rule.append("fvt")
+                row_rule.append(f"{fallback}fvt")
                 fvt_parts[base_id] = parts
             else:
                 row_source.append(MEAN_ROW)
-                row_rule.append("fvt_fallback_mean")
-        else:
-            row_source.append(MEAN_ROW)
-            row_rule.append("mean" if init in ("mean", "fvt") else "unk_fallback_mean")
+                if init in ("donor", "omp"):
+                    row_rule.append(f"{init}_fallback_mean")
+                elif init == "fvt" and token not in base.added:
+                    row_rule.append("fvt_fallback_mean")
+                else:
+                    row_rule.append("mean" if init in ("mean", "fvt") else "unk_fallback_mean")
 
     # Source tokens the base lacks: appended (append mode) or dropped (--drop-extra).
     claimed = set(matches.src_of_base.values())
@@ -1267,6 +1302,7 @@ def plan_remap(
         src_padding_rows=max(0, src_rows - src_id_rows),
         matches=matches,
         warnings=tuple(warnings),
+        donor_rows=donor_rows,
     )
 
 
@@ -1395,15 +1431,21 @@ def build_rows(
     stop: int,
     mean_row: Callable[[], np.ndarray],
     finite: np.ndarray,
+    given: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Output rows [start, stop) of one vocabulary matrix as raw bytes: copies gathered
-    from `src`, FVT rows averaged from their (finite) parts, mean and zero rows."""
+    from `src`, FVT rows averaged from their (finite) parts, mean and zero rows, and the
+    rows computed beforehand (`given`: sorted output rows and their bytes; donor and OMP)."""
     import numpy as np
 
     sources = np.asarray(plan.row_source[start:stop], dtype=np.int64)
     out = src[np.maximum(sources, 0)] if len(src) else np.zeros((stop - start, src.shape[1]), np.uint8)
     if (sources >= 0).all():
         return out
+    if given is not None:
+        rows, values = given
+        first, last = np.searchsorted(rows, [start, stop])
+        out[rows[first:last] - start] = values[first:last]
     out[sources == ZERO_ROW] = 0
     if (sources == MEAN_ROW).any():
         out[sources == MEAN_ROW] = mean_row()
@@ -1443,6 +1485,95 @@ def fvt_average(
     if (counts == 0).any():
         averaged[counts == 0] = mean_row()
     return averaged
+
+
+# ---- OMP: rows of tokens M lacks, as a sparse combination of rows of shared tokens -------
+
+
+def omp_coefficients(
+    targets: Any, atoms: Any, k: int, *, chunk: int = 256, device: str | None = None, progress: Callable[[int], None] | None = None
+) -> tuple[Any, Any]:
+    """Orthogonal Matching Pursuit, batched (torch): each target row (n, h) as a k-sparse
+    combination of `atoms` (m, h), as mergekit-tokensurgeon does (Goddard & Neto, 2025).
+    Returns (indices (n, k') into atoms, coefficients (n, k') float64), k' = min(k, m, h).
+
+    Cheap enough for 10^4 targets against 10^5 atoms: each target's candidates are first cut
+    to the 4k' atoms most correlated with it (one matrix product per chunk of targets); the
+    greedy steps then run on those candidates' Gram matrix, with the least-squares
+    coefficients solved afresh (Cholesky, float64) at every step: that re-fits every
+    coefficient to the atoms chosen so far, which is what keeps OMP's residual orthogonal to
+    them, without the drift of an incrementally updated basis."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n, m = targets.shape[0], atoms.shape[0]
+    k = max(0, min(k, m, atoms.shape[1]))
+    if n == 0 or k == 0:
+        return torch.zeros((n, k), dtype=torch.long), torch.zeros((n, k), dtype=torch.float64)
+    candidates = min(m, 2 * k)
+    atoms = torch.as_tensor(atoms, dtype=torch.float32, device=device)
+    norms = atoms.norm(dim=1)
+    unit = atoms / norms.clamp(min=1e-12).unsqueeze(1)
+    unit[norms == 0] = 0  # an all-zero atom is never chosen
+    all_indices, all_coefficients = [], []
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # candidate ranking and Gram matrices in full fp32
+    try:
+        for start in range(0, n, chunk):
+            y = torch.as_tensor(targets[start : start + chunk], dtype=torch.float32, device=device)
+            correlation = y @ unit.T
+            chosen = correlation.abs().topk(candidates, dim=1).indices  # (b, C)
+            basis = unit[chosen]  # (b, C, h)
+            gram = torch.bmm(basis, basis.transpose(1, 2)).double()
+            projection = correlation.gather(1, chosen).double()  # <y, unit atom>
+            picked, coefficients = omp_on_gram(gram, projection, k)
+            atom_ids = chosen.gather(1, picked)
+            all_indices.append(atom_ids.cpu())
+            all_coefficients.append((coefficients / norms[atom_ids].double().clamp(min=1e-12)).cpu())
+            if progress is not None:
+                progress(len(y))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    return torch.cat(all_indices), torch.cat(all_coefficients)
+
+
+def omp_on_gram(gram: Any, projection: Any, k: int) -> tuple[Any, Any]:
+    """The greedy OMP steps on a batch: gram (b, C, C) of unit atoms, projection (b, C) of
+    the target on them. Returns (picked (b, k) positions, coefficients (b, k))."""
+    import torch
+
+    batch, size = projection.shape
+    rows = torch.arange(batch, device=gram.device)
+    picked = torch.zeros((batch, k), dtype=torch.long, device=gram.device)
+    used = torch.zeros((batch, size), dtype=torch.bool, device=gram.device)
+    coefficients = torch.zeros((batch, 0), dtype=torch.float64, device=gram.device)
+    residual = projection.clone()  # <residual, unit atom> for every candidate
+    jitter = 1e-10 * torch.eye(k, dtype=torch.float64, device=gram.device)
+    for step in range(k):
+        picked[:, step] = residual.abs().masked_fill(used, -1.0).argmax(dim=1)
+        used[rows, picked[:, step]] = True
+        chosen = picked[:, : step + 1]
+        cross = gram.gather(2, chosen.unsqueeze(1).expand(batch, size, step + 1))  # (b, C, s)
+        system = cross.gather(1, chosen.unsqueeze(2).expand(batch, step + 1, step + 1)) + jitter[: step + 1, : step + 1]
+        factor, _ = torch.linalg.cholesky_ex(system)
+        coefficients = torch.cholesky_solve(projection.gather(1, chosen).unsqueeze(2), factor).squeeze(2)
+        residual = projection - torch.bmm(cross, coefficients.unsqueeze(2)).squeeze(2)
+    return picked, coefficients
+
+
+def combine_rows(rows: np.ndarray, dtype: str, indices: Any, coefficients: Any, chunk: int = 256) -> np.ndarray:
+    """Raw output rows: row i is sum_j coefficients[i, j] * rows[indices[i, j]] (float64),
+    encoded in `dtype`; `rows` is a raw (rows, row_bytes) matrix, gathered 256 targets at
+    a time."""
+    import numpy as np
+
+    indices, coefficients = np.asarray(indices), np.asarray(coefficients, dtype=np.float64)
+    out = np.empty((len(indices), rows.shape[1]), dtype=np.uint8)
+    for start in range(0, len(indices), chunk):
+        ids = indices[start : start + chunk]
+        values = decode_rows(rows[ids.reshape(-1)], dtype).astype(np.float64).reshape(*ids.shape, -1)
+        out[start : start + chunk] = encode_rows(np.einsum("nk,nkh->nh", coefficients[start : start + chunk], values), dtype)
+    return out
 
 
 # ---- tokenizer and config patches ------------------------------------------------------
@@ -2025,6 +2156,184 @@ def read_exactly(path: Path, offset: int, view: memoryview, what: str) -> None:
             done += got
 
 
+# ---- the donor: a model whose rows fill the rows M lacks (--init donor / omp) -------------
+
+
+@dataclass(frozen=True)
+class Donor:
+    """D's tokenizer and vocabulary tensors, read from safetensors headers; rows are read
+    on demand (memory-mapped pages locally, HTTP range requests for a Hub repo)."""
+
+    source: str
+    spec: VocabSpec
+    ckpt: Checkpoint
+    vocab: VocabTensors
+    remote: tuple[str, str | None] | None = None  # (repo id, revision) when read over HTTP
+
+    def tensor(self, role: str) -> TensorEntry | None:
+        name = {"embed": self.vocab.embed, "head": self.vocab.head or self.vocab.embed, "bias": self.vocab.bias}[role]
+        return self.ckpt.tensors[name] if name is not None else None
+
+    def read_rows(self, role: str, ids: np.ndarray) -> np.ndarray:
+        """Raw rows `ids` of one vocabulary tensor, (len(ids), row_bytes) uint8."""
+        import numpy as np
+
+        tensor = self.tensor(role)
+        assert tensor is not None
+        if self.remote is None:
+            return np.ascontiguousarray(read_matrix(self.ckpt, tensor)[ids])
+        return hub_tensor_rows(*self.remote, tensor, ids)
+
+
+def read_donor(source: str, revision: str | None, trust_remote_code: bool) -> Donor:
+    """A local model directory, or a Hub repo of which only the tokenizer files and configs
+    are downloaded (the headers and rows come by HTTP range requests)."""
+    if Path(source).expanduser().exists() or not looks_like_hub_id(source):
+        directory = resolve_source(source, revision, [])
+        if not directory.is_dir():
+            raise CliError(f"--donor-model {source}: expected a model directory or repo id, got a file")
+        tokenizer = read_tokenizer(directory)
+        if select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] == "none":
+            raise CliError(f"{directory}: no weights to take rows from; name a model with weights (--donor-model D) or use --init fvt")
+        ckpt, remote = read_checkpoint(directory), None
+    else:
+        directory = resolve_source(source, revision, [*TOKENIZER_FILES, *CONFIG_FILES])
+        tokenizer = read_tokenizer(directory)
+        ckpt, remote = hub_checkpoint(source, revision, directory), (source, revision)
+    vocab = find_vocab_tensors(ckpt, tokenizer.config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
+    return Donor(source, tokenizer.spec, ckpt, vocab, remote)
+
+
+def hub_checkpoint(repo_id: str, revision: str | None, directory: Path) -> Checkpoint:
+    """A Hub repo's tensors from its safetensors headers (start: offset in the data part)."""
+    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    try:
+        metadata = get_safetensors_metadata(repo_id, revision=revision)
+    except NotASafetensorsRepoError as exc:
+        raise CliError(f"{repo_id}: no safetensors weights to take rows from; name a model with weights (--donor-model D) or use --init fvt") from exc
+    except Exception as exc:  # HTTP, offline, parsing
+        raise CliError(hub_failure(repo_id, revision, exc)) from exc
+    tensors: dict[str, TensorEntry] = {}
+    for file, info in metadata.files_metadata.items():
+        header = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()}
+        for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items():
+            start, end = entry["data_offsets"]
+            tensors[name] = TensorEntry(name, entry["dtype"], tuple(entry["shape"]), end - start, Path(file), start)
+    return Checkpoint(directory, "remote", tensors)
+
+
+def hub_get_range(repo_id: str, revision: str | None, file: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file of a Hub repo, by an HTTP range request (the way
+    huggingface_hub reads safetensors headers; HF_TOKEN and HF_ENDPOINT apply)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    try:
+        response = get_session().get(hf_hub_url(repo_id, file, revision=revision), headers={**build_hf_headers(), "Range": f"bytes={start}-{end - 1}"})
+        hf_raise_for_status(response)
+    except Exception as exc:  # HTTP and connection errors alike
+        raise CliError(hub_failure(f"{repo_id}/{file}", revision, exc)) from exc
+    data = response.content if response.status_code == 206 else response.content[start:end]
+    if len(data) != end - start:
+        raise CliError(f"{repo_id}/{file}: the Hub sent {len(data)} bytes for a range of {end - start}; try again")
+    return data
+
+
+@functools.cache
+def hub_data_start(repo_id: str, revision: str | None, file: str) -> int:
+    return 8 + int.from_bytes(hub_get_range(repo_id, revision, file, 0, 8), "little")
+
+
+def hub_tensor_rows(repo_id: str, revision: str | None, tensor: TensorEntry, ids: np.ndarray) -> np.ndarray:
+    """Rows of a remote tensor; nearby rows share one request (spans of at most 64 MB)."""
+    import numpy as np
+
+    rows = tensor.shape[0] if tensor.shape else 1
+    row_bytes = tensor.nbytes // max(1, rows)
+    base = hub_data_start(repo_id, revision, str(tensor.file)) + tensor.start
+    out = np.empty((len(ids), row_bytes), dtype=np.uint8)
+    order = np.argsort(ids, kind="stable")
+    span_rows = max(1, 64 * 10**6 // max(1, row_bytes))
+    position = 0
+    while position < len(order):
+        first = int(ids[order[position]])
+        end = position
+        while end < len(order) and int(ids[order[end]]) < first + span_rows:
+            end += 1
+        last = int(ids[order[end - 1]])
+        data = np.frombuffer(hub_get_range(repo_id, revision, str(tensor.file), base + first * row_bytes, base + (last + 1) * row_bytes), dtype=np.uint8)
+        out[order[position:end]] = data.reshape(-1, row_bytes)[ids[order[position:end]] - first]
+        position = end
+    return out
+
+
+def donor_tokens(base: VocabSpec, donor: Donor, match: str) -> dict[str, int]:
+    """T's tokens -> the donor's rows (matched as --match says; rows the donor has)."""
+    matches = match_tokens(base, donor.spec, effective_match_mode(match, base, donor.spec))
+    token_of_base = {token_id: token for token, token_id in base.vocab.items()}
+    return {token_of_base[base_id]: donor_id for base_id, donor_id in matches.src_of_base.items() if donor_id < donor.vocab.rows}
+
+
+def initialised_rows(plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, src: VocabSpec, donor: Donor, opts: RemapOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """role -> (output rows, their raw bytes) for the rows the donor fills: its own rows
+    (donor), or M's rows of shared tokens combined by OMP's coefficients (omp)."""
+    import numpy as np
+
+    out_rows = np.array(sorted(plan.donor_rows), dtype=np.int64)
+    if not len(out_rows):
+        return {}
+    donor_ids = np.array([plan.donor_rows[int(r)] for r in out_rows], dtype=np.int64)
+    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if plan.init == "donor":
+        for role in ("embed", "head", "bias"):
+            name = getattr(vocab, role)
+            if name is not None:
+                result[role] = (out_rows, donor_row_bytes(donor, role, donor_ids, ckpt.tensors[name], ckpt))
+        return result
+    shared = match_tokens(donor.spec, src, effective_match_mode(opts.match, donor.spec, src)).src_of_base
+    pairs = np.array(sorted((d, m) for d, m in shared.items() if d < donor.vocab.rows and m < vocab.rows), dtype=np.int64).reshape(-1, 2)
+    if not len(pairs):
+        raise CliError(f"--init omp: the donor {donor.source} and the model share no tokens to combine")
+    head_rows, head_coefficients = None, None
+    for role in ("embed", "head"):
+        name = getattr(vocab, role)
+        if name is None:
+            continue
+        tensor, donor_tensor = ckpt.tensors[name], donor.tensor(role)
+        assert donor_tensor is not None
+        atoms = decode_rows(donor.read_rows(role, pairs[:, 0]), donor_tensor.dtype)
+        targets = decode_rows(donor.read_rows(role, donor_ids), donor_tensor.dtype)
+        progress = progress_bar(len(targets), opts.show_progress, f"OMP {role}", unit="rows")
+        try:
+            indices, coefficients = omp_coefficients(targets, atoms, opts.omp_k, progress=progress.update)
+        finally:
+            progress.close()
+        m_rows = pairs[:, 1][indices.numpy()]
+        result[role] = (out_rows, combine_rows(read_matrix(ckpt, tensor), tensor.dtype, m_rows, coefficients))
+        if role == "head" or vocab.head is None:
+            head_rows, head_coefficients = m_rows, coefficients
+    if vocab.bias is not None and head_rows is not None:
+        bias = ckpt.tensors[vocab.bias]
+        result["bias"] = (out_rows, combine_rows(read_matrix(ckpt, bias), bias.dtype, head_rows, head_coefficients))
+    return result
+
+
+def donor_row_bytes(donor: Donor, role: str, donor_ids: np.ndarray, tensor: TensorEntry, ckpt: Checkpoint) -> np.ndarray:
+    """The donor's rows for one of M's vocabulary tensors: bit for bit in the same dtype,
+    else converted; a bias the donor lacks is M's mean bias."""
+    import numpy as np
+
+    donor_tensor = donor.tensor(role)
+    if donor_tensor is None:  # M has an output bias, D has none
+        matrix = read_matrix(ckpt, tensor)
+        mean = encode_rows(mean_of_rows(matrix, tensor.dtype, np.arange(len(matrix)))[None, :], tensor.dtype)
+        return np.repeat(mean, len(donor_ids), axis=0)
+    raw = donor.read_rows(role, donor_ids)
+    return raw if donor_tensor.dtype == tensor.dtype else encode_rows(decode_rows(raw, donor_tensor.dtype), tensor.dtype)
+
+
 # ---- streaming writer ------------------------------------------------------------------
 
 
@@ -2187,12 +2496,13 @@ class SharedProgress:
         self.bar.close()
 
 
-def progress_bar(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool, desc: str = "writing", unit: str = "B") -> Any:
     if not enabled:
         return NoProgress()
     from tqdm import tqdm
 
-    return SharedProgress(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", file=sys.stderr, leave=False))
+    scale = {"unit_scale": True, "unit_divisor": 1000} if unit == "B" else {}
+    return SharedProgress(tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, leave=False, **scale))
 
 
 @dataclass
@@ -2202,6 +2512,7 @@ class RowContext:
     matrix: np.ndarray
     dtype: str
     real_rows: int
+    given: tuple[np.ndarray, np.ndarray] | None = None  # donor / OMP rows: (output rows, bytes)
     _mean: np.ndarray | None = None
     _finite: np.ndarray | None = None
 
@@ -2223,7 +2534,7 @@ class RowContext:
 def vocab_chunks(ctx: RowContext, plan: RemapPlan) -> Iterator[np.ndarray]:
     step = max(1, ROW_CHUNK_BYTES // max(1, ctx.matrix.shape[1]))
     for start in range(0, plan.n_rows, step):
-        yield build_rows(ctx.matrix, ctx.dtype, plan, start, min(plan.n_rows, start + step), ctx.mean_row, ctx.finite)
+        yield build_rows(ctx.matrix, ctx.dtype, plan, start, min(plan.n_rows, start + step), ctx.mean_row, ctx.finite, ctx.given)
 
 
 def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str]) -> None:
@@ -2257,6 +2568,7 @@ def write_shards(
     plan: RemapPlan,
     src_token_of_id: Mapping[int, str],
     show_progress: bool,
+    given_rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[dict[str, str], int]:
     """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified).
     Shards are written side by side, one per core (reading, hashing and the numpy row
@@ -2278,7 +2590,8 @@ def write_shards(
                 writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
             else:
                 start = writer.position
-                written.append((start, write_vocab_tensor(writer, ckpt, entry, plan, src_token_of_id), entry.name))
+                given = (given_rows or {}).get(entry.vocab_role or "")
+                written.append((start, write_vocab_tensor(writer, ckpt, entry, plan, src_token_of_id, given), entry.name))
         writer.finish()
         return writer, sum(verify_copied_rows(out / file, start, matrix, plan, name) for start, matrix, name in written)
 
@@ -2303,10 +2616,17 @@ def write_shards(
     return digests, sum(verified for _, verified in results.values())
 
 
-def write_vocab_tensor(writer: ShardWriter, ckpt: Checkpoint, entry: TensorEntry, plan: RemapPlan, src_token_of_id: Mapping[int, str]) -> np.ndarray:
+def write_vocab_tensor(
+    writer: ShardWriter,
+    ckpt: Checkpoint,
+    entry: TensorEntry,
+    plan: RemapPlan,
+    src_token_of_id: Mapping[int, str],
+    given: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Write a vocabulary tensor's rows in output order, chunk by chunk; returns the
     source matrix (memory-mapped) for the read-back check."""
-    ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)))
+    ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)), given)
     if entry.dtype in FLOAT_DTYPES:
         warn_nonfinite(ctx, entry.name, src_token_of_id)
     elif any(s < 0 for s in plan.row_source):
@@ -2706,6 +3026,7 @@ class ModelView:
     vocab: Mapping[str, int]
     rows: int
     weight_bytes: int
+    hidden: int | None = None
 
 
 def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
@@ -2715,7 +3036,7 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
     if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
         ckpt = read_checkpoint(directory)
         vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
-        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()))
+        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden)
     rows = config_value(config, "vocab_size")
     return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
 
@@ -2764,11 +3085,14 @@ class RemapOptions:
     trust_remote_code: bool = False
     init_report: int = 0
     show_progress: bool = False
+    donor_model: str | None = None
+    omp_k: int = 64
+    chat_template: str = "base"
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
         keys = ("src_model", "base_tokenizer", "drop_extra", "init", "match", "max_shard_size", "pad_to_multiple_of",
-                "revision", "base_revision", "embed_name", "head_name")  # fmt: skip
+                "revision", "base_revision", "embed_name", "head_name", "donor_model", "omp_k", "chat_template")  # fmt: skip
         return {key: getattr(self, key) for key in keys}
 
 
@@ -2804,6 +3128,18 @@ def hub_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
         log.debug("cannot list %s: %s", repo_id, exc)
         return None
     return None if info.siblings is None else [sibling.rfilename for sibling in info.siblings]
+
+
+def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
+    """D for --init donor / omp: --donor-model, else T itself (which then needs weights)."""
+    if opts.donor_model is not None:
+        name, revision = split_revision(opts.donor_model)
+    else:
+        name, revision = opts.base_tokenizer, opts.base_revision
+    donor = read_donor(name, revision, opts.trust_remote_code)
+    if opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
+        raise CliError(f"the donor's hidden size is {donor.vocab.hidden}, M's is {vocab.hidden}: use --init omp")
+    return donor
 
 
 def describe_counts(plan_report: Mapping[str, Any]) -> str:
@@ -2848,10 +3184,12 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     phase("tokenizers read")
     match_mode = effective_match_mode(opts.match, base.spec, src.spec)
     matches = match_tokens(base.spec, src.spec, match_mode)
+    donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") else None
+    donor_of_token = donor_tokens(base.spec, donor, opts.match) if donor is not None else {}
     decompositions: dict[str, tuple[int, ...]] = {}
-    if opts.init == "fvt":
+    if opts.init in ("fvt", "donor", "omp"):
         matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
-        missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added]
+        missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added and t not in donor_of_token]
         if missing:
             began = time.monotonic()
             decompositions = fvt_decompositions(missing, base.spec, src)
@@ -2866,6 +3204,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         base_config_vocab_size=config_value(base.config, "vocab_size"),
         pad_to_multiple_of=opts.pad_to_multiple_of,
         decompositions=decompositions,
+        donor_of_token=donor_of_token,
     )
     phase("planned")
     src_token_of_id = {i: t for t, i in src.spec.vocab.items()}
@@ -2893,6 +3232,9 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         for example in report["plan"]["initialised"][: opts.init_report]:
             log.info("init %-18s %r <- %s", example["rule"], example["token"], " + ".join(repr(t) for t in example["from"]) or "-")
     appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
+    check_chat_template(opts, src, plan)
+    if donor is not None:
+        report["donor"] = {"source": donor.source, "rows": donor.vocab.rows, "hidden": donor.vocab.hidden, "tokens_matched": len(donor_of_token)}
     base_loads.result()
     # The patched tokenizer is built and checked in a forked worker while the shards are
     # written (0.5 s of GIL-bound work for a 128k-token BPE).
@@ -2926,12 +3268,14 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         patched_result()
         report["seconds"] = round(time.monotonic() - started, 3)
         return report
+    given_rows = initialised_rows(plan, ckpt, vocab, src.spec, donor, opts) if donor is not None else {}
+    phase("donor rows ready")
     check_free_space(opts.out_dir.parent, shards.total_size)
     try:
         with OutputDirectory(opts.out_dir, opts.overwrite) as output:
             out = output.path
             assert out is not None
-            digests, verified = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress)
+            digests, verified = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress, given_rows)
             phase("shards written, hashed, synced and verified")
             self_check(out, shards)
             report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
@@ -2941,6 +3285,8 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             if src.generation_config:
                 write_json(out / "generation_config.json", patch_generation_config(src.generation_config, generation_ids))
             write_tokenizer_files(base, out, patched_result(), plan, appended_added)
+            if opts.chat_template == "source":
+                write_source_chat_template(src, out)
             report["copied_files"] = copy_other_files(src_dir, out)
             report["files"] = {
                 path.name: digests.get(path.name) or file_digest(path) for path in sorted(out.iterdir()) if path.is_file() and path.name != OWNER_FILE
@@ -2954,6 +3300,36 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             raise CliError(f"disk full while writing into {opts.out_dir.parent}; nothing was left behind: free at least {human_bytes(shards.total_size)}") from exc
         raise CliError(f"cannot write {exc.filename or opts.out_dir}: {exc.strerror}; nothing was left behind") from exc
     return report
+
+
+def check_chat_template(opts: RemapOptions, src: TokenizerSource, plan: RemapPlan) -> None:
+    """--chat-template source needs every special token M's template writes out in the
+    output; with T's template, M's template tokens that the output drops are named."""
+    template = read_chat_template(src.directory, src.tokenizer_config)
+    lost = [token for token in template_special_tokens(template, src.spec.added) if token not in plan.out_vocab]
+    if opts.chat_template == "source":
+        if template is None:
+            raise CliError(f"--chat-template source: {src.directory} has no chat template")
+        if lost:
+            raise CliError(
+                f"--chat-template source: M's chat template uses {', '.join(map(repr, lost))}, which {opts.base_tokenizer} lacks "
+                "and --drop-extra drops: use append mode or --chat-template base"
+            )
+    elif lost:
+        log.warning("M's chat template uses %s, which the output drops (it gets T's chat template)", ", ".join(map(repr, lost)))
+
+
+def write_source_chat_template(src: TokenizerSource, out: Path) -> None:
+    """M's chat template instead of T's, in the file M keeps it in."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (out / name).unlink(missing_ok=True)
+        if (src.directory / name).is_file():
+            shutil.copyfile(src.directory / name, out / name)
+    config = read_optional_json(out / "tokenizer_config.json")
+    config.pop("chat_template", None)
+    if "chat_template" in src.tokenizer_config and not any((src.directory / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+        config["chat_template"] = src.tokenizer_config["chat_template"]
+    write_json(out / "tokenizer_config.json", config)
 
 
 def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]) -> None:
@@ -3007,13 +3383,16 @@ class AlignOptions:
     out_dir: Path
     base_tokenizer: str | None = None
     base_revision: str | None = None
-    init: str = "fvt"
+    init: str | None = None  # None: donor (the target's rows) when the target has weights of M's width, else fvt
     match: str = "auto"
     max_shard_size: int = 5 * 10**9
     dry_run: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
     show_progress: bool = False
+    donor_model: str | None = None
+    omp_k: int = 64
+    chat_template: str = "base"
 
 
 def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
@@ -3038,7 +3417,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         target_ref = parse_model_reference(chosen) if chosen is not None else references[0]
     target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
     target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
-    log.info("target tokenizer: %s (%d tokens, %d rows)", target_ref, len(target.vocab), target.rows)
+    log.debug("target tokenizer: %s (%d tokens, %d rows)", target_ref, len(target.vocab), target.rows)
 
     unique: dict[tuple[str, str | None], ModelRef] = {}
     for ref in references:
@@ -3066,21 +3445,23 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in to_remap))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
-    for entry, _view in to_remap:
+    for entry, view in to_remap:
         out = Path(entry["output"])
+        init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
         remap_opts = RemapOptions(
-            src_model=entry["source"], base_tokenizer=target_source, out_dir=out, drop_extra=True, init=opts.init, match=opts.match,
+            src_model=entry["source"], base_tokenizer=target_source, out_dir=out, drop_extra=True, init=init, match=opts.match,
             max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=target_ref.revision,
-            trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress,
+            trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
+            omp_k=opts.omp_k, chat_template=opts.chat_template,
         )  # fmt: skip
         previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None
         if previous is not None and previous.get("options") == json.loads(json.dumps(remap_opts.identity())) and previous.get("self_check", {}).get("ok"):
             entry["status"], report = "reused", previous
-            log.info("%s: reusing the finished remap in %s", entry["model"], out)
+            log.debug("%s: reusing the finished remap in %s", entry["model"], out)
         else:
             if previous is None and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
                 raise CliError(f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir")
-            log.info("%s: remapping into %s", entry["model"], out)
+            log.debug("%s: remapping into %s", entry["model"], out)
             try:
                 report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
                 entry["status"] = "remapped"
@@ -3089,7 +3470,8 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 entry["status"], code = "failed", 1
                 continue
         counts = report["plan"]["counts"]
-        entry.update(copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"])
+        entry.update(copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"])
+        entry["init_rules"] = report["plan"]["init_rules"]
 
     replacement = {entry["source"] + "@" + str(entry["revision"]): entry["output"] for entry in rows if entry["status"] in ("remapped", "reused")}
 
@@ -3126,9 +3508,10 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
 def align_table(summary: Mapping[str, Any]) -> str:
     width = max(len(m["model"]) for m in summary["models"])
     lines = [f"target tokenizer: {summary['target']['model']} ({summary['target']['tokens']} tokens, {summary['target']['rows']} rows)", ""]
-    lines.append(f"{'model':<{width}}  {'status':<10} {'copied':>7} {'initialised':>11}  output")
+    lines.append(f"{'model':<{width}}  {'status':<10} {'copied':>7} {'initialised':>11}  {'rows from':<28} output")
     for m in summary["models"]:
-        lines.append(f"{m['model']:<{width}}  {m['status']:<10} {m.get('copied', '-')!s:>7} {m.get('initialised', '-')!s:>11}  {m['output']}")
+        rules = ", ".join(f"{rule} {n}" for rule, n in (m.get("init_rules") or {}).items()) or "-"
+        lines.append(f"{m['model']:<{width}}  {m['status']:<10} {m.get('copied', '-')!s:>7} {m.get('initialised', '-')!s:>11}  {rules:<28} {m['output']}")
     if "gate" in summary:
         lines.append("")
         lines.append("gate: ok, every model now has the target's token->id map and rows" if summary["gate"]["ok"] else "gate: FAILED: " + "; ".join(summary["gate"]["problems"]))
@@ -3190,8 +3573,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", "--out-dir", dest="out_dir", metavar="D", type=Path, required=True, help="where to write the remapped model (with --mergekit-config: the aligned models and merge.yaml)")
     parser.add_argument("--mergekit-config", type=Path, metavar="FILE", help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) and write D/merge.yaml")
     parser.add_argument("--drop-extra", action="store_true", help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's")
-    parser.add_argument("--init", choices=INIT_METHODS, default="fvt", help="rows for T's tokens that M lacks (default: fvt)")
+    parser.add_argument("--init", choices=INIT_METHODS, help="rows for T's tokens that M lacks (default: fvt; with --mergekit-config: donor, the target's own rows, when the target is a model with weights)")
     parser.add_argument("--match", choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ")
+    parser.add_argument("--donor-model", metavar="D", help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision")
+    parser.add_argument("--omp-k", type=positive_int, default=64, metavar="K", help="with --init omp: rows of shared tokens combined per missing token (default 64)")
+    parser.add_argument("--chat-template", choices=("base", "source"), default="base", help="whose chat template the output gets: T's (base, default) or M's (source)")
     parser.add_argument("--init-report", type=int, default=0, metavar="N", help="log N initialised tokens with their decomposition")
     parser.add_argument("--max-shard-size", type=size_argument, default="5GB", metavar="SIZE", help="largest output shard, decimal units (default 5GB; 2GiB for binary)")
     parser.add_argument("--pad-to-multiple-of", type=pad_multiple, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
@@ -3226,6 +3612,9 @@ def run_align(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         show_progress=not args.json and sys.stderr.isatty(),
+        donor_model=args.donor_model,
+        omp_k=args.omp_k,
+        chat_template=args.chat_template,
     )
     summary, code = align_mergekit(opts)
     if args.report is not None:
@@ -3249,7 +3638,7 @@ def run(args: argparse.Namespace) -> int:
         base_tokenizer=args.base_tokenizer,
         out_dir=args.out_dir,
         drop_extra=args.drop_extra,
-        init=args.init,
+        init=args.init or "fvt",
         match=args.match,
         max_shard_size=args.max_shard_size,
         pad_to_multiple_of=args.pad_to_multiple_of,
@@ -3262,6 +3651,9 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         init_report=args.init_report,
         show_progress=not args.json and sys.stderr.isatty(),
+        donor_model=args.donor_model,
+        omp_k=args.omp_k,
+        chat_template=args.chat_template,
     )
     try:
         report = remap(opts)

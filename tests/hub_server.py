@@ -119,9 +119,9 @@ class HubServer:
             self.log.clear()
 
     def fetched(self) -> list[str]:
-        """Files whose bytes were sent (GET on resolve), in request order."""
+        """Files sent whole (GET on resolve without a range), in request order."""
         with self.lock:
-            return [r.path for r in self.log if r.method == "GET" and "/resolve/" in r.path and r.status in (200, 206)]
+            return [r.path for r in self.log if r.method == "GET" and "/resolve/" in r.path and r.status == 200]
 
     def body_bytes(self, suffix: str = "") -> int:
         with self.lock:

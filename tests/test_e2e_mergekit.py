@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
+from conftest import BYTE_SPECIALS
 from merge_fixtures import build_models, linear_yaml, mergekit_linear, tensors
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -124,3 +126,31 @@ def test_align_command_then_mergekit(tmp_path: Path, models: dict[str, Path], ca
     inputs = [tensors(models["base"]), tensors(models["same"]), tensors(aligned / "padded"), tensors(aligned / "chat")]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(merged[name], mergekit_linear([t[name] for t in inputs], [0.5, 0.25, 0.125, 0.125])), name
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_aligned_merges_keep_the_bases_rows_of_its_own_tokens(tmp_path: Path, capsys, method: str) -> None:
+    """A base with <think> / </think> and a sibling without them: aligned (default init:
+    donor, the base's own rows) and merged by mergekit, the base-only tokens keep exactly
+    the base's rows: a linear merge averages equal rows, task arithmetic adds zero."""
+    byte_tok = factories.byte_level_bpe()
+    think = ["<think>", "</think>"]
+    base_json = factories.with_tokens(byte_tok, added=think)
+    base = factories.write_model(tmp_path / "base", base_json, seed=1, **BYTE_SPECIALS)
+    sibling = factories.write_model(tmp_path / "sibling", byte_tok, seed=2, **BYTE_SPECIALS)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": method, "base_model": str(base), "dtype": "float32",
+        "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(sibling), "parameters": {"weight": 0.5 if method == "linear" else 1.0}}],
+    }))  # fmt: skip
+    aligned = tmp_path / "aligned"
+    assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    sibling_entry = next(m for m in summary["models"] if m["status"] == "remapped")
+    assert sibling_entry["init"] == "donor" and sibling_entry["init_rules"] == {"donor": 2}
+    result = mergekit(aligned / "merge.yaml", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged, base_rows = tensors(tmp_path / "merged"), tensors(base)
+    think_ids = [factories.vocab_of(base_json)[token] for token in think]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.allclose(merged[name][think_ids], base_rows[name][think_ids], rtol=0, atol=1e-6), name
