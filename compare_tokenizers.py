@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import functools
 import gc
@@ -819,6 +820,103 @@ def template_special_tokens(template: str | None, tokens: Iterable[str]) -> list
     return [token for token in tokens if template and len(token) > 1 and token in template]
 
 
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
+OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
+
+
+# ---- the merge as a whole: architectures, tensors, layers, merge method ------------------
+# What mergekit refuses, or silently settles with the base model's value, read from
+# config.json and safetensors headers only.
+
+ARCH_MUST_MATCH = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+ARCH_INHERITED = (
+    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
+    "hidden_act", "hidden_activation", "sliding_window", "attention_bias", "mlp_bias",
+)  # fmt: skip
+METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                        "model_stock", "sce", "slerp", "nearswap", "arcee_fusion")  # fmt: skip
+LAYER_RE = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER_INDEX_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)\d+\.")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model as the merge check sees it: config.json and its tensors' dtypes and shapes
+    (None when it has no safetensors headers to read)."""
+
+    config: Mapping[str, Any]
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]] | None
+
+    def value(self, key: str) -> Any:
+        text = self.config.get("text_config")
+        return text[key] if isinstance(text, Mapping) and key in text and key not in self.config else self.config.get(key)
+
+    def layers(self) -> int | None:
+        if self.tensors:
+            found = {int(m.group(2)) for name in self.tensors for m in [LAYER_RE.search(name)] if m}
+            if found:
+                return max(found) + 1
+        value = self.value("num_hidden_layers") or self.value("n_layer")
+        return value if is_int(value) else None
+
+
+def layer_template(tensors: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensors with the layer index taken out (`model.layers.N.mlp...` -> `model.layers.*.mlp...`), vocabulary tensors left out."""
+    vocab = INPUT_EMBEDDING_SUFFIXES + OUTPUT_EMBEDDING_SUFFIXES + tuple(s.replace(".weight", ".bias") for s in OUTPUT_EMBEDDING_SUFFIXES)
+    return {LAYER_INDEX_RE.sub(r"\1*.", name): info for name, info in tensors.items() if not name.endswith(vocab)}
+
+
+def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layers: bool) -> list[tuple[str, str]]:
+    """(level, message) differences of `other` from `base`: fail, warn (fail with strict) or info."""
+    found: list[tuple[str, str]] = []
+    for key in ARCH_MUST_MATCH:
+        if base.value(key) != other.value(key) and not (key == "head_dim" and None in (base.value(key), other.value(key))):
+            found.append(("fail", f"{key} {other.value(key)!r}, the base has {base.value(key)!r}"))
+    for key in ARCH_INHERITED:
+        if base.value(key) != other.value(key):
+            found.append(("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}"))
+    if bool(base.value("tie_word_embeddings")) != bool(other.value("tie_word_embeddings")):
+        found.append(("info", "tie_word_embeddings differs (mergekit merges a tied embedding into lm_head)"))
+    if same_layers and base.layers() != other.layers():
+        found.append(("fail", f"{other.layers()} layers, the base has {base.layers()} (mergekit: all inputs to a slice must have the same number of layers)"))
+    if base.tensors is not None and other.tensors is not None:
+        ours, theirs = layer_template(base.tensors), layer_template(other.tensors)
+        missing = sorted(set(ours) ^ set(theirs))
+        if missing:
+            found.append(("fail", f"{len(missing)} tensor name(s) only in one of the two, e.g. {', '.join(missing[:3])}"))
+        shapes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][1] != theirs[name][1]]
+        if shapes:
+            found.append(("fail", f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} {list(theirs[shapes[0]][1])} vs {list(ours[shapes[0]][1])}"))
+        dtypes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][0] != theirs[name][0]]
+        if dtypes:
+            found.append(("warn", f"{len(dtypes)} tensor(s) of another dtype, e.g. {dtypes[0]} {theirs[dtypes[0]][0]} vs {ours[dtypes[0]][0]}"))
+    return found
+
+
+def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFacts | None]) -> list[str]:
+    """Problems of the configuration itself: a method that needs base_model without one;
+    slices whose layer ranges leave their model or whose sources differ in length."""
+    problems = []
+    method = str(config.get("merge_method", "")).lower()
+    if method in METHODS_NEEDING_BASE and config.get("base_model") is None:
+        problems.append(f"merge_method {method} needs a base_model, and the configuration names none")
+    for index, slice_ in enumerate(config.get("slices") or []):
+        lengths = set()
+        for source in slice_.get("sources") or [] if isinstance(slice_, Mapping) else []:
+            layer_range = source.get("layer_range") if isinstance(source, Mapping) else None
+            if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(map(is_int, layer_range)) and 0 <= layer_range[0] <= layer_range[1]):
+                problems.append(f"slices[{index}]: layer_range {layer_range!r} is not [start, end]")
+                continue
+            lengths.add(layer_range[1] - layer_range[0])
+            model = facts(source.get("model"))
+            layers = model.layers() if model is not None else None
+            if layers is not None and layer_range[1] > layers:
+                problems.append(f"slices[{index}]: layer_range {layer_range} of {parse_model_reference(source.get('model'))} goes past its {layers} layers")
+        if len(lengths) > 1 and method != "passthrough":
+            problems.append(f"slices[{index}]: its sources take {sorted(lengths)} layers; mergekit needs the same number from each")
+    return problems
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -828,14 +926,6 @@ def template_special_tokens(template: str | None, tokens: Iterable[str]) -> list
 JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
-INPUT_EMBEDDING_SUFFIXES = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "embed_in.weight",
-    "word_embeddings.weight",
-    "tok_embeddings.weight",
-)
-OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
 
 # Encoded by every tokenizer: the ids' sha256 identifies the encoding behaviour, the way
 # llama.cpp's convert_hf_to_gguf.py identifies pre-tokenizers (its text differs from ours).
@@ -902,6 +992,8 @@ class WeightsInfo:
     head_name: str | None
     head_rows: int | None
     config_vocab_size: int | None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (dtype, shape); None: no headers read
 
     @property
     def rows(self) -> int | None:
@@ -1391,9 +1483,9 @@ def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int
     return Comparison(ref.source, other.source, diff, tuple(checks))
 
 
-def build_report(ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool) -> dict[str, Any]:
-    failed = any(c.failed for c in comparisons)
-    return {
+def build_report(ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool, merge_problems: Sequence[str] | None = None) -> dict[str, Any]:
+    failed = any(c.failed for c in comparisons) or bool(merge_problems)
+    report = {
         "schema": JSON_SCHEMA_ID,
         "equal": not failed,
         "exit_code": 1 if failed else 0,
@@ -1409,17 +1501,37 @@ def build_report(ref: TokenizerInfo, comparisons: Sequence[Comparison], *, stric
         },
         "comparisons": [c.to_dict() for c in comparisons],
     }
+    if merge_problems is not None:
+        report["merge"] = {"status": "fail" if merge_problems else "ok", "problems": list(merge_problems)}
+    return report
+
+
+def architecture_check(base: ModelFacts | None, other: ModelFacts | None, strict: bool, same_layers: bool, lora: str | None) -> CheckResult:
+    """Whether mergekit can merge OTHER with the base and keeps what OTHER expects."""
+    if lora is not None:
+        return CheckResult("architecture", "skipped", f"not checked: a LoRA ({lora}) is applied to this model")
+    if base is None or other is None:
+        return CheckResult("architecture", "skipped", "not checked: no config.json / safetensors headers on one side")
+    found = compare_models(base, other, strict, same_layers)
+    levels = {level for level, _ in found}
+    status = "fail" if "fail" in levels else "warn" if "warn" in levels else "ok"
+    summary = "; ".join(message for level, message in found if level != "info") or "same architecture, config and tensors"
+    if "info" in levels and status == "ok":
+        summary = "same architecture and tensors; " + "; ".join(message for level, message in found if level == "info")
+    return CheckResult("architecture", status, summary, {"differences": [{"level": level, "message": message} for level, message in found]}, tuple(f"{level}: {message}" for level, message in found))
 
 
 STATUS_LABEL = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skipped": "-"}
 
 
-def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False) -> str:
+def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False, merge_problems: Sequence[str] | None = None) -> str:
     def paint(text: str, status: str) -> str:
         codes = {"ok": "32", "warn": "33", "fail": "31"}
         return f"\033[{codes[status]}m{text}\033[0m" if color and status in codes else text
 
     out: list[str] = [f"REF    {ref.source}  ({ref.model_type}, {len(ref.vocab)} tokens, {ref.convention})"]
+    if merge_problems:
+        out += [f"merge  {paint('FAIL', 'fail')} {problem}" for problem in merge_problems]
     if len(comparisons) > 1:
         width = max(len(c.other) for c in comparisons)
         out.append("")
@@ -1672,17 +1784,18 @@ def local_safetensors_files(directory: Path) -> list[Path]:
 def read_weights_info(directory: Path, name: str, revision: str | None, config: Mapping[str, Any]) -> WeightsInfo | None:
     nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
     config_vocab = config.get("vocab_size", nested.get("vocab_size"))
-    shapes: dict[str, Sequence[int]] = {}
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     files = local_safetensors_files(directory)
     if files:
         for file in files:
-            shapes.update({key: value["shape"] for key, value in read_safetensors_header(file)[0].items()})
+            headers.update({key: (value["dtype"], tuple(value["shape"])) for key, value in read_safetensors_header(file)[0].items()})
     elif not directory.joinpath("config.json").is_file():
         return None
     elif looks_like_hub_id(name) and not Path(name).exists():
-        shapes = hub_safetensors_shapes(name, revision)
-    if not shapes and config_vocab is None:
+        headers = hub_safetensors_tensors(name, revision)
+    if not headers and config_vocab is None:
         return None
+    shapes = {key: shape for key, (_, shape) in headers.items()}
     embed = pick_vocab_tensor(shapes, INPUT_EMBEDDING_SUFFIXES, directory)
     head = pick_vocab_tensor(shapes, OUTPUT_EMBEDDING_SUFFIXES, directory)
     if shapes and embed is None:
@@ -1697,11 +1810,13 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
         head_name=head,
         head_rows=shapes[head][0] if head else None,
         config_vocab_size=config_vocab,
+        config=config,
+        tensors=headers or None,
     )
 
 
-def hub_safetensors_shapes(repo_id: str, revision: str | None) -> dict[str, Sequence[int]]:
-    """Tensor shapes of a Hub repo from its safetensors headers (HTTP range requests),
+def hub_safetensors_tensors(repo_id: str, revision: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor dtypes and shapes of a Hub repo from its safetensors headers (HTTP range requests),
     checked as local headers are; {} (with a warning) when they cannot be fetched."""
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
@@ -1715,11 +1830,11 @@ def hub_safetensors_shapes(repo_id: str, revision: str | None) -> dict[str, Sequ
     except Exception as exc:  # offline, unreachable: the tokenizers were read from the cache
         log.warning("%s: cannot read safetensors headers from the Hub (%s); using config.json", repo_id, str(exc).splitlines()[0])
         return {}
-    shapes: dict[str, Sequence[int]] = {}
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file, info in metadata.files_metadata.items():
         header = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()}
-        shapes.update({name: entry["shape"] for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items()})
-    return shapes
+        tensors.update({name: (entry["dtype"], tuple(entry["shape"])) for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items()})
+    return tensors
 
 
 # --------------------------------------------------------------------------------------
@@ -1783,14 +1898,14 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("give either REF OTHER... or --mergekit-config, not both")
         config = read_mergekit_config(args.mergekit_config)
         yaml_dir = args.mergekit_config.resolve().parent
-        sources = []
+        source_of: dict[ModelRef, str] = {}
         for reference in dedupe(mergekit_references(config)):
             ref = parse_model_reference(reference)
             if ref.lora:
                 log.warning("%s: the LoRA %s is not applied; comparing the base model's tokenizer", ref.path, ref.lora)
             local = local_or_hub(ref, yaml_dir)
-            sources.append(f"{local}@{ref.revision}" if ref.revision else local)
-        sources = dedupe(sources)
+            source_of[ref] = f"{local}@{ref.revision}" if ref.revision else local
+        sources = dedupe(list(source_of.values()))
         if len(sources) < 2:
             raise CliError(f"{args.mergekit_config}: names only one model ({sources[0]}); nothing to compare")
         log.debug("reference: %s (%s)", sources[0], "base_model" if config.get("base_model") is not None else "first model")
@@ -1802,13 +1917,40 @@ def run(args: argparse.Namespace) -> int:
     infos = read_tokenizer_infos(resolved, args.weights)
     ref = infos[0]
     comparisons = [compare(ref, other, strict=args.strict, head=args.head) for other in infos[1:]]
-    report = build_report(ref, comparisons, strict=args.strict, weights=args.weights)
+    merge_problems = None
+    if args.mergekit_config is not None and args.weights:
+        comparisons, merge_problems = with_architecture(config, source_of, sources, infos, comparisons, args.strict)
+    report = build_report(ref, comparisons, strict=args.strict, weights=args.weights, merge_problems=merge_problems)
     if args.json:
         sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     else:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        sys.stdout.write(render_human(ref, comparisons, color=color))
+        sys.stdout.write(render_human(ref, comparisons, color=color, merge_problems=merge_problems))
     return report["exit_code"]
+
+
+def with_architecture(
+    config: Mapping[str, Any], source_of: Mapping[ModelRef, str], sources: Sequence[str], infos: Sequence[TokenizerInfo], comparisons: Sequence[Comparison], strict: bool
+) -> tuple[list[Comparison], list[str]]:
+    """The comparisons with an `architecture` check each, and the problems of the merge
+    configuration itself (merge method, slices)."""
+    info_of = dict(zip(sources, infos))
+
+    def facts_of_source(source: str) -> ModelFacts | None:
+        weights = info_of[source].weights
+        return ModelFacts(weights.config, weights.tensors) if weights is not None and weights.config else None
+
+    def facts(reference: Any) -> ModelFacts | None:
+        return facts_of_source(source_of[parse_model_reference(reference)]) if reference is not None else None
+
+    lora_of = {source: ref.lora for ref, source in source_of.items() if ref.lora}
+    same_layers = not config.get("slices")
+    base = facts_of_source(sources[0])
+    checked = [
+        dataclasses.replace(c, checks=(*c.checks, architecture_check(base, facts_of_source(source), strict, same_layers, lora_of.get(source))))
+        for c, source in zip(comparisons, sources[1:])
+    ]
+    return checked, check_merge_config(config, facts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

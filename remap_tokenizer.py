@@ -829,6 +829,103 @@ def template_special_tokens(template: str | None, tokens: Iterable[str]) -> list
     return [token for token in tokens if template and len(token) > 1 and token in template]
 
 
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
+OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
+
+
+# ---- the merge as a whole: architectures, tensors, layers, merge method ------------------
+# What mergekit refuses, or silently settles with the base model's value, read from
+# config.json and safetensors headers only.
+
+ARCH_MUST_MATCH = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+ARCH_INHERITED = (
+    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
+    "hidden_act", "hidden_activation", "sliding_window", "attention_bias", "mlp_bias",
+)  # fmt: skip
+METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                        "model_stock", "sce", "slerp", "nearswap", "arcee_fusion")  # fmt: skip
+LAYER_RE = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER_INDEX_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)\d+\.")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model as the merge check sees it: config.json and its tensors' dtypes and shapes
+    (None when it has no safetensors headers to read)."""
+
+    config: Mapping[str, Any]
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]] | None
+
+    def value(self, key: str) -> Any:
+        text = self.config.get("text_config")
+        return text[key] if isinstance(text, Mapping) and key in text and key not in self.config else self.config.get(key)
+
+    def layers(self) -> int | None:
+        if self.tensors:
+            found = {int(m.group(2)) for name in self.tensors for m in [LAYER_RE.search(name)] if m}
+            if found:
+                return max(found) + 1
+        value = self.value("num_hidden_layers") or self.value("n_layer")
+        return value if is_int(value) else None
+
+
+def layer_template(tensors: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensors with the layer index taken out (`model.layers.N.mlp...` -> `model.layers.*.mlp...`), vocabulary tensors left out."""
+    vocab = INPUT_EMBEDDING_SUFFIXES + OUTPUT_EMBEDDING_SUFFIXES + tuple(s.replace(".weight", ".bias") for s in OUTPUT_EMBEDDING_SUFFIXES)
+    return {LAYER_INDEX_RE.sub(r"\1*.", name): info for name, info in tensors.items() if not name.endswith(vocab)}
+
+
+def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layers: bool) -> list[tuple[str, str]]:
+    """(level, message) differences of `other` from `base`: fail, warn (fail with strict) or info."""
+    found: list[tuple[str, str]] = []
+    for key in ARCH_MUST_MATCH:
+        if base.value(key) != other.value(key) and not (key == "head_dim" and None in (base.value(key), other.value(key))):
+            found.append(("fail", f"{key} {other.value(key)!r}, the base has {base.value(key)!r}"))
+    for key in ARCH_INHERITED:
+        if base.value(key) != other.value(key):
+            found.append(("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}"))
+    if bool(base.value("tie_word_embeddings")) != bool(other.value("tie_word_embeddings")):
+        found.append(("info", "tie_word_embeddings differs (mergekit merges a tied embedding into lm_head)"))
+    if same_layers and base.layers() != other.layers():
+        found.append(("fail", f"{other.layers()} layers, the base has {base.layers()} (mergekit: all inputs to a slice must have the same number of layers)"))
+    if base.tensors is not None and other.tensors is not None:
+        ours, theirs = layer_template(base.tensors), layer_template(other.tensors)
+        missing = sorted(set(ours) ^ set(theirs))
+        if missing:
+            found.append(("fail", f"{len(missing)} tensor name(s) only in one of the two, e.g. {', '.join(missing[:3])}"))
+        shapes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][1] != theirs[name][1]]
+        if shapes:
+            found.append(("fail", f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} {list(theirs[shapes[0]][1])} vs {list(ours[shapes[0]][1])}"))
+        dtypes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][0] != theirs[name][0]]
+        if dtypes:
+            found.append(("warn", f"{len(dtypes)} tensor(s) of another dtype, e.g. {dtypes[0]} {theirs[dtypes[0]][0]} vs {ours[dtypes[0]][0]}"))
+    return found
+
+
+def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFacts | None]) -> list[str]:
+    """Problems of the configuration itself: a method that needs base_model without one;
+    slices whose layer ranges leave their model or whose sources differ in length."""
+    problems = []
+    method = str(config.get("merge_method", "")).lower()
+    if method in METHODS_NEEDING_BASE and config.get("base_model") is None:
+        problems.append(f"merge_method {method} needs a base_model, and the configuration names none")
+    for index, slice_ in enumerate(config.get("slices") or []):
+        lengths = set()
+        for source in slice_.get("sources") or [] if isinstance(slice_, Mapping) else []:
+            layer_range = source.get("layer_range") if isinstance(source, Mapping) else None
+            if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(map(is_int, layer_range)) and 0 <= layer_range[0] <= layer_range[1]):
+                problems.append(f"slices[{index}]: layer_range {layer_range!r} is not [start, end]")
+                continue
+            lengths.add(layer_range[1] - layer_range[0])
+            model = facts(source.get("model"))
+            layers = model.layers() if model is not None else None
+            if layers is not None and layer_range[1] > layers:
+                problems.append(f"slices[{index}]: layer_range {layer_range} of {parse_model_reference(source.get('model'))} goes past its {layers} layers")
+        if len(lengths) > 1 and method != "passthrough":
+            problems.append(f"slices[{index}]: its sources take {sorted(lengths)} layers; mergekit needs the same number from each")
+    return problems
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -846,8 +943,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ms
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes whose rows this script can average
-INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
-OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 COPY_CHUNK_BYTES = 2**20  # the writer's buffer: small enough to stay in the CPU cache between read, hash and write
 DIRECT_IO_ALIGNMENT = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (512 or 4096)
@@ -1490,19 +1585,23 @@ def fvt_average(
 # ---- OMP: rows of tokens M lacks, as a sparse combination of rows of shared tokens -------
 
 
+OMP_EXACT_FLOP_BUDGET = 1e13  # past this many multiply-adds, CPU runs pick from each target's most correlated atoms only
+
+
 def omp_coefficients(
-    targets: Any, atoms: Any, k: int, *, chunk: int = 256, device: str | None = None, progress: Callable[[int], None] | None = None
+    targets: Any, atoms: Any, k: int, *, chunk: int = 256, device: str | None = None, exact: bool | None = None, progress: Callable[[int], None] | None = None
 ) -> tuple[Any, Any]:
     """Orthogonal Matching Pursuit, batched (torch): each target row (n, h) as a k-sparse
     combination of `atoms` (m, h), as mergekit-tokensurgeon does (Goddard & Neto, 2025).
     Returns (indices (n, k') into atoms, coefficients (n, k') float64), k' = min(k, m, h).
 
-    Cheap enough for 10^4 targets against 10^5 atoms: each target's candidates are first cut
-    to the 4k' atoms most correlated with it (one matrix product per chunk of targets); the
-    greedy steps then run on those candidates' Gram matrix, with the least-squares
-    coefficients solved afresh (Cholesky, float64) at every step: that re-fits every
-    coefficient to the atoms chosen so far, which is what keeps OMP's residual orthogonal to
-    them, without the drift of an incrementally updated basis."""
+    Exact greedy OMP correlates the residual with every atom at each of the k steps:
+    n * m * h * k multiply-adds, seconds on a GPU, an hour on two CPU cores for 10^4
+    targets against 128k atoms of width 2048. So `exact` defaults to True on CUDA or below
+    OMP_EXACT_FLOP_BUDGET; otherwise each target picks only among the 2k' atoms most
+    correlated with it (one matrix product per chunk of targets), on their Gram matrix.
+    Either way the coefficients are the least-squares fit (float64 Cholesky) to the atoms
+    chosen, which is what keeps OMP's residual orthogonal to them."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1510,24 +1609,30 @@ def omp_coefficients(
     k = max(0, min(k, m, atoms.shape[1]))
     if n == 0 or k == 0:
         return torch.zeros((n, k), dtype=torch.long), torch.zeros((n, k), dtype=torch.float64)
-    candidates = min(m, 2 * k)
+    if exact is None:
+        exact = device.startswith("cuda") or float(n) * m * atoms.shape[1] * k <= OMP_EXACT_FLOP_BUDGET
     atoms = torch.as_tensor(atoms, dtype=torch.float32, device=device)
     norms = atoms.norm(dim=1)
     unit = atoms / norms.clamp(min=1e-12).unsqueeze(1)
     unit[norms == 0] = 0  # an all-zero atom is never chosen
     all_indices, all_coefficients = [], []
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # candidate ranking and Gram matrices in full fp32
+    torch.backends.cuda.matmul.allow_tf32 = False  # correlations and Gram matrices in full fp32
     try:
         for start in range(0, n, chunk):
             y = torch.as_tensor(targets[start : start + chunk], dtype=torch.float32, device=device)
-            correlation = y @ unit.T
-            chosen = correlation.abs().topk(candidates, dim=1).indices  # (b, C)
-            basis = unit[chosen]  # (b, C, h)
-            gram = torch.bmm(basis, basis.transpose(1, 2)).double()
-            projection = correlation.gather(1, chosen).double()  # <y, unit atom>
-            picked, coefficients = omp_on_gram(gram, projection, k)
-            atom_ids = chosen.gather(1, picked)
+            if exact:
+                atom_ids = omp_select_exact(y, unit, k)
+                basis = unit[atom_ids]
+                gram = torch.bmm(basis, basis.transpose(1, 2)).double()
+                projection = torch.bmm(basis, y.unsqueeze(2)).squeeze(2).double()
+                coefficients = least_squares(gram, projection)
+            else:
+                correlation = y @ unit.T
+                chosen = correlation.abs().topk(min(m, 2 * k), dim=1).indices  # (b, C)
+                basis = unit[chosen]
+                picked, coefficients = omp_on_gram(torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k)
+                atom_ids = chosen.gather(1, picked)
             all_indices.append(atom_ids.cpu())
             all_coefficients.append((coefficients / norms[atom_ids].double().clamp(min=1e-12)).cpu())
             if progress is not None:
@@ -1535,6 +1640,42 @@ def omp_coefficients(
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
     return torch.cat(all_indices), torch.cat(all_coefficients)
+
+
+def omp_select_exact(y: Any, unit: Any, k: int) -> Any:
+    """The atoms greedy OMP picks for each target of a batch: at every step the one most
+    correlated with the residual, which is kept orthogonal to an orthonormal basis of the
+    atoms picked so far (Gram-Schmidt twice per step: fp32 keeps its orthogonality)."""
+    import torch
+
+    batch, width = y.shape
+    rows = torch.arange(batch, device=y.device)
+    basis = torch.zeros((batch, width, k), dtype=y.dtype, device=y.device)
+    picked = torch.zeros((batch, k), dtype=torch.long, device=y.device)
+    used = torch.zeros((batch, unit.shape[0]), dtype=torch.bool, device=y.device)
+    residual = y.clone()
+    for step in range(k):
+        correlation = (residual @ unit.T).abs_().masked_fill_(used, -1.0)
+        picked[:, step] = correlation.argmax(dim=1)
+        used[rows, picked[:, step]] = True
+        direction = unit[picked[:, step]]
+        for _ in range(2):
+            done = basis[:, :, :step]
+            direction = direction - torch.bmm(done, torch.bmm(done.transpose(1, 2), direction.unsqueeze(2))).squeeze(2)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        basis[:, :, step] = direction
+        residual = residual - direction * (direction * residual).sum(dim=1, keepdim=True)
+    return picked
+
+
+def least_squares(gram: Any, projection: Any) -> Any:
+    """x solving gram x = projection per batch (float64 Cholesky, a tiny ridge for atoms
+    that are dependent on the ones before them)."""
+    import torch
+
+    size = gram.shape[-1]
+    factor, _ = torch.linalg.cholesky_ex(gram + 1e-10 * torch.eye(size, dtype=gram.dtype, device=gram.device))
+    return torch.cholesky_solve(projection.unsqueeze(2), factor).squeeze(2)
 
 
 def omp_on_gram(gram: Any, projection: Any, k: int) -> tuple[Any, Any]:
@@ -1548,15 +1689,12 @@ def omp_on_gram(gram: Any, projection: Any, k: int) -> tuple[Any, Any]:
     used = torch.zeros((batch, size), dtype=torch.bool, device=gram.device)
     coefficients = torch.zeros((batch, 0), dtype=torch.float64, device=gram.device)
     residual = projection.clone()  # <residual, unit atom> for every candidate
-    jitter = 1e-10 * torch.eye(k, dtype=torch.float64, device=gram.device)
     for step in range(k):
         picked[:, step] = residual.abs().masked_fill(used, -1.0).argmax(dim=1)
         used[rows, picked[:, step]] = True
         chosen = picked[:, : step + 1]
         cross = gram.gather(2, chosen.unsqueeze(1).expand(batch, size, step + 1))  # (b, C, s)
-        system = cross.gather(1, chosen.unsqueeze(2).expand(batch, step + 1, step + 1)) + jitter[: step + 1, : step + 1]
-        factor, _ = torch.linalg.cholesky_ex(system)
-        coefficients = torch.cholesky_solve(projection.gather(1, chosen).unsqueeze(2), factor).squeeze(2)
+        coefficients = least_squares(cross.gather(1, chosen.unsqueeze(2).expand(batch, step + 1, step + 1)), projection.gather(1, chosen))
         residual = projection - torch.bmm(cross, coefficients.unsqueeze(2)).squeeze(2)
     return picked, coefficients
 
@@ -3027,6 +3165,7 @@ class ModelView:
     rows: int
     weight_bytes: int
     hidden: int | None = None
+    facts: ModelFacts | None = None  # config and tensor headers, for the merge check
 
 
 def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
@@ -3036,7 +3175,8 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
     if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
         ckpt = read_checkpoint(directory)
         vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
-        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden)
+        facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
+        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden, facts)
     rows = config_value(config, "vocab_size")
     return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
 
@@ -3422,11 +3562,13 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     unique: dict[tuple[str, str | None], ModelRef] = {}
     for ref in references:
         unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
+    views = {key: view_model(*key, opts.trust_remote_code) for key in unique}
+    check_mergeable(config, views, unique, yaml_dir)
     rows: list[dict[str, Any]] = []
     taken: set[str] = set()
     to_remap = []
     for (source, revision), ref in unique.items():
-        view = view_model(source, revision, opts.trust_remote_code)
+        view = views[(source, revision)]
         same = view.vocab == target.vocab and view.rows == target.rows
         entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
                  "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
@@ -3503,6 +3645,32 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     if failures:
         code = 1
     return summary, code
+
+
+def check_mergeable(config: Mapping[str, Any], views: Mapping[tuple[str, str | None], ModelView], unique: Mapping[tuple[str, str | None], ModelRef], yaml_dir: Path) -> None:
+    """compare_tokenizers.py's architecture check, before anything is written: a merge
+    mergekit would refuse (or one that mixes incompatible tensors) is exit 2."""
+    keys = list(unique)
+    base = views[keys[0]].facts
+
+    def facts(reference: Any) -> ModelFacts | None:
+        ref = parse_model_reference(reference)
+        view = views.get((local_or_hub(ref, yaml_dir), ref.revision))
+        return view.facts if view is not None else None
+
+    problems = check_merge_config(config, facts)
+    for key in keys[1:]:
+        other = views[key].facts
+        if base is None or other is None:
+            continue
+        for level, message in compare_models(base, other, False, not config.get("slices")):
+            if level == "fail":
+                problems.append(f"{unique[key]}: {message}")
+            elif level == "warn":
+                log.warning("%s: %s", unique[key], message)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CliError(f"the merge would fail or mix incompatible models, nothing was remapped: {'; '.join(problems[:3])}{more}")
 
 
 def align_table(summary: Mapping[str, Any]) -> str:

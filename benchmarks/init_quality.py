@@ -2,8 +2,12 @@
 """How good are the initialised rows? Remap a model onto another tokenizer with every
 --init method and --match mode, then measure it.
 
-    python benchmarks/init_quality.py --model M --tokenizer T [--text FILE] [--workdir DIR]
+    python benchmarks/init_quality.py --model M --tokenizer T [--donor D] [--text FILE] [--workdir DIR]
     python benchmarks/init_quality.py --demo          # offline: trains a tiny model first
+
+M, T and D are directories or Hub repo ids (benchmarks/fetch_real_models.py makes two real
+families available offline). With --donor, `omp` (D's sparse codes applied to M's rows) and
+`donor` (D's own rows; only when D's hidden size is M's) join the methods.
 
 For each combination the model is remapped with --drop-extra (what a merge uses) and
 evaluated on the text encoded by T; the original model is evaluated on the same text
@@ -60,13 +64,21 @@ def row(label: str, init: str, match: str, copied: object, initialised: object, 
     }  # fmt: skip
 
 
-def evaluate(model: Path, tokenizer: Path, text: str, workdir: Path, inits: list[str], matches: list[str], max_length: int) -> list[dict]:
+def evaluate(
+    model: str, tokenizer: str, text: str, workdir: Path, inits: list[str], matches: list[str], max_length: int, donor: str | None = None, omp_k: int = 64
+) -> list[dict]:
     n_bytes = len(text.encode())
-    results = [row("original (own tokenizer)", "-", "-", "-", "-", *nll(model, model, text, max_length), n_bytes)]
+    model_dir = rt.resolve_model(model, None)
+    results = [row("original (own tokenizer)", "-", "-", "-", "-", *nll(model_dir, model_dir, text, max_length), n_bytes)]
     for match in matches:
         for init in inits:
             out = workdir / f"{init}-{match}"
-            report = rt.remap(rt.RemapOptions(src_model=str(model), base_tokenizer=str(tokenizer), out_dir=out, drop_extra=True, init=init, match=match, overwrite=True))
+            options = rt.RemapOptions(src_model=model, base_tokenizer=tokenizer, out_dir=out, drop_extra=True, init=init, match=match, overwrite=True, donor_model=donor, omp_k=omp_k)
+            try:
+                report = rt.remap(options)
+            except rt.CliError as exc:  # e.g. donor rows of another width
+                print(f"  {init:>5} {match:>5}: skipped ({exc})", file=sys.stderr, flush=True)
+                continue
             counts = report["plan"]["counts"]
             label = f"remapped (match {match} -> {report['match_mode']})" if match == "auto" else "remapped"
             results.append(row(label, init, match, counts["copied"] + counts["moved"], counts["initialised"], *nll(out, out, text, max_length), n_bytes))
@@ -135,11 +147,13 @@ def build_demo(workdir: Path, text: str, steps: int, seed: int = 0) -> tuple[Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--tokenizer", type=Path)
+    parser.add_argument("--model", help="directory or Hub repo id")
+    parser.add_argument("--tokenizer", help="directory or Hub repo id")
+    parser.add_argument("--donor", help="a model whose rows --init donor / omp use (directory or Hub repo id)")
+    parser.add_argument("--omp-k", type=int, default=64)
     parser.add_argument("--text", type=Path, default=HERE / "sample_text.txt")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/merge_tools_init_quality"))
-    parser.add_argument("--init", nargs="+", default=list(rt.INIT_METHODS), choices=rt.INIT_METHODS)
+    parser.add_argument("--init", nargs="+", choices=rt.INIT_METHODS, help="default: fvt mean unk zero, and omp donor with --donor")
     parser.add_argument("--match", nargs="+", default=["exact", "bytes"], choices=rt.MATCH_MODES)
     parser.add_argument("--max-length", type=int, default=128, help="evaluation window in tokens")
     parser.add_argument("--demo", action="store_true", help="train a tiny model offline and use it")
@@ -148,10 +162,12 @@ def main() -> None:
     args = parser.parse_args()
     text = args.text.read_text(encoding="utf-8")
     if args.demo:
-        args.model, args.tokenizer = build_demo(args.workdir, text, args.steps)
+        model_dir, tokenizer_dir = build_demo(args.workdir, text, args.steps)
+        args.model, args.tokenizer = str(model_dir), str(tokenizer_dir)
     if args.model is None or args.tokenizer is None:
         parser.error("give --model and --tokenizer, or --demo")
-    results = evaluate(args.model, args.tokenizer, text, args.workdir / "remapped", args.init, args.match, args.max_length)
+    inits = args.init or ["fvt", "mean", "unk", "zero", *(["omp", "donor"] if args.donor else [])]
+    results = evaluate(args.model, args.tokenizer, text, args.workdir / "remapped", inits, args.match, args.max_length, args.donor, args.omp_k)
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

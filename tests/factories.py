@@ -180,6 +180,7 @@ def write_model(
     chat_template: str | None = None,
     state_dict_overrides: Mapping[str, Any] | None = None,
     safe_serialization: bool = True,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """A tiny causal LM whose embedding has `rows` rows (default: the tokenizer's size),
     saved with small shards, plus its tokenizer."""
@@ -206,6 +207,8 @@ def write_model(
         config = transformers.PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128, **common)
     else:
         raise ValueError(arch)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

@@ -1,0 +1,131 @@
+"""The gate checks the whole merge from config.json and safetensors headers: architecture,
+tensors, layers, inherited config values and the merge method; the alignment refuses what
+the gate fails before writing anything. The e2e test holds each verdict against mergekit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import compare_tokenizers as ct
+import factories
+import remap_tokenizer as rt
+from conftest import BYTE_SPECIALS
+
+# case -> (config overrides of the sibling, arch, merge configuration shape, gate status, gate exit code)
+CASES = {
+    "same": ({}, "llama", "models", "ok", 0),
+    "one layer more": ({"num_hidden_layers": 3}, "llama", "models", "fail", 1),
+    "intermediate size": ({"intermediate_size": 48}, "llama", "models", "fail", 1),
+    "rope_theta": ({"rope_theta": 500000.0}, "llama", "models", "warn", 0),
+    "tied": ({"tie_word_embeddings": True}, "llama", "models", "ok", 0),
+    "no base_model": ({}, "llama", "task_arithmetic without base", "merge", 1),
+    "slice past the layers": ({}, "llama", "slice [0, 3]", "merge", 1),
+    "slices of unequal length": ({}, "llama", "slices 2 and 1", "merge", 1),
+    "passthrough grows the depth": ({}, "llama", "passthrough", "ok", 0),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> Path:
+    return factories.write_model(tmp_path_factory.mktemp("arch") / "base", byte_tok, seed=1, **BYTE_SPECIALS)
+
+
+def sibling(tmp_path: Path, byte_tok: dict, overrides: dict) -> Path:
+    if overrides.get("tie_word_embeddings"):
+        return factories.write_model(tmp_path / "sibling", byte_tok, seed=2, arch="llama_tied", config_overrides={"num_hidden_layers": 2}, **BYTE_SPECIALS)
+    return factories.write_model(tmp_path / "sibling", byte_tok, seed=2, config_overrides=overrides, **BYTE_SPECIALS)
+
+
+def merge_config(shape: str, base: Path, other: Path) -> dict:
+    if shape == "models":
+        return {"merge_method": "linear", "base_model": str(base), "dtype": "float32", "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(other), "parameters": {"weight": 0.5}}]}
+    if shape == "task_arithmetic without base":
+        return {"merge_method": "task_arithmetic", "dtype": "float32", "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(other), "parameters": {"weight": 0.5}}]}
+    if shape == "passthrough":
+        return {"merge_method": "passthrough", "dtype": "float32", "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]}, {"sources": [{"model": str(other), "layer_range": [1, 2]}]}]}
+    ranges = {"slice [0, 3]": ([0, 3], [0, 3]), "slices 2 and 1": ([0, 2], [0, 1])}[shape]
+    return {"merge_method": "linear", "base_model": str(base), "dtype": "float32",
+            "slices": [{"sources": [{"model": str(base), "layer_range": ranges[0], "parameters": {"weight": 0.5}},
+                                    {"model": str(other), "layer_range": ranges[1], "parameters": {"weight": 0.5}}]}]}  # fmt: skip
+
+
+def gate(capsys: pytest.CaptureFixture[str], config: Path, *extra: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    code = ct.main(["--mergekit-config", str(config), "--weights", "--json", *extra])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_gate_checks_the_architecture(tmp_path: Path, base: Path, byte_tok: dict, capsys, case: str) -> None:
+    overrides, _, shape, status, code = CASES[case]
+    other = sibling(tmp_path, byte_tok, overrides)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(merge_config(shape, base, other)))
+    result, report = gate(capsys, config)
+    assert result == code, report
+    architecture = report["comparisons"][0]["checks"]["architecture"]
+    if status == "merge":
+        assert report["merge"]["status"] == "fail" and report["merge"]["problems"]
+    else:
+        assert architecture["status"] == status, architecture
+        assert report["merge"] == {"status": "ok", "problems": []}
+    if status == "warn":
+        assert gate(capsys, config, "--strict")[0] == 1
+    # the alignment runs the same check first: a failing merge is refused before any byte is written
+    aligned = tmp_path / "aligned"
+    capsys.readouterr()
+    align_code = rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned)])
+    err = capsys.readouterr().err
+    if code == 1:
+        assert align_code == 2 and "the merge would fail or mix incompatible models, nothing was remapped" in err, err
+        assert not aligned.exists()
+    else:
+        assert align_code == 0, err
+
+
+def test_lora_references_are_not_checked(tmp_path: Path, base: Path, byte_tok: dict, capsys) -> None:
+    other = sibling(tmp_path, byte_tok, {})
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(base)}, {"model": f"{other}+some/lora"}]}))
+    _, report = gate(capsys, config)
+    assert report["comparisons"][0]["checks"]["architecture"]["status"] == "skipped"
+    assert "LoRA" in report["comparisons"][0]["checks"]["architecture"]["summary"]
+
+
+def test_the_human_report_names_the_merge_problems(tmp_path: Path, base: Path, byte_tok: dict, capsys) -> None:
+    other = sibling(tmp_path, byte_tok, {"intermediate_size": 48})
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(merge_config("task_arithmetic without base", base, other)))
+    capsys.readouterr()
+    assert ct.main(["--mergekit-config", str(config), "--weights"]) == 1
+    out = capsys.readouterr().out
+    assert "merge  FAIL merge_method task_arithmetic needs a base_model" in out
+    assert "architecture    FAIL intermediate_size 48, the base has 64" in out
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_gate_agrees_with_mergekit(tmp_path: Path, base: Path, byte_tok: dict, capsys) -> None:
+    """Every case the gate fails, mergekit fails too; every case it passes (warnings
+    included: mergekit then takes the base's value), mergekit merges."""
+    pytest.importorskip("mergekit")
+    mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")
+    for case, (overrides, _, shape, status, code) in CASES.items():
+        work = tmp_path / case.replace(" ", "_")
+        work.mkdir()
+        config = work / "merge.yaml"
+        config.write_text(yaml.safe_dump(merge_config(shape, base, sibling(work, byte_tok, overrides))))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        merged = subprocess.run([str(mergekit_yaml), str(config), str(work / "merged"), "--copy-tokenizer"], capture_output=True, text=True, env=env, timeout=600)
+        assert (merged.returncode == 0) == (code == 0), (case, merged.stderr[-2000:])
+        if status == "warn":  # the merged model silently has the base's rope_theta
+            merged_config = json.loads((work / "merged" / "config.json").read_text())
+            theta = merged_config.get("rope_theta", (merged_config.get("rope_parameters") or {}).get("rope_theta"))
+            assert theta == 10000.0 != overrides["rope_theta"], merged_config
