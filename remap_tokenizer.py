@@ -3324,11 +3324,12 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     phase("tokenizers read")
     match_mode = effective_match_mode(opts.match, base.spec, src.spec)
     matches = match_tokens(base.spec, src.spec, match_mode)
-    donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") else None
+    matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
+    unmatched = len(matched) < len(base.spec.vocab)  # else no row needs a donor, which is then not read
+    donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") and unmatched else None
     donor_of_token = donor_tokens(base.spec, donor, opts.match) if donor is not None else {}
     decompositions: dict[str, tuple[int, ...]] = {}
     if opts.init in ("fvt", "donor", "omp"):
-        matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
         missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added and t not in donor_of_token]
         if missing:
             began = time.monotonic()
