@@ -155,6 +155,8 @@ def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[s
         raise CliError(f"{source[:60]}...: a name of {len(source)} characters is neither a path nor a Hub repo id")
     path = Path(source).expanduser()
     if path.exists():
+        if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not any((path / n).is_file() for n in ("config.json", "tokenizer.json"))):
+            raise CliError(f"{source}: GGUF files are not supported: point at the Hugging Face model directory or repo id (safetensors, tokenizer.json)")
         return path
     if not looks_like_hub_id(source):
         raise CliError(f"{source}: no such file or directory")
@@ -416,6 +418,8 @@ def escape_text(text: str) -> str:
     for char in text:
         if char in named:
             out.append(named[char])
+        elif "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, kept by surrogateescape
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
         elif unicodedata.category(char)[0] in "CZ" and char != " ":
             out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
         else:
@@ -700,7 +704,7 @@ def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
             continue
         if value == "base":
             return config.get("base_model")
-        if value == "union":
+        if value == "union" or not isinstance(value, str):
             return None
         if isinstance(value, str) and value.startswith("model:"):
             return value[len("model:") :]
@@ -917,12 +921,67 @@ def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFa
     return problems
 
 
+# ---- command line scaffolding ------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a CliError (one line, exit 2), with a "did you mean"
+    for a mistyped flag (Python's own suggest_on_error arrives only in 3.14). Abbreviated
+    flags are refused: `--drop-extr` is a typo, not a request."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            known = [option for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        raise CliError(message)
+
+
+def flag(name: str) -> list[str]:
+    """A long option in both spellings users type, kebab-case first (what help shows):
+    flag("--drop-extra") == ["--drop-extra", "--drop_extra"]."""
+    kebab = name.replace("_", "-")
+    snake = "--" + kebab[2:].replace("-", "_")
+    return [kebab] if snake == kebab else [kebab, snake]
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code: 0 after --help / --version, 2 (one error
+    line, and a JSON document with --json) for a usage error."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:  # --help and --version print and exit
+        return int(exc.code or 0)
+    except CliError as exc:
+        message = f"{exc} (see --help)"
+        if "--json" in (sys.argv[1:] if argv is None else argv):
+            print_json_error(message, 2)
+        print_error(message)
+        return 2
+
+
+def print_json_error(message: str, code: int) -> None:
+    """With --json, stdout carries one JSON document on every exit, failures included."""
+    sys.stdout.write(json.dumps({"schema": f"merge_tools.{log.name}/1", "exit_code": code, "error": message}, ensure_ascii=False) + "\n")
+
+
+def quoted(token: str) -> str:
+    """A token as the reports show it: in single quotes, control characters escaped."""
+    return "'" + escape_text(token).replace("'", "\\'") + "'"
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
 # 1. Constants and result types
 # --------------------------------------------------------------------------------------
 
+__version__ = "0.2.0"
 JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
 BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
@@ -999,6 +1058,11 @@ class WeightsInfo:
     def rows(self) -> int | None:
         return self.embed_rows if self.embed_rows is not None else self.config_vocab_size
 
+    @property
+    def checked(self) -> bool:
+        """Whether safetensors headers were read (else only config.json is known)."""
+        return self.tensors is not None
+
 
 @dataclass(frozen=True)
 class VocabDiff:
@@ -1063,11 +1127,29 @@ class Comparison:
     def failed(self) -> bool:
         return any(check.status == "fail" for check in self.checks)
 
+    @property
+    def weights_checked(self) -> bool:
+        weights = next((check for check in self.checks if check.name == "weights"), None)
+        return weights is not None and weights.status != "skipped" and not weights.details.get("not_checked")
+
+    def verdict_text(self) -> str:
+        """Never "safe" on what was not checked."""
+        if self.failed:
+            return "MISMATCH: do not merge linearly"
+        if self.weights_checked:
+            return "identical: safe to merge linearly"
+        weights = next(check for check in self.checks if check.name == "weights")
+        sides = list(weights.details.get("not_checked") or ["REF", "OTHER"])
+        reason = "--no-weights" if weights.summary.endswith("--no-weights") else f"{' and '.join(sides)} {'have' if len(sides) > 1 else 'has'} no safetensors"
+        return f"tokenizers identical (weights not checked: {reason})"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "other": self.other,
             "equal": self.vocab.equal,
             "verdict": "mismatch" if self.failed else "identical",
+            "verdict_text": self.verdict_text(),
+            "weights_checked": self.weights_checked,
             "checks": {check.name: check.to_dict() for check in self.checks},
         }
 
@@ -1170,10 +1252,10 @@ def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact
 
 def show_token(token: str, convention: str = "plain", byte_fallback: bool = False) -> str:
     """`'Ġthe' (" the")`: the token as stored, plus its text when the spelling differs."""
-    shown = f"'{escape_text(token)}'"
-    text = token_bytes(token, convention, byte_fallback).decode("utf-8", "backslashreplace")
+    shown = quoted(token)
+    text = token_bytes(token, convention, byte_fallback).decode("utf-8", "surrogateescape")
     if text != token:
-        shown += f' ("{escape_text(text)}")'
+        shown += ' ("' + escape_text(text).replace('"', '\\"') + '")'
     return shown
 
 
@@ -1444,9 +1526,10 @@ def describe_weights(info: TokenizerInfo, head: int) -> dict[str, Any]:
 
 
 def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckResult:
-    sides = {label: describe_weights(info, head) for label, info in (("ref", ref), ("other", other)) if info.weights is not None}
+    sides = {label: describe_weights(info, head) for label, info in (("ref", ref), ("other", other)) if info.weights is not None and info.weights.checked}
+    unchecked = [label.upper() for label, info in (("ref", ref), ("other", other)) if info.weights is None or not info.weights.checked]
     if not sides:
-        return CheckResult("weights", "skipped", "no checkpoint on either side (tokenizers only)")
+        return CheckResult("weights", "skipped", f"not checked: {' and '.join(unchecked)} {'have' if len(unchecked) > 1 else 'has'} no safetensors", {"not_checked": unchecked})
     problems = [
         f"{label.upper()} has {side['ghost_count']} ghost token(s) (ids with no embedding row)"
         for label, side in sides.items()
@@ -1467,10 +1550,13 @@ def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckR
             lines.append(f"{label.upper()} ghost: id {ghost['id']} {show_token(ghost['token'], info.convention, info.byte_fallback)}")
     rows = sorted({str(side["embed_rows"] or side["config_vocab_size"]) for side in sides.values()})
     summary = "; ".join(problems) if problems else f"{' / '.join(rows)} embedding rows, no ghost tokens"
-    return CheckResult("weights", "fail" if problems else "ok", summary, sides, tuple(lines))
+    if unchecked:
+        summary += f"; {unchecked[0]} not checked (no safetensors)"
+        lines.append(f"{unchecked[0]}: not checked (no safetensors)")
+    return CheckResult("weights", "fail" if problems else "ok", summary, {**sides, "not_checked": unchecked}, tuple(lines))
 
 
-def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int) -> Comparison:
+def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int, weights: bool = True) -> Comparison:
     diff = diff_vocab(ref, other, head)
     checks = [
         vocab_check(diff, ref, other),
@@ -1478,8 +1564,7 @@ def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int
         chat_template_check(ref, other, strict),
         encoding_check(ref, other, strict),
     ]
-    if ref.weights is not None or other.weights is not None:
-        checks.append(weights_check(ref, other, head))
+    checks.append(weights_check(ref, other, head) if weights else CheckResult("weights", "skipped", "not checked: --no-weights", {"not_checked": ["REF", "OTHER"]}))
     return Comparison(ref.source, other.source, diff, tuple(checks))
 
 
@@ -1543,9 +1628,8 @@ def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: b
             out.append(f"{comparison.other:<{width}}  {comparison.vocab.other_size:>7}  {paint(verdict, 'fail' if bad else 'ok')}{note}")
     for comparison in comparisons:
         out.append("")
-        verdict = "MISMATCH: do not merge linearly" if comparison.failed else "identical: safe to merge linearly"
         out.append(f"OTHER  {comparison.other}")
-        out.append(f"verdict  {paint(verdict, 'fail' if comparison.failed else 'ok')}")
+        out.append(f"verdict  {paint(comparison.verdict_text(), 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}")
         for check in comparison.checks:
             label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)
             out.append(f"  {check.name:<15} {label} {check.summary}")
@@ -1790,11 +1874,11 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
         for file in files:
             headers.update({key: (value["dtype"], tuple(value["shape"])) for key, value in read_safetensors_header(file)[0].items()})
     elif not directory.joinpath("config.json").is_file():
-        return None
+        return None  # a tokenizer, not a model
     elif looks_like_hub_id(name) and not Path(name).exists():
         headers = hub_safetensors_tensors(name, revision)
-    if not headers and config_vocab is None:
-        return None
+    if not headers:  # a model without safetensors (pytorch_model.bin, or headers out of reach): rows not checked
+        return WeightsInfo(None, None, None, None, config_vocab, config, None)
     shapes = {key: shape for key, (_, shape) in headers.items()}
     embed = pick_vocab_tensor(shapes, INPUT_EMBEDDING_SUFFIXES, directory)
     head = pick_vocab_tensor(shapes, OUTPUT_EMBEDDING_SUFFIXES, directory)
@@ -1842,38 +1926,53 @@ def hub_safetensors_tensors(repo_id: str, revision: str | None) -> dict[str, tup
 # --------------------------------------------------------------------------------------
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as CliError (one line, exit 2) instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise CliError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="compare_tokenizers.py",
         description="Diff tokenizers against a reference before a linear model merge.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "sources: a local directory, a tokenizer.json file or a Hugging Face repo id (org/name[@rev]).\n\n"
+            "examples:\n"
+            "  %(prog)s meta-llama/Llama-3.1-8B-Instruct ./my-finetune            # gate one model against its base\n"
+            "  %(prog)s --mergekit-config merge.yaml --json > gate.json           # the whole merge, for CI\n"
+            "  %(prog)s base/tokenizer.json other/tokenizer.json --no-weights --strict\n\n"
             "exit codes:\n"
-            "  0  vocabularies identical (same size, every token the same id): safe to merge linearly\n"
+            "  0  vocabularies identical (same size, every token the same id): safe to merge linearly when the\n"
+            "     weights were checked too (the verdict says when they were not)\n"
             "  1  mismatch: any token->id or size difference; with --strict also special tokens, added-token\n"
-            "     flags, chat template, merges/normalizer/pre-tokenizer/decoder or fingerprint; with --weights\n"
-            "     also ghost tokens (ids with no embedding row) or differing embedding row counts\n"
+            "     flags, chat template, merges/normalizer/pre-tokenizer/decoder or fingerprint; with weights\n"
+            "     also ghost tokens (ids with no embedding row), differing embedding row counts, and with\n"
+            "     --mergekit-config an architecture or merge configuration mergekit cannot merge\n"
             "  2  usage error or unreadable input (one 'error: ...' line on stderr; --debug shows the traceback)\n"
             "  130  interrupted by Ctrl-C (143: SIGTERM, 129: SIGHUP)"
         ),
     )
-    parser.add_argument("sources", nargs="*", metavar="REF OTHER", help="reference first, then one or more others")
-    parser.add_argument("--mergekit-config", type=Path, metavar="FILE", help="compare every model of a mergekit YAML against its base_model (or first model)")
-    parser.add_argument("--head", type=int, default=20, metavar="N", help="list at most N tokens per section (default 20; counts are always complete)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of the human report")
-    parser.add_argument("--strict", action="store_true", help="also fail on special-token, chat-template and encoding differences")
-    parser.add_argument("--weights", action="store_true", help="also read config.json and safetensors headers: padding rows, ghost tokens")
-    parser.add_argument("--revision", metavar="REV", help="Hub revision for repo ids without an @rev of their own")
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("sources", nargs="*", metavar="REF OTHER", help="reference first, then one or more others")
+    inputs.add_argument(*flag("--mergekit-config"), type=Path, metavar="FILE", help="compare every model of a mergekit YAML against its base_model (or first model)")
+    inputs.add_argument(*flag("--revision"), metavar="REV", help="Hub revision for repo ids without an @rev of their own")
+    checks = parser.add_argument_group("checks")
+    checks.add_argument(*flag("--weights"), action=argparse.BooleanOptionalAction, default=True,
+                        help="read config.json and safetensors headers of model directories and repos: rows, padding, ghost tokens, "
+                             "and with --mergekit-config the architecture (default; --no-weights: tokenizers only)")  # fmt: skip
+    checks.add_argument(*flag("--strict"), action="store_true", help="also fail on special-token, chat-template, encoding and inherited-config differences")
+    output = parser.add_argument_group("output")
+    output.add_argument(*flag("--json"), action="store_true", help="print one JSON document on stdout instead of the human report (errors too)")
+    output.add_argument(*flag("--head"), type=non_negative_int, default=20, metavar="N", help="list at most N tokens per section (default 20; counts are always complete)")
+    behaviour = parser.add_argument_group("behaviour")
+    behaviour.add_argument(*flag("--debug"), action="store_true", help="verbose logs and tracebacks")
+    behaviour.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 @contextlib.contextmanager
@@ -1891,8 +1990,6 @@ def collection_paused() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.head < 0:
-        raise CliError("--head must be >= 0")
     if args.mergekit_config is not None:
         if args.sources:
             raise CliError("give either REF OTHER... or --mergekit-config, not both")
@@ -1916,7 +2013,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = [resolve_tokenizer(source, args.revision) for source in sources]
     infos = read_tokenizer_infos(resolved, args.weights)
     ref = infos[0]
-    comparisons = [compare(ref, other, strict=args.strict, head=args.head) for other in infos[1:]]
+    comparisons = [compare(ref, other, strict=args.strict, head=args.head, weights=args.weights) for other in infos[1:]]
     merge_problems = None
     if args.mergekit_config is not None and args.weights:
         comparisons, merge_problems = with_architecture(config, source_of, sources, infos, comparisons, args.strict)
@@ -1954,11 +2051,9 @@ def with_architecture(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except CliError as exc:
-        print_error(f"{exc} (see --help)")
-        return 2
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     configure_logging(args.debug)
     show_hub_progress(sys.stderr.isatty() and not args.json)
     try:
@@ -1970,17 +2065,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if args.debug:
             log.exception("traceback")
-        print_error(str(exc))
-        return 2
+        return fail(args, str(exc), 2)
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
         signum = getattr(exc, "signum", 2)
-        print_error(f"interrupted ({signal_name(signum)})")
-        return 128 + signum
+        return fail(args, f"interrupted ({signal_name(signum)})", 128 + signum)
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise
-        print_error(f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)")
-        return 2
+        return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print_json_error(message, code)
+    print_error(message)
+    return code
 
 
 if __name__ == "__main__":

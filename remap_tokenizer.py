@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import errno
 import functools
 import gc
@@ -164,6 +165,8 @@ def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[s
         raise CliError(f"{source[:60]}...: a name of {len(source)} characters is neither a path nor a Hub repo id")
     path = Path(source).expanduser()
     if path.exists():
+        if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not any((path / n).is_file() for n in ("config.json", "tokenizer.json"))):
+            raise CliError(f"{source}: GGUF files are not supported: point at the Hugging Face model directory or repo id (safetensors, tokenizer.json)")
         return path
     if not looks_like_hub_id(source):
         raise CliError(f"{source}: no such file or directory")
@@ -425,6 +428,8 @@ def escape_text(text: str) -> str:
     for char in text:
         if char in named:
             out.append(named[char])
+        elif "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, kept by surrogateescape
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
         elif unicodedata.category(char)[0] in "CZ" and char != " ":
             out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
         else:
@@ -709,7 +714,7 @@ def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
             continue
         if value == "base":
             return config.get("base_model")
-        if value == "union":
+        if value == "union" or not isinstance(value, str):
             return None
         if isinstance(value, str) and value.startswith("model:"):
             return value[len("model:") :]
@@ -926,6 +931,60 @@ def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFa
     return problems
 
 
+# ---- command line scaffolding ------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a CliError (one line, exit 2), with a "did you mean"
+    for a mistyped flag (Python's own suggest_on_error arrives only in 3.14). Abbreviated
+    flags are refused: `--drop-extr` is a typo, not a request."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            known = [option for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        raise CliError(message)
+
+
+def flag(name: str) -> list[str]:
+    """A long option in both spellings users type, kebab-case first (what help shows):
+    flag("--drop-extra") == ["--drop-extra", "--drop_extra"]."""
+    kebab = name.replace("_", "-")
+    snake = "--" + kebab[2:].replace("-", "_")
+    return [kebab] if snake == kebab else [kebab, snake]
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code: 0 after --help / --version, 2 (one error
+    line, and a JSON document with --json) for a usage error."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:  # --help and --version print and exit
+        return int(exc.code or 0)
+    except CliError as exc:
+        message = f"{exc} (see --help)"
+        if "--json" in (sys.argv[1:] if argv is None else argv):
+            print_json_error(message, 2)
+        print_error(message)
+        return 2
+
+
+def print_json_error(message: str, code: int) -> None:
+    """With --json, stdout carries one JSON document on every exit, failures included."""
+    sys.stdout.write(json.dumps({"schema": f"merge_tools.{log.name}/1", "exit_code": code, "error": message}, ensure_ascii=False) + "\n")
+
+
+def quoted(token: str) -> str:
+    """A token as the reports show it: in single quotes, control characters escaped."""
+    return "'" + escape_text(token).replace("'", "\\'") + "'"
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -1013,6 +1072,7 @@ class RemapPlan:
     matches: Matches
     warnings: tuple[str, ...] = ()
     donor_rows: Mapping[int, int] = field(default_factory=dict)  # output row -> donor row (DONOR_ROW, OMP_ROW)
+    src_added: frozenset[str] = frozenset()  # M's added and special tokens, to name the dropped ones
 
     @functools.cached_property
     def fvt_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1031,7 +1091,9 @@ class RemapPlan:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def to_dict(self, src_token_of_id: Mapping[int, str], examples: int = LIST_CAP) -> dict[str, Any]:
+    def to_dict(self, src_token_of_id: Mapping[int, str]) -> dict[str, Any]:
+        """Counts, and every initialised and dropped token (lists of appended and ghost
+        tokens are capped at LIST_CAP: the counts are complete)."""
         counts = self.rule_counts()
         initialised = [
             {
@@ -1039,7 +1101,8 @@ class RemapPlan:
                 "id": out_id,
                 "rule": self.row_rule[out_id],
                 "from": [src_token_of_id.get(i, f"<row {i}>") for i in self.fvt_parts.get(out_id, ())]
-                or ([src_token_of_id.get(self.row_source[out_id], f"<row {self.row_source[out_id]}>")] if self.row_source[out_id] >= 0 else []),
+                or ([src_token_of_id.get(self.row_source[out_id], f"<row {self.row_source[out_id]}>")] if self.row_source[out_id] >= 0 else [])
+                or ([f"<donor row {self.donor_rows[out_id]}>"] if out_id in self.donor_rows else []),
             }
             for token, out_id in sorted(self.out_vocab.items(), key=lambda item: item[1])
             if self.row_rule[out_id] not in ("copied", "moved", "appended")
@@ -1060,8 +1123,8 @@ class RemapPlan:
             },
             "init_rules": {rule: n for rule, n in sorted(counts.items()) if rule not in ("copied", "moved", "appended")},
             "match": self.matches.to_dict(),
-            "initialised": initialised[:examples],
-            "dropped": [{"token": t, "source_id": i, "reason": r} for t, i, r in self.dropped[:LIST_CAP]],
+            "initialised": initialised,
+            "dropped": [{"token": t, "source_id": i, "reason": r, "added": t in self.src_added} for t, i, r in self.dropped],
             "ghosts": [{"token": t, "source_id": i} for t, i in self.src_ghosts[:LIST_CAP]],
             "appended": [{"token": t, "source_id": s, "id": o} for t, s, o in self.appended[:LIST_CAP]],
             "warnings": list(self.warnings),
@@ -1398,6 +1461,7 @@ def plan_remap(
         matches=matches,
         warnings=tuple(warnings),
         donor_rows=donor_rows,
+        src_added=frozenset(src.added),
     )
 
 
@@ -3203,14 +3267,14 @@ def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_rem
 # 4. The remap, and the command line
 # --------------------------------------------------------------------------------------
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 @dataclass(frozen=True)
 class RemapOptions:
     src_model: str
     base_tokenizer: str
-    out_dir: Path
+    out_dir: Path | None  # None: a dry run
     drop_extra: bool = False
     init: str = "fvt"
     match: str = "auto"
@@ -3270,6 +3334,12 @@ def hub_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
     return None if info.siblings is None else [sibling.rfilename for sibling in info.siblings]
 
 
+def base_model_rows(base: TokenizerSource) -> int:
+    """The rows of T's models: its config.json's vocab_size when T has one, else its tokens."""
+    rows = config_value(base.config, "vocab_size")
+    return rows if is_int(rows) and rows >= len(base.spec.vocab) else len(base.spec.vocab)
+
+
 def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
     """D for --init donor / omp: --donor-model, else T itself (which then needs weights)."""
     if opts.donor_model is not None:
@@ -3286,7 +3356,7 @@ def describe_counts(plan_report: Mapping[str, Any]) -> str:
     counts = plan_report["counts"]
     rules = ", ".join(f"{rule} {n}" for rule, n in plan_report["init_rules"].items())
     return (
-        f"copied {counts['copied']}, moved {counts['moved']}, appended {counts['appended']}, "
+        f"copied {counts['copied'] + counts['moved']} ({counts['moved']} of them to new ids), appended {counts['appended']}, "
         f"initialised {counts['initialised']}{f' ({rules})' if rules else ''}, dropped {counts['dropped']}, "
         f"ghost {counts['ghost']}, padding {counts['padding']}"
     )
@@ -3305,7 +3375,10 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     if not src_dir.is_dir():
         raise CliError(f"--src_model {opts.src_model}: expected a model directory or repo id, got a file")
     base_dir = base_path if base_path.is_dir() else base_path.parent
-    check_out_dir(opts.out_dir, {"source model": src_dir, "base tokenizer": base_dir}, opts.overwrite)
+    if opts.out_dir is not None:
+        check_out_dir(opts.out_dir, {"source model": src_dir, "base tokenizer": base_dir}, opts.overwrite)
+    elif not opts.dry_run:
+        raise CliError("--out_dir is required (or --dry-run to see the plan)")
     if not (src_dir / "config.json").is_file():
         raise CliError(f"{src_dir}: no config.json; is this a transformers model directory?")
     config = read_optional_json(src_dir / "config.json")
@@ -3359,19 +3432,22 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             "base_tokenizer": {"source": opts.base_tokenizer, "revision": opts.base_revision, "path": str(base_path)},
         },
         "options": opts.identity(),
-        "out_dir": str(opts.out_dir),
+        "out_dir": str(opts.out_dir) if opts.out_dir is not None else None,
+        "dry_run": opts.dry_run,
         "match_mode": match_mode,
         "vocab_tensors": dataclasses.asdict(vocab) | {"tied": vocab.head is None},
-        "plan": plan.to_dict(src_token_of_id, examples=max(LIST_CAP, opts.init_report)),
+        "base_rows": base_model_rows(base),
+        "plan": plan.to_dict(src_token_of_id),
         "shards": shards.to_dict(),
     }
     for warning in plan.warnings:
         log.warning("%s", warning)
     if plan.matches.collisions:
         log.warning("%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)", len(plan.matches.collisions))
-    if opts.init_report:
-        for example in report["plan"]["initialised"][: opts.init_report]:
-            log.info("init %-18s %r <- %s", example["rule"], example["token"], " + ".join(repr(t) for t in example["from"]) or "-")
+    transplant = transplant_warning(report["plan"])
+    if transplant:
+        log.warning("%s", transplant)
+        report["plan"]["warnings"].append(transplant)
     appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
     check_chat_template(opts, src, plan)
     if donor is not None:
@@ -3497,7 +3573,7 @@ def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None,
             write_json(out / "tokenizer_config.json", portable or config)
 
 
-def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
+def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0) -> str:
     plan = report["plan"]
     lines = [
         f"{'plan' if dry_run else 'remapped'}: {report['inputs']['src_model']['source']} -> token order of "
@@ -3506,16 +3582,53 @@ def human_summary(report: Mapping[str, Any], dry_run: bool) -> str:
         f"tensors {report['vocab_tensors']['embed']}" + (f", {report['vocab_tensors']['head']}" if report["vocab_tensors"]["head"] else " (tied)"),
         describe_counts(plan),
     ]
+    dropped_special = [item["token"] for item in plan["dropped"] if item.get("added")]
+    if dropped_special:
+        lines.append(f"dropped special/added tokens: {', '.join(quoted(token) for token in dropped_special[:20])}{' ...' if len(dropped_special) > 20 else ''}")
     shards = report["shards"]
     lines.append(f"shards: {len(shards['shards'])} file(s), {human_bytes(shards['total_size'])}")
     if dry_run:
         lines += [f"  {s['file']}  {s['tensors']} tensors  {human_bytes(s['bytes'])}" for s in shards["shards"]]
-        for kind in ("initialised", "dropped", "ghosts"):
-            for item in plan[kind][:10]:
-                lines.append(f"  {kind[:-1] if kind != 'ghosts' else 'ghost'}: {item}")
     elif "self_check" in report:
         lines.append(f"self-check: ok ({report['self_check']['copied_rows_checked']} copied rows bit-identical)")
+    if init_report or dry_run:
+        lines += init_examples(plan, init_report or 5)
     return "\n".join(lines)
+
+
+def init_examples(plan: Mapping[str, Any], per_rule: int) -> list[str]:
+    """The `per_rule` most telling examples of each initialisation rule: tokens built from
+    the most parts, longest first (the first ids are byte fallbacks and single characters)."""
+    by_rule: dict[str, list[Mapping[str, Any]]] = {}
+    for item in plan["initialised"]:
+        by_rule.setdefault(item["rule"], []).append(item)
+    if not by_rule:
+        return []
+    lines = ["initialised rows, by rule (TOKEN <- the rows it is made of: A + B is the mean of their rows; <donor row N>: row N of the donor):"]
+    for rule, items in sorted(by_rule.items()):
+        chosen = sorted(items, key=lambda item: (-len(item["from"]), -len(item["token"]), item["id"]))[:per_rule]
+        lines.append(f"  {rule} ({len(items)}):")
+        lines += [f"    {item['id']:>7} {quoted(item['token'])} <- {shown_parts(item['from'])}" for item in chosen]
+    return lines
+
+
+def shown_parts(parts: Sequence[str]) -> str:
+    return " + ".join(part if part.startswith("<") and part.endswith(">") and " row " in part else quoted(part) for part in parts) or "(the mean row)"
+
+
+def transplant_warning(plan: Mapping[str, Any]) -> str | None:
+    initialised, rows = plan["counts"]["initialised"], plan["rows"]["output"]
+    if rows and initialised * 2 > rows:
+        return f"mostly initialised ({initialised} of {rows} rows): this is a tokenizer transplant, expect a large quality loss"
+    return None
+
+
+def mergeable_with_base(report: Mapping[str, Any], base_rows: int) -> str | None:
+    """None when the output has the row count of T's models, else why it cannot merge."""
+    rows = report["plan"]["rows"]["output"]
+    if rows == base_rows:
+        return None
+    return f"not mergeable with T's models ({rows} vs {base_rows} rows): use --drop-extra for merges"
 
 
 @dataclass(frozen=True)
@@ -3555,6 +3668,12 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         target_ref = ModelRef(opts.base_tokenizer, opts.base_revision)
     else:
         chosen = tokenizer_target(config)
+        if chosen is None and (config.get("tokenizer_source") is not None or isinstance(config.get("tokenizer"), Mapping)):
+            raise CliError(
+                f"{opts.config}: the tokenizer source {config.get('tokenizer_source') or config['tokenizer'].get('source')!r} (a union of "
+                "vocabularies) is not something the alignment builds: choose a model as the target (--base_tokenizer T, or "
+                "tokenizer_source: base / model:NAME)"
+            )
         target_ref = parse_model_reference(chosen) if chosen is not None else references[0]
     target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
     target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
@@ -3583,20 +3702,17 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         "target": {"model": str(target_ref), "tokens": len(target.vocab), "rows": target.rows},
         "models": rows,
     }
-    if opts.dry_run:
+    if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
+        for entry, view in to_remap:
+            plan = remap(dataclasses.replace(aligned_remap_options(opts, entry, view, target, target_source, target_ref), out_dir=None, dry_run=True))
+            record_counts(entry, plan)
         return summary, 0
     check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in to_remap))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
     for entry, view in to_remap:
         out = Path(entry["output"])
-        init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
-        remap_opts = RemapOptions(
-            src_model=entry["source"], base_tokenizer=target_source, out_dir=out, drop_extra=True, init=init, match=opts.match,
-            max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=target_ref.revision,
-            trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
-            omp_k=opts.omp_k, chat_template=opts.chat_template,
-        )  # fmt: skip
+        remap_opts = aligned_remap_options(opts, entry, view, target, target_source, target_ref)
         previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None
         if previous is not None and previous.get("options") == json.loads(json.dumps(remap_opts.identity())) and previous.get("self_check", {}).get("ok"):
             entry["status"], report = "reused", previous
@@ -3612,9 +3728,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 log.error("%s: self-check failed: %s", entry["model"], exc)
                 entry["status"], code = "failed", 1
                 continue
-        counts = report["plan"]["counts"]
-        entry.update(copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"])
-        entry["init_rules"] = report["plan"]["init_rules"]
+        record_counts(entry, report)
 
     replacement = {entry["source"] + "@" + str(entry["revision"]): entry["output"] for entry in rows if entry["status"] in ("remapped", "reused")}
 
@@ -3646,6 +3760,25 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     if failures:
         code = 1
     return summary, code
+
+
+def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, target: ModelView, target_source: str, target_ref: ModelRef) -> RemapOptions:
+    """One model's remap in an alignment: --drop-extra onto the target; by default the
+    target's own rows for the tokens the model lacks, when the widths allow."""
+    init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
+    return RemapOptions(
+        src_model=entry["source"], base_tokenizer=target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init, match=opts.match,
+        max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=target_ref.revision,
+        trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
+        omp_k=opts.omp_k, chat_template=opts.chat_template,
+    )  # fmt: skip
+
+
+def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
+    """The alignment table's words for a remap: copied (in place or moved), initialised, dropped."""
+    counts = report["plan"]["counts"]
+    entry.update(copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"])
+    entry["init_rules"] = report["plan"]["init_rules"]
 
 
 def check_mergeable(config: Mapping[str, Any], views: Mapping[tuple[str, str | None], ModelView], unique: Mapping[tuple[str, str | None], ModelRef], yaml_dir: Path) -> None:
@@ -3687,13 +3820,6 @@ def align_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as CliError (one line, exit 2) instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise CliError(message)
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -3720,13 +3846,15 @@ def size_argument(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="remap_tokenizer.py",
         description="Permute a model's embedding and lm_head rows into a base tokenizer's token order.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "M and T: a local directory or a Hugging Face repo id.\n"
-            "  remap_tokenizer.py --src_model M --base_tokenizer T --out_dir D [options]\n"
-            "  remap_tokenizer.py --mergekit-config merge.yaml --out_dir ALIGNED [--base_tokenizer T] [options]\n\n"
+            "M and T: a local directory or a Hugging Face repo id; every flag also takes the other spelling (--drop_extra).\n\n"
+            "examples:\n"
+            "  %(prog)s --src-model M --base-tokenizer T --out-dir D --drop-extra      # ready to merge with T's models\n"
+            "  %(prog)s --src-model M --base-tokenizer T --dry-run > plan.txt          # the plan, nothing written\n"
+            "  %(prog)s --src-model M --base-tokenizer T --out-dir D --drop-extra --init donor --donor-model B\n"
+            "  %(prog)s --mergekit-config merge.yaml --out-dir ALIGNED                 # align a whole merge\n\n"
             "exit codes:\n"
             "  0    ok (the output directory is complete and self-checked)\n"
             "  1    the self-check of the written output failed (nothing is left in --out_dir); with\n"
@@ -3737,38 +3865,58 @@ def build_parser() -> argparse.ArgumentParser:
             "  129  stopped by SIGHUP, as 130"
         ),
     )
-    parser.add_argument("--src_model", "--src-model", dest="src_model", metavar="M", help="the model to remap")
-    parser.add_argument("--base_tokenizer", "--base-tokenizer", dest="base_tokenizer", metavar="T", help="the tokenizer whose token order the output follows")
-    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", metavar="D", type=Path, required=True, help="where to write the remapped model (with --mergekit-config: the aligned models and merge.yaml)")
-    parser.add_argument("--mergekit-config", type=Path, metavar="FILE", help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) and write D/merge.yaml")
-    parser.add_argument("--drop-extra", action="store_true", help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's")
-    parser.add_argument("--init", choices=INIT_METHODS, help="rows for T's tokens that M lacks (default: fvt; with --mergekit-config: donor, the target's own rows, when the target is a model with weights)")
-    parser.add_argument("--match", choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ")
-    parser.add_argument("--donor-model", metavar="D", help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision")
-    parser.add_argument("--omp-k", type=positive_int, default=64, metavar="K", help="with --init omp: rows of shared tokens combined per missing token (default 64)")
-    parser.add_argument("--chat-template", choices=("base", "source"), default="base", help="whose chat template the output gets: T's (base, default) or M's (source)")
-    parser.add_argument("--init-report", type=int, default=0, metavar="N", help="log N initialised tokens with their decomposition")
-    parser.add_argument("--max-shard-size", type=size_argument, default="5GB", metavar="SIZE", help="largest output shard, decimal units (default 5GB; 2GiB for binary)")
-    parser.add_argument("--pad-to-multiple-of", type=pad_multiple, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
-    parser.add_argument("--revision", metavar="REV", help="Hub revision of M")
-    parser.add_argument("--base-revision", metavar="REV", help="Hub revision of T")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and the shard plan; write nothing")
-    parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report (remap_report.json) to FILE")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    parser.add_argument("--embed-name", metavar="NAME", help="checkpoint name of the input embedding, for unknown architectures")
-    parser.add_argument("--head-name", metavar="NAME", help="checkpoint name of the output embedding (lm_head), for unknown architectures")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow transformers to run the model repo's code (only to find the embeddings)")
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(*flag("--src-model"), dest="src_model", metavar="M", help="the model to remap")
+    inputs.add_argument(*flag("--base-tokenizer"), dest="base_tokenizer", metavar="T", help="the tokenizer whose token order the output follows")
+    inputs.add_argument(*flag("--revision"), metavar="REV", help="Hub revision of M")
+    inputs.add_argument(*flag("--base-revision"), metavar="REV", help="Hub revision of T")
+    inputs.add_argument(*flag("--embed-name"), metavar="NAME", help="checkpoint name of the input embedding, for unknown architectures")
+    inputs.add_argument(*flag("--head-name"), metavar="NAME", help="checkpoint name of the output embedding (lm_head), for unknown architectures")
+    inputs.add_argument(*flag("--trust-remote-code"), action="store_true", help="allow transformers to run the model repo's code (only to find the embeddings)")
+    output = parser.add_argument_group("output")
+    output.add_argument(*flag("--out-dir"), dest="out_dir", metavar="D", type=Path, help="where to write the remapped model (with --mergekit-config: the aligned models and merge.yaml); not needed with --dry-run")
+    output.add_argument(*flag("--drop-extra"), action="store_true", help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's (for merges)")
+    output.add_argument(*flag("--chat-template"), choices=("base", "source"), default="base", help="whose chat template the output gets: T's (default: base) or M's (source)")
+    output.add_argument(*flag("--max-shard-size"), type=size_argument, default="5GB", metavar="SIZE", help="largest output shard, decimal units (default: 5GB; 2GiB for binary)")
+    output.add_argument(*flag("--pad-to-multiple-of"), type=pad_multiple, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
+    output.add_argument(*flag("--overwrite"), action="store_true", help="replace an earlier output of this tool in --out_dir")
+    output.add_argument(*flag("--dry-run"), action="store_true", help="print the plan and the shard plan on stdout; write nothing")
+    output.add_argument(*flag("--report"), type=Path, metavar="FILE", help="also write the report (remap_report.json) to FILE")
+    output.add_argument(*flag("--json"), action="store_true", help="print the report as JSON on stdout (errors too)")
+    initialisation = parser.add_argument_group("initialisation (rows of T's tokens that M lacks)")
+    initialisation.add_argument(*flag("--init"), choices=INIT_METHODS,
+                                help="fvt, mean, unk, zero, donor or omp (default: fvt; with --mergekit-config: donor, the target's own rows, when the target is a model with weights)")  # fmt: skip
+    initialisation.add_argument(*flag("--donor-model"), metavar="D", help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision")
+    initialisation.add_argument(*flag("--omp-k"), type=positive_int, default=64, metavar="K", help="with --init omp: rows of shared tokens combined per missing token (default: 64)")
+    initialisation.add_argument(*flag("--match"), choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ (default: auto)")
+    initialisation.add_argument(*flag("--init-report"), type=non_negative_int, default=0, metavar="N", help="show the N most telling examples of each initialisation rule")
+    alignment = parser.add_argument_group("alignment")
+    alignment.add_argument(*flag("--mergekit-config"), type=Path, metavar="FILE",
+                           help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) and write D/merge.yaml")  # fmt: skip
+    behaviour = parser.add_argument_group("behaviour")
+    behaviour.add_argument(*flag("--debug"), action="store_true", help="verbose logs and tracebacks")
+    behaviour.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def run_align(args: argparse.Namespace) -> int:
     if args.src_model is not None:
         raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
-    for flag, value in (("--revision", args.revision), ("--embed-name", args.embed_name), ("--head-name", args.head_name), ("--pad-to-multiple-of", args.pad_to_multiple_of)):
+    for option, value in (("--revision", args.revision), ("--embed-name", args.embed_name), ("--head-name", args.head_name), ("--pad-to-multiple-of", args.pad_to_multiple_of)):
         if value is not None:
-            raise CliError(f"{flag} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
+            raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
+    if args.out_dir is None:
+        raise CliError("--mergekit-config needs --out_dir ALIGNED (where the aligned models and merge.yaml go)")
     opts = AlignOptions(
         config=args.mergekit_config,
         out_dir=args.out_dir,
@@ -3826,18 +3974,22 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = remap(opts)
-        code = 0
     except SelfCheckError as exc:
-        print_error(f"self-check failed, nothing was written to {opts.out_dir}: {exc}")
-        return 1
+        return fail(args, f"self-check failed, nothing was written to {opts.out_dir}: {exc}", 1)
     if args.report is not None:
         write_json(args.report, report)
-    log.info("%s", human_summary(report, opts.dry_run))
+    summary = human_summary(report, opts.dry_run, opts.init_report)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    elif not opts.dry_run:
-        sys.stdout.write("# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir)))
-    return code
+    elif opts.dry_run:
+        sys.stdout.write(summary + "\n")  # the plan is the report: `--dry-run > plan.txt` keeps it
+        return 0
+    if not opts.dry_run:
+        log.info("%s", summary)
+        not_mergeable = mergeable_with_base(report, report["base_rows"])
+        if not args.json:
+            sys.stdout.write(f"# {not_mergeable}\n" if not_mergeable else "# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir)))
+    return 0
 
 
 @contextlib.contextmanager
@@ -3855,11 +4007,9 @@ def collection_paused() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except CliError as exc:
-        print_error(f"{exc} (see --help)")
-        return 2
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     configure_logging(args.debug)
     PUBLISHED.clear()
     show_hub_progress(sys.stderr.isatty() and not args.json)
@@ -3876,18 +4026,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if args.debug:
             log.exception("traceback")
-        print_error(str(exc))
-        return 2
+        return fail(args, str(exc), 2)
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
         signum = getattr(exc, "signum", 2)
         kept = f"{', '.join(map(str, PUBLISHED))}: complete, kept" if PUBLISHED else "nothing was written"
-        print_error(f"interrupted ({signal_name(signum)}); {kept}")
-        return 128 + signum
+        return fail(args, f"interrupted ({signal_name(signum)}); {kept}", 128 + signum)
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise
-        print_error(f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)")
-        return 2
+        return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print_json_error(message, code)
+    print_error(message)
+    return code
 
 
 if __name__ == "__main__":

@@ -233,3 +233,18 @@ def tree_digest(directory: Path) -> dict[str, str]:
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
+
+
+def to_pytorch_bin(directory: Path) -> Path:
+    """The checkpoint rewritten as one pytorch_model.bin (torch.save), its safetensors
+    removed: the older format many Hub repos still ship (transformers 5 writes none)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+        shard.unlink()
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    torch.save(state, directory / "pytorch_model.bin")
+    return directory

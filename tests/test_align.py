@@ -83,7 +83,10 @@ def test_slices_and_union_tokenizer(tmp_path: Path, models: dict[str, Path], cap
         )
     )
     aligned = tmp_path / "aligned"
+    # a union tokenizer is not something the alignment builds: never silently dropped
     code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", aligned)
+    assert code == 2 and "the tokenizer source 'union'" in err and "choose a model as the target" in err and not aligned.exists()
+    code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--base-tokenizer", models["base"])
     assert code == 0, err
     merged = yaml.safe_load((aligned / "merge.yaml").read_text())
     assert "tokenizer_source" not in merged

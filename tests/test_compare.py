@@ -34,8 +34,31 @@ def test_identical_tokenizers_exit_0(tmp_path: Path, tok_dir: Path, byte_tok: di
     other = factories.write_tokenizer(tmp_path / "other", byte_tok, **BYTE_SPECIALS)
     code, out, err = run(capsys, tok_dir, other)
     assert code == 0, out + err
-    assert "identical: safe to merge linearly" in out
-    assert "Traceback" not in err
+    assert "verdict  tokenizers identical (weights not checked: REF and OTHER have no safetensors)" in out
+    assert "safe to merge" not in out and "Traceback" not in err
+
+
+def test_weights_are_checked_by_default_and_never_called_safe_unchecked(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    model = factories.write_model(tmp_path / "model", byte_tok, seed=1, **BYTE_SPECIALS)
+    copy_ = factories.write_model(tmp_path / "copy", byte_tok, seed=2, **BYTE_SPECIALS)
+    padded = factories.write_model(tmp_path / "padded", byte_tok, rows=448, seed=3, **BYTE_SPECIALS)
+    binary = factories.write_model(tmp_path / "binary", byte_tok, seed=4, **BYTE_SPECIALS)
+    factories.to_pytorch_bin(binary)
+    tokenizer_only = factories.write_tokenizer(tmp_path / "tokenizer", byte_tok, **BYTE_SPECIALS)
+    code, out, _ = run(capsys, model, copy_)
+    assert code == 0 and "verdict  identical: safe to merge linearly" in out
+    code, out, _ = run(capsys, model, padded)  # the padded copy: mergekit would fail on the embedding's size
+    assert code == 1 and "embedding rows differ: 400 vs 448" in out
+    code, out, _ = run(capsys, model, tokenizer_only)
+    assert code == 0 and "verdict  tokenizers identical (weights not checked: OTHER has no safetensors)" in out
+    code, out, _ = run(capsys, model, binary)
+    assert code == 0 and "verdict  tokenizers identical (weights not checked: OTHER has no safetensors)" in out
+    assert "OTHER: not checked (no safetensors)" in out and "None" not in out
+    code, out, _ = run(capsys, model, padded, "--no-weights")
+    assert code == 0 and "verdict  tokenizers identical (weights not checked: --no-weights)" in out
+    code, out, _ = run(capsys, model, padded, "--json")
+    comparison = json.loads(out)["comparisons"][0]
+    assert comparison["weights_checked"] is True and comparison["verdict"] == "mismatch"
 
 
 def test_two_ids_swapped_at_equal_size_is_a_mismatch(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
@@ -200,8 +223,9 @@ def test_weights_reports_padding_rows_and_ghost_tokens(tmp_path: Path, byte_tok:
     assert [g["id"] for g in weights["other"]["ghost_tokens"]] == list(range(391, 400))
     assert [g["token"] for g in weights["other"]["ghost_tokens"]] == [t for t, i in sorted(vocab.items(), key=lambda x: x[1])][391:]
     assert weights["other"]["lm_head_tensor"] == "lm_head.weight"
-    # without --weights the same pair is identical: the tokenizers agree
-    assert run(capsys, padded, ghosts)[0] == 0
+    # weights are read by default; with --no-weights the same pair passes as tokenizers only
+    assert run(capsys, padded, ghosts)[0] == 1
+    assert run(capsys, padded, ghosts, "--no-weights")[0] == 0
     code, human, _ = run(capsys, padded, ghosts, "--weights")
     assert "OTHER ghost: id 391" in human
 

@@ -393,9 +393,11 @@ def test_dry_run_writes_nothing(tmp_path: Path, diverged: dict, capsys) -> None:
     out = tmp_path / "out"
     code, stdout, err = remap(capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--out_dir", out, "--dry-run", "--max-shard-size", "40KB")
     assert code == 0 and not out.exists()
-    assert "plan:" in err and "shards:" in err and "model-00001-of-" in err
-    code, stdout, _ = remap(capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--out_dir", out, "--dry-run", "--json")
+    # the plan is the report: on stdout, so that `--dry-run > plan.txt` keeps it
+    assert stdout.startswith("plan:") and "shards:" in stdout and "model-00001-of-" in stdout and "plan:" not in err
+    code, stdout, _ = remap(capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--dry-run", "--json")  # no --out_dir needed
     report = json.loads(stdout)
+    assert report["dry_run"] is True and report["out_dir"] is None
     missing_from_base = set(factories.vocab_of(diverged["src_json"])) - set(factories.vocab_of(diverged["base_json"]))
     assert report["plan"]["counts"]["appended"] == len(missing_from_base)
     assert "self_check" not in report and not out.exists()
