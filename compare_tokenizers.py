@@ -128,20 +128,28 @@ def hub_failure(where: str, revision: str | None, exc: BaseException) -> str:
     for cause in causes:
         if isinstance(cause, GatedRepoError):
             if os.environ.get("HF_TOKEN"):
-                return f"{where}: gated repository, and the token in HF_TOKEN has no access: accept its licence on the Hub with that account"
+                return (
+                    f"{where}: gated repository, and the token in HF_TOKEN has no access: accept its licence on the Hub with that account"
+                )
             return f"{where}: gated repository: accept its licence on the Hub, then pass a token ({token_hint})"
         if isinstance(cause, RevisionNotFoundError):
             return f"{where}: the repository has no revision {revision!r}"
         if isinstance(cause, RepositoryNotFoundError):
             return f"{where}: neither a local directory nor a Hub repository (a private repo needs a token: {token_hint})"
     if hub_offline():
-        return f"{where}: not a local directory, and not in the local Hub cache (HF_HUB_OFFLINE is set): download it once online or pass a local directory"
+        return (
+            f"{where}: not a local directory, and not in the local Hub cache "
+            "(HF_HUB_OFFLINE is set): download it once online or pass a local directory"
+        )
     for cause in causes:
         response = getattr(cause, "response", None)
         if isinstance(cause, HfHubHTTPError) and response is not None:
             return f"{where}: not in the local Hub cache, and {endpoint} answered HTTP {response.status_code}: try again later"
         if "Connect" in type(cause).__name__ or "Timeout" in type(cause).__name__ or isinstance(cause, ConnectionError):
-            return f"{where}: neither a local directory nor a reachable Hub repo ({endpoint} cannot be reached, and it is not in the local Hub cache)"
+            return (
+                f"{where}: neither a local directory nor a reachable Hub repo "
+                f"({endpoint} cannot be reached, and it is not in the local Hub cache)"
+            )
     return f"{where}: cannot fetch from the Hub ({type(exc).__name__}: {exc})".splitlines()[0]
 
 
@@ -155,8 +163,13 @@ def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[s
         raise CliError(f"{source[:60]}...: a name of {len(source)} characters is neither a path nor a Hub repo id")
     path = Path(source).expanduser()
     if path.exists():
-        if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not any((path / n).is_file() for n in ("config.json", "tokenizer.json"))):
-            raise CliError(f"{source}: GGUF files are not supported: point at the Hugging Face model directory or repo id (safetensors, tokenizer.json)")
+        if path.suffix.lower() == ".gguf" or (
+            path.is_dir() and any(path.glob("*.gguf")) and not any((path / n).is_file() for n in ("config.json", "tokenizer.json"))
+        ):
+            raise CliError(
+                f"{source}: GGUF files are not supported: point at the Hugging "
+                "Face model directory or repo id (safetensors, tokenizer.json)"
+            )
         return path
     if not looks_like_hub_id(source):
         raise CliError(f"{source}: no such file or directory")
@@ -317,9 +330,26 @@ def finish_main() -> None:
 ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "C64": 8,
+}
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(\\u[dD][c-fC-F][0-9a-fA-F]{2})?|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
@@ -343,7 +373,9 @@ def parse_json(raw: bytes, where: object) -> Any:
         if len(data) < len(pairs):
             seen: set[str] = set()
             twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-            raise CliError(f"{where}: the key {escape_text(twice)!r} appears twice in one object; readers disagree on which one counts: fix the file")
+            raise CliError(
+                f"{where}: the key {escape_text(twice)!r} appears twice in one object; readers disagree on which one counts: fix the file"
+            )
         return data
 
     def no_constants(name: str) -> NoReturn:
@@ -369,7 +401,7 @@ def check_tokenizer_json(data: Any, where: object) -> None:
         raise CliError(f"{where}: not a tokenizer.json (expected a JSON object)")
     model = data.get("model")
     if not isinstance(model, dict):
-        raise CliError(f"{where}: no \"model\" object in tokenizer.json")
+        raise CliError(f'{where}: no "model" object in tokenizer.json')
     vocab = model.get("vocab")
     if isinstance(vocab, dict):
         if not all(map(is_int, vocab.values())):
@@ -377,7 +409,13 @@ def check_tokenizer_json(data: Any, where: object) -> None:
             raise CliError(f"{where}: the id of token {escape_text(token)!r} is {value!r}, not an integer; fix tokenizer.json")
     elif isinstance(vocab, list):
         for token_id, entry in enumerate(vocab):
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float))
+                and not isinstance(entry[1], bool)
+            ):
                 raise CliError(f"{where}: Unigram piece {token_id} is {entry!r}, not a [piece, score] pair; fix tokenizer.json")
     else:
         raise CliError(f"{where}: no model vocabulary in tokenizer.json")
@@ -389,7 +427,7 @@ def check_tokenizer_json(data: Any, where: object) -> None:
         if not isinstance(entry, dict):
             problem = "is not an object"
         elif not isinstance(entry.get("content"), str):
-            problem = "has no text \"content\""
+            problem = 'has no text "content"'
         elif not is_int(entry.get("id")) or entry["id"] < 0:
             problem = f"has the id {entry.get('id')!r}, not a non-negative integer"
         else:
@@ -400,7 +438,7 @@ def check_tokenizer_json(data: Any, where: object) -> None:
     for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         component = data.get(key)
         if component is not None and not (isinstance(component, dict) and isinstance(component.get("type"), str)):
-            raise CliError(f"{where}: {key} is {str(component)[:60]!r}, not an object with a \"type\"; fix tokenizer.json")
+            raise CliError(f'{where}: {key} is {str(component)[:60]!r}, not an object with a "type"; fix tokenizer.json')
     merges = model.get("merges")
     if merges is not None:
         if not isinstance(merges, list):
@@ -464,7 +502,9 @@ def vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> dict[st
     )
 
 
-def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def library_added_token_ids(
+    model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]
+) -> dict[str, int]:
     """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
     whatever ids the file declares: in file order, a token the model vocabulary has keeps
     that id, every other one gets the next id after the model vocabulary; empty contents
@@ -491,7 +531,9 @@ def read_vocabulary(tokenizer_json: Any, where: object) -> dict[str, int]:
     if not vocab:
         raise CliError(f"{where}: the tokenizer has no tokens; fix or re-download tokenizer.json")
     model_vocab = model_vocab_from_json(tokenizer_json, where)
-    for content, loaded in library_added_token_ids(model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []).items():
+    for content, loaded in library_added_token_ids(
+        model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []
+    ).items():
         if loaded != vocab.get(content):
             raise CliError(
                 f"{where}: added token {escape_text(content)!r} is declared at id {vocab.get(content)} but the tokenizers "
@@ -507,7 +549,9 @@ def special_token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]) -> dict[str, str | None]:
+def read_special_tokens(
+    tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]
+) -> dict[str, str | None]:
     """bos/eos/pad/unk as transformers reads them: tokenizer_config.json, then
     special_tokens_map.json; unk also from the model itself."""
     roles: dict[str, str | None] = {}
@@ -525,7 +569,11 @@ def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Map
 
 
 def check_special_tokens(
-    vocab: Mapping[str, int], roles: Mapping[str, str | None], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any], directory: Path
+    vocab: Mapping[str, int],
+    roles: Mapping[str, str | None],
+    tokenizer_config: Mapping[str, Any],
+    special_map: Mapping[str, Any],
+    directory: Path,
 ) -> None:
     """transformers appends every special token it is told about but cannot find as a new
     id, so the vocabulary it loads would be larger than tokenizer.json's: refuse that."""
@@ -534,7 +582,10 @@ def check_special_tokens(
         extra = source.get("additional_special_tokens") or []
         named += [("additional_special_tokens entry", token) for token in (extra if isinstance(extra, list) else [])]
         extra = source.get("extra_special_tokens") or []
-        named += [("extra_special_tokens entry", token) for token in (extra.values() if isinstance(extra, Mapping) else extra if isinstance(extra, list) else [])]
+        named += [
+            ("extra_special_tokens entry", token)
+            for token in (extra.values() if isinstance(extra, Mapping) else extra if isinstance(extra, list) else [])
+        ]
     decoder = tokenizer_config.get("added_tokens_decoder") or {}
     named += [("added_tokens_decoder entry", entry) for entry in (decoder.values() if isinstance(decoder, Mapping) else [])]
     for key, value in named:
@@ -563,20 +614,30 @@ def check_safetensors_header(header: Any, data_size: int | None, where: object) 
             raise CliError(f"{where}: the header entry of tensor {escape_text(name)!r} is not an object; re-download the file")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise CliError(f"{where}: tensor {escape_text(name)!r} has the unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)}); re-download the file")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} has the unknown dtype "
+                f"{dtype!r} (known: {', '.join(DTYPE_SIZES)}); re-download the file"
+            )
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-            raise CliError(f"{where}: tensor {escape_text(name)!r} has the shape {shape!r}, not a list of non-negative integers; re-download the file")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} has the shape {shape!r}, not a list of non-negative integers; re-download the file"
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets)) and 0 <= offsets[0] <= offsets[1]):
             raise CliError(f"{where}: tensor {escape_text(name)!r} has invalid data_offsets {offsets!r}; re-download the file")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != expected:
-            raise CliError(f"{where}: tensor {escape_text(name)!r} ({dtype} {shape}) takes {expected} bytes, its data_offsets give {offsets[1] - offsets[0]}; re-download the file")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} ({dtype} {shape}) takes {expected} "
+                f"bytes, its data_offsets give {offsets[1] - offsets[0]}; re-download the file"
+            )
         spans.append((offsets[0], offsets[1], name))
     position = 0
     for start, end, name in sorted(spans):
         if start != position:
             what = "overlaps the previous tensor" if start < position else "leaves a hole before it"
-            raise CliError(f"{where}: tensor {escape_text(name)!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt"
+            )
         position = end
     if data_size is not None and position != data_size:
         problem = "truncated download?" if position > data_size else "extra bytes after the last tensor"
@@ -699,7 +760,10 @@ def mergekit_references(config: Any) -> list[Any]:
 def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
     """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
     `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
-    for value in (config.get("tokenizer_source"), (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None):
+    for value in (
+        config.get("tokenizer_source"),
+        (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None,
+    ):
         if value is None:
             continue
         if value == "base":
@@ -832,13 +896,44 @@ OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.line
 # What mergekit refuses, or silently settles with the base model's value, read from
 # config.json and safetensors headers only.
 
-ARCH_MUST_MATCH = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+ARCH_MUST_MATCH = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 ARCH_INHERITED = (
-    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
-    "hidden_act", "hidden_activation", "sliding_window", "attention_bias", "mlp_bias",
-)  # fmt: skip
-METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                        "model_stock", "sce", "slerp", "nearswap", "arcee_fusion")  # fmt: skip
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "hidden_act",
+    "hidden_activation",
+    "sliding_window",
+    "attention_bias",
+    "mlp_bias",
+)
+METHODS_NEEDING_BASE = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "sce",
+    "slerp",
+    "nearswap",
+    "arcee_fusion",
+)
 LAYER_RE = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 LAYER_INDEX_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)\d+\.")
 
@@ -878,11 +973,19 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             found.append(("fail", f"{key} {other.value(key)!r}, the base has {base.value(key)!r}"))
     for key in ARCH_INHERITED:
         if base.value(key) != other.value(key):
-            found.append(("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}"))
+            found.append(
+                ("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}")
+            )
     if bool(base.value("tie_word_embeddings")) != bool(other.value("tie_word_embeddings")):
         found.append(("info", "tie_word_embeddings differs (mergekit merges a tied embedding into lm_head)"))
     if same_layers and base.layers() != other.layers():
-        found.append(("fail", f"{other.layers()} layers, the base has {base.layers()} (mergekit: all inputs to a slice must have the same number of layers)"))
+        found.append(
+            (
+                "fail",
+                f"{other.layers()} layers, the base has {base.layers()} (mergekit: "
+                "all inputs to a slice must have the same number of layers)",
+            )
+        )
     if base.tensors is not None and other.tensors is not None:
         ours, theirs = layer_template(base.tensors), layer_template(other.tensors)
         missing = sorted(set(ours) ^ set(theirs))
@@ -890,10 +993,18 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             found.append(("fail", f"{len(missing)} tensor name(s) only in one of the two, e.g. {', '.join(missing[:3])}"))
         shapes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][1] != theirs[name][1]]
         if shapes:
-            found.append(("fail", f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} {list(theirs[shapes[0]][1])} vs {list(ours[shapes[0]][1])}"))
+            found.append(
+                (
+                    "fail",
+                    f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} "
+                    f"{list(theirs[shapes[0]][1])} vs {list(ours[shapes[0]][1])}",
+                )
+            )
         dtypes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][0] != theirs[name][0]]
         if dtypes:
-            found.append(("warn", f"{len(dtypes)} tensor(s) of another dtype, e.g. {dtypes[0]} {theirs[dtypes[0]][0]} vs {ours[dtypes[0]][0]}"))
+            found.append(
+                ("warn", f"{len(dtypes)} tensor(s) of another dtype, e.g. {dtypes[0]} {theirs[dtypes[0]][0]} vs {ours[dtypes[0]][0]}")
+            )
     return found
 
 
@@ -908,14 +1019,22 @@ def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFa
         lengths = set()
         for source in slice_.get("sources") or [] if isinstance(slice_, Mapping) else []:
             layer_range = source.get("layer_range") if isinstance(source, Mapping) else None
-            if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(map(is_int, layer_range)) and 0 <= layer_range[0] <= layer_range[1]):
+            if not (
+                isinstance(layer_range, list)
+                and len(layer_range) == 2
+                and all(map(is_int, layer_range))
+                and 0 <= layer_range[0] <= layer_range[1]
+            ):
                 problems.append(f"slices[{index}]: layer_range {layer_range!r} is not [start, end]")
                 continue
             lengths.add(layer_range[1] - layer_range[0])
             model = facts(source.get("model"))
             layers = model.layers() if model is not None else None
             if layers is not None and layer_range[1] > layers:
-                problems.append(f"slices[{index}]: layer_range {layer_range} of {parse_model_reference(source.get('model'))} goes past its {layers} layers")
+                problems.append(
+                    f"slices[{index}]: layer_range {layer_range} of "
+                    f"{parse_model_reference(source.get('model'))} goes past its {layers} layers"
+                )
         if len(lengths) > 1 and method != "passthrough":
             problems.append(f"slices[{index}]: its sources take {sorted(lengths)} layers; mergekit needs the same number from each")
     return problems
@@ -1079,9 +1198,7 @@ class VocabDiff:
 
     @property
     def equal(self) -> bool:
-        return self.ref_size == self.other_size and not (
-            self.moved_count or self.only_in_ref_count or self.only_in_other_count
-        )
+        return self.ref_size == self.other_size and not (self.moved_count or self.only_in_ref_count or self.only_in_other_count)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1140,7 +1257,11 @@ class Comparison:
             return "identical: safe to merge linearly"
         weights = next(check for check in self.checks if check.name == "weights")
         sides = list(weights.details.get("not_checked") or ["REF", "OTHER"])
-        reason = "--no-weights" if weights.summary.endswith("--no-weights") else f"{' and '.join(sides)} {'have' if len(sides) > 1 else 'has'} no safetensors"
+        reason = (
+            "--no-weights"
+            if weights.summary.endswith("--no-weights")
+            else f"{' and '.join(sides)} {'have' if len(sides) > 1 else 'has'} no safetensors"
+        )
         return f"tokenizers identical (weights not checked: {reason})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -1239,7 +1360,9 @@ def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact
         same_convention
         and ref.convention == "byte_level"
         and not ref.byte_fallback
-        and all(in_byte_level_alphabet("".join(info.vocab)) or in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other))
+        and all(
+            in_byte_level_alphabet("".join(info.vocab)) or in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other)
+        )
     ):
         return shared_exact
     keys = []
@@ -1526,10 +1649,19 @@ def describe_weights(info: TokenizerInfo, head: int) -> dict[str, Any]:
 
 
 def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckResult:
-    sides = {label: describe_weights(info, head) for label, info in (("ref", ref), ("other", other)) if info.weights is not None and info.weights.checked}
+    sides = {
+        label: describe_weights(info, head)
+        for label, info in (("ref", ref), ("other", other))
+        if info.weights is not None and info.weights.checked
+    }
     unchecked = [label.upper() for label, info in (("ref", ref), ("other", other)) if info.weights is None or not info.weights.checked]
     if not sides:
-        return CheckResult("weights", "skipped", f"not checked: {' and '.join(unchecked)} {'have' if len(unchecked) > 1 else 'has'} no safetensors", {"not_checked": unchecked})
+        return CheckResult(
+            "weights",
+            "skipped",
+            f"not checked: {' and '.join(unchecked)} {'have' if len(unchecked) > 1 else 'has'} no safetensors",
+            {"not_checked": unchecked},
+        )
     problems = [
         f"{label.upper()} has {side['ghost_count']} ghost token(s) (ids with no embedding row)"
         for label, side in sides.items()
@@ -1564,11 +1696,17 @@ def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int
         chat_template_check(ref, other, strict),
         encoding_check(ref, other, strict),
     ]
-    checks.append(weights_check(ref, other, head) if weights else CheckResult("weights", "skipped", "not checked: --no-weights", {"not_checked": ["REF", "OTHER"]}))
+    checks.append(
+        weights_check(ref, other, head)
+        if weights
+        else CheckResult("weights", "skipped", "not checked: --no-weights", {"not_checked": ["REF", "OTHER"]})
+    )
     return Comparison(ref.source, other.source, diff, tuple(checks))
 
 
-def build_report(ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool, merge_problems: Sequence[str] | None = None) -> dict[str, Any]:
+def build_report(
+    ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool, merge_problems: Sequence[str] | None = None
+) -> dict[str, Any]:
     failed = any(c.failed for c in comparisons) or bool(merge_problems)
     report = {
         "schema": JSON_SCHEMA_ID,
@@ -1603,13 +1741,21 @@ def architecture_check(base: ModelFacts | None, other: ModelFacts | None, strict
     summary = "; ".join(message for level, message in found if level != "info") or "same architecture, config and tensors"
     if "info" in levels and status == "ok":
         summary = "same architecture and tensors; " + "; ".join(message for level, message in found if level == "info")
-    return CheckResult("architecture", status, summary, {"differences": [{"level": level, "message": message} for level, message in found]}, tuple(f"{level}: {message}" for level, message in found))
+    return CheckResult(
+        "architecture",
+        status,
+        summary,
+        {"differences": [{"level": level, "message": message} for level, message in found]},
+        tuple(f"{level}: {message}" for level, message in found),
+    )
 
 
 STATUS_LABEL = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skipped": "-"}
 
 
-def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False, merge_problems: Sequence[str] | None = None) -> str:
+def render_human(
+    ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False, merge_problems: Sequence[str] | None = None
+) -> str:
     def paint(text: str, status: str) -> str:
         codes = {"ok": "32", "warn": "33", "fail": "31"}
         return f"\033[{codes[status]}m{text}\033[0m" if color and status in codes else text
@@ -1629,7 +1775,9 @@ def render_human(ref: TokenizerInfo, comparisons: Sequence[Comparison], color: b
     for comparison in comparisons:
         out.append("")
         out.append(f"OTHER  {comparison.other}")
-        out.append(f"verdict  {paint(comparison.verdict_text(), 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}")
+        out.append(
+            f"verdict  {paint(comparison.verdict_text(), 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}"
+        )
         for check in comparison.checks:
             label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)
             out.append(f"  {check.name:<15} {label} {check.summary}")
@@ -1664,7 +1812,9 @@ def tokenizer_json_via_transformers(directory: Path) -> str:
         return backend.to_str()
     except Exception as exc:  # transformers raises many kinds for unconvertible input
         hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
-        raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
+        raise CliError(
+            f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]
+        ) from exc
 
 
 def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
@@ -1758,9 +1908,19 @@ def encode_fingerprint(
             vocab, merged = model["vocab"], merge_results(merges)
             if not (all(map(vocab.__contains__, merged)) and vocab.keys() >= set(chain.from_iterable(merges))):
                 raise CliError(f"{where}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)")
-            pre_tokenized = tokenizers_library(where, probe.pre_tokenizer.pre_tokenize_str, normalized) if probe.pre_tokenizer is not None else [(normalized, None)]
-            pruned = {**tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merged, [word for word, _ in pre_tokenized])}
-            return tuple(tokenizers_library(where, build_library_tokenizer(json.dumps(pruned), where).encode, sample, add_special_tokens=False).ids)
+            pre_tokenized = (
+                tokenizers_library(where, probe.pre_tokenizer.pre_tokenize_str, normalized)
+                if probe.pre_tokenizer is not None
+                else [(normalized, None)]
+            )
+            pruned = {
+                **tokenizer_json,
+                "added_tokens": [],
+                "model": bpe_model_for_words(model, merged, [word for word, _ in pre_tokenized]),
+            }
+            return tuple(
+                tokenizers_library(where, build_library_tokenizer(json.dumps(pruned), where).encode, sample, add_special_tokens=False).ids
+            )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -1885,9 +2045,15 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
     if shapes and embed is None:
         raise CliError(f"{directory}: the checkpoint has no input embedding (no tensor named *{', *'.join(INPUT_EMBEDDING_SUFFIXES)})")
     if shapes and head is None and (config.get("tie_word_embeddings", nested.get("tie_word_embeddings")) is False):
-        raise CliError(f"{directory}: config.json says tie_word_embeddings: false, but the checkpoint has no output embedding (lm_head); re-download it")
+        raise CliError(
+            f"{directory}: config.json says tie_word_embeddings: false, but "
+            "the checkpoint has no output embedding (lm_head); re-download it"
+        )
     if embed is not None and head is not None and shapes[embed] != shapes[head]:
-        raise CliError(f"{directory}: {embed} is {list(shapes[embed])} but {head} is {list(shapes[head])}; input and output embeddings must have the same shape")
+        raise CliError(
+            f"{directory}: {embed} is {list(shapes[embed])} but {head} is "
+            f"{list(shapes[head])}; input and output embeddings must have the same shape"
+        )
     return WeightsInfo(
         embed_name=embed,
         embed_rows=shapes[embed][0] if embed else None,
@@ -1916,8 +2082,15 @@ def hub_safetensors_tensors(repo_id: str, revision: str | None) -> dict[str, tup
         return {}
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file, info in metadata.files_metadata.items():
-        header = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()}
-        tensors.update({name: (entry["dtype"], tuple(entry["shape"])) for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items()})
+        header = {
+            name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()
+        }
+        tensors.update(
+            {
+                name: (entry["dtype"], tuple(entry["shape"]))
+                for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items()
+            }
+        )
     return tensors
 
 
@@ -1949,16 +2122,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("sources", nargs="*", metavar="REF OTHER", help="reference first, then one or more others")
-    inputs.add_argument(*flag("--mergekit-config"), type=Path, metavar="FILE", help="compare every model of a mergekit YAML against its base_model (or first model)")
+    inputs.add_argument(
+        *flag("--mergekit-config"),
+        type=Path,
+        metavar="FILE",
+        help="compare every model of a mergekit YAML against its base_model (or first model)",
+    )
     inputs.add_argument(*flag("--revision"), metavar="REV", help="Hub revision for repo ids without an @rev of their own")
     checks = parser.add_argument_group("checks")
-    checks.add_argument(*flag("--weights"), action=argparse.BooleanOptionalAction, default=True,
-                        help="read config.json and safetensors headers of model directories and repos: rows, padding, ghost tokens, "
-                             "and with --mergekit-config the architecture (default; --no-weights: tokenizers only)")  # fmt: skip
-    checks.add_argument(*flag("--strict"), action="store_true", help="also fail on special-token, chat-template, encoding and inherited-config differences")
+    checks.add_argument(
+        *flag("--weights"),
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read config.json and safetensors headers of model directories and repos: rows, padding, ghost tokens, "
+        "and with --mergekit-config the architecture (default; --no-weights: tokenizers only)",
+    )
+    checks.add_argument(
+        *flag("--strict"), action="store_true", help="also fail on special-token, chat-template, encoding and inherited-config differences"
+    )
     output = parser.add_argument_group("output")
-    output.add_argument(*flag("--json"), action="store_true", help="print one JSON document on stdout instead of the human report (errors too)")
-    output.add_argument(*flag("--head"), type=non_negative_int, default=20, metavar="N", help="list at most N tokens per section (default 20; counts are always complete)")
+    output.add_argument(
+        *flag("--json"), action="store_true", help="print one JSON document on stdout instead of the human report (errors too)"
+    )
+    output.add_argument(
+        *flag("--head"),
+        type=non_negative_int,
+        default=20,
+        metavar="N",
+        help="list at most N tokens per section (default 20; counts are always complete)",
+    )
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument(*flag("--debug"), action="store_true", help="verbose logs and tracebacks")
     behaviour.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -2027,7 +2219,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def with_architecture(
-    config: Mapping[str, Any], source_of: Mapping[ModelRef, str], sources: Sequence[str], infos: Sequence[TokenizerInfo], comparisons: Sequence[Comparison], strict: bool
+    config: Mapping[str, Any],
+    source_of: Mapping[ModelRef, str],
+    sources: Sequence[str],
+    infos: Sequence[TokenizerInfo],
+    comparisons: Sequence[Comparison],
+    strict: bool,
 ) -> tuple[list[Comparison], list[str]]:
     """The comparisons with an `architecture` check each, and the problems of the merge
     configuration itself (merge method, slices)."""
@@ -2044,7 +2241,9 @@ def with_architecture(
     same_layers = not config.get("slices")
     base = facts_of_source(sources[0])
     checked = [
-        dataclasses.replace(c, checks=(*c.checks, architecture_check(base, facts_of_source(source), strict, same_layers, lora_of.get(source))))
+        dataclasses.replace(
+            c, checks=(*c.checks, architecture_check(base, facts_of_source(source), strict, same_layers, lora_of.get(source)))
+        )
         for c, source in zip(comparisons, sources[1:])
     ]
     return checked, check_merge_config(config, facts)

@@ -138,20 +138,28 @@ def hub_failure(where: str, revision: str | None, exc: BaseException) -> str:
     for cause in causes:
         if isinstance(cause, GatedRepoError):
             if os.environ.get("HF_TOKEN"):
-                return f"{where}: gated repository, and the token in HF_TOKEN has no access: accept its licence on the Hub with that account"
+                return (
+                    f"{where}: gated repository, and the token in HF_TOKEN has no access: accept its licence on the Hub with that account"
+                )
             return f"{where}: gated repository: accept its licence on the Hub, then pass a token ({token_hint})"
         if isinstance(cause, RevisionNotFoundError):
             return f"{where}: the repository has no revision {revision!r}"
         if isinstance(cause, RepositoryNotFoundError):
             return f"{where}: neither a local directory nor a Hub repository (a private repo needs a token: {token_hint})"
     if hub_offline():
-        return f"{where}: not a local directory, and not in the local Hub cache (HF_HUB_OFFLINE is set): download it once online or pass a local directory"
+        return (
+            f"{where}: not a local directory, and not in the local Hub cache "
+            "(HF_HUB_OFFLINE is set): download it once online or pass a local directory"
+        )
     for cause in causes:
         response = getattr(cause, "response", None)
         if isinstance(cause, HfHubHTTPError) and response is not None:
             return f"{where}: not in the local Hub cache, and {endpoint} answered HTTP {response.status_code}: try again later"
         if "Connect" in type(cause).__name__ or "Timeout" in type(cause).__name__ or isinstance(cause, ConnectionError):
-            return f"{where}: neither a local directory nor a reachable Hub repo ({endpoint} cannot be reached, and it is not in the local Hub cache)"
+            return (
+                f"{where}: neither a local directory nor a reachable Hub repo "
+                f"({endpoint} cannot be reached, and it is not in the local Hub cache)"
+            )
     return f"{where}: cannot fetch from the Hub ({type(exc).__name__}: {exc})".splitlines()[0]
 
 
@@ -165,8 +173,13 @@ def resolve_source(source: str, revision: str | None, allow_patterns: Sequence[s
         raise CliError(f"{source[:60]}...: a name of {len(source)} characters is neither a path nor a Hub repo id")
     path = Path(source).expanduser()
     if path.exists():
-        if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not any((path / n).is_file() for n in ("config.json", "tokenizer.json"))):
-            raise CliError(f"{source}: GGUF files are not supported: point at the Hugging Face model directory or repo id (safetensors, tokenizer.json)")
+        if path.suffix.lower() == ".gguf" or (
+            path.is_dir() and any(path.glob("*.gguf")) and not any((path / n).is_file() for n in ("config.json", "tokenizer.json"))
+        ):
+            raise CliError(
+                f"{source}: GGUF files are not supported: point at the Hugging "
+                "Face model directory or repo id (safetensors, tokenizer.json)"
+            )
         return path
     if not looks_like_hub_id(source):
         raise CliError(f"{source}: no such file or directory")
@@ -327,9 +340,26 @@ def finish_main() -> None:
 ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "C64": 8,
+}
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(\\u[dD][c-fC-F][0-9a-fA-F]{2})?|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
@@ -353,7 +383,9 @@ def parse_json(raw: bytes, where: object) -> Any:
         if len(data) < len(pairs):
             seen: set[str] = set()
             twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-            raise CliError(f"{where}: the key {escape_text(twice)!r} appears twice in one object; readers disagree on which one counts: fix the file")
+            raise CliError(
+                f"{where}: the key {escape_text(twice)!r} appears twice in one object; readers disagree on which one counts: fix the file"
+            )
         return data
 
     def no_constants(name: str) -> NoReturn:
@@ -379,7 +411,7 @@ def check_tokenizer_json(data: Any, where: object) -> None:
         raise CliError(f"{where}: not a tokenizer.json (expected a JSON object)")
     model = data.get("model")
     if not isinstance(model, dict):
-        raise CliError(f"{where}: no \"model\" object in tokenizer.json")
+        raise CliError(f'{where}: no "model" object in tokenizer.json')
     vocab = model.get("vocab")
     if isinstance(vocab, dict):
         if not all(map(is_int, vocab.values())):
@@ -387,7 +419,13 @@ def check_tokenizer_json(data: Any, where: object) -> None:
             raise CliError(f"{where}: the id of token {escape_text(token)!r} is {value!r}, not an integer; fix tokenizer.json")
     elif isinstance(vocab, list):
         for token_id, entry in enumerate(vocab):
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float))
+                and not isinstance(entry[1], bool)
+            ):
                 raise CliError(f"{where}: Unigram piece {token_id} is {entry!r}, not a [piece, score] pair; fix tokenizer.json")
     else:
         raise CliError(f"{where}: no model vocabulary in tokenizer.json")
@@ -399,7 +437,7 @@ def check_tokenizer_json(data: Any, where: object) -> None:
         if not isinstance(entry, dict):
             problem = "is not an object"
         elif not isinstance(entry.get("content"), str):
-            problem = "has no text \"content\""
+            problem = 'has no text "content"'
         elif not is_int(entry.get("id")) or entry["id"] < 0:
             problem = f"has the id {entry.get('id')!r}, not a non-negative integer"
         else:
@@ -410,7 +448,7 @@ def check_tokenizer_json(data: Any, where: object) -> None:
     for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         component = data.get(key)
         if component is not None and not (isinstance(component, dict) and isinstance(component.get("type"), str)):
-            raise CliError(f"{where}: {key} is {str(component)[:60]!r}, not an object with a \"type\"; fix tokenizer.json")
+            raise CliError(f'{where}: {key} is {str(component)[:60]!r}, not an object with a "type"; fix tokenizer.json')
     merges = model.get("merges")
     if merges is not None:
         if not isinstance(merges, list):
@@ -474,7 +512,9 @@ def vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> dict[st
     )
 
 
-def library_added_token_ids(model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def library_added_token_ids(
+    model_vocab: Mapping[str, int], model_vocab_size: int, added_tokens: Sequence[Mapping[str, Any]]
+) -> dict[str, int]:
     """The ids the tokenizers library gives the added tokens when it loads tokenizer.json,
     whatever ids the file declares: in file order, a token the model vocabulary has keeps
     that id, every other one gets the next id after the model vocabulary; empty contents
@@ -501,7 +541,9 @@ def read_vocabulary(tokenizer_json: Any, where: object) -> dict[str, int]:
     if not vocab:
         raise CliError(f"{where}: the tokenizer has no tokens; fix or re-download tokenizer.json")
     model_vocab = model_vocab_from_json(tokenizer_json, where)
-    for content, loaded in library_added_token_ids(model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []).items():
+    for content, loaded in library_added_token_ids(
+        model_vocab, len(tokenizer_json["model"]["vocab"]), tokenizer_json.get("added_tokens") or []
+    ).items():
         if loaded != vocab.get(content):
             raise CliError(
                 f"{where}: added token {escape_text(content)!r} is declared at id {vocab.get(content)} but the tokenizers "
@@ -517,7 +559,9 @@ def special_token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]) -> dict[str, str | None]:
+def read_special_tokens(
+    tokenizer_json: Mapping[str, Any], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any]
+) -> dict[str, str | None]:
     """bos/eos/pad/unk as transformers reads them: tokenizer_config.json, then
     special_tokens_map.json; unk also from the model itself."""
     roles: dict[str, str | None] = {}
@@ -535,7 +579,11 @@ def read_special_tokens(tokenizer_json: Mapping[str, Any], tokenizer_config: Map
 
 
 def check_special_tokens(
-    vocab: Mapping[str, int], roles: Mapping[str, str | None], tokenizer_config: Mapping[str, Any], special_map: Mapping[str, Any], directory: Path
+    vocab: Mapping[str, int],
+    roles: Mapping[str, str | None],
+    tokenizer_config: Mapping[str, Any],
+    special_map: Mapping[str, Any],
+    directory: Path,
 ) -> None:
     """transformers appends every special token it is told about but cannot find as a new
     id, so the vocabulary it loads would be larger than tokenizer.json's: refuse that."""
@@ -544,7 +592,10 @@ def check_special_tokens(
         extra = source.get("additional_special_tokens") or []
         named += [("additional_special_tokens entry", token) for token in (extra if isinstance(extra, list) else [])]
         extra = source.get("extra_special_tokens") or []
-        named += [("extra_special_tokens entry", token) for token in (extra.values() if isinstance(extra, Mapping) else extra if isinstance(extra, list) else [])]
+        named += [
+            ("extra_special_tokens entry", token)
+            for token in (extra.values() if isinstance(extra, Mapping) else extra if isinstance(extra, list) else [])
+        ]
     decoder = tokenizer_config.get("added_tokens_decoder") or {}
     named += [("added_tokens_decoder entry", entry) for entry in (decoder.values() if isinstance(decoder, Mapping) else [])]
     for key, value in named:
@@ -573,20 +624,30 @@ def check_safetensors_header(header: Any, data_size: int | None, where: object) 
             raise CliError(f"{where}: the header entry of tensor {escape_text(name)!r} is not an object; re-download the file")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise CliError(f"{where}: tensor {escape_text(name)!r} has the unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)}); re-download the file")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} has the unknown dtype "
+                f"{dtype!r} (known: {', '.join(DTYPE_SIZES)}); re-download the file"
+            )
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-            raise CliError(f"{where}: tensor {escape_text(name)!r} has the shape {shape!r}, not a list of non-negative integers; re-download the file")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} has the shape {shape!r}, not a list of non-negative integers; re-download the file"
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets)) and 0 <= offsets[0] <= offsets[1]):
             raise CliError(f"{where}: tensor {escape_text(name)!r} has invalid data_offsets {offsets!r}; re-download the file")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != expected:
-            raise CliError(f"{where}: tensor {escape_text(name)!r} ({dtype} {shape}) takes {expected} bytes, its data_offsets give {offsets[1] - offsets[0]}; re-download the file")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} ({dtype} {shape}) takes {expected} "
+                f"bytes, its data_offsets give {offsets[1] - offsets[0]}; re-download the file"
+            )
         spans.append((offsets[0], offsets[1], name))
     position = 0
     for start, end, name in sorted(spans):
         if start != position:
             what = "overlaps the previous tensor" if start < position else "leaves a hole before it"
-            raise CliError(f"{where}: tensor {escape_text(name)!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt")
+            raise CliError(
+                f"{where}: tensor {escape_text(name)!r} {what} (data_offsets start at {start}, expected {position}); the file is corrupt"
+            )
         position = end
     if data_size is not None and position != data_size:
         problem = "truncated download?" if position > data_size else "extra bytes after the last tensor"
@@ -709,7 +770,10 @@ def mergekit_references(config: Any) -> list[Any]:
 def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
     """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
     `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
-    for value in (config.get("tokenizer_source"), (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None):
+    for value in (
+        config.get("tokenizer_source"),
+        (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None,
+    ):
         if value is None:
             continue
         if value == "base":
@@ -842,13 +906,44 @@ OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.line
 # What mergekit refuses, or silently settles with the base model's value, read from
 # config.json and safetensors headers only.
 
-ARCH_MUST_MATCH = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+ARCH_MUST_MATCH = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 ARCH_INHERITED = (
-    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
-    "hidden_act", "hidden_activation", "sliding_window", "attention_bias", "mlp_bias",
-)  # fmt: skip
-METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                        "model_stock", "sce", "slerp", "nearswap", "arcee_fusion")  # fmt: skip
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "hidden_act",
+    "hidden_activation",
+    "sliding_window",
+    "attention_bias",
+    "mlp_bias",
+)
+METHODS_NEEDING_BASE = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "sce",
+    "slerp",
+    "nearswap",
+    "arcee_fusion",
+)
 LAYER_RE = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 LAYER_INDEX_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)\d+\.")
 
@@ -888,11 +983,19 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             found.append(("fail", f"{key} {other.value(key)!r}, the base has {base.value(key)!r}"))
     for key in ARCH_INHERITED:
         if base.value(key) != other.value(key):
-            found.append(("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}"))
+            found.append(
+                ("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}")
+            )
     if bool(base.value("tie_word_embeddings")) != bool(other.value("tie_word_embeddings")):
         found.append(("info", "tie_word_embeddings differs (mergekit merges a tied embedding into lm_head)"))
     if same_layers and base.layers() != other.layers():
-        found.append(("fail", f"{other.layers()} layers, the base has {base.layers()} (mergekit: all inputs to a slice must have the same number of layers)"))
+        found.append(
+            (
+                "fail",
+                f"{other.layers()} layers, the base has {base.layers()} (mergekit: "
+                "all inputs to a slice must have the same number of layers)",
+            )
+        )
     if base.tensors is not None and other.tensors is not None:
         ours, theirs = layer_template(base.tensors), layer_template(other.tensors)
         missing = sorted(set(ours) ^ set(theirs))
@@ -900,10 +1003,18 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             found.append(("fail", f"{len(missing)} tensor name(s) only in one of the two, e.g. {', '.join(missing[:3])}"))
         shapes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][1] != theirs[name][1]]
         if shapes:
-            found.append(("fail", f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} {list(theirs[shapes[0]][1])} vs {list(ours[shapes[0]][1])}"))
+            found.append(
+                (
+                    "fail",
+                    f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]} "
+                    f"{list(theirs[shapes[0]][1])} vs {list(ours[shapes[0]][1])}",
+                )
+            )
         dtypes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][0] != theirs[name][0]]
         if dtypes:
-            found.append(("warn", f"{len(dtypes)} tensor(s) of another dtype, e.g. {dtypes[0]} {theirs[dtypes[0]][0]} vs {ours[dtypes[0]][0]}"))
+            found.append(
+                ("warn", f"{len(dtypes)} tensor(s) of another dtype, e.g. {dtypes[0]} {theirs[dtypes[0]][0]} vs {ours[dtypes[0]][0]}")
+            )
     return found
 
 
@@ -918,14 +1029,22 @@ def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFa
         lengths = set()
         for source in slice_.get("sources") or [] if isinstance(slice_, Mapping) else []:
             layer_range = source.get("layer_range") if isinstance(source, Mapping) else None
-            if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(map(is_int, layer_range)) and 0 <= layer_range[0] <= layer_range[1]):
+            if not (
+                isinstance(layer_range, list)
+                and len(layer_range) == 2
+                and all(map(is_int, layer_range))
+                and 0 <= layer_range[0] <= layer_range[1]
+            ):
                 problems.append(f"slices[{index}]: layer_range {layer_range!r} is not [start, end]")
                 continue
             lengths.add(layer_range[1] - layer_range[0])
             model = facts(source.get("model"))
             layers = model.layers() if model is not None else None
             if layers is not None and layer_range[1] > layers:
-                problems.append(f"slices[{index}]: layer_range {layer_range} of {parse_model_reference(source.get('model'))} goes past its {layers} layers")
+                problems.append(
+                    f"slices[{index}]: layer_range {layer_range} of "
+                    f"{parse_model_reference(source.get('model'))} goes past its {layers} layers"
+                )
         if len(lengths) > 1 and method != "passthrough":
             problems.append(f"slices[{index}]: its sources take {sorted(lengths)} layers; mergekit needs the same number from each")
     return problems
@@ -1008,7 +1127,9 @@ DIRECT_IO_ALIGNMENT = 4096  # O_DIRECT offsets and lengths: a multiple of the lo
 MAX_WRITER_THREADS = 8
 ROW_CHUNK_BYTES = 8 * 2**20  # below glibc's largest mmap threshold, so chunk buffers are reused, not faulted in anew
 FVT_BATCH_ROWS = 512
-FVT_PRUNE_MAX_SUBSTRINGS = 300_000  # sum of len(text)**2 over the FVT texts past which listing their substrings costs more than building the whole BPE
+FVT_PRUNE_MAX_SUBSTRINGS = (
+    300_000  # sum of len(text)**2 over the FVT texts past which listing their substrings costs more than building the whole BPE
+)
 LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
@@ -1042,7 +1163,12 @@ class Matches:
     collisions: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "matched": len(self.src_of_base), "collisions": len(self.collisions), "collision_examples": list(self.collisions[:LIST_CAP])}
+        return {
+            "mode": self.mode,
+            "matched": len(self.src_of_base),
+            "collisions": len(self.collisions),
+            "collision_examples": list(self.collisions[:LIST_CAP]),
+        }
 
 
 @dataclass(frozen=True)
@@ -1101,7 +1227,11 @@ class RemapPlan:
                 "id": out_id,
                 "rule": self.row_rule[out_id],
                 "from": [src_token_of_id.get(i, f"<row {i}>") for i in self.fvt_parts.get(out_id, ())]
-                or ([src_token_of_id.get(self.row_source[out_id], f"<row {self.row_source[out_id]}>")] if self.row_source[out_id] >= 0 else [])
+                or (
+                    [src_token_of_id.get(self.row_source[out_id], f"<row {self.row_source[out_id]}>")]
+                    if self.row_source[out_id] >= 0
+                    else []
+                )
                 or ([f"<donor row {self.donor_rows[out_id]}>"] if out_id in self.donor_rows else []),
             }
             for token, out_id in sorted(self.out_vocab.items(), key=lambda item: item[1])
@@ -1256,7 +1386,9 @@ def match_tokens(base: VocabSpec, src: VocabSpec, mode: str) -> Matches:
                 continue
             key = token_bytes(token, spec.convention, spec.byte_fallback)
             if key in table:
-                collisions.append({"side": side, "bytes": key.decode("utf-8", "backslashreplace"), "kept_id": table[key], "dropped_id": token_id})
+                collisions.append(
+                    {"side": side, "bytes": key.decode("utf-8", "backslashreplace"), "kept_id": table[key], "dropped_id": token_id}
+                )
             else:
                 table[key] = token_id
         return table
@@ -1613,7 +1745,9 @@ def build_rows(
         first, last = np.searchsorted(rows, [start, stop])
         for batch in range(first, last, FVT_BATCH_ROWS):
             end = min(last, batch + FVT_BATCH_ROWS)
-            averaged = fvt_average(src, dtype, flat[offsets[batch] : offsets[end]], offsets[batch : end + 1] - offsets[batch], finite, mean_row)
+            averaged = fvt_average(
+                src, dtype, flat[offsets[batch] : offsets[end]], offsets[batch : end + 1] - offsets[batch], finite, mean_row
+            )
             out[rows[batch:end] - start] = averaged
     return out
 
@@ -1653,7 +1787,14 @@ OMP_EXACT_FLOP_BUDGET = 1e13  # past this many multiply-adds, CPU runs pick from
 
 
 def omp_coefficients(
-    targets: Any, atoms: Any, k: int, *, chunk: int = 256, device: str | None = None, exact: bool | None = None, progress: Callable[[int], None] | None = None
+    targets: Any,
+    atoms: Any,
+    k: int,
+    *,
+    chunk: int = 256,
+    device: str | None = None,
+    exact: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Any, Any]:
     """Orthogonal Matching Pursuit, batched (torch): each target row (n, h) as a k-sparse
     combination of `atoms` (m, h), as mergekit-tokensurgeon does (Goddard & Neto, 2025).
@@ -1695,7 +1836,9 @@ def omp_coefficients(
                 correlation = y @ unit.T
                 chosen = correlation.abs().topk(min(m, 2 * k), dim=1).indices  # (b, C)
                 basis = unit[chosen]
-                picked, coefficients = omp_on_gram(torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k)
+                picked, coefficients = omp_on_gram(
+                    torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k
+                )
                 atom_ids = chosen.gather(1, picked)
             all_indices.append(atom_ids.cpu())
             all_coefficients.append((coefficients / norms[atom_ids].double().clamp(min=1e-12)).cpu())
@@ -1973,7 +2116,9 @@ def tokenizer_json_via_transformers(directory: Path) -> str:
         return backend.to_str()
     except Exception as exc:  # transformers raises many kinds for unconvertible input
         hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
-        raise CliError(f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]) from exc
+        raise CliError(
+            f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]
+        ) from exc
 
 
 def check_library_loads(text: str, where: Path) -> None:
@@ -2113,10 +2258,17 @@ def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSou
         if spec.convention == "byte_level":
             pieces = [(spell_bytes(data, "byte_level", False), None)]
         else:
-            pieces = [(spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte) for text, byte in utf8_pieces(data)]
+            pieces = [
+                (spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte)
+                for text, byte in utf8_pieces(data)
+            ]
         pieces_of_token.append(pieces)
         texts += [text for text, _ in pieces if text]
-    encoded = iter(tokenizers_library(src.directory, model_only_tokenizer(src, texts).encode_batch, texts, add_special_tokens=False)) if texts else iter(())
+    encoded = (
+        iter(tokenizers_library(src.directory, model_only_tokenizer(src, texts).encode_batch, texts, add_special_tokens=False))
+        if texts
+        else iter(())
+    )
     result: dict[str, tuple[int, ...]] = {}
     for token, pieces in zip(tokens, pieces_of_token):
         ids: list[int] = []
@@ -2143,10 +2295,25 @@ class Checkpoint:
 
 
 TORCH_DTYPE_NAMES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int16": "I16",
-    "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16",
-    "uint32": "U32", "uint64": "U64", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64",
-}  # fmt: skip
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "complex64": "C64",
+}
 
 
 def read_checkpoint(directory: Path) -> Checkpoint:
@@ -2237,7 +2404,9 @@ def pick_by_suffix(shapes: Mapping[str, tuple[int, ...]], suffixes: Sequence[str
     return candidates
 
 
-def vocab_tensors_from_meta(config_dir: Path, shapes: Mapping[str, tuple[int, ...]], trust_remote_code: bool) -> tuple[str, str | None] | None:
+def vocab_tensors_from_meta(
+    config_dir: Path, shapes: Mapping[str, tuple[int, ...]], trust_remote_code: bool
+) -> tuple[str, str | None] | None:
     """Ask transformers which parameters are the input/output embeddings, instantiating the
     model class on the meta device (no memory), and match them to checkpoint keys."""
     try:
@@ -2414,12 +2583,16 @@ def hub_checkpoint(repo_id: str, revision: str | None, directory: Path) -> Check
     try:
         metadata = get_safetensors_metadata(repo_id, revision=revision)
     except NotASafetensorsRepoError as exc:
-        raise CliError(f"{repo_id}: no safetensors weights to take rows from; name a model with weights (--donor-model D) or use --init fvt") from exc
+        raise CliError(
+            f"{repo_id}: no safetensors weights to take rows from; name a model with weights (--donor-model D) or use --init fvt"
+        ) from exc
     except Exception as exc:  # HTTP, offline, parsing
         raise CliError(hub_failure(repo_id, revision, exc)) from exc
     tensors: dict[str, TensorEntry] = {}
     for file, info in metadata.files_metadata.items():
-        header = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()}
+        header = {
+            name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)} for name, t in info.tensors.items()
+        }
         for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items():
             start, end = entry["data_offsets"]
             tensors[name] = TensorEntry(name, entry["dtype"], tuple(entry["shape"]), end - start, Path(file), start)
@@ -2433,7 +2606,9 @@ def hub_get_range(repo_id: str, revision: str | None, file: str, start: int, end
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     try:
-        response = get_session().get(hf_hub_url(repo_id, file, revision=revision), headers={**build_hf_headers(), "Range": f"bytes={start}-{end - 1}"})
+        response = get_session().get(
+            hf_hub_url(repo_id, file, revision=revision), headers={**build_hf_headers(), "Range": f"bytes={start}-{end - 1}"}
+        )
         hf_raise_for_status(response)
     except Exception as exc:  # HTTP and connection errors alike
         raise CliError(hub_failure(f"{repo_id}/{file}", revision, exc)) from exc
@@ -2465,7 +2640,9 @@ def hub_tensor_rows(repo_id: str, revision: str | None, tensor: TensorEntry, ids
         while end < len(order) and int(ids[order[end]]) < first + span_rows:
             end += 1
         last = int(ids[order[end - 1]])
-        data = np.frombuffer(hub_get_range(repo_id, revision, str(tensor.file), base + first * row_bytes, base + (last + 1) * row_bytes), dtype=np.uint8)
+        data = np.frombuffer(
+            hub_get_range(repo_id, revision, str(tensor.file), base + first * row_bytes, base + (last + 1) * row_bytes), dtype=np.uint8
+        )
         out[order[position:end]] = data.reshape(-1, row_bytes)[ids[order[position:end]] - first]
         position = end
     return out
@@ -2478,7 +2655,9 @@ def donor_tokens(base: VocabSpec, donor: Donor, match: str) -> dict[str, int]:
     return {token_of_base[base_id]: donor_id for base_id, donor_id in matches.src_of_base.items() if donor_id < donor.vocab.rows}
 
 
-def initialised_rows(plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, src: VocabSpec, donor: Donor, opts: RemapOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def initialised_rows(
+    plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, src: VocabSpec, donor: Donor, opts: RemapOptions
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """role -> (output rows, their raw bytes) for the rows the donor fills: its own rows
     (donor), or M's rows of shared tokens combined by OMP's coefficients (omp)."""
     import numpy as np
@@ -2721,7 +2900,9 @@ class RowContext:
     @property
     def finite(self) -> np.ndarray:
         if self._finite is None:
-            self._finite = ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else __import__("numpy").ones(len(self.matrix), bool)
+            self._finite = (
+                ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else __import__("numpy").ones(len(self.matrix), bool)
+            )
         return self._finite
 
     def mean_row(self) -> np.ndarray:
@@ -2745,7 +2926,13 @@ def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str
     bad = np.flatnonzero(~ctx.finite)
     if len(bad):
         shown = ", ".join(f"{i} {src_token_of_id.get(int(i), '<padding>')!r}" for i in bad[:5])
-        log.warning("%s: %d row(s) hold NaN/Inf (%s%s): copied as they are, left out of mean and FVT rows", name, len(bad), shown, ", ..." if len(bad) > 5 else "")
+        log.warning(
+            "%s: %d row(s) hold NaN/Inf (%s%s): copied as they are, left out of mean and FVT rows",
+            name,
+            len(bad),
+            shown,
+            ", ..." if len(bad) > 5 else "",
+        )
 
 
 def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
@@ -2882,14 +3069,18 @@ def self_check(out: Path, shard_plan: ShardPlan) -> None:
                     if entry.name in names:
                         view = handle.get_slice(entry.name)
                         if tuple(view.get_shape()) != entry.shape or view.get_dtype() != entry.dtype:
-                            problems.append(f"{file}: {entry.name} is {view.get_dtype()} {view.get_shape()}, planned {entry.dtype} {list(entry.shape)}")
+                            problems.append(
+                                f"{file}: {entry.name} is {view.get_dtype()} {view.get_shape()}, planned {entry.dtype} {list(entry.shape)}"
+                            )
         except Exception as exc:  # the library refuses the file
             problems.append(f"{file}: the safetensors library cannot open it ({exc})")
     if problems:
         raise SelfCheckError("; ".join(problems[:5]))
 
 
-def patched_tokenizer(base_json: Mapping[str, Any], plan: RemapPlan, appended_added: Mapping[str, Any], convention: str, byte_fallback: bool) -> tuple[str, int]:
+def patched_tokenizer(
+    base_json: Mapping[str, Any], plan: RemapPlan, appended_added: Mapping[str, Any], convention: str, byte_fallback: bool
+) -> tuple[str, int]:
     """The append-mode tokenizer.json text, checked; and how many appended tokens encoding
     can produce (see check_patched_tokenizer)."""
     # compact JSON: with indent the json module falls back to its pure-Python encoder
@@ -2930,9 +3121,14 @@ def check_out_dir(out_dir: Path, protected: Mapping[str, Path], overwrite: bool)
     for label, path in protected.items():
         source = path.resolve()
         if resolved == source or source in resolved.parents:
-            raise CliError(f"--out_dir {out_dir} is {'the' if resolved == source else 'inside the'} {label} directory {path}; choose a directory outside it")
+            raise CliError(
+                f"--out_dir {out_dir} is {'the' if resolved == source else 'inside the'} "
+                f"{label} directory {path}; choose a directory outside it"
+            )
         if resolved in source.parents and overwrite:
-            raise CliError(f"--out_dir {out_dir} contains the {label} directory {path}; --overwrite would delete it: choose another directory")
+            raise CliError(
+                f"--out_dir {out_dir} contains the {label} directory {path}; --overwrite would delete it: choose another directory"
+            )
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out_dir {out_dir} is an existing file; choose a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -3118,7 +3314,12 @@ class OutputDirectory:
             except FileExistsError:
                 continue
             self.path = path
-            owner = {"tool": "remap_tokenizer.py", "pid": os.getpid(), "started": process_started(os.getpid()), "out_dir": str(self.out_dir)}
+            owner = {
+                "tool": "remap_tokenizer.py",
+                "pid": os.getpid(),
+                "started": process_started(os.getpid()),
+                "out_dir": str(self.out_dir),
+            }
             (path / OWNER_FILE).write_text(json.dumps(owner) + "\n", encoding="utf-8")
             return path
         raise FileExistsError(errno.EEXIST, "no free staging name", str(self.out_dir.parent))
@@ -3143,7 +3344,10 @@ class OutputDirectory:
         exists = self.out_dir.exists() or self.out_dir.is_symlink()
         if exists and self.out_dir.is_dir() and not self.out_dir.is_symlink() and any(self.out_dir.iterdir()):
             if not self.overwrite or not (self.out_dir / REPORT_NAME).is_file():
-                raise CliError(f"{self.out_dir} appeared while the output was written; nothing was replaced: pass --overwrite or choose another --out_dir")
+                raise CliError(
+                    f"{self.out_dir} appeared while the output was written; nothing "
+                    "was replaced: pass --overwrite or choose another --out_dir"
+                )
         elif exists and not (self.out_dir.is_dir() and not self.out_dir.is_symlink()):
             raise CliError(f"{self.out_dir} appeared as a file while the output was written; nothing was replaced")
         if exists:
@@ -3240,7 +3444,9 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
         ckpt = read_checkpoint(directory)
         vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
         facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
-        return ModelView(source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden, facts)
+        return ModelView(
+            source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden, facts
+        )
     rows = config_value(config, "vocab_size")
     return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
 
@@ -3295,8 +3501,22 @@ class RemapOptions:
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
-        keys = ("src_model", "base_tokenizer", "drop_extra", "init", "match", "max_shard_size", "pad_to_multiple_of",
-                "revision", "base_revision", "embed_name", "head_name", "donor_model", "omp_k", "chat_template")  # fmt: skip
+        keys = (
+            "src_model",
+            "base_tokenizer",
+            "drop_extra",
+            "init",
+            "match",
+            "max_shard_size",
+            "pad_to_multiple_of",
+            "revision",
+            "base_revision",
+            "embed_name",
+            "head_name",
+            "donor_model",
+            "omp_k",
+            "chat_template",
+        )
         return {key: getattr(self, key) for key in keys}
 
 
@@ -3443,7 +3663,10 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     for warning in plan.warnings:
         log.warning("%s", warning)
     if plan.matches.collisions:
-        log.warning("%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)", len(plan.matches.collisions))
+        log.warning(
+            "%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)",
+            len(plan.matches.collisions),
+        )
     transplant = transplant_warning(report["plan"])
     if transplant:
         log.warning("%s", transplant)
@@ -3451,17 +3674,30 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
     check_chat_template(opts, src, plan)
     if donor is not None:
-        report["donor"] = {"source": donor.source, "rows": donor.vocab.rows, "hidden": donor.vocab.hidden, "tokens_matched": len(donor_of_token)}
+        report["donor"] = {
+            "source": donor.source,
+            "rows": donor.vocab.rows,
+            "hidden": donor.vocab.hidden,
+            "tokens_matched": len(donor_of_token),
+        }
     base_loads.result()
     # The patched tokenizer is built and checked in a forked worker while the shards are
     # written (0.5 s of GIL-bound work for a 128k-token BPE).
-    patched_job = Background(patched_tokenizer, base.tokenizer_json, plan, appended_added, base.spec.convention, base.spec.byte_fallback) if plan.mode == "append" and plan.appended else None
+    patched_job = (
+        Background(patched_tokenizer, base.tokenizer_json, plan, appended_added, base.spec.convention, base.spec.byte_fallback)
+        if plan.mode == "append" and plan.appended
+        else None
+    )
     config_ids, generation_ids = output_role_ids(
         base.spec.roles,
         base.spec.vocab,
         base.config,
         base.generation_config,
-        [src_token_of_id[i] for i in as_id_list(src.generation_config.get("eos_token_id", config_value(config, "eos_token_id"))) if i in src_token_of_id],
+        [
+            src_token_of_id[i]
+            for i in as_id_list(src.generation_config.get("eos_token_id", config_value(config, "eos_token_id")))
+            if i in src_token_of_id
+        ],
         plan,
     )
     report["config"] = {"vocab_size": plan.n_rows, **{f"{role}_token_id": value for role, value in config_ids.items()}}
@@ -3506,7 +3742,9 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
                 write_source_chat_template(src, out)
             report["copied_files"] = copy_other_files(src_dir, out)
             report["files"] = {
-                path.name: digests.get(path.name) or file_digest(path) for path in sorted(out.iterdir()) if path.is_file() and path.name != OWNER_FILE
+                path.name: digests.get(path.name) or file_digest(path)
+                for path in sorted(out.iterdir())
+                if path.is_file() and path.name != OWNER_FILE
             }
             report["seconds"] = round(time.monotonic() - started, 3)
             write_json(out / REPORT_NAME, report)
@@ -3514,7 +3752,10 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             phase("published")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise CliError(f"disk full while writing into {opts.out_dir.parent}; nothing was left behind: free at least {human_bytes(shards.total_size)}") from exc
+            raise CliError(
+                f"disk full while writing into {opts.out_dir.parent}; nothing "
+                f"was left behind: free at least {human_bytes(shards.total_size)}"
+            ) from exc
         raise CliError(f"cannot write {exc.filename or opts.out_dir}: {exc.strerror}; nothing was left behind") from exc
     return report
 
@@ -3544,12 +3785,16 @@ def write_source_chat_template(src: TokenizerSource, out: Path) -> None:
             shutil.copyfile(src.directory / name, out / name)
     config = read_optional_json(out / "tokenizer_config.json")
     config.pop("chat_template", None)
-    if "chat_template" in src.tokenizer_config and not any((src.directory / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+    if "chat_template" in src.tokenizer_config and not any(
+        (src.directory / n).is_file() for n in ("chat_template.jinja", "chat_template.json")
+    ):
         config["chat_template"] = src.tokenizer_config["chat_template"]
     write_json(out / "tokenizer_config.json", config)
 
 
-def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]) -> None:
+def write_tokenizer_files(
+    base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]
+) -> None:
     """T's tokenizer files byte for byte; in append mode with new tokens, the patched
     tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files.
     A transformers-5-only tokenizer_config.json is rewritten so that 4.x loads it too."""
@@ -3563,7 +3808,10 @@ def write_tokenizer_files(base: TokenizerSource, out: Path, patched: str | None,
     if patched is not None:
         (out / "tokenizer.json").write_text(patched, encoding="utf-8")
     elif not base.on_disk:
-        log.info("the base has no tokenizer.json; its %s files are copied as they are", ", ".join(n for n in SLOW_TOKENIZER_FILES if (base.directory / n).is_file()))
+        log.info(
+            "the base has no tokenizer.json; its %s files are copied as they are",
+            ", ".join(n for n in SLOW_TOKENIZER_FILES if (base.directory / n).is_file()),
+        )
     if base.tokenizer_config:
         config = patch_tokenizer_config(base.tokenizer_config, plan, appended_added) if patched is not None else base.tokenizer_config
         portable = portable_tokenizer_config(config)
@@ -3579,12 +3827,16 @@ def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0
         f"{'plan' if dry_run else 'remapped'}: {report['inputs']['src_model']['source']} -> token order of "
         f"{report['inputs']['base_tokenizer']['source']} ({plan['mode']} mode, init {plan['init']}, match {report['match_mode']})",
         f"rows: {plan['rows']['source']} -> {plan['rows']['output']} (base tokenizer: {plan['rows']['base_tokens']} tokens); "
-        f"tensors {report['vocab_tensors']['embed']}" + (f", {report['vocab_tensors']['head']}" if report["vocab_tensors"]["head"] else " (tied)"),
+        f"tensors {report['vocab_tensors']['embed']}"
+        + (f", {report['vocab_tensors']['head']}" if report["vocab_tensors"]["head"] else " (tied)"),
         describe_counts(plan),
     ]
     dropped_special = [item["token"] for item in plan["dropped"] if item.get("added")]
     if dropped_special:
-        lines.append(f"dropped special/added tokens: {', '.join(quoted(token) for token in dropped_special[:20])}{' ...' if len(dropped_special) > 20 else ''}")
+        lines.append(
+            "dropped special/added tokens: "
+            f"{', '.join(quoted(token) for token in dropped_special[:20])}{' ...' if len(dropped_special) > 20 else ''}"
+        )
     shards = report["shards"]
     lines.append(f"shards: {len(shards['shards'])} file(s), {human_bytes(shards['total_size'])}")
     if dry_run:
@@ -3604,7 +3856,9 @@ def init_examples(plan: Mapping[str, Any], per_rule: int) -> list[str]:
         by_rule.setdefault(item["rule"], []).append(item)
     if not by_rule:
         return []
-    lines = ["initialised rows, by rule (TOKEN <- the rows it is made of: A + B is the mean of their rows; <donor row N>: row N of the donor):"]
+    lines = [
+        "initialised rows, by rule (TOKEN <- the rows it is made of: A + B is the mean of their rows; <donor row N>: row N of the donor):"
+    ]
     for rule, items in sorted(by_rule.items()):
         chosen = sorted(items, key=lambda item: (-len(item["from"]), -len(item["token"]), item["id"]))[:per_rule]
         lines.append(f"  {rule} ({len(items)}):")
@@ -3613,7 +3867,10 @@ def init_examples(plan: Mapping[str, Any], per_rule: int) -> list[str]:
 
 
 def shown_parts(parts: Sequence[str]) -> str:
-    return " + ".join(part if part.startswith("<") and part.endswith(">") and " row " in part else quoted(part) for part in parts) or "(the mean row)"
+    return (
+        " + ".join(part if part.startswith("<") and part.endswith(">") and " row " in part else quoted(part) for part in parts)
+        or "(the mean row)"
+    )
 
 
 def transplant_warning(plan: Mapping[str, Any]) -> str | None:
@@ -3690,8 +3947,15 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     for (source, revision), ref in unique.items():
         view = views[(source, revision)]
         same = view.vocab == target.vocab and view.rows == target.rows
-        entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
-                 "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
+        entry = {
+            "model": str(ref),
+            "source": source,
+            "revision": revision,
+            "status": "identical" if same else "to remap",
+            "rows": view.rows,
+            "vocab_size": len(view.vocab),
+            "output": source,
+        }
         if not same:
             entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
@@ -3704,7 +3968,9 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     }
     if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
         for entry, view in to_remap:
-            plan = remap(dataclasses.replace(aligned_remap_options(opts, entry, view, target, target_source, target_ref), out_dir=None, dry_run=True))
+            plan = remap(
+                dataclasses.replace(aligned_remap_options(opts, entry, view, target, target_source, target_ref), out_dir=None, dry_run=True)
+            )
             record_counts(entry, plan)
         return summary, 0
     check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in to_remap))
@@ -3714,12 +3980,18 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         out = Path(entry["output"])
         remap_opts = aligned_remap_options(opts, entry, view, target, target_source, target_ref)
         previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None
-        if previous is not None and previous.get("options") == json.loads(json.dumps(remap_opts.identity())) and previous.get("self_check", {}).get("ok"):
+        if (
+            previous is not None
+            and previous.get("options") == json.loads(json.dumps(remap_opts.identity()))
+            and previous.get("self_check", {}).get("ok")
+        ):
             entry["status"], report = "reused", previous
             log.debug("%s: reusing the finished remap in %s", entry["model"], out)
         else:
             if previous is None and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
-                raise CliError(f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir")
+                raise CliError(
+                    f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir"
+                )
             log.debug("%s: remapping into %s", entry["model"], out)
             try:
                 report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
@@ -3730,7 +4002,9 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 continue
         record_counts(entry, report)
 
-    replacement = {entry["source"] + "@" + str(entry["revision"]): entry["output"] for entry in rows if entry["status"] in ("remapped", "reused")}
+    replacement = {
+        entry["source"] + "@" + str(entry["revision"]): entry["output"] for entry in rows if entry["status"] in ("remapped", "reused")
+    }
 
     def substitute(reference: Any) -> Any:
         ref = parse_model_reference(reference)
@@ -3762,26 +4036,45 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     return summary, code
 
 
-def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, target: ModelView, target_source: str, target_ref: ModelRef) -> RemapOptions:
+def aligned_remap_options(
+    opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, target: ModelView, target_source: str, target_ref: ModelRef
+) -> RemapOptions:
     """One model's remap in an alignment: --drop-extra onto the target; by default the
     target's own rows for the tokens the model lacks, when the widths allow."""
     init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
     return RemapOptions(
-        src_model=entry["source"], base_tokenizer=target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init, match=opts.match,
-        max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=target_ref.revision,
-        trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
-        omp_k=opts.omp_k, chat_template=opts.chat_template,
-    )  # fmt: skip
+        src_model=entry["source"],
+        base_tokenizer=target_source,
+        out_dir=Path(entry["output"]),
+        drop_extra=True,
+        init=init,
+        match=opts.match,
+        max_shard_size=opts.max_shard_size,
+        revision=entry["revision"],
+        base_revision=target_ref.revision,
+        trust_remote_code=opts.trust_remote_code,
+        show_progress=opts.show_progress,
+        donor_model=opts.donor_model,
+        omp_k=opts.omp_k,
+        chat_template=opts.chat_template,
+    )
 
 
 def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
     """The alignment table's words for a remap: copied (in place or moved), initialised, dropped."""
     counts = report["plan"]["counts"]
-    entry.update(copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"])
+    entry.update(
+        copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"]
+    )
     entry["init_rules"] = report["plan"]["init_rules"]
 
 
-def check_mergeable(config: Mapping[str, Any], views: Mapping[tuple[str, str | None], ModelView], unique: Mapping[tuple[str, str | None], ModelRef], yaml_dir: Path) -> None:
+def check_mergeable(
+    config: Mapping[str, Any],
+    views: Mapping[tuple[str, str | None], ModelView],
+    unique: Mapping[tuple[str, str | None], ModelRef],
+    yaml_dir: Path,
+) -> None:
     """compare_tokenizers.py's architecture check, before anything is written: a merge
     mergekit would refuse (or one that mixes incompatible tensors) is exit 2."""
     keys = list(unique)
@@ -3813,10 +4106,17 @@ def align_table(summary: Mapping[str, Any]) -> str:
     lines.append(f"{'model':<{width}}  {'status':<10} {'copied':>7} {'initialised':>11}  {'rows from':<28} output")
     for m in summary["models"]:
         rules = ", ".join(f"{rule} {n}" for rule, n in (m.get("init_rules") or {}).items()) or "-"
-        lines.append(f"{m['model']:<{width}}  {m['status']:<10} {m.get('copied', '-')!s:>7} {m.get('initialised', '-')!s:>11}  {rules:<28} {m['output']}")
+        lines.append(
+            f"{m['model']:<{width}}  {m['status']:<10} {m.get('copied', '-')!s:>7} "
+            f"{m.get('initialised', '-')!s:>11}  {rules:<28} {m['output']}"
+        )
     if "gate" in summary:
         lines.append("")
-        lines.append("gate: ok, every model now has the target's token->id map and rows" if summary["gate"]["ok"] else "gate: FAILED: " + "; ".join(summary["gate"]["problems"]))
+        lines.append(
+            "gate: ok, every model now has the target's token->id map and rows"
+            if summary["gate"]["ok"]
+            else "gate: FAILED: " + "; ".join(summary["gate"]["problems"])
+        )
     return "\n".join(lines)
 
 
@@ -3867,32 +4167,96 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(*flag("--src-model"), dest="src_model", metavar="M", help="the model to remap")
-    inputs.add_argument(*flag("--base-tokenizer"), dest="base_tokenizer", metavar="T", help="the tokenizer whose token order the output follows")
+    inputs.add_argument(
+        *flag("--base-tokenizer"), dest="base_tokenizer", metavar="T", help="the tokenizer whose token order the output follows"
+    )
     inputs.add_argument(*flag("--revision"), metavar="REV", help="Hub revision of M")
     inputs.add_argument(*flag("--base-revision"), metavar="REV", help="Hub revision of T")
     inputs.add_argument(*flag("--embed-name"), metavar="NAME", help="checkpoint name of the input embedding, for unknown architectures")
-    inputs.add_argument(*flag("--head-name"), metavar="NAME", help="checkpoint name of the output embedding (lm_head), for unknown architectures")
-    inputs.add_argument(*flag("--trust-remote-code"), action="store_true", help="allow transformers to run the model repo's code (only to find the embeddings)")
+    inputs.add_argument(
+        *flag("--head-name"), metavar="NAME", help="checkpoint name of the output embedding (lm_head), for unknown architectures"
+    )
+    inputs.add_argument(
+        *flag("--trust-remote-code"),
+        action="store_true",
+        help="allow transformers to run the model repo's code (only to find the embeddings)",
+    )
     output = parser.add_argument_group("output")
-    output.add_argument(*flag("--out-dir"), dest="out_dir", metavar="D", type=Path, help="where to write the remapped model (with --mergekit-config: the aligned models and merge.yaml); not needed with --dry-run")
-    output.add_argument(*flag("--drop-extra"), action="store_true", help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's (for merges)")
-    output.add_argument(*flag("--chat-template"), choices=("base", "source"), default="base", help="whose chat template the output gets: T's (default: base) or M's (source)")
-    output.add_argument(*flag("--max-shard-size"), type=size_argument, default="5GB", metavar="SIZE", help="largest output shard, decimal units (default: 5GB; 2GiB for binary)")
-    output.add_argument(*flag("--pad-to-multiple-of"), type=pad_multiple, metavar="N", help="round the row count up to a multiple of N (padding rows get the mean row)")
+    output.add_argument(
+        *flag("--out-dir"),
+        dest="out_dir",
+        metavar="D",
+        type=Path,
+        help="where to write the remapped model (with --mergekit-config: the aligned models and merge.yaml); not needed with --dry-run",
+    )
+    output.add_argument(
+        *flag("--drop-extra"),
+        action="store_true",
+        help="drop M's tokens that T lacks: vocabulary and vocab_size become exactly T's (for merges)",
+    )
+    output.add_argument(
+        *flag("--chat-template"),
+        choices=("base", "source"),
+        default="base",
+        help="whose chat template the output gets: T's (default: base) or M's (source)",
+    )
+    output.add_argument(
+        *flag("--max-shard-size"),
+        type=size_argument,
+        default="5GB",
+        metavar="SIZE",
+        help="largest output shard, decimal units (default: 5GB; 2GiB for binary)",
+    )
+    output.add_argument(
+        *flag("--pad-to-multiple-of"),
+        type=pad_multiple,
+        metavar="N",
+        help="round the row count up to a multiple of N (padding rows get the mean row)",
+    )
     output.add_argument(*flag("--overwrite"), action="store_true", help="replace an earlier output of this tool in --out_dir")
     output.add_argument(*flag("--dry-run"), action="store_true", help="print the plan and the shard plan on stdout; write nothing")
     output.add_argument(*flag("--report"), type=Path, metavar="FILE", help="also write the report (remap_report.json) to FILE")
     output.add_argument(*flag("--json"), action="store_true", help="print the report as JSON on stdout (errors too)")
     initialisation = parser.add_argument_group("initialisation (rows of T's tokens that M lacks)")
-    initialisation.add_argument(*flag("--init"), choices=INIT_METHODS,
-                                help="fvt, mean, unk, zero, donor or omp (default: fvt; with --mergekit-config: donor, the target's own rows, when the target is a model with weights)")  # fmt: skip
-    initialisation.add_argument(*flag("--donor-model"), metavar="D", help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision")
-    initialisation.add_argument(*flag("--omp-k"), type=positive_int, default=64, metavar="K", help="with --init omp: rows of shared tokens combined per missing token (default: 64)")
-    initialisation.add_argument(*flag("--match"), choices=MATCH_MODES, default="auto", help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ (default: auto)")
-    initialisation.add_argument(*flag("--init-report"), type=non_negative_int, default=0, metavar="N", help="show the N most telling examples of each initialisation rule")
+    initialisation.add_argument(
+        *flag("--init"),
+        choices=INIT_METHODS,
+        help="fvt, mean, unk, zero, donor or omp (default: fvt; with --mergekit-config: donor, the target's own rows, "
+        "when the target is a model with weights)",
+    )
+    initialisation.add_argument(
+        *flag("--donor-model"),
+        metavar="D",
+        help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision",
+    )
+    initialisation.add_argument(
+        *flag("--omp-k"),
+        type=positive_int,
+        default=64,
+        metavar="K",
+        help="with --init omp: rows of shared tokens combined per missing token (default: 64)",
+    )
+    initialisation.add_argument(
+        *flag("--match"),
+        choices=MATCH_MODES,
+        default="auto",
+        help="match tokens by spelling (exact) or by their bytes (bytes); auto: bytes when the conventions differ (default: auto)",
+    )
+    initialisation.add_argument(
+        *flag("--init-report"),
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="show the N most telling examples of each initialisation rule",
+    )
     alignment = parser.add_argument_group("alignment")
-    alignment.add_argument(*flag("--mergekit-config"), type=Path, metavar="FILE",
-                           help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) and write D/merge.yaml")  # fmt: skip
+    alignment.add_argument(
+        *flag("--mergekit-config"),
+        type=Path,
+        metavar="FILE",
+        help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) "
+        "and write D/merge.yaml",
+    )
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument(*flag("--debug"), action="store_true", help="verbose logs and tracebacks")
     behaviour.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -3912,7 +4276,12 @@ def non_negative_int(text: str) -> int:
 def run_align(args: argparse.Namespace) -> int:
     if args.src_model is not None:
         raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
-    for option, value in (("--revision", args.revision), ("--embed-name", args.embed_name), ("--head-name", args.head_name), ("--pad-to-multiple-of", args.pad_to_multiple_of)):
+    for option, value in (
+        ("--revision", args.revision),
+        ("--embed-name", args.embed_name),
+        ("--head-name", args.head_name),
+        ("--pad-to-multiple-of", args.pad_to_multiple_of),
+    ):
         if value is not None:
             raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
     if args.out_dir is None:
@@ -3988,7 +4357,11 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s", summary)
         not_mergeable = mergeable_with_base(report, report["base_rows"])
         if not args.json:
-            sys.stdout.write(f"# {not_mergeable}\n" if not_mergeable else "# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir)))
+            sys.stdout.write(
+                f"# {not_mergeable}\n"
+                if not_mergeable
+                else "# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir))
+            )
     return 0
 
 

@@ -36,7 +36,9 @@ def timed(command: list[str], runs: int) -> tuple[float, int]:
     walls, code = [], 0
     for _ in range(runs):
         started = time.perf_counter()
-        code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1")).returncode
+        code = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        ).returncode
         walls.append(time.perf_counter() - started)
     return statistics.median(walls), code
 

@@ -43,7 +43,9 @@ def main() -> None:
     decompositions = rt.fvt_decompositions(missing, base.spec, src)
     encode_seconds = time.perf_counter() - started
     matches = rt.match_tokens(base.spec, src.spec, "exact")
-    plan = rt.plan_remap(base.spec, src.spec, src_rows=len(src.spec), matches=matches, drop_extra=True, init="fvt", decompositions=decompositions)
+    plan = rt.plan_remap(
+        base.spec, src.spec, src_rows=len(src.spec), matches=matches, drop_extra=True, init="fvt", decompositions=decompositions
+    )
     rng = np.random.default_rng(0)
     matrix = rt.encode_rows(rng.standard_normal((len(src.spec), args.hidden), dtype=np.float32), "BF16")
     finite = ~rt.nonfinite_rows(matrix, "BF16")
@@ -55,9 +57,15 @@ def main() -> None:
     rows_seconds = (time.perf_counter() - started) * 2  # the same work for embed_tokens and lm_head
     counts = plan.rule_counts()
     parts = sum(len(p) for p in plan.fvt_parts.values()) / max(1, len(plan.fvt_parts))
-    print(f"{len(missing)} missing tokens: FVT rows {counts.get('fvt', 0)}, fallback to mean {counts.get('fvt_fallback_mean', 0)}, {parts:.1f} source tokens per row")
+    print(
+        f"{len(missing)} missing tokens: FVT rows {counts.get('fvt', 0)}, fallback to "
+        f"mean {counts.get('fvt_fallback_mean', 0)}, {parts:.1f} source tokens per row"
+    )
     print(f"decomposition (one batched encode): {encode_seconds:.2f} s")
-    print(f"rows of two {len(src.spec)} x {args.hidden} bf16 matrices (embedding and lm_head, {plan.n_rows} output rows each): {rows_seconds:.2f} s")
+    print(
+        f"rows of two {len(src.spec)} x {args.hidden} bf16 matrices (embedding "
+        f"and lm_head, {plan.n_rows} output rows each): {rows_seconds:.2f} s"
+    )
     print(f"total: {encode_seconds + rows_seconds:.2f} s")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Cost of the merge check: `compare_tokenizers.py --mergekit-config merge.yaml --weights`
-(tokenizers, headers, architecture) against the tokenizer-only gate (no --weights).
+"""Cost of the merge check: `compare_tokenizers.py --mergekit-config merge.yaml` (weights by
+default: tokenizers, headers, architecture) against the tokenizer-only gate (--no-weights).
 
     python benchmarks/bench_gate.py [--models 3] [--layers 32] [--hidden 4096] [--runs 5]
 
@@ -43,7 +43,9 @@ def sparse_checkpoint(directory: Path, tensors: list[tuple[str, tuple[int, ...]]
             handle.write(header)
             handle.truncate(len(header) + sum(e.nbytes for e in shard))
     if len(plan.files) > 1:
-        (directory / rt.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}))
+        (directory / rt.SAFETENSORS_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()})
+        )
     (directory / "config.json").write_text(json.dumps(config))
 
 
@@ -71,22 +73,45 @@ def main() -> None:
     tokenizer = synthetic.synthetic_tokenizer(regular=args.vocab, specials=256, seed=0)
     rows = args.vocab + 256
     tensors = llama_tensors(args.layers, args.hidden, args.intermediate, 32, 8, rows)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden, "intermediate_size": args.intermediate,
-              "num_hidden_layers": args.layers, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": rows, "rope_theta": 500000.0,
-              "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "hidden_act": "silu"}  # fmt: skip
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": rows,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+    }
     models = []
     for index in range(args.models):
         directory = synthetic.write_tokenizer_dir(args.workdir / f"model{index}", tokenizer)
         sparse_checkpoint(directory, tensors, 5 * 10**9, config)
         models.append(directory)
     merge = args.workdir / "merge.yaml"
-    merge.write_text(json.dumps({"merge_method": "linear", "base_model": str(models[0]), "models": [{"model": str(m), "parameters": {"weight": 1 / len(models)}} for m in models]}))
+    merge.write_text(
+        json.dumps(
+            {
+                "merge_method": "linear",
+                "base_model": str(models[0]),
+                "models": [{"model": str(m), "parameters": {"weight": 1 / len(models)}} for m in models],
+            }
+        )
+    )
     size = sum(p.stat().st_size for m in models for p in m.glob("*.safetensors"))
     gate = [sys.executable, str(ROOT / "compare_tokenizers.py"), "--mergekit-config", str(merge)]
-    tokenizers_only = timed(gate, args.runs)
-    with_weights = timed([*gate, "--weights"], args.runs)
+    tokenizers_only = timed([*gate, "--no-weights"], args.runs)
+    with_weights = timed(gate, args.runs)  # --weights is the default
     print(f"{args.models} models, {args.layers} layers, hidden {args.hidden}, {rows} rows: {size / 1e9:.1f} GB of (sparse) checkpoints")
-    print(f"tokenizer-only gate {tokenizers_only:.2f} s; with --weights (headers, architecture) {with_weights:.2f} s: {with_weights / tokenizers_only:.2f}x (median of {args.runs})")
+    print(
+        f"tokenizer-only gate {tokenizers_only:.2f} s; with --weights (headers, architecture) "
+        f"{with_weights:.2f} s: {with_weights / tokenizers_only:.2f}x (median of {args.runs})"
+    )
 
 
 if __name__ == "__main__":

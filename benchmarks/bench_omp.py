@@ -49,11 +49,18 @@ def main() -> None:
     rows = rt.combine_rows(model_rows, "BF16", indices.numpy(), coefficients)
     combined = time.perf_counter()
     result = {
-        "missing": args.missing, "shared": args.shared, "hidden": args.hidden, "k": args.k, "device": device,
-        "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "omp_seconds": round(coded - started, 2), "combine_seconds": round(combined - coded, 2), "total_seconds": round(combined - started, 2),
+        "missing": args.missing,
+        "shared": args.shared,
+        "hidden": args.hidden,
+        "k": args.k,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "omp_seconds": round(coded - started, 2),
+        "combine_seconds": round(combined - coded, 2),
+        "total_seconds": round(combined - started, 2),
         "rows": list(rows.shape),
-    }  # fmt: skip
+    }
     where = result["gpu"] or f"{result['threads']} threads"
     print(
         f"{args.missing} missing x {args.shared} shared rows, width {args.hidden}, k {args.k}, {device} ({where}): "

@@ -60,7 +60,9 @@ def llama_tensors(layers: int, hidden: int, intermediate: int, heads: int, kv_he
     return shapes
 
 
-def write_checkpoint(directory: Path, tokenizer_json: dict, layers: int, hidden: int, intermediate: int, shard_bytes: int, seed: int = 0) -> int:
+def write_checkpoint(
+    directory: Path, tokenizer_json: dict, layers: int, hidden: int, intermediate: int, shard_bytes: int, seed: int = 0
+) -> int:
     """A bf16 Llama checkpoint with random weights, sharded like save_pretrained."""
     import numpy as np
 
@@ -86,13 +88,26 @@ def write_checkpoint(directory: Path, tokenizer_json: dict, layers: int, hidden:
                     handle.write(chunk.tobytes())
                     remaining -= len(chunk)
     if len(plan.files) > 1:
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}))
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()})
+        )
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-        "bos_token_id": tokenizer_json["model"]["vocab"].get("<|begin_of_text|>", 128000), "eos_token_id": 128001, "torch_dtype": "bfloat16",
-    }  # fmt: skip
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer_json["model"]["vocab"].get("<|begin_of_text|>", 128000),
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
+    }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     synthetic.write_tokenizer_dir(directory, tokenizer_json)
     return plan.total_size
@@ -165,7 +180,10 @@ def machine() -> str:
         memory = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1]) * 1024
     except (OSError, StopIteration):
         memory = 0
-    return f"{os.cpu_count()} cores, {memory / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores, {memory / 2**30:.0f} GiB RAM, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
@@ -201,9 +219,32 @@ def main() -> None:
         out = args.workdir / "out"
         contenders = {
             "cp -r": ["cp", "-r", str(src), str(out)],
-            "remap append": [sys.executable, str(ROOT / "remap_tokenizer.py"), "--src_model", str(src), "--base_tokenizer", str(base), "--out_dir", str(out), "--max-shard-size", args.shard_size],
-            "remap drop": [sys.executable, str(ROOT / "remap_tokenizer.py"), "--src_model", str(src), "--base_tokenizer", str(base), "--out_dir", str(out), "--max-shard-size", args.shard_size, "--drop-extra"],
-        }  # fmt: skip
+            "remap append": [
+                sys.executable,
+                str(ROOT / "remap_tokenizer.py"),
+                "--src_model",
+                str(src),
+                "--base_tokenizer",
+                str(base),
+                "--out_dir",
+                str(out),
+                "--max-shard-size",
+                args.shard_size,
+            ],
+            "remap drop": [
+                sys.executable,
+                str(ROOT / "remap_tokenizer.py"),
+                "--src_model",
+                str(src),
+                "--base_tokenizer",
+                str(base),
+                "--out_dir",
+                str(out),
+                "--max-shard-size",
+                args.shard_size,
+                "--drop-extra",
+            ],
+        }
         if not args.skip_naive:
             contenders["naive"] = [sys.executable, str(HERE / "naive_remap.py"), str(src), str(base), str(out), args.shard_size]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
@@ -215,8 +256,12 @@ def main() -> None:
         for name, measured in runs.items():
             best = {key: statistics.median(run[key] for run in measured) for key in ("wall", "anon", "rss")}
             results.append({"checkpoint_gb": size / 1e9, "layers": layers, "contender": name, "runs": measured, **best})
-            print(f"  {layers:>2} layers {size / 1e9:5.2f} GB  {name:<13} {best['wall']:7.2f} s  RssAnon {best['anon'] / 1e9:5.2f} GB  RSS {best['rss'] / 1e9:5.2f} GB"
-                  "  (walls: " + ", ".join(f"{r['wall']:.2f}" for r in measured) + ")", flush=True)
+            print(
+                f"  {layers:>2} layers {size / 1e9:5.2f} GB  {name:<13} {best['wall']:7.2f} "
+                f"s  RssAnon {best['anon'] / 1e9:5.2f} GB  RSS {best['rss'] / 1e9:5.2f} GB"
+                "  (walls: " + ", ".join(f"{r['wall']:.2f}" for r in measured) + ")",
+                flush=True,
+            )
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(src, ignore_errors=True)
     print()
@@ -236,7 +281,8 @@ def table(results: list[dict], vocab_tensor: int) -> str:
         for name, r in rows.items():
             versus = f"{naive['wall'] / r['wall']:.1f}×, {naive['rss'] / r['rss']:.1f}×" if naive and name.startswith("remap") else ""
             lines.append(
-                f"| {size:.2f} GB | {name} | {r['wall']:.2f} | {r['wall'] / cp['wall']:.2f} | {r['anon'] / 1e9:.2f} | {r['rss'] / 1e9:.2f} | {versus} |"
+                f"| {size:.2f} GB | {name} | {r['wall']:.2f} | {r['wall'] / cp['wall']:.2f} "
+                f"| {r['anon'] / 1e9:.2f} | {r['rss'] / 1e9:.2f} | {versus} |"
             )
     anon_budget = (2 * vocab_tensor + 0.6e9) / 1e9
     rss_budget = (2 * vocab_tensor + 1e9) / 1e9

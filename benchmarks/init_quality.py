@@ -59,13 +59,28 @@ def nll(model_dir: Path, tokenizer_dir: Path, text: str, max_length: int) -> tup
 
 def row(label: str, init: str, match: str, copied: object, initialised: object, total: float, count: int, n_bytes: int) -> dict:
     return {
-        "model": label, "init": init, "match": match, "copied": copied, "initialised": initialised,
-        "nll": total / count, "ppl": math.exp(total / count), "bits_per_byte": total / math.log(2) / n_bytes, "tokens": count,
-    }  # fmt: skip
+        "model": label,
+        "init": init,
+        "match": match,
+        "copied": copied,
+        "initialised": initialised,
+        "nll": total / count,
+        "ppl": math.exp(total / count),
+        "bits_per_byte": total / math.log(2) / n_bytes,
+        "tokens": count,
+    }
 
 
 def evaluate(
-    model: str, tokenizer: str, text: str, workdir: Path, inits: list[str], matches: list[str], max_length: int, donor: str | None = None, omp_k: int = 64
+    model: str,
+    tokenizer: str,
+    text: str,
+    workdir: Path,
+    inits: list[str],
+    matches: list[str],
+    max_length: int,
+    donor: str | None = None,
+    omp_k: int = 64,
 ) -> list[dict]:
     n_bytes = len(text.encode())
     model_dir = rt.resolve_model(model, None)
@@ -73,7 +88,17 @@ def evaluate(
     for match in matches:
         for init in inits:
             out = workdir / f"{init}-{match}"
-            options = rt.RemapOptions(src_model=model, base_tokenizer=tokenizer, out_dir=out, drop_extra=True, init=init, match=match, overwrite=True, donor_model=donor, omp_k=omp_k)
+            options = rt.RemapOptions(
+                src_model=model,
+                base_tokenizer=tokenizer,
+                out_dir=out,
+                drop_extra=True,
+                init=init,
+                match=match,
+                overwrite=True,
+                donor_model=donor,
+                omp_k=omp_k,
+            )
             try:
                 report = rt.remap(options)
             except rt.CliError as exc:  # e.g. donor rows of another width
@@ -81,7 +106,11 @@ def evaluate(
                 continue
             counts = report["plan"]["counts"]
             label = f"remapped (match {match} -> {report['match_mode']})" if match == "auto" else "remapped"
-            results.append(row(label, init, match, counts["copied"] + counts["moved"], counts["initialised"], *nll(out, out, text, max_length), n_bytes))
+            results.append(
+                row(
+                    label, init, match, counts["copied"] + counts["moved"], counts["initialised"], *nll(out, out, text, max_length), n_bytes
+                )
+            )
             print(f"  {init:>5} {match:>5}: bits/byte {results[-1]['bits_per_byte']:.3f}", file=sys.stderr, flush=True)
     return results
 
@@ -92,7 +121,10 @@ def table(results: list[dict]) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['init']} | {r['match']} | {r['copied']} | {r['initialised']} | {r['nll']:.3f} | {r['ppl']:.2f} | {r['bits_per_byte']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {r['init']} | {r['match']} | {r['copied']} | {r['initialised']} "
+            f"| {r['nll']:.3f} | {r['ppl']:.2f} | {r['bits_per_byte']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -111,7 +143,9 @@ def build_demo(workdir: Path, text: str, steps: int, seed: int = 0) -> tuple[Pat
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<s>", "</s>"], show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<s>", "</s>"], show_progress=False
+        )
         tokenizer.train_from_iterator(lines, trainer)
         return tokenizer
 
@@ -123,8 +157,18 @@ def build_demo(workdir: Path, text: str, steps: int, seed: int = 0) -> tuple[Pat
     (tokenizer_dir / "tokenizer_config.json").write_text(tokenizer_config)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=source.get_vocab_size(), hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=source.get_vocab_size(),
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     ids = torch.tensor(source.encode(text).ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -167,7 +211,9 @@ def main() -> None:
     if args.model is None or args.tokenizer is None:
         parser.error("give --model and --tokenizer, or --demo")
     inits = args.init or ["fvt", "mean", "unk", "zero", *(["omp", "donor"] if args.donor else [])]
-    results = evaluate(args.model, args.tokenizer, text, args.workdir / "remapped", inits, args.match, args.max_length, args.donor, args.omp_k)
+    results = evaluate(
+        args.model, args.tokenizer, text, args.workdir / "remapped", inits, args.match, args.max_length, args.donor, args.omp_k
+    )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

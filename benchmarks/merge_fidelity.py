@@ -69,11 +69,15 @@ def make_sibling(base: Path, out: Path, tokens: list[str], noise: float, seed: i
     new_id = {old: new for new, old in enumerate(keep)}
     vocab = data["model"]["vocab"]
     data["model"]["vocab"] = {t: new_id[i] for t, i in vocab.items() if i in new_id}
-    data["added_tokens"] = [{**entry, "id": new_id[entry["id"]]} for entry in data.get("added_tokens") or [] if entry["content"] not in tokens]
+    data["added_tokens"] = [
+        {**entry, "id": new_id[entry["id"]]} for entry in data.get("added_tokens") or [] if entry["content"] not in tokens
+    ]
     (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     config = dict(tokenizer.tokenizer_config)
     config.pop("chat_template", None)
-    config["added_tokens_decoder"] = {str(new_id[int(i)]): v for i, v in (config.get("added_tokens_decoder") or {}).items() if v.get("content") not in tokens}
+    config["added_tokens_decoder"] = {
+        str(new_id[int(i)]): v for i, v in (config.get("added_tokens_decoder") or {}).items() if v.get("content") not in tokens
+    }
     for key in ("additional_special_tokens", "extra_special_tokens"):
         if isinstance(config.get(key), list):
             config[key] = [t for t in config[key] if rt.special_token_content(t) not in tokens]
@@ -87,7 +91,11 @@ def make_sibling(base: Path, out: Path, tokens: list[str], noise: float, seed: i
         values = tensor.float()
         if values.numel() > 1:
             values = values + torch.randn(values.shape, generator=generator) * noise * values.std()
-        if values.dim() >= 1 and values.shape[0] == tokenizer.config.get("vocab_size") and name.endswith(rt.INPUT_EMBEDDING_SUFFIXES + rt.OUTPUT_EMBEDDING_SUFFIXES):
+        if (
+            values.dim() >= 1
+            and values.shape[0] == tokenizer.config.get("vocab_size")
+            and name.endswith(rt.INPUT_EMBEDDING_SUFFIXES + rt.OUTPUT_EMBEDDING_SUFFIXES)
+        ):
             values = values[keep]
         tensors[name] = values.to(tensor.dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -159,8 +167,12 @@ def run(base: Path, tokens: list[str], text: str, workdir: Path, inits: list[str
     results = [{"init": "-", "method": "base alone", "row_error": 0.0, "bits_per_byte": bits_per_byte(base, chat)}]
     for init in inits:
         for method, weight in (("linear", 0.5), ("task_arithmetic", 1.0)):
-            config = {"merge_method": method, "base_model": str(base), "dtype": "float32",
-                      "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(sibling), "parameters": {"weight": weight}}]}  # fmt: skip
+            config = {
+                "merge_method": method,
+                "base_model": str(base),
+                "dtype": "float32",
+                "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(sibling), "parameters": {"weight": weight}}],
+            }
             aligned = workdir / f"aligned-{init}"
             source = workdir / "merge.yaml"
             import yaml
@@ -169,8 +181,14 @@ def run(base: Path, tokens: list[str], text: str, workdir: Path, inits: list[str
             summary, code = rt.align_mergekit(rt.AlignOptions(config=source, out_dir=aligned, init=init, overwrite=True))
             assert code == 0, summary
             merged = merge(yaml.safe_load((aligned / "merge.yaml").read_text()), workdir, f"{init}-{method}")
-            results.append({"init": init, "method": method, "row_error": row_error(merged, base, ids), "bits_per_byte": bits_per_byte(merged, chat)})
-            print(f"  {init:>6} {method:<16} row error {results[-1]['row_error']:.3f}  bits/byte {results[-1]['bits_per_byte']:.3f}", file=sys.stderr, flush=True)
+            results.append(
+                {"init": init, "method": method, "row_error": row_error(merged, base, ids), "bits_per_byte": bits_per_byte(merged, chat)}
+            )
+            print(
+                f"  {init:>6} {method:<16} row error {results[-1]['row_error']:.3f}  bits/byte {results[-1]['bits_per_byte']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 
@@ -193,7 +211,17 @@ def build_demo(workdir: Path, text: str, steps: int) -> tuple[Path, list[str]]:
     tokenizer_json = json.loads((model / "tokenizer.json").read_text())
     next_id = len(set(tokenizer_json["model"]["vocab"]) | {entry["content"] for entry in tokenizer_json["added_tokens"]})
     for offset, token in enumerate(tokens):
-        tokenizer_json["added_tokens"].append({"id": next_id + offset, "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+        tokenizer_json["added_tokens"].append(
+            {
+                "id": next_id + offset,
+                "content": token,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     (model / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -54,7 +54,15 @@ def chat_variant(base: dict) -> dict:
     for token in CHAT_TOKENS:
         vocab[token] = len(vocab)
         data["added_tokens"].append(
-            {"id": vocab[token], "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": vocab[token],
+                "content": token,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
         )
     return data
 

@@ -66,13 +66,9 @@ def _metaspace_json(vocab_size: int, specials: tuple[str, ...]) -> str:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tokenizer.pre_tokenizer = None
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[*specials, *byte_tokens], show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*specials, *byte_tokens], show_progress=False)
     tokenizer.train_from_iterator(corpus(), trainer)
     data = json.loads(tokenizer.to_str())
     # Byte tokens are ordinary vocabulary entries in SentencePiece models, not added tokens.
@@ -104,7 +100,9 @@ def permuted(tokenizer_json: Mapping[str, Any], seed: int = 0, keep: Iterable[st
     return data
 
 
-def with_tokens(tokenizer_json: Mapping[str, Any], regular: Sequence[str] = (), added: Sequence[str] = (), special: bool = True) -> dict[str, Any]:
+def with_tokens(
+    tokenizer_json: Mapping[str, Any], regular: Sequence[str] = (), added: Sequence[str] = (), special: bool = True
+) -> dict[str, Any]:
     """Append regular tokens (no merges) and added tokens at the next ids."""
     data = copy.deepcopy(dict(tokenizer_json))
     vocab = data["model"]["vocab"]
@@ -115,7 +113,15 @@ def with_tokens(tokenizer_json: Mapping[str, Any], regular: Sequence[str] = (), 
     for token in added:
         vocab[token] = next_id
         data["added_tokens"].append(
-            {"id": next_id, "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": special}
+            {
+                "id": next_id,
+                "content": token,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
         )
         next_id += 1
     return data
@@ -192,19 +198,60 @@ def write_model(
     ids = {role: vocab.get(token) if token else None for role, token in (("bos", bos), ("eos", eos), ("pad", pad))}
     common = dict(vocab_size=rows, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     if arch == "llama":
-        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common)
+        config = transformers.LlamaConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common
+        )
     elif arch == "llama_tied":
-        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common)
+        config = transformers.LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            **common,
+        )
     elif arch == "qwen2":
-        config = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **common)
+        config = transformers.Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            **common,
+        )
     elif arch == "gemma":
-        config = transformers.GemmaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8, **common)
+        config = transformers.GemmaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            **common,
+        )
     elif arch == "gpt2":
         config = transformers.GPT2Config(n_embd=hidden, n_layer=1, n_head=4, n_positions=128, **common)
     elif arch == "gpt_neox":
-        config = transformers.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False, **common)
+        config = transformers.GPTNeoXConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **common,
+        )
     elif arch == "phi":
-        config = transformers.PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128, **common)
+        config = transformers.PhiConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **common,
+        )
     else:
         raise ValueError(arch)
     for key, value in (config_overrides or {}).items():

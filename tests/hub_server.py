@@ -231,13 +231,23 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def resolve(self, repo: Repo, commit: Commit, path: str | None, _query: dict[str, list[str]], *, head: bool) -> None:
             if not self.authorised(repo):
-                return self.error(401, "GatedRepo", f"Access to model {repo.repo_id} is restricted. You must have access to it and be authenticated.", head=head)
+                return self.error(
+                    401,
+                    "GatedRepo",
+                    f"Access to model {repo.repo_id} is restricted. You must have access to it and be authenticated.",
+                    head=head,
+                )
             file = commit.folder / (path or "")
             if not path or ".." in path.split("/") or not file.is_file():
                 return self.error(404, "EntryNotFound", "Entry not found", head=head)
             data = file.read_bytes()
             etag = hashlib.sha256(data).hexdigest() if path.endswith(LFS_SUFFIXES) else git_blob_id(data)
-            headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+            headers = {
+                "X-Repo-Commit": commit.sha,
+                "ETag": f'"{etag}"',
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
             wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "") or "")
             if wanted and not head:
                 start = int(wanted.group(1))

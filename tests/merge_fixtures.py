@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import factories
 import torch
 import yaml
-from safetensors import safe_open
-
-import factories
 from conftest import BYTE_SPECIALS
+from safetensors import safe_open
 
 CHAT = ["<|im_start|>", "<|im_end|>"]
 
@@ -23,7 +22,9 @@ def build_models(root: Path, byte_tok: dict) -> dict[str, Path]:
         "base": factories.write_model(root / "base", byte_tok, seed=1, **BYTE_SPECIALS),
         "same": factories.write_model(root / "same", byte_tok, seed=2, **BYTE_SPECIALS),
         "padded": factories.write_model(root / "padded", byte_tok, rows=448, seed=3, **BYTE_SPECIALS),
-        "chat": factories.write_model(root / "chat", chat_json, seed=4, bos=BYTE_SPECIALS["bos"], eos="<|im_end|>", chat_template="{{ messages }}"),
+        "chat": factories.write_model(
+            root / "chat", chat_json, seed=4, bos=BYTE_SPECIALS["bos"], eos="<|im_end|>", chat_template="{{ messages }}"
+        ),
         "permuted": factories.write_model(root / "permuted", factories.permuted(byte_tok, seed=12, keep=keep), seed=5, **BYTE_SPECIALS),
     }
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import factories
 import pytest
 import yaml
+from merge_fixtures import build_models, linear_yaml, tensors
 
 import compare_tokenizers as ct
-import factories
 import remap_tokenizer as rt
-from merge_fixtures import build_models, linear_yaml, tensors
 
 
 @pytest.fixture
@@ -26,7 +26,11 @@ def run(capsys, *argv: object) -> tuple[int, str, str]:
 
 
 def test_align_a_linear_merge(tmp_path: Path, models: dict[str, Path], capsys) -> None:
-    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.4), (models["same"], 0.2), (models["padded"], 0.2), (models["chat"], 0.2)])
+    config = linear_yaml(
+        tmp_path / "merge.yaml",
+        models["base"],
+        [(models["base"], 0.4), (models["same"], 0.2), (models["padded"], 0.2), (models["chat"], 0.2)],
+    )
     assert ct.main(["--mergekit-config", str(config), "--weights"]) == 1
     capsys.readouterr()
     aligned = tmp_path / "aligned"
@@ -95,13 +99,17 @@ def test_slices_and_union_tokenizer(tmp_path: Path, models: dict[str, Path], cap
 
 
 def test_target_from_tokenizer_source_and_override(tmp_path: Path, models: dict[str, Path], capsys) -> None:
-    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)], tokenizer_source=str(models["chat"]))
+    config = linear_yaml(
+        tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)], tokenizer_source=str(models["chat"])
+    )
     code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--dry-run", "--json")
     summary = json.loads(out)
     assert code == 0 and summary["target"]["model"] == str(models["chat"]) and summary["target"]["tokens"] == 402
     assert [m["status"] for m in summary["models"]] == ["to remap", "identical"]
     assert not (tmp_path / "a").exists()
-    code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--dry-run", "--json", "--base_tokenizer", models["base"])
+    code, out, _ = run(
+        capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--dry-run", "--json", "--base_tokenizer", models["base"]
+    )
     assert json.loads(out)["target"]["model"] == str(models["base"])
 
 

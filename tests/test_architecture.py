@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import factories
 import pytest
 import yaml
+from conftest import BYTE_SPECIALS
 
 import compare_tokenizers as ct
-import factories
 import remap_tokenizer as rt
-from conftest import BYTE_SPECIALS
 
 # case -> (config overrides of the sibling, arch, merge configuration shape, gate status, gate exit code)
 CASES = {
@@ -39,21 +39,49 @@ def base(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> Path:
 
 def sibling(tmp_path: Path, byte_tok: dict, overrides: dict) -> Path:
     if overrides.get("tie_word_embeddings"):
-        return factories.write_model(tmp_path / "sibling", byte_tok, seed=2, arch="llama_tied", config_overrides={"num_hidden_layers": 2}, **BYTE_SPECIALS)
+        return factories.write_model(
+            tmp_path / "sibling", byte_tok, seed=2, arch="llama_tied", config_overrides={"num_hidden_layers": 2}, **BYTE_SPECIALS
+        )
     return factories.write_model(tmp_path / "sibling", byte_tok, seed=2, config_overrides=overrides, **BYTE_SPECIALS)
 
 
 def merge_config(shape: str, base: Path, other: Path) -> dict:
     if shape == "models":
-        return {"merge_method": "linear", "base_model": str(base), "dtype": "float32", "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(other), "parameters": {"weight": 0.5}}]}
+        return {
+            "merge_method": "linear",
+            "base_model": str(base),
+            "dtype": "float32",
+            "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(other), "parameters": {"weight": 0.5}}],
+        }
     if shape == "task_arithmetic without base":
-        return {"merge_method": "task_arithmetic", "dtype": "float32", "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(other), "parameters": {"weight": 0.5}}]}
+        return {
+            "merge_method": "task_arithmetic",
+            "dtype": "float32",
+            "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(other), "parameters": {"weight": 0.5}}],
+        }
     if shape == "passthrough":
-        return {"merge_method": "passthrough", "dtype": "float32", "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]}, {"sources": [{"model": str(other), "layer_range": [1, 2]}]}]}
+        return {
+            "merge_method": "passthrough",
+            "dtype": "float32",
+            "slices": [
+                {"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(other), "layer_range": [1, 2]}]},
+            ],
+        }
     ranges = {"slice [0, 3]": ([0, 3], [0, 3]), "slices 2 and 1": ([0, 2], [0, 1])}[shape]
-    return {"merge_method": "linear", "base_model": str(base), "dtype": "float32",
-            "slices": [{"sources": [{"model": str(base), "layer_range": ranges[0], "parameters": {"weight": 0.5}},
-                                    {"model": str(other), "layer_range": ranges[1], "parameters": {"weight": 0.5}}]}]}  # fmt: skip
+    return {
+        "merge_method": "linear",
+        "base_model": str(base),
+        "dtype": "float32",
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(base), "layer_range": ranges[0], "parameters": {"weight": 0.5}},
+                    {"model": str(other), "layer_range": ranges[1], "parameters": {"weight": 0.5}},
+                ]
+            }
+        ],
+    }
 
 
 def gate(capsys: pytest.CaptureFixture[str], config: Path, *extra: str) -> tuple[int, dict]:
@@ -123,7 +151,13 @@ def test_the_gate_agrees_with_mergekit(tmp_path: Path, base: Path, byte_tok: dic
         config = work / "merge.yaml"
         config.write_text(yaml.safe_dump(merge_config(shape, base, sibling(work, byte_tok, overrides))))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        merged = subprocess.run([str(mergekit_yaml), str(config), str(work / "merged"), "--copy-tokenizer"], capture_output=True, text=True, env=env, timeout=600)
+        merged = subprocess.run(
+            [str(mergekit_yaml), str(config), str(work / "merged"), "--copy-tokenizer"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert (merged.returncode == 0) == (code == 0), (case, merged.stderr[-2000:])
         if status == "warn":  # the merged model silently has the base's rope_theta
             merged_config = json.loads((work / "merged" / "config.json").read_text())

@@ -36,6 +36,8 @@ def test_bench_fvt_tiny(tmp_path: Path) -> None:
 
 
 def test_init_quality_demo_tiny(tmp_path: Path) -> None:
-    out = run("benchmarks/init_quality.py", "--demo", "--steps", "3", "--init", "fvt", "mean", "--match", "exact", "--workdir", str(tmp_path))
+    out = run(
+        "benchmarks/init_quality.py", "--demo", "--steps", "3", "--init", "fvt", "mean", "--match", "exact", "--workdir", str(tmp_path)
+    )
     lines = [line for line in out.splitlines() if line.startswith("| remapped")]
     assert len(lines) == 2 and "| original (own tokenizer) |" in out

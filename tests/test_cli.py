@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import factories
 import pytest
+from conftest import BYTE_SPECIALS
 
 import compare_tokenizers as ct
-import factories
 import remap_tokenizer as rt
-from conftest import BYTE_SPECIALS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -29,7 +29,13 @@ def call(capsys: pytest.CaptureFixture[str], tool: object, *argv: object) -> tup
 
 
 def script(name: str, *argv: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / name), *map(str, argv)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / name), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> dict[str
 def test_append_output_that_cannot_merge_gets_no_merge_snippet(tmp_path: Path, models: dict[str, Path], capsys) -> None:
     code, out, _ = call(capsys, rt, "--src_model", models["chat"], "--base_tokenizer", models["base"], "--out_dir", tmp_path / "append")
     assert code == 0 and out == "# not mergeable with T's models (402 vs 400 rows): use --drop-extra for merges\n"
-    code, out, err = call(capsys, rt, "--src_model", models["chat"], "--base_tokenizer", models["base"], "--out_dir", tmp_path / "drop", "--drop-extra")
+    code, out, err = call(
+        capsys, rt, "--src_model", models["chat"], "--base_tokenizer", models["base"], "--out_dir", tmp_path / "drop", "--drop-extra"
+    )
     assert code == 0 and out.startswith("# mergekit: add the remapped model") and f"- model: {tmp_path / 'drop'}" in out
     # the dropped special tokens are named, and the template that writes them out is warned about
     assert "dropped special/added tokens: '<|im_start|>', '<|im_end|>'" in err
@@ -55,7 +63,19 @@ def test_append_output_that_cannot_merge_gets_no_merge_snippet(tmp_path: Path, m
 
 
 def test_a_transplant_says_so(tmp_path: Path, models: dict[str, Path], capsys) -> None:
-    code, _, err = call(capsys, rt, "--src_model", models["base"], "--base_tokenizer", models["sp"], "--out_dir", tmp_path / "out", "--drop-extra", "--match", "exact")
+    code, _, err = call(
+        capsys,
+        rt,
+        "--src_model",
+        models["base"],
+        "--base_tokenizer",
+        models["sp"],
+        "--out_dir",
+        tmp_path / "out",
+        "--drop-extra",
+        "--match",
+        "exact",
+    )
     assert code == 0
     assert "warning: mostly initialised (" in err and "this is a tokenizer transplant, expect a large quality loss" in err
     report = json.loads((tmp_path / "out" / rt.REPORT_NAME).read_text())
@@ -64,7 +84,9 @@ def test_a_transplant_says_so(tmp_path: Path, models: dict[str, Path], capsys) -
 
 
 def test_init_report_shows_telling_examples_and_explains_them(tmp_path: Path, models: dict[str, Path], capsys) -> None:
-    code, out, _ = call(capsys, rt, "--src_model", models["base"], "--base_tokenizer", models["sp"], "--dry-run", "--init-report", "3", "--match", "bytes")
+    code, out, _ = call(
+        capsys, rt, "--src_model", models["base"], "--base_tokenizer", models["sp"], "--dry-run", "--init-report", "3", "--match", "bytes"
+    )
     assert code == 0
     section = out.split("initialised rows, by rule")[1]
     assert "A + B is the mean of their rows" in section and "{" not in section  # the notation, and no Python dicts
@@ -76,17 +98,37 @@ def test_init_report_shows_telling_examples_and_explains_them(tmp_path: Path, mo
 
 @pytest.mark.parametrize("tool", [rt, ct], ids=["remap", "compare"])
 def test_json_on_every_exit(tmp_path: Path, tool: object, capsys) -> None:
-    argv = ["--src_model", tmp_path / "nope", "--base_tokenizer", tmp_path / "nope", "--out_dir", tmp_path / "o", "--json"] if tool is rt else [tmp_path / "nope", tmp_path / "nope2", "--json"]
+    argv = (
+        ["--src_model", tmp_path / "nope", "--base_tokenizer", tmp_path / "nope", "--out_dir", tmp_path / "o", "--json"]
+        if tool is rt
+        else [tmp_path / "nope", tmp_path / "nope2", "--json"]
+    )
     code, out, err = call(capsys, tool, *argv)
     document = json.loads(out)
-    assert code == 2 == document["exit_code"] and "no such file or directory" in document["error"] and document["schema"].startswith("merge_tools.")
+    assert (
+        code == 2 == document["exit_code"]
+        and "no such file or directory" in document["error"]
+        and document["schema"].startswith("merge_tools.")
+    )
     assert err.startswith("error: ")
     code, out, _ = call(capsys, tool, "--json", "--no-such-flag")
     assert code == 2 and json.loads(out)["exit_code"] == 2
 
 
 def test_both_spellings_did_you_mean_version_and_help_groups(tmp_path: Path, models: dict[str, Path], capsys) -> None:
-    code, _, _ = call(capsys, rt, "--src-model", models["chat"], "--base_tokenizer", models["base"], "--out-dir", tmp_path / "out", "--drop_extra", "--max_shard_size", "50KB")
+    code, _, _ = call(
+        capsys,
+        rt,
+        "--src-model",
+        models["chat"],
+        "--base_tokenizer",
+        models["base"],
+        "--out-dir",
+        tmp_path / "out",
+        "--drop_extra",
+        "--max_shard_size",
+        "50KB",
+    )
     assert code == 0 and json.loads((tmp_path / "out" / rt.REPORT_NAME).read_text())["options"]["drop_extra"] is True
     code, _, err = call(capsys, rt, "--src_model", models["chat"], "--base_tokenizer", models["base"], "--drop-extr")
     assert code == 2 and "(did you mean --drop-extra?)" in err
@@ -104,7 +146,11 @@ def test_both_spellings_did_you_mean_version_and_help_groups(tmp_path: Path, mod
 def test_gguf_inputs_are_named(tmp_path: Path, models: dict[str, Path], capsys) -> None:
     gguf = tmp_path / "model.Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
-    for tool, argv in ((rt, ["--src_model", gguf, "--base_tokenizer", models["base"], "--out_dir", tmp_path / "o"]), (ct, [models["base"], gguf]), (ct, [models["base"], tmp_path])):
+    for tool, argv in (
+        (rt, ["--src_model", gguf, "--base_tokenizer", models["base"], "--out_dir", tmp_path / "o"]),
+        (ct, [models["base"], gguf]),
+        (ct, [models["base"], tmp_path]),
+    ):
         code, _, err = call(capsys, tool, *argv)
         assert code == 2 and "GGUF files are not supported: point at the Hugging Face model directory or repo id" in err, err
 
@@ -119,7 +165,16 @@ def test_one_log_format_and_one_quoting_style(tmp_path: Path, byte_tok: dict, ca
 
 def test_output_directories_get_normal_permissions(tmp_path: Path, models: dict[str, Path]) -> None:
     out = tmp_path / "out"
-    result = subprocess.run(["sh", "-c", f'umask 022 && "{sys.executable}" "{ROOT / "remap_tokenizer.py"}" --src_model "{models["chat"]}" --base_tokenizer "{models["base"]}" --out_dir "{out}" --drop-extra'],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'umask 022 && "{sys.executable}" "{ROOT / "remap_tokenizer.py"}" --src_model "{models["chat"]}" '
+            f'--base_tokenizer "{models["base"]}" --out_dir "{out}" --drop-extra',
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o755"

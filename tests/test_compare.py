@@ -7,14 +7,14 @@ import json
 import re
 from pathlib import Path
 
+import factories
 import pytest
+from conftest import BYTE_SPECIALS, SP_SPECIALS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compare_tokenizers as ct
-import factories
 import remap_tokenizer as rt
-from conftest import BYTE_SPECIALS, SP_SPECIALS
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -119,7 +119,9 @@ def test_sentencepiece_and_byte_level_share_tokens_by_bytes(tmp_path: Path, tok_
 
 def test_special_token_roles_and_chat_template(tmp_path: Path, byte_tok: dict, capsys) -> None:
     ref = factories.write_tokenizer(tmp_path / "ref", byte_tok, **BYTE_SPECIALS, chat_template="{{ messages }}")
-    other = factories.write_tokenizer(tmp_path / "other", byte_tok, bos="<|begin_of_text|>", eos="<|begin_of_text|>", chat_template="{{ messages }}!")
+    other = factories.write_tokenizer(
+        tmp_path / "other", byte_tok, bos="<|begin_of_text|>", eos="<|begin_of_text|>", chat_template="{{ messages }}!"
+    )
     code, out, _ = run(capsys, ref, other)
     assert code == 0
     assert "roles differ: eos" in out
@@ -305,7 +307,9 @@ def test_token_bytes(token: str, convention: str, byte_fallback: bool, expected:
     assert ct.token_bytes(token, convention, byte_fallback) == expected
 
 
-@given(st.lists(st.text(alphabet=st.sampled_from(sorted(ct.bytes_to_unicode().values()) + ["x", "é", "\n", "日"]), max_size=6), max_size=30))
+@given(
+    st.lists(st.text(alphabet=st.sampled_from(sorted(ct.bytes_to_unicode().values()) + ["x", "é", "\n", "日"]), max_size=6), max_size=30)
+)
 @settings(max_examples=200, deadline=None)
 def test_tokens_as_bytes_matches_token_by_token(tokens: list[str]) -> None:
     assert ct.tokens_as_bytes(tokens, "byte_level", False) == [ct.token_bytes(t, "byte_level", False) for t in tokens]
@@ -389,9 +393,22 @@ def test_library_renumbering_of_added_tokens_is_refused(tmp_path: Path, tok_dir:
 
 def info_of(vocab: dict[str, int]) -> ct.TokenizerInfo:
     return ct.TokenizerInfo(
-        source="t", path="t", vocab=vocab, added_tokens=(), model_type="BPE", merges=None, normalizer=None, pre_tokenizer=None,
-        decoder=None, byte_fallback=False, convention="plain", special_tokens={}, config_ids={}, generation_ids={},
-        chat_template=None, fingerprint_ids=(),
+        source="t",
+        path="t",
+        vocab=vocab,
+        added_tokens=(),
+        model_type="BPE",
+        merges=None,
+        normalizer=None,
+        pre_tokenizer=None,
+        decoder=None,
+        byte_fallback=False,
+        convention="plain",
+        special_tokens={},
+        config_ids={},
+        generation_ids={},
+        chat_template=None,
+        fingerprint_ids=(),
     )
 
 
@@ -431,12 +448,22 @@ ADDED_POOL = ["a", "b", "ab", "<x>", "<y>", "<z>", ""]
     added=st.lists(st.tuples(st.sampled_from(ADDED_POOL), st.booleans(), st.integers(0, 9)), max_size=6),
 )
 @settings(max_examples=400, deadline=None)
-def test_added_token_ids_are_the_ones_the_tokenizers_library_gives(model_tokens: list[str], gap: bool, added: list[tuple[str, bool, int]]) -> None:
+def test_added_token_ids_are_the_ones_the_tokenizers_library_gives(
+    model_tokens: list[str], gap: bool, added: list[tuple[str, bool, int]]
+) -> None:
     from tokenizers import Tokenizer
 
     model_vocab = {token: i + (1 if gap and i else 0) for i, token in enumerate(model_tokens)}
     entries = [
-        {"id": declared, "content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": not special, "special": special}
+        {
+            "id": declared,
+            "content": content,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": not special,
+            "special": special,
+        }
         for content, special, declared in added
     ]
     document = {"version": "1.0", "added_tokens": entries, "model": {"type": "BPE", "vocab": model_vocab, "merges": []}}
@@ -480,7 +507,10 @@ def whitespace_nfkc_bpe() -> dict:
     data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
     data["pre_tokenizer"] = {
         "type": "Sequence",
-        "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}],
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        ],
     }
     return data
 
@@ -541,4 +571,6 @@ def test_a_merge_of_an_unknown_token_is_refused(tmp_path: Path, tok_dir: Path, b
     other = factories.write_tokenizer(tmp_path / "other", broken, **BYTE_SPECIALS)
     code, _, err = run(capsys, tok_dir, other)
     assert code == 2
-    assert error_lines(err) == [f"error: {other / 'tokenizer.json'}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)"]
+    assert error_lines(err) == [
+        f"error: {other / 'tokenizer.json'}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)"
+    ]

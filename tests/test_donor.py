@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import torch
-
-import factories
-import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS
 from merge_fixtures import tensors
+
+import remap_tokenizer as rt
 
 THINK = ["<think>", "</think>"]
 
@@ -56,7 +56,20 @@ def test_tokens_the_donor_lacks_fall_back_to_fvt(tmp_path: Path, byte_tok: dict,
     donor = factories.write_model(tmp_path / "donor", factories.with_tokens(byte_tok, added=THINK), seed=3, **BYTE_SPECIALS)
     sibling = factories.write_model(tmp_path / "sibling", byte_tok, seed=2, **BYTE_SPECIALS)
     out = tmp_path / "out"
-    code, err = remap(capsys, "--src_model", sibling, "--base_tokenizer", base, "--out_dir", out, "--drop-extra", "--init", "donor", "--donor-model", donor)
+    code, err = remap(
+        capsys,
+        "--src_model",
+        sibling,
+        "--base_tokenizer",
+        base,
+        "--out_dir",
+        out,
+        "--drop-extra",
+        "--init",
+        "donor",
+        "--donor-model",
+        donor,
+    )
     assert code == 0, err
     report = json.loads((out / rt.REPORT_NAME).read_text())
     assert report["plan"]["init_rules"] == {"donor": 2, "donor_fallback_fvt": 1}
@@ -88,10 +101,19 @@ def test_omp_applies_the_donors_sparse_code_to_ms_rows(tmp_path: Path, byte_tok:
     for row, (ids, weights) in support.items():
         donor_embed[row] = sum(w * donor_embed[i] for i, w in zip(ids, weights))
         donor_head[row] = sum(w * donor_head[i] for i, w in zip(ids, weights))
-    donor = factories.write_model(tmp_path / "donor", base_json, hidden=512, seed=1, state_dict_overrides={"model.embed_tokens.weight": donor_embed, "lm_head.weight": donor_head}, **BYTE_SPECIALS)
+    donor = factories.write_model(
+        tmp_path / "donor",
+        base_json,
+        hidden=512,
+        seed=1,
+        state_dict_overrides={"model.embed_tokens.weight": donor_embed, "lm_head.weight": donor_head},
+        **BYTE_SPECIALS,
+    )
     sibling = factories.write_model(tmp_path / "sibling", byte_tok, seed=2, **BYTE_SPECIALS)
     out = tmp_path / "out"
-    code, err = remap(capsys, "--src_model", sibling, "--base_tokenizer", donor, "--out_dir", out, "--drop-extra", "--init", "omp", "--omp-k", "8")
+    code, err = remap(
+        capsys, "--src_model", sibling, "--base_tokenizer", donor, "--out_dir", out, "--drop-extra", "--init", "omp", "--omp-k", "8"
+    )
     assert code == 0, err
     written, source = tensors(out), tensors(sibling)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -117,17 +139,37 @@ def test_chat_template_source_in_append_mode_renders_to_appended_ids(tmp_path: P
 
     chat = ["<|im_start|>", "<|im_end|>"]
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    base = factories.write_tokenizer(tmp_path / "base", byte_tok, chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", **BYTE_SPECIALS)
-    sibling = factories.write_model(tmp_path / "sibling", factories.with_tokens(byte_tok, added=chat), seed=2, chat_template=template, **BYTE_SPECIALS)
+    base = factories.write_tokenizer(
+        tmp_path / "base", byte_tok, chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", **BYTE_SPECIALS
+    )
+    sibling = factories.write_model(
+        tmp_path / "sibling", factories.with_tokens(byte_tok, added=chat), seed=2, chat_template=template, **BYTE_SPECIALS
+    )
     out = tmp_path / "out"
     code, err = remap(capsys, "--src_model", sibling, "--base_tokenizer", base, "--out_dir", out, "--chat-template", "source")
     assert code == 0, err
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    appended = {token: out_id for token, _, out_id in ((a["token"], a["source_id"], a["id"]) for a in json.loads((out / rt.REPORT_NAME).read_text())["plan"]["appended"])}
+    appended = {
+        token: out_id
+        for token, _, out_id in (
+            (a["token"], a["source_id"], a["id"]) for a in json.loads((out / rt.REPORT_NAME).read_text())["plan"]["appended"]
+        )
+    }
     assert ids[0] == appended["<|im_start|>"] and appended["<|im_end|>"] in ids
-    code, err = remap(capsys, "--src_model", sibling, "--base_tokenizer", base, "--out_dir", tmp_path / "drop", "--drop-extra", "--chat-template", "source")
+    code, err = remap(
+        capsys,
+        "--src_model",
+        sibling,
+        "--base_tokenizer",
+        base,
+        "--out_dir",
+        tmp_path / "drop",
+        "--drop-extra",
+        "--chat-template",
+        "source",
+    )
     assert code == 2 and "'<|im_start|>', '<|im_end|>'" in err and "use append mode or --chat-template base" in err
     code, err = remap(capsys, "--src_model", sibling, "--base_tokenizer", base, "--out_dir", tmp_path / "drop", "--drop-extra")
     assert code == 0 and "warning: M's chat template uses '<|im_start|>', '<|im_end|>', which the output drops" in err

@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 import yaml
-
-import compare_tokenizers as ct
-import factories
-import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS
 from merge_fixtures import build_models, linear_yaml, mergekit_linear, tensors
+
+import compare_tokenizers as ct
+import remap_tokenizer as rt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
@@ -35,7 +35,9 @@ def _mergekit() -> None:
 
 def mergekit(config: Path, out: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([str(MERGEKIT_YAML), str(config), str(out), "--copy-tokenizer"], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [str(MERGEKIT_YAML), str(config), str(out), "--copy-tokenizer"], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,20 @@ def test_remap_then_merge_with_mergekit(tmp_path: Path, models: dict[str, Path],
     remapped = {"base": models["base"]}
     for name in ("padded", "chat"):
         remapped[name] = tmp_path / f"{name}-remapped"
-        assert rt.main(["--src_model", str(models[name]), "--base_tokenizer", str(models["base"]), "--out_dir", str(remapped[name]), "--drop-extra"]) == 0
+        assert (
+            rt.main(
+                [
+                    "--src_model",
+                    str(models[name]),
+                    "--base_tokenizer",
+                    str(models["base"]),
+                    "--out_dir",
+                    str(remapped[name]),
+                    "--drop-extra",
+                ]
+            )
+            == 0
+        )
     aligned = linear_yaml(tmp_path / "aligned.yaml", models["base"], [(remapped[n], w) for n, w in WEIGHTS.items()])
     # 3. the gate passes
     capsys.readouterr()
@@ -97,25 +112,44 @@ def test_merging_without_the_remap_fails_or_is_wrong(tmp_path: Path, models: dic
     merged = tensors(tmp_path / "permuted-merge")["model.embed_tokens.weight"]
     base_vocab = factories.vocab_of(json.loads((models["base"] / "tokenizer.json").read_text()))
     permuted_vocab = factories.vocab_of(json.loads((models["permuted"] / "tokenizer.json").read_text()))
-    base_rows, permuted_rows = tensors(models["base"])["model.embed_tokens.weight"], tensors(models["permuted"])["model.embed_tokens.weight"]
+    base_rows, permuted_rows = (
+        tensors(models["base"])["model.embed_tokens.weight"],
+        tensors(models["permuted"])["model.embed_tokens.weight"],
+    )
     wrong = 0
     for token, base_id in base_vocab.items():
-        right = mergekit_linear([base_rows[base_id : base_id + 1], permuted_rows[permuted_vocab[token] : permuted_vocab[token] + 1]], [0.5, 0.5])[0]
+        right = mergekit_linear(
+            [base_rows[base_id : base_id + 1], permuted_rows[permuted_vocab[token] : permuted_vocab[token] + 1]], [0.5, 0.5]
+        )[0]
         wrong += not torch.equal(merged[base_id], right)
     assert wrong > 390  # nearly every token's row mixes two different tokens
     # after the remap the same merge is right
     remapped = tmp_path / "permuted-remapped"
-    assert rt.main(["--src_model", str(models["permuted"]), "--base_tokenizer", str(models["base"]), "--out_dir", str(remapped), "--drop-extra"]) == 0
+    assert (
+        rt.main(
+            ["--src_model", str(models["permuted"]), "--base_tokenizer", str(models["base"]), "--out_dir", str(remapped), "--drop-extra"]
+        )
+        == 0
+    )
     fixed = linear_yaml(tmp_path / "fixed.yaml", models["base"], [(models["base"], 0.5), (remapped, 0.5)])
     assert mergekit(fixed, tmp_path / "fixed-merge").returncode == 0
     merged = tensors(tmp_path / "fixed-merge")["model.embed_tokens.weight"]
     assert torch.equal(merged, mergekit_linear([base_rows, tensors(remapped)["model.embed_tokens.weight"]], [0.5, 0.5]))
     for token, base_id in list(base_vocab.items())[:50]:
-        assert torch.equal(merged[base_id], mergekit_linear([base_rows[base_id : base_id + 1], permuted_rows[permuted_vocab[token] : permuted_vocab[token] + 1]], [0.5, 0.5])[0])
+        assert torch.equal(
+            merged[base_id],
+            mergekit_linear(
+                [base_rows[base_id : base_id + 1], permuted_rows[permuted_vocab[token] : permuted_vocab[token] + 1]], [0.5, 0.5]
+            )[0],
+        )
 
 
 def test_align_command_then_mergekit(tmp_path: Path, models: dict[str, Path], capsys) -> None:
-    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["same"], 0.25), (models["padded"], 0.125), (models["chat"], 0.125)])
+    config = linear_yaml(
+        tmp_path / "merge.yaml",
+        models["base"],
+        [(models["base"], 0.5), (models["same"], 0.25), (models["padded"], 0.125), (models["chat"], 0.125)],
+    )
     aligned = tmp_path / "aligned"
     assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned)]) == 0
     capsys.readouterr()
@@ -139,10 +173,19 @@ def test_aligned_merges_keep_the_bases_rows_of_its_own_tokens(tmp_path: Path, ca
     base = factories.write_model(tmp_path / "base", base_json, seed=1, **BYTE_SPECIALS)
     sibling = factories.write_model(tmp_path / "sibling", byte_tok, seed=2, **BYTE_SPECIALS)
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({
-        "merge_method": method, "base_model": str(base), "dtype": "float32",
-        "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(sibling), "parameters": {"weight": 0.5 if method == "linear" else 1.0}}],
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": method,
+                "base_model": str(base),
+                "dtype": "float32",
+                "models": [
+                    {"model": str(base), "parameters": {"weight": 0.5}},
+                    {"model": str(sibling), "parameters": {"weight": 0.5 if method == "linear" else 1.0}},
+                ],
+            }
+        )
+    )
     aligned = tmp_path / "aligned"
     assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -9,19 +9,18 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import factories
 import pytest
 import yaml
-
-import factories
-import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS
+
+import remap_tokenizer as rt
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -37,7 +36,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> dict[str
         "base": factories.write_model(root / "base", byte_tok, seed=1, **BYTE_SPECIALS),
         "chat": chat,
         # a few MB in many shards, so that a run spends a while writing
-        "wide": factories.write_model(root / "wide", chat_json, hidden=256, shard_size="300KB", seed=5, bos=BYTE_SPECIALS["bos"], eos="<|im_end|>"),
+        "wide": factories.write_model(
+            root / "wide", chat_json, hidden=256, shard_size="300KB", seed=5, bos=BYTE_SPECIALS["bos"], eos="<|im_end|>"
+        ),
     }
 
 
@@ -57,7 +58,13 @@ def beside(out: Path) -> list[str]:
 
 def remap_cli(*args: object) -> subprocess.Popen[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "remap_tokenizer.py"), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "remap_tokenizer.py"), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def assert_complete(out: Path) -> None:
@@ -72,7 +79,21 @@ def assert_complete(out: Path) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["models/chat/..", "models/chat/.", "models/chat/", "/", ".", "..", "~", "a/b/../../..", ".hidden", "...", "x" * 300, "org/name", "a b/c:d"],
+    [
+        "models/chat/..",
+        "models/chat/.",
+        "models/chat/",
+        "/",
+        ".",
+        "..",
+        "~",
+        "a/b/../../..",
+        ".hidden",
+        "...",
+        "x" * 300,
+        "org/name",
+        "a b/c:d",
+    ],
 )
 def test_aligned_names_are_one_plain_component(path: str) -> None:
     taken: set[str] = set()
@@ -91,15 +112,25 @@ def test_model_paths_ending_in_dot_dot_or_dot_stay_inside_aligned(tmp_path: Path
     (work / "precious.txt").write_text("the parent of ALIGNED must not change")
     before = listing_digest(work)
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({
-        "merge_method": "linear", "base_model": str(models["base"]), "dtype": "float32",
-        "models": [{"model": str(models["base"]), "parameters": {"weight": 0.5}},
-                   {"model": f"{models['chat']}/original/..", "parameters": {"weight": 0.25}},
-                   {"model": f"{models['chat']}/.", "parameters": {"weight": 0.25}}],
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": str(models["base"]),
+                "dtype": "float32",
+                "models": [
+                    {"model": str(models["base"]), "parameters": {"weight": 0.5}},
+                    {"model": f"{models['chat']}/original/..", "parameters": {"weight": 0.25}},
+                    {"model": f"{models['chat']}/.", "parameters": {"weight": 0.25}},
+                ],
+            }
+        )
+    )
     assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--overwrite"]) == 0, capsys.readouterr().err
     after = listing_digest(work)
-    assert {k: v for k, v in after.items() if not k.startswith("aligned/")} == {k: v for k, v in before.items() if not k.startswith("aligned/")}
+    assert {k: v for k, v in after.items() if not k.startswith("aligned/")} == {
+        k: v for k, v in before.items() if not k.startswith("aligned/")
+    }
     assert after["aligned/previous/remap_report.json"] == before["aligned/previous/remap_report.json"]
     assert sorted(p.name for p in aligned.iterdir()) == ["chat", "merge.yaml", "previous"]
     assert_complete(aligned / "chat")
@@ -110,7 +141,9 @@ def test_overwrite_never_replaces_what_the_tool_did_not_write(tmp_path: Path, mo
     (aligned / "chat").mkdir(parents=True)
     (aligned / "chat" / "notes.txt").write_text("mine")
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]), "models": [{"model": str(models["chat"])}]}))
+    config.write_text(
+        yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]), "models": [{"model": str(models["chat"])}]})
+    )
     assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--overwrite"]) == 2
     assert "holds files this tool did not write" in capsys.readouterr().err
     assert (aligned / "chat" / "notes.txt").read_text() == "mine"
@@ -244,7 +277,11 @@ def test_signals_at_any_moment_leave_a_complete_output_or_nothing(tmp_path: Path
             time.sleep(0.15)  # during the imports or the reading
         else:  # once the staging directory exists, then later and later
             deadline = time.monotonic() + 60
-            while not any(p.name.startswith(f".{out.name}.tmp-") for p in tmp_path.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+            while (
+                not any(p.name.startswith(f".{out.name}.tmp-") for p in tmp_path.iterdir())
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.002)
             time.sleep((attempt - 1) * 0.03)
         proc.send_signal(signum)
@@ -266,7 +303,13 @@ def test_signals_at_any_moment_leave_a_complete_output_or_nothing(tmp_path: Path
 
 def test_compare_stops_on_sigterm_with_one_line(tmp_path: Path, models: dict[str, Path]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "compare_tokenizers.py"), models["base"], models["wide"], "--weights"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "compare_tokenizers.py"), models["base"], models["wide"], "--weights"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -16,15 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import factories
 import pytest
 import yaml
+from conftest import BYTE_SPECIALS
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import compare_tokenizers as ct
-import factories
 import remap_tokenizer as rt
-from conftest import BYTE_SPECIALS
 
 CASES = int(os.environ.get("MERGE_TOOLS_FUZZ_CASES", "160"))  # a longer campaign: set it higher
 ODD_VALUES: list[Any] = [None, True, False, 0, -1, 1.5, 2**40, "", "x", "\ud800", [], {}, [1, 2], {"content": 3}, "<0xZZ>", "../x", "/abs"]
@@ -34,7 +34,9 @@ ODD_VALUES: list[Any] = [None, True, False, 0, -1, 1.5, 2**40, "", "x", "\ud800"
 def pristine(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pristine")
     base = factories.write_model(root / "base", byte_tok, seed=1, **BYTE_SPECIALS)
-    model = factories.write_model(root / "model", factories.permuted(byte_tok, seed=7, keep=BYTE_SPECIALS.values()), seed=2, shard_size="20KB", **BYTE_SPECIALS)
+    model = factories.write_model(
+        root / "model", factories.permuted(byte_tok, seed=7, keep=BYTE_SPECIALS.values()), seed=2, shard_size="20KB", **BYTE_SPECIALS
+    )
     return {"base": base, "model": model}
 
 
@@ -156,9 +158,17 @@ def test_seeded_mutations_of_every_input(tmp_path: Path, pristine: dict[str, Pat
         elif target == "index":
             mutate_json_file(model / "model.safetensors.index.json", rng)
         elif target == "yaml":
-            config = {"merge_method": "linear", "base_model": str(pristine["base"]), "models": [{"model": str(model), "parameters": {"weight": 0.5}}]}
+            config = {
+                "merge_method": "linear",
+                "base_model": str(pristine["base"]),
+                "models": [{"model": str(model), "parameters": {"weight": 0.5}}],
+            }
             raw = yaml.safe_dump(config).encode()
-            mutated = mutate_text(raw, rng) if rng.random() < 0.3 else yaml.safe_dump(mutate_value(config, rng), allow_unicode=True).encode("utf-8", "surrogatepass")
+            mutated = (
+                mutate_text(raw, rng)
+                if rng.random() < 0.3
+                else yaml.safe_dump(mutate_value(config, rng), allow_unicode=True).encode("utf-8", "surrogatepass")
+            )
             (work / "merge.yaml").write_bytes(mutated)
         elif (model / target).exists():
             mutate_json_file(model / target, rng)

@@ -16,11 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 import yaml
-
-import factories
 from conftest import BYTE_SPECIALS
 from hub_server import HubServer
 
@@ -50,7 +49,9 @@ def repos(tmp_path_factory: pytest.TempPathFactory, byte_tok: dict) -> dict[str,
         "base": base,
         # shards larger than the 100 kB the client reads first of each, to tell headers from whole files
         "wide": factories.write_model(root / "wide", byte_tok, hidden=128, shard_size="1MB", **BYTE_SPECIALS),
-        "thinker": factories.write_model(root / "thinker", factories.with_tokens(byte_tok, added=["<think>", "</think>"]), seed=9, **BYTE_SPECIALS),
+        "thinker": factories.write_model(
+            root / "thinker", factories.with_tokens(byte_tok, added=["<think>", "</think>"]), seed=9, **BYTE_SPECIALS
+        ),
     }
 
 
@@ -73,7 +74,15 @@ def hf_home(tmp_path: Path) -> Path:
     return tmp_path / "hf_home"
 
 
-def cli(tool: str, *args: object, hub: HubServer | None, hf_home: Path, offline: bool = False, token: str | None = None, endpoint: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    tool: str,
+    *args: object,
+    hub: HubServer | None,
+    hf_home: Path,
+    offline: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_TELEMETRY="1")
     env["HF_ENDPOINT"] = endpoint or (hub.url if hub is not None else "http://127.0.0.1:9")
@@ -114,21 +123,54 @@ def test_remap_of_repo_ids_downloads_only_what_it_needs(tmp_path: Path, hub: Hub
     ok(cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/base", "--out_dir", out, hub=hub, hf_home=hf_home))
     model_files = fetched_files(hub, "org/model")
     shards = set(json.loads((repos["model"] / "model.safetensors.index.json").read_text())["weight_map"].values())
-    assert model_files == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json", *shards}
+    assert model_files == {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+        *shards,
+    }
     assert fetched_files(hub, "org/base") == {"tokenizer.json", "tokenizer_config.json"}
     # the real cache layout: every snapshot file is a symlink into blobs/
     snapshot = cache_snapshot(hf_home, "org/model")
     assert all((snapshot / name).is_symlink() for name in shards)
     # the same bytes as a remap of the same folders given as local directories
     local = tmp_path / "local"
-    ok(cli("remap_tokenizer.py", "--src_model", repos["model"], "--base_tokenizer", repos["base"], "--out_dir", local, hub=None, hf_home=hf_home, offline=True))
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            repos["model"],
+            "--base_tokenizer",
+            repos["base"],
+            "--out_dir",
+            local,
+            hub=None,
+            hf_home=hf_home,
+            offline=True,
+        )
+    )
     assert shard_digests(out) == shard_digests(local)
     report = json.loads((out / "remap_report.json").read_text())
     assert report["inputs"]["src_model"]["source"] == "org/model" and report["inputs"]["src_model"]["path"] == str(snapshot)
 
     hub.clear_log()
     drop = tmp_path / "drop"
-    ok(cli("remap_tokenizer.py", "--src_model", "org/chat", "--base_tokenizer", "org/base", "--out_dir", drop, "--drop-extra", hub=hub, hf_home=hf_home))
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            "org/chat",
+            "--base_tokenizer",
+            "org/base",
+            "--out_dir",
+            drop,
+            "--drop-extra",
+            hub=hub,
+            hf_home=hf_home,
+        )
+    )
     assert not any(name in NOT_NEEDED for name in fetched_files(hub, "org/chat"))
     assert json.loads((drop / "config.json").read_text())["vocab_size"] == 400
     ok(cli("compare_tokenizers.py", "org/base", drop, "--weights", hub=hub, hf_home=hf_home))
@@ -137,8 +179,25 @@ def test_remap_of_repo_ids_downloads_only_what_it_needs(tmp_path: Path, hub: Hub
 def test_revisions_pin_a_commit(tmp_path: Path, hub: HubServer, hf_home: Path) -> None:
     old = hub.old_commit  # type: ignore[attr-defined]
     out = tmp_path / "out"
-    ok(cli("remap_tokenizer.py", "--src_model", "org/model", "--revision", old, "--base_tokenizer", "org/base", "--base-revision", "main",
-           "--out_dir", out, "--drop-extra", "--json", hub=hub, hf_home=hf_home))  # fmt: skip
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            "org/model",
+            "--revision",
+            old,
+            "--base_tokenizer",
+            "org/base",
+            "--base-revision",
+            "main",
+            "--out_dir",
+            out,
+            "--drop-extra",
+            "--json",
+            hub=hub,
+            hf_home=hf_home,
+        )
+    )
     report = json.loads((out / "remap_report.json").read_text())
     assert report["plan"]["rows"]["source"] == 402  # the old commit has the chat tokens
     assert Path(report["inputs"]["src_model"]["path"]).name == old
@@ -158,29 +217,77 @@ def test_compare_weights_reads_safetensors_headers_only(hub: HubServer, hf_home:
     shards = len(list(repos["wide"].glob("model-*.safetensors")))
     assert 0 < served <= shards * 100_001 and served < on_disk / 4, (served, on_disk)  # the client reads the first 100 kB of each
     assert all(r.range for r in hub.log if r.method == "GET" and r.path.endswith(".safetensors"))
-    assert fetched_files(hub, "org/wide") <= {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"}
+    assert fetched_files(hub, "org/wide") <= {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+    }
 
 
 def test_a_warm_cache_works_offline_with_the_server_gone(tmp_path: Path, hub: HubServer, hf_home: Path) -> None:
-    ok(cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/base", "--out_dir", tmp_path / "online", hub=hub, hf_home=hf_home))
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            "org/model",
+            "--base_tokenizer",
+            "org/base",
+            "--out_dir",
+            tmp_path / "online",
+            hub=hub,
+            hf_home=hf_home,
+        )
+    )
     ok(cli("compare_tokenizers.py", "org/model", "org/base", hub=hub, hf_home=hf_home), code=1)
     hub.stop()
     again = tmp_path / "offline"
-    ok(cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/base", "--out_dir", again, hub=hub, hf_home=hf_home, offline=True))
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            "org/model",
+            "--base_tokenizer",
+            "org/base",
+            "--out_dir",
+            again,
+            hub=hub,
+            hf_home=hf_home,
+            offline=True,
+        )
+    )
     assert shard_digests(again) == shard_digests(tmp_path / "online")
     # the cached shards are read locally for --weights
-    result = ok(cli("compare_tokenizers.py", "org/model", "org/base", "--weights", "--json", hub=hub, hf_home=hf_home, offline=True), code=1)
+    result = ok(
+        cli("compare_tokenizers.py", "org/model", "org/base", "--weights", "--json", hub=hub, hf_home=hf_home, offline=True), code=1
+    )
     assert json.loads(result.stdout)["comparisons"][0]["checks"]["weights"]["ref"]["embed_rows"] == 400
 
 
 def test_gated_repos_need_a_token(tmp_path: Path, hub: HubServer, hf_home: Path) -> None:
     out = tmp_path / "out"
-    error = one_error(cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/gated", "--out_dir", out, hub=hub, hf_home=hf_home))
+    error = one_error(
+        cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/gated", "--out_dir", out, hub=hub, hf_home=hf_home)
+    )
     assert "org/gated: gated repository" in error and "HF_TOKEN" in error and "hf auth login" in error
     error = one_error(cli("compare_tokenizers.py", "org/base", "org/gated", hub=hub, hf_home=hf_home, token="hf_wrong"))
     assert "org/gated: gated repository" in error and "has no access" in error
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf_home"]
-    ok(cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/gated", "--out_dir", out, hub=hub, hf_home=hf_home, token=hub.token))
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            "org/model",
+            "--base_tokenizer",
+            "org/gated",
+            "--out_dir",
+            out,
+            hub=hub,
+            hf_home=hf_home,
+            token=hub.token,
+        )
+    )
 
 
 @pytest.mark.parametrize("case", ["missing repo", "missing revision", "connection refused", "server error"])
@@ -199,22 +306,34 @@ def test_hub_failures_are_one_line_and_leave_nothing(tmp_path: Path, hub: HubSer
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
     started = time.monotonic()
-    error = one_error(cli("remap_tokenizer.py", "--src_model", src, *revision, "--base_tokenizer", "org/base", "--out_dir", out, hub=hub, hf_home=hf_home))
+    error = one_error(
+        cli("remap_tokenizer.py", "--src_model", src, *revision, "--base_tokenizer", "org/base", "--out_dir", out, hub=hub, hf_home=hf_home)
+    )
     assert expected in error, error
     assert time.monotonic() - started < 30
     assert list(out.parent.iterdir()) == []
     compare_src = f"{src}@no-such-branch" if revision else src
-    assert expected.split(":")[0].split("@")[0] in one_error(cli("compare_tokenizers.py", compare_src, "org/base", hub=hub, hf_home=hf_home))
+    assert expected.split(":")[0].split("@")[0] in one_error(
+        cli("compare_tokenizers.py", compare_src, "org/base", hub=hub, hf_home=hf_home)
+    )
 
 
 def test_mergekit_config_with_repo_ids(tmp_path: Path, hub: HubServer, hf_home: Path) -> None:
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({
-        "merge_method": "linear", "base_model": "org/model", "dtype": "float32",
-        "models": [{"model": "org/model", "parameters": {"weight": 0.5}}, {"model": "org/chat", "parameters": {"weight": 0.5}}],
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": "org/model",
+                "dtype": "float32",
+                "models": [{"model": "org/model", "parameters": {"weight": 0.5}}, {"model": "org/chat", "parameters": {"weight": 0.5}}],
+            }
+        )
+    )
     aligned = tmp_path / "aligned"
-    summary = json.loads(ok(cli("remap_tokenizer.py", "--mergekit-config", config, "--out_dir", aligned, "--json", hub=hub, hf_home=hf_home)).stdout)
+    summary = json.loads(
+        ok(cli("remap_tokenizer.py", "--mergekit-config", config, "--out_dir", aligned, "--json", hub=hub, hf_home=hf_home)).stdout
+    )
     assert summary["gate"]["ok"] and {m["status"] for m in summary["models"]} == {"identical", "remapped"}
     ok(cli("compare_tokenizers.py", "--mergekit-config", aligned / "merge.yaml", "--weights", hub=hub, hf_home=hf_home))
 
@@ -228,7 +347,20 @@ def test_local_shards_may_be_symlinks_to_another_disk(tmp_path: Path, repos: dic
         if path.is_file() and path.name not in NOT_NEEDED:
             (model / path.name).symlink_to(path)
     out = tmp_path / "out"
-    ok(cli("remap_tokenizer.py", "--src_model", model, "--base_tokenizer", repos["base"], "--out_dir", out, hub=None, hf_home=hf_home, offline=True))
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            model,
+            "--base_tokenizer",
+            repos["base"],
+            "--out_dir",
+            out,
+            hub=None,
+            hf_home=hf_home,
+            offline=True,
+        )
+    )
     ok(cli("compare_tokenizers.py", model, repos["model"], "--weights", hub=None, hf_home=hf_home, offline=True))
     index = json.loads((other_disk / "model.safetensors.index.json").read_text())
     first = next(iter(index["weight_map"]))
@@ -236,8 +368,10 @@ def test_local_shards_may_be_symlinks_to_another_disk(tmp_path: Path, repos: dic
         index["weight_map"][first] = escape
         (model / "model.safetensors.index.json").unlink()
         (model / "model.safetensors.index.json").write_text(json.dumps(index))
-        for tool, args in (("remap_tokenizer.py", ["--src_model", model, "--base_tokenizer", repos["base"], "--out_dir", tmp_path / "out2"]),
-                           ("compare_tokenizers.py", [model, repos["model"], "--weights"])):  # fmt: skip
+        for tool, args in (
+            ("remap_tokenizer.py", ["--src_model", model, "--base_tokenizer", repos["base"], "--out_dir", tmp_path / "out2"]),
+            ("compare_tokenizers.py", [model, repos["model"], "--weights"]),
+        ):
             error = one_error(cli(tool, *args, hub=None, hf_home=hf_home, offline=True))
             assert repr(escape) in error and "not a plain file name inside the model directory" in error
         assert not (tmp_path / "out2").exists()
@@ -249,8 +383,29 @@ def test_donor_rows_come_from_a_hub_repo_by_range_requests(tmp_path: Path, hub: 
     from merge_fixtures import tensors
 
     out = tmp_path / "out"
-    ok(cli("remap_tokenizer.py", "--src_model", "org/model", "--base_tokenizer", "org/thinker", "--out_dir", out, "--drop-extra", "--init", "donor", hub=hub, hf_home=hf_home))
-    assert fetched_files(hub, "org/thinker") == {"tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", "model.safetensors.index.json"}
+    ok(
+        cli(
+            "remap_tokenizer.py",
+            "--src_model",
+            "org/model",
+            "--base_tokenizer",
+            "org/thinker",
+            "--out_dir",
+            out,
+            "--drop-extra",
+            "--init",
+            "donor",
+            hub=hub,
+            hf_home=hf_home,
+        )
+    )
+    assert fetched_files(hub, "org/thinker") == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+    }
     gets = [r for r in hub.log if r.method == "GET" and r.path.startswith("/org/thinker/") and r.path.endswith(".safetensors")]
     assert gets and all(r.range for r in gets)
     row_reads = [r for r in gets if not r.range.startswith("bytes=0-")]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import factories
 import pytest
 import torch
-from tokenizers import Tokenizer
-
-import factories
-import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS, SP_SPECIALS
 from test_remap import remap, report_of, tensors
+from tokenizers import Tokenizer
+
+import remap_tokenizer as rt
 
 
 def two_token_word(tokenizer_json: dict) -> tuple[str, str]:
@@ -97,7 +97,9 @@ def test_nan_rows_never_leak_into_initialised_rows(tmp_path: Path, byte_tok: dic
     poisoned[vocab[head]] = float("nan")
     poisoned[5, 3] = float("inf")
     src = factories.write_model(tmp_path / "src", byte_tok, state_dict_overrides={"model.embed_tokens.weight": poisoned}, **BYTE_SPECIALS)
-    base = factories.write_tokenizer(tmp_path / "base", factories.with_tokens(byte_tok, regular=[head + tail], added=["<|x|>"]), **BYTE_SPECIALS)
+    base = factories.write_tokenizer(
+        tmp_path / "base", factories.with_tokens(byte_tok, regular=[head + tail], added=["<|x|>"]), **BYTE_SPECIALS
+    )
     out = tmp_path / "out"
     code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra")
     assert code == 0
@@ -125,7 +127,9 @@ def test_sentencepiece_source_onto_byte_level_base_shares_rows_by_bytes(tmp_path
     assert report_of(auto)["match_mode"] == "bytes"
     # rows matched by bytes are the source's rows of the same text
     src_t, out_t = tensors(src), tensors(tmp_path / "bytes")
-    assert torch.equal(out_t["lm_head.weight"][byte_tok["model"]["vocab"]["Ġthe"]], src_t["lm_head.weight"][sp_tok["model"]["vocab"]["▁the"]])
+    assert torch.equal(
+        out_t["lm_head.weight"][byte_tok["model"]["vocab"]["Ġthe"]], src_t["lm_head.weight"][sp_tok["model"]["vocab"]["▁the"]]
+    )
 
 
 def test_byte_level_source_onto_sentencepiece_base_decomposes_by_bytes(tmp_path: Path, sp_tok: dict, byte_tok: dict, capsys) -> None:
@@ -174,7 +178,11 @@ def test_fvt_model_built_for_the_texts_encodes_them_as_the_whole_model_does(tmp_
     whole.normalizer, whole.pre_tokenizer, whole.post_processor = None, None, None
     vocab = sorted(tokenizer_json["model"]["vocab"])
     characters = sorted({char for token in vocab for char in token} | set("日é\n "))
-    texts = st.lists(st.lists(st.one_of(st.sampled_from(vocab), st.sampled_from(characters)), min_size=1, max_size=6).map("".join), min_size=1, max_size=20)
+    texts = st.lists(
+        st.lists(st.one_of(st.sampled_from(vocab), st.sampled_from(characters)), min_size=1, max_size=6).map("".join),
+        min_size=1,
+        max_size=20,
+    )
 
     @given(texts)
     @settings(max_examples=100, deadline=None)
@@ -182,6 +190,8 @@ def test_fvt_model_built_for_the_texts_encodes_them_as_the_whole_model_does(tmp_
         pruned = rt.model_only_tokenizer(src, batch)
         if not any(added["content"] in text for added in tokenizer_json["added_tokens"] for text in batch):
             assert pruned.get_vocab_size() < len(vocab)
-        assert [e.ids for e in pruned.encode_batch(batch, add_special_tokens=False)] == [e.ids for e in whole.encode_batch(batch, add_special_tokens=False)]
+        assert [e.ids for e in pruned.encode_batch(batch, add_special_tokens=False)] == [
+            e.ids for e in whole.encode_batch(batch, add_special_tokens=False)
+        ]
 
     same_ids()

@@ -6,10 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,9 @@ def test_installed_commands(command: str) -> None:
 
 
 def test_examples_are_made_by_the_committed_script(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "examples/make_examples.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "examples/make_examples.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("base-model", "chat-finetune"):
         for file in ("tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):

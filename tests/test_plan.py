@@ -32,7 +32,9 @@ def vocab_specs(draw: st.DrawFn, min_size: int = 1) -> rt.VocabSpec:
     tokens = draw(st.lists(st.sampled_from(UNIVERSE), min_size=min_size, max_size=len(UNIVERSE), unique=True))
     ids = draw(st.permutations(range(len(tokens))))
     vocab = dict(zip(tokens, ids))
-    roles = {role: (token if token in vocab else None) for role, token in (("bos", "<s>"), ("eos", "</s>"), ("pad", None), ("unk", "<unk>"))}
+    roles = {
+        role: (token if token in vocab else None) for role, token in (("bos", "<s>"), ("eos", "</s>"), ("pad", None), ("unk", "<unk>"))
+    }
     return rt.VocabSpec(vocab, {t: FLAGS for t in tokens if t in ADDED}, roles)
 
 
@@ -52,9 +54,16 @@ def test_plan_invariants(base, src, extra_rows, drop, init, base_config_extra, p
     matches = rt.match_tokens(base, src, "exact")
     decompositions = {t: (src.vocab[t],) for t in base.vocab if t in src.vocab}
     plan = rt.plan_remap(
-        base, src, src_rows=src_rows, matches=matches, drop_extra=drop, init=init,
-        base_config_vocab_size=base_config, pad_to_multiple_of=pad, decompositions=decompositions,
-    )  # fmt: skip
+        base,
+        src,
+        src_rows=src_rows,
+        matches=matches,
+        drop_extra=drop,
+        init=init,
+        base_config_vocab_size=base_config,
+        pad_to_multiple_of=pad,
+        decompositions=decompositions,
+    )
     assert len(plan.row_source) == len(plan.row_rule) == plan.n_rows
     # every base token keeps its id, and one with a real source row is copied from exactly it
     for token, base_id in base.vocab.items():
@@ -164,7 +173,10 @@ def test_utf8_pieces_cover_the_bytes(data: bytes) -> None:
 # ------------------------------------------------------------------ shards and headers
 
 
-@pytest.mark.parametrize(("text", "value"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("1234", 1234), ("30kb", 30_000)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("1234", 1234), ("30kb", 30_000)],
+)
 def test_parse_size(text: str, value: int) -> None:
     assert rt.parse_size(text) == value
 
@@ -192,10 +204,19 @@ def test_plan_shards(sizes: list[int], limit: int) -> None:
 
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @st.composite
@@ -206,13 +227,17 @@ def tensor_sets(draw: st.DrawFn) -> dict[str, torch.Tensor]:
         dtype = draw(st.sampled_from(sorted(TORCH_DTYPES)))
         shape = draw(st.lists(st.integers(0, 5), max_size=3))
         raw = draw(st.binary(min_size=int(np.prod(shape)) * rt.DTYPE_SIZES[dtype], max_size=int(np.prod(shape)) * rt.DTYPE_SIZES[dtype]))
-        result[name] = torch.frombuffer(bytearray(raw) or bytearray(1), dtype=torch.uint8)[: len(raw)].view(TORCH_DTYPES[dtype]).reshape(shape)
+        result[name] = (
+            torch.frombuffer(bytearray(raw) or bytearray(1), dtype=torch.uint8)[: len(raw)].view(TORCH_DTYPES[dtype]).reshape(shape)
+        )
     return result
 
 
 @given(tensor_sets(), st.booleans(), st.sampled_from([4096, 8192, 2**20]))
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-def test_streamed_safetensors_round_trip_through_the_library(tmp_path_factory, tensors: dict[str, torch.Tensor], direct: bool, chunk: int) -> None:
+def test_streamed_safetensors_round_trip_through_the_library(
+    tmp_path_factory, tensors: dict[str, torch.Tensor], direct: bool, chunk: int
+) -> None:
     """Through O_DIRECT (where the temporary directory's file system has it) and the page
     cache, with buffers small enough that tensors straddle flushes."""
     directory = tmp_path_factory.mktemp("st")
@@ -298,14 +323,16 @@ def test_header_validation_rejects_overlaps_and_truncation() -> None:
         rt.check_safetensors_header(good, 16, "x")
     with pytest.raises(rt.CliError, match="takes 8 bytes"):
         rt.check_safetensors_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 6]}}, 6, "x")
-    for bad, message in (({"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}, "unknown dtype 'Q4'"),
-                         ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
-                         ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "not a list of non-negative integers"),
-                         ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "not a list of non-negative integers"),
-                         ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "not a list of non-negative integers"),
-                         ({"dtype": "F32", "shape": [2], "data_offsets": [0]}, "invalid data_offsets"),
-                         ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "invalid data_offsets"),
-                         ("F32", "not an object")):  # fmt: skip
+    for bad, message in (
+        ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}, "unknown dtype 'Q4'"),
+        ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
+        ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "not a list of non-negative integers"),
+        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "not a list of non-negative integers"),
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "not a list of non-negative integers"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0]}, "invalid data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "invalid data_offsets"),
+        ("F32", "not an object"),
+    ):
         with pytest.raises(rt.CliError, match=message):
             rt.check_safetensors_header({"a": bad}, 8, "x")
 
@@ -373,11 +400,21 @@ def test_build_rows_fvt_mean_zero_and_nan_exclusion() -> None:
     src_values = np.array([[1.0, 2.0], [3.0, 6.0], [np.nan, 1.0], [10.0, 10.0]], dtype=np.float32)
     src = rt.encode_rows(src_values, "F32")
     plan = rt.RemapPlan(
-        mode="drop", init="fvt", n_rows=5, n_base=5, src_rows=4,
-        row_source=(1, rt.FVT_ROW, rt.FVT_ROW, rt.ZERO_ROW, rt.MEAN_ROW), row_rule=("moved", "fvt", "fvt", "zero", "padding"),
-        fvt_parts={1: (0, 1), 2: (2,)}, out_vocab={}, appended=(), dropped=(), src_ghosts=(), src_padding_rows=0,
+        mode="drop",
+        init="fvt",
+        n_rows=5,
+        n_base=5,
+        src_rows=4,
+        row_source=(1, rt.FVT_ROW, rt.FVT_ROW, rt.ZERO_ROW, rt.MEAN_ROW),
+        row_rule=("moved", "fvt", "fvt", "zero", "padding"),
+        fvt_parts={1: (0, 1), 2: (2,)},
+        out_vocab={},
+        appended=(),
+        dropped=(),
+        src_ghosts=(),
+        src_padding_rows=0,
         matches=rt.Matches("exact", {}),
-    )  # fmt: skip
+    )
     finite = ~rt.nonfinite_rows(src, "F32")
     mean = rt.encode_rows(np.array([[14 / 3, 6.0]]), "F32")[0]
     rows = rt.decode_rows(rt.build_rows(src, "F32", plan, 0, 5, lambda: mean, finite), "F32")
@@ -391,31 +428,54 @@ def test_build_rows_fvt_mean_zero_and_nan_exclusion() -> None:
 
 def test_output_role_ids_prefer_base_configs_and_add_source_eos_in_append_mode() -> None:
     plan = rt.RemapPlan(
-        mode="append", init="fvt", n_rows=12, n_base=10, src_rows=12, row_source=tuple(range(12)), row_rule=("copied",) * 12,
-        fvt_parts={}, out_vocab={"<s>": 0, "</s>": 1, "<|im_end|>": 11}, appended=(), dropped=(), src_ghosts=(),
-        src_padding_rows=0, matches=rt.Matches("exact", {}),
-    )  # fmt: skip
-    config_ids, generation_ids = rt.output_role_ids({"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {"eos_token_id": [1, 2]}, {}, ["<|im_end|>"], plan)
+        mode="append",
+        init="fvt",
+        n_rows=12,
+        n_base=10,
+        src_rows=12,
+        row_source=tuple(range(12)),
+        row_rule=("copied",) * 12,
+        fvt_parts={},
+        out_vocab={"<s>": 0, "</s>": 1, "<|im_end|>": 11},
+        appended=(),
+        dropped=(),
+        src_ghosts=(),
+        src_padding_rows=0,
+        matches=rt.Matches("exact", {}),
+    )
+    config_ids, generation_ids = rt.output_role_ids(
+        {"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {"eos_token_id": [1, 2]}, {}, ["<|im_end|>"], plan
+    )
     assert config_ids == {"bos": 0, "eos": [1, 2], "pad": None}
     assert generation_ids["eos"] == [1, 2, 11]
     drop = plan.__class__(**{**plan.__dict__, "mode": "drop"})
-    assert rt.output_role_ids({"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {}, {}, ["<|im_end|>"], drop)[1]["eos"] == 1
+    assert (
+        rt.output_role_ids({"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {}, {}, ["<|im_end|>"], drop)[1]["eos"] == 1
+    )
 
 
 def test_patch_config_keeps_everything_else() -> None:
     config = {"vocab_size": 10, "eos_token_id": 5, "hidden_size": 8, "tie_word_embeddings": True}
     assert rt.patch_config(config, 12, {"bos": 0, "eos": 1, "pad": None}) == {
-        "vocab_size": 12, "eos_token_id": 1, "bos_token_id": 0, "hidden_size": 8, "tie_word_embeddings": True,
-    }  # fmt: skip
+        "vocab_size": 12,
+        "eos_token_id": 1,
+        "bos_token_id": 0,
+        "hidden_size": 8,
+        "tie_word_embeddings": True,
+    }
     nested = {"text_config": {"vocab_size": 10}, "model_type": "gemma3"}
     assert rt.patch_config(nested, 12, {})["text_config"]["vocab_size"] == 12
 
 
 def test_select_weight_files() -> None:
     assert rt.select_weight_files(["model.safetensors.index.json", "model-00001-of-00002.safetensors", "consolidated.safetensors"]) == (
-        "safetensors", ["model.safetensors.index.json"]
+        "safetensors",
+        ["model.safetensors.index.json"],
     )
-    assert rt.select_weight_files(["model.safetensors", "consolidated.safetensors", "pytorch_model.bin"]) == ("safetensors", ["model.safetensors"])
+    assert rt.select_weight_files(["model.safetensors", "consolidated.safetensors", "pytorch_model.bin"]) == (
+        "safetensors",
+        ["model.safetensors"],
+    )
     assert rt.select_weight_files(["pytorch_model.bin", "original/consolidated.00.pth"]) == ("bin", ["pytorch_model.bin"])
     assert rt.select_weight_files(["README.md"]) == ("none", [])
 

@@ -27,7 +27,9 @@ def test_every_documented_flag_exists() -> None:
     documented = set(FLAG.findall(README)) - OTHER_PROGRAMS - {"--help"}
     missing = sorted(flag for flag in documented if flag not in helps)
     assert not missing, f"README documents flags the tools lack: {missing}"
-    benchmark_help = subprocess.run([sys.executable, "benchmarks/init_quality.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    benchmark_help = subprocess.run(
+        [sys.executable, "benchmarks/init_quality.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
     assert all(flag in benchmark_help for flag in ("--model", "--tokenizer", "--demo"))
 
 
@@ -38,7 +40,9 @@ def test_every_flag_of_the_tools_is_documented() -> None:
             assert not spellings or any(option in README for option in spellings), f"{module.__name__}: {spellings} missing from README.md"
             # every flag in both spellings users type; help shows kebab-case first
             if spellings and ("-" in spellings[0][2:] or "_" in spellings[0][2:]) and not spellings[0].startswith("--no-"):
-                assert spellings[0] == spellings[0].replace("_", "-") and spellings[0].replace("-", "_").replace("__", "--", 1) in spellings, spellings
+                assert (
+                    spellings[0] == spellings[0].replace("_", "-") and spellings[0].replace("-", "_").replace("__", "--", 1) in spellings
+                ), spellings
 
 
 def test_exit_codes_match_help() -> None:
@@ -63,15 +67,36 @@ def test_japanese_readme_keeps_step() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     command = re.search(r"pip install torch==2\.13\.0 -r requirements-e2e\.txt && (python -m pytest)\n", README).group(1)
     ci = (ROOT / ".ci" / "run").read_text()
-    assert f"&& MERGE_TOOLS_OTHER_PYTHON=\"$PWD/.venv-ci-tf4/bin/python\" {command})" in ci
+    assert f'&& MERGE_TOOLS_OTHER_PYTHON="$PWD/.venv-ci-tf4/bin/python" {command})' in ci
     assert "pip install -q torch==2.13.0" in ci and ci.index("torch==2.13.0") < ci.index("requirements-e2e.txt")
     assert 'python -m pytest -m "not e2e"' in README and 'python -m pytest -m "not e2e"' in ci
 
 
 def test_documented_output_layout(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert rt.main(["--src_model", str(ROOT / "examples/chat-finetune"), "--base_tokenizer", str(ROOT / "examples/base-model"), "--out_dir", str(out), "--max-shard-size", "30KB"]) == 0
+    assert (
+        rt.main(
+            [
+                "--src_model",
+                str(ROOT / "examples/chat-finetune"),
+                "--base_tokenizer",
+                str(ROOT / "examples/base-model"),
+                "--out_dir",
+                str(out),
+                "--max-shard-size",
+                "30KB",
+            ]
+        )
+        == 0
+    )
     layout = README.split("### Output directory")[1].split("```")[1]
-    for name in ("model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "remap_report.json"):
+    for name in (
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "remap_report.json",
+    ):
         assert name in layout and (out / name).is_file(), name
     assert list(out.glob("model-00001-of-*.safetensors"))

@@ -7,14 +7,14 @@ import logging
 import os
 from pathlib import Path
 
+import factories
 import pytest
 import torch
-
-import compare_tokenizers
-import factories
-import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS, SP_SPECIALS
 from merge_fixtures import tensors
+
+import compare_tokenizers
+import remap_tokenizer as rt
 
 
 def remap(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -151,7 +151,9 @@ def test_appended_regular_tokens_decode_to_their_text(tmp_path: Path, byte_tok: 
 
 def test_drop_mode_has_exactly_the_base_vocabulary(tmp_path: Path, diverged: dict, capsys) -> None:
     out = tmp_path / "drop"
-    code, _, err = remap(capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--out_dir", out, "--drop-extra", "--init", "mean")
+    code, _, err = remap(
+        capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--out_dir", out, "--drop-extra", "--init", "mean"
+    )
     assert code == 0, err
     base_vocab = factories.vocab_of(diverged["base_json"])
     src_vocab = factories.vocab_of(diverged["src_json"])
@@ -391,11 +393,24 @@ def test_failure_half_way_leaves_nothing(tmp_path: Path, byte_tok: dict, capsys,
 
 def test_dry_run_writes_nothing(tmp_path: Path, diverged: dict, capsys) -> None:
     out = tmp_path / "out"
-    code, stdout, err = remap(capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--out_dir", out, "--dry-run", "--max-shard-size", "40KB")
+    code, stdout, err = remap(
+        capsys,
+        "--src_model",
+        diverged["src"],
+        "--base_tokenizer",
+        diverged["base"],
+        "--out_dir",
+        out,
+        "--dry-run",
+        "--max-shard-size",
+        "40KB",
+    )
     assert code == 0 and not out.exists()
     # the plan is the report: on stdout, so that `--dry-run > plan.txt` keeps it
     assert stdout.startswith("plan:") and "shards:" in stdout and "model-00001-of-" in stdout and "plan:" not in err
-    code, stdout, _ = remap(capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--dry-run", "--json")  # no --out_dir needed
+    code, stdout, _ = remap(
+        capsys, "--src_model", diverged["src"], "--base_tokenizer", diverged["base"], "--dry-run", "--json"
+    )  # no --out_dir needed
     report = json.loads(stdout)
     assert report["dry_run"] is True and report["out_dir"] is None
     missing_from_base = set(factories.vocab_of(diverged["src_json"])) - set(factories.vocab_of(diverged["base_json"]))

@@ -11,12 +11,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import factories
 import pytest
 import torch
-
-import factories
-import remap_tokenizer as rt
 from conftest import BYTE_SPECIALS
+
+import remap_tokenizer as rt
 
 OTHER_PYTHON = os.environ.get("MERGE_TOOLS_OTHER_PYTHON")
 LOADER = """
@@ -24,13 +24,15 @@ import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 out = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(out)
-model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32) if int(transformers.__version__.split(".")[0]) >= 5 else AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+dtype_keyword = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+model = AutoModelForCausalLM.from_pretrained(out, **{dtype_keyword: torch.float32})
 ids = tokenizer("The quick brown fox <|im_start|>", add_special_tokens=False).input_ids
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0, -1, :8].tolist()
 print(json.dumps({"version": transformers.__version__, "len": len(tokenizer), "vocab": tokenizer.get_vocab(), "ids": ids,
                   "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "logits": logits,
-                  "extra": sorted(getattr(tokenizer, "additional_special_tokens", None) or getattr(tokenizer, "extra_special_tokens", None) or [])}))
+                  "extra": sorted(getattr(tokenizer, "additional_special_tokens", None)
+                                  or getattr(tokenizer, "extra_special_tokens", None) or [])}))
 """
 
 
@@ -60,9 +62,17 @@ def saved_by_this_version(tmp_path: Path, byte_tok: dict) -> Path:
 
 @pytest.mark.parametrize("mode", ["append", "drop"])
 def test_output_loads_in_both_transformers_versions(tmp_path: Path, byte_tok: dict, saved_by_this_version: Path, mode: str) -> None:
-    src = factories.write_model(tmp_path / "src", factories.with_tokens(byte_tok, regular=["Ġremapped"], added=["<|tool|>"]), **BYTE_SPECIALS)
+    src = factories.write_model(
+        tmp_path / "src", factories.with_tokens(byte_tok, regular=["Ġremapped"], added=["<|tool|>"]), **BYTE_SPECIALS
+    )
     out = tmp_path / mode
-    assert rt.main(["--src_model", str(src), "--base_tokenizer", str(saved_by_this_version), "--out_dir", str(out)] + (["--drop-extra"] if mode == "drop" else [])) == 0
+    assert (
+        rt.main(
+            ["--src_model", str(src), "--base_tokenizer", str(saved_by_this_version), "--out_dir", str(out)]
+            + (["--drop-extra"] if mode == "drop" else [])
+        )
+        == 0
+    )
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config.get("tokenizer_class") != "TokenizersBackend" and not isinstance(config.get("extra_special_tokens"), list)
     import sys
@@ -84,7 +94,10 @@ def test_output_loads_in_both_transformers_versions(tmp_path: Path, byte_tok: di
 def test_portable_tokenizer_config() -> None:
     v5 = {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<a>", "<b>"], "bos_token": "<s>", "backend": "tokenizers"}
     assert rt.portable_tokenizer_config(v5) == {
-        "tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<a>", "<b>"], "bos_token": "<s>", "backend": "tokenizers",
-    }  # fmt: skip
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "additional_special_tokens": ["<a>", "<b>"],
+        "bos_token": "<s>",
+        "backend": "tokenizers",
+    }
     v4 = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {}, "additional_special_tokens": ["<a>"]}
     assert rt.portable_tokenizer_config(v4) is None
