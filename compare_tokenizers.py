@@ -23,9 +23,11 @@ import difflib
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import re
 import signal
@@ -34,8 +36,8 @@ import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress
-from operator import add, itemgetter, ne
+from itertools import chain
+from operator import ne
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -1094,6 +1096,132 @@ def quoted(token: str) -> str:
     return "'" + escape_text(token).replace("'", "\\'") + "'"
 
 
+# ---- token spellings and BPE pieces ------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte maps to one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+# str.translate table from byte-level characters to the latin-1 character of their byte,
+# so that `token.translate(...).encode("latin-1")` decodes a token at C speed.
+BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in bytes_to_unicode().items()}
+BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
+
+
+def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
+    """The raw bytes a regular token stands for, whatever the tokenizer's spelling."""
+    if byte_fallback and token.startswith("<0x"):
+        match = BYTE_FALLBACK_RE.match(token)
+        if match:
+            return bytes([int(match.group(1), 16)])
+    if convention == "byte_level":
+        try:
+            return token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
+            return token.encode()
+    if convention == "metaspace":
+        return token.replace("▁", " ").encode()
+    return token.encode()
+
+
+def substrings(words: Iterable[str], longest: int) -> set[str]:
+    """Every substring of every word, up to `longest` characters."""
+    found: set[str] = set()
+    for word in set(words):
+        for start in range(len(word)):
+            found.update(word[start:end] for end in range(start + 1, min(len(word), start + longest) + 1))
+    return found
+
+
+def merge_results(merges: Sequence[Sequence[str]]) -> list[str]:
+    """The token each BPE merge makes ([left, right] -> left + right), computed in C."""
+    return list(map(operator.add, map(operator.itemgetter(0), merges), map(operator.itemgetter(1), merges)))
+
+
+def bpe_model_for_words(model: Mapping[str, Any], merged: Sequence[str], words: Iterable[str]) -> dict[str, Any]:
+    """The part of a BPE model (tokenizer.json "model"; `merged`: merge_results of its
+    merges) that can act on `words` (spelled as the model sees them): encoding any of
+    them with it gives the same tokens and ids as with the whole model.
+
+    BPE only merges two adjacent pieces of one word into a piece that is again a substring
+    of that word, and `ignore_merges` looks the whole word up; so it can only use the
+    vocabulary entries that are substrings of a word, byte-fallback tokens, the unk token,
+    and merges whose result is one of those (kept in their order, which is all that rank
+    means). Ids are kept. Not for continuing_subword_prefix / end_of_word_suffix models,
+    whose pieces are spelled differently from the word."""
+    vocab = model["vocab"]
+    wanted = substrings(words, max(map(len, vocab), default=0))
+    if model.get("byte_fallback"):
+        wanted |= BYTE_FALLBACK_TOKENS
+    if isinstance(model.get("unk_token"), str):
+        wanted.add(model["unk_token"])
+    kept = wanted & vocab.keys()
+    return {
+        **model,
+        "vocab": {token: vocab[token] for token in kept},
+        "merges": list(itertools.compress(model["merges"], map(kept.__contains__, merged))),
+    }
+
+
+def tokenizer_json_via_transformers(directory: Path) -> str:
+    """tokenizer.json text for repos that only ship tokenizer.model or vocab.json +
+    merges.txt: let transformers convert them (slow, and only needed here)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend is None:
+            raise ValueError("transformers returned no fast tokenizer")
+        return backend.to_str()
+    except Exception as exc:  # transformers raises many kinds for unconvertible input
+        hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
+        raise CliError(
+            f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]
+        ) from exc
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: two 128k-token tokenizers make ~10^6 objects
+    that all live on, so the collections they would trigger free nothing and cost ~10 %
+    of a run's preparation."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print_json_error(message, code)
+    print_error(message)
+    return code
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -1102,8 +1230,6 @@ def quoted(token: str) -> str:
 
 __version__ = "0.2.0"
 JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
-BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 
 # Encoded by every tokenizer: the ids' sha256 identifies the encoding behaviour, the way
 # llama.cpp's convert_hf_to_gguf.py identifies pre-tokenizers (its text differs from ours).
@@ -1280,21 +1406,8 @@ class Comparison:
 # --------------------------------------------------------------------------------------
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: every byte maps to one printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 # str.translate table from byte-level characters to the latin-1 character of their byte,
 # so that `token.translate(...).encode("latin-1")` decodes a token at C speed.
-BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in bytes_to_unicode().items()}
 
 
 def in_byte_level_alphabet(text: str) -> bool:
@@ -1304,22 +1417,6 @@ def in_byte_level_alphabet(text: str) -> bool:
 
 
 NOT_BYTE_LEVEL_RE = re.compile("[^\x21-\x7e\xa1-\xac\xae-\u0143]")
-
-
-def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
-    """The raw bytes a regular token stands for, whatever the tokenizer's spelling."""
-    if byte_fallback and token.startswith("<0x"):
-        match = BYTE_FALLBACK_RE.match(token)
-        if match:
-            return bytes([int(match.group(1), 16)])
-    if convention == "byte_level":
-        try:
-            return token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
-        except UnicodeEncodeError:  # a character outside the byte-level alphabet
-            return token.encode()
-    if convention == "metaspace":
-        return token.replace("▁", " ").encode()
-    return token.encode()
 
 
 def tokens_as_bytes(tokens: Sequence[str], convention: str, byte_fallback: bool) -> list[bytes]:
@@ -1548,45 +1645,6 @@ def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def substrings(words: Iterable[str], longest: int) -> set[str]:
-    """Every substring of every word, up to `longest` characters."""
-    found: set[str] = set()
-    for word in set(words):
-        for start in range(len(word)):
-            found.update(word[start:end] for end in range(start + 1, min(len(word), start + longest) + 1))
-    return found
-
-
-def merge_results(merges: Sequence[Sequence[str]]) -> list[str]:
-    """The token each BPE merge makes ([left, right] -> left + right), computed in C."""
-    return list(map(add, map(itemgetter(0), merges), map(itemgetter(1), merges)))
-
-
-def bpe_model_for_words(model: Mapping[str, Any], merged: Sequence[str], words: Iterable[str]) -> dict[str, Any]:
-    """The part of a BPE model (tokenizer.json "model"; `merged`: merge_results of its
-    merges) that can act on `words` (pre-tokenized, spelled as the model sees them): encoding any
-    of the words with it gives the same tokens and ids as with the whole model.
-
-    BPE only merges two adjacent pieces of one word into a piece that is again a substring
-    of that word, and `ignore_merges` looks the whole word up; so it can only use the
-    vocabulary entries that are substrings of a word, byte-fallback tokens, the unk token,
-    and merges whose result is one of those (kept in their order, which is all that rank
-    means). Ids are kept. Not for continuing_subword_prefix / end_of_word_suffix models,
-    whose pieces are spelled differently from the word."""
-    vocab = model["vocab"]
-    wanted = substrings(words, max(map(len, vocab), default=0))
-    if model.get("byte_fallback"):
-        wanted |= BYTE_FALLBACK_TOKENS
-    if isinstance(model.get("unk_token"), str):
-        wanted.add(model["unk_token"])
-    kept = wanted & vocab.keys()
-    return {
-        **model,
-        "vocab": {token: vocab[token] for token in kept},
-        "merges": list(compress(model["merges"], map(kept.__contains__, merged))),
-    }
-
-
 def encoding_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
     details: dict[str, Any] = {
         "model_type": [ref.model_type, other.model_type],
@@ -1797,24 +1855,6 @@ def dedupe(items: Sequence[Any]) -> list[Any]:
 # --------------------------------------------------------------------------------------
 # 3. I/O adapters: resolve sources, read tokenizers, configs and safetensors headers
 # --------------------------------------------------------------------------------------
-
-
-def tokenizer_json_via_transformers(directory: Path) -> str:
-    """tokenizer.json text for repos that only ship tokenizer.model or vocab.json +
-    merges.txt: let transformers convert them (slow, and only needed here)."""
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
-        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-        if backend is None:
-            raise ValueError("transformers returned no fast tokenizer")
-        return backend.to_str()
-    except Exception as exc:  # transformers raises many kinds for unconvertible input
-        hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
-        raise CliError(
-            f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]
-        ) from exc
 
 
 def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
@@ -2157,30 +2197,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside: two 128k-token tokenizers make ~10^6 objects
-    that all live on, so the collections they would trigger free nothing and cost ~10 %
-    of a run."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.mergekit_config is not None:
         if args.sources:
@@ -2272,13 +2288,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
-
-
-def fail(args: argparse.Namespace, message: str, code: int) -> int:
-    if args.json:
-        print_json_error(message, code)
-    print_error(message)
-    return code
 
 
 if __name__ == "__main__":

@@ -1104,6 +1104,132 @@ def quoted(token: str) -> str:
     return "'" + escape_text(token).replace("'", "\\'") + "'"
 
 
+# ---- token spellings and BPE pieces ------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte maps to one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+# str.translate table from byte-level characters to the latin-1 character of their byte,
+# so that `token.translate(...).encode("latin-1")` decodes a token at C speed.
+BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in bytes_to_unicode().items()}
+BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
+
+
+def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
+    """The raw bytes a regular token stands for, whatever the tokenizer's spelling."""
+    if byte_fallback and token.startswith("<0x"):
+        match = BYTE_FALLBACK_RE.match(token)
+        if match:
+            return bytes([int(match.group(1), 16)])
+    if convention == "byte_level":
+        try:
+            return token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
+            return token.encode()
+    if convention == "metaspace":
+        return token.replace("▁", " ").encode()
+    return token.encode()
+
+
+def substrings(words: Iterable[str], longest: int) -> set[str]:
+    """Every substring of every word, up to `longest` characters."""
+    found: set[str] = set()
+    for word in set(words):
+        for start in range(len(word)):
+            found.update(word[start:end] for end in range(start + 1, min(len(word), start + longest) + 1))
+    return found
+
+
+def merge_results(merges: Sequence[Sequence[str]]) -> list[str]:
+    """The token each BPE merge makes ([left, right] -> left + right), computed in C."""
+    return list(map(operator.add, map(operator.itemgetter(0), merges), map(operator.itemgetter(1), merges)))
+
+
+def bpe_model_for_words(model: Mapping[str, Any], merged: Sequence[str], words: Iterable[str]) -> dict[str, Any]:
+    """The part of a BPE model (tokenizer.json "model"; `merged`: merge_results of its
+    merges) that can act on `words` (spelled as the model sees them): encoding any of
+    them with it gives the same tokens and ids as with the whole model.
+
+    BPE only merges two adjacent pieces of one word into a piece that is again a substring
+    of that word, and `ignore_merges` looks the whole word up; so it can only use the
+    vocabulary entries that are substrings of a word, byte-fallback tokens, the unk token,
+    and merges whose result is one of those (kept in their order, which is all that rank
+    means). Ids are kept. Not for continuing_subword_prefix / end_of_word_suffix models,
+    whose pieces are spelled differently from the word."""
+    vocab = model["vocab"]
+    wanted = substrings(words, max(map(len, vocab), default=0))
+    if model.get("byte_fallback"):
+        wanted |= BYTE_FALLBACK_TOKENS
+    if isinstance(model.get("unk_token"), str):
+        wanted.add(model["unk_token"])
+    kept = wanted & vocab.keys()
+    return {
+        **model,
+        "vocab": {token: vocab[token] for token in kept},
+        "merges": list(itertools.compress(model["merges"], map(kept.__contains__, merged))),
+    }
+
+
+def tokenizer_json_via_transformers(directory: Path) -> str:
+    """tokenizer.json text for repos that only ship tokenizer.model or vocab.json +
+    merges.txt: let transformers convert them (slow, and only needed here)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend is None:
+            raise ValueError("transformers returned no fast tokenizer")
+        return backend.to_str()
+    except Exception as exc:  # transformers raises many kinds for unconvertible input
+        hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
+        raise CliError(
+            f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]
+        ) from exc
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: two 128k-token tokenizers make ~10^6 objects
+    that all live on, so the collections they would trigger free nothing and cost ~10 %
+    of a run's preparation."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print_json_error(message, code)
+    print_error(message)
+    return code
+
+
 # <<< shared
 
 # --------------------------------------------------------------------------------------
@@ -1118,8 +1244,6 @@ MATCH_MODES = ("auto", "exact", "bytes")
 # the patched tokenizer.json, so they are left out.
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pkl", ".ot")
-BYTE_FALLBACK_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-BYTE_FALLBACK_TOKENS = frozenset(f"<0x{byte:02X}>" for byte in range(256))
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes whose rows this script can average
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 COPY_CHUNK_BYTES = 2**20  # the writer's buffer: small enough to stay in the CPU cache between read, hash and write
@@ -1309,37 +1433,8 @@ class VocabTensors:
 # --------------------------------------------------------------------------------------
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: every byte maps to one printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 BYTE_LEVEL_CHAR = bytes_to_unicode()
-BYTE_LEVEL_TO_LATIN1 = {ord(char): byte for byte, char in BYTE_LEVEL_CHAR.items()}
 LATIN1_TO_BYTE_LEVEL = {byte: char for byte, char in BYTE_LEVEL_CHAR.items()}
-
-
-def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
-    """The raw bytes a regular token stands for, whatever the tokenizer's spelling."""
-    if byte_fallback and token.startswith("<0x"):
-        match = BYTE_FALLBACK_RE.match(token)
-        if match:
-            return bytes([int(match.group(1), 16)])
-    if convention == "byte_level":
-        try:
-            return token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
-        except UnicodeEncodeError:  # a character outside the byte-level alphabet
-            return token.encode()
-    if convention == "metaspace":
-        return token.replace("▁", " ").encode()
-    return token.encode()
 
 
 def spell_bytes(data: bytes, convention: str, byte_fallback: bool) -> str | None:
@@ -1417,45 +1512,6 @@ def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str
 
 def round_up(value: int, multiple: int | None) -> int:
     return value if not multiple else -(-value // multiple) * multiple
-
-
-def substrings(words: Iterable[str], longest: int) -> set[str]:
-    """Every substring of every word, up to `longest` characters."""
-    found: set[str] = set()
-    for word in set(words):
-        for start in range(len(word)):
-            found.update(word[start:end] for end in range(start + 1, min(len(word), start + longest) + 1))
-    return found
-
-
-def merge_results(merges: Sequence[Sequence[str]]) -> list[str]:
-    """The token each BPE merge makes ([left, right] -> left + right), computed in C."""
-    return list(map(operator.add, map(operator.itemgetter(0), merges), map(operator.itemgetter(1), merges)))
-
-
-def bpe_model_for_words(model: Mapping[str, Any], merged: Sequence[str], words: Iterable[str]) -> dict[str, Any]:
-    """The part of a BPE model (tokenizer.json "model"; `merged`: merge_results of its
-    merges) that can act on `words` (spelled as the model sees them): encoding any of
-    them with it gives the same tokens and ids as with the whole model.
-
-    BPE only merges two adjacent pieces of one word into a piece that is again a substring
-    of that word, and `ignore_merges` looks the whole word up; so it can only use the
-    vocabulary entries that are substrings of a word, byte-fallback tokens, the unk token,
-    and merges whose result is one of those (kept in their order, which is all that rank
-    means). Ids are kept. Not for continuing_subword_prefix / end_of_word_suffix models,
-    whose pieces are spelled differently from the word."""
-    vocab = model["vocab"]
-    wanted = substrings(words, max(map(len, vocab), default=0))
-    if model.get("byte_fallback"):
-        wanted |= BYTE_FALLBACK_TOKENS
-    if isinstance(model.get("unk_token"), str):
-        wanted.add(model["unk_token"])
-    kept = wanted & vocab.keys()
-    return {
-        **model,
-        "vocab": {token: vocab[token] for token in kept},
-        "merges": list(itertools.compress(model["merges"], map(kept.__contains__, merged))),
-    }
 
 
 def plan_remap(
@@ -2101,24 +2157,6 @@ class TokenizerSource:
     generation_config: Mapping[str, Any]
     on_disk: bool  # False: converted from tokenizer.model / vocab.json by transformers
     text: str  # tokenizer.json as read (or as converted)
-
-
-def tokenizer_json_via_transformers(directory: Path) -> str:
-    """tokenizer.json text for repos that only ship tokenizer.model or vocab.json +
-    merges.txt: let transformers convert them (slow, and only needed here)."""
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
-        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-        if backend is None:
-            raise ValueError("transformers returned no fast tokenizer")
-        return backend.to_str()
-    except Exception as exc:  # transformers raises many kinds for unconvertible input
-        hint = " (SentencePiece models need `pip install sentencepiece protobuf`)" if (directory / "tokenizer.model").exists() else ""
-        raise CliError(
-            f"{directory}: no tokenizer.json, and transformers could not convert the tokenizer: {exc}{hint}".splitlines()[0]
-        ) from exc
 
 
 def check_library_loads(text: str, where: Path) -> None:
@@ -4263,16 +4301,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def run_align(args: argparse.Namespace) -> int:
     if args.src_model is not None:
         raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
@@ -4365,20 +4393,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside: two 128k-token tokenizers make ~10^6 objects
-    that all live on, so the collections they would trigger free nothing and cost ~10 %
-    of a run's preparation."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     if isinstance(args, int):
@@ -4408,13 +4422,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
-
-
-def fail(args: argparse.Namespace, message: str, code: int) -> int:
-    if args.json:
-        print_json_error(message, code)
-    print_error(message)
-    return code
 
 
 if __name__ == "__main__":
