@@ -1322,7 +1322,7 @@ class RemapPlan:
     matches: Matches
     warnings: tuple[str, ...] = ()
     donor_rows: Mapping[int, int] = field(default_factory=dict)  # output row -> donor row (DONOR_ROW, OMP_ROW)
-    src_added: frozenset[str] = frozenset()  # M's added and special tokens, to name the dropped ones
+    src_added_flags: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # M's added tokens and their flags
 
     @functools.cached_property
     def fvt_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1378,7 +1378,7 @@ class RemapPlan:
             "init_rules": {rule: n for rule, n in sorted(counts.items()) if rule not in ("copied", "moved", "appended")},
             "match": self.matches.to_dict(),
             "initialised": initialised,
-            "dropped": [{"token": t, "source_id": i, "reason": r, "added": t in self.src_added} for t, i, r in self.dropped],
+            "dropped": [{"token": t, "source_id": i, "reason": r, "added": t in self.src_added_flags} for t, i, r in self.dropped],
             "ghosts": [{"token": t, "source_id": i} for t, i in self.src_ghosts[:LIST_CAP]],
             "appended": [{"token": t, "source_id": s, "id": o} for t, s, o in self.appended[:LIST_CAP]],
             "warnings": list(self.warnings),
@@ -1514,6 +1514,36 @@ def round_up(value: int, multiple: int | None) -> int:
     return value if not multiple else -(-value // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class InitContext:
+    """What the rule for a row M lacks needs to know (one object instead of loose pairs)."""
+
+    init: str
+    src: VocabSpec
+    src_rows: int
+    decompositions: Mapping[str, Sequence[int]]
+    donor_of_token: Mapping[str, int]
+
+    @functools.cached_property
+    def src_unk(self) -> int | None:
+        return self.src.vocab.get(self.src.roles.get("unk") or "")
+
+
+@dataclass
+class RowsBuilder:
+    """The output rows as plan_remap decides them, one after the other."""
+
+    source: list[int] = field(default_factory=list)
+    rule: list[str] = field(default_factory=list)
+    fvt_parts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    donor_rows: dict[int, int] = field(default_factory=dict)
+
+    def add(self, source: int, rule: str) -> int:
+        self.source.append(source)
+        self.rule.append(rule)
+        return len(self.source) - 1
+
+
 def plan_remap(
     base: VocabSpec,
     src: VocabSpec,
@@ -1530,70 +1560,88 @@ def plan_remap(
     """Decide where every output row comes from (see RemapPlan). Pure: the caller reads
     the tokenizers and, for FVT, encodes the missing tokens' text (`decompositions`); for
     donor and omp, `donor_of_token` maps T's tokens to the donor's rows (tokens the donor
-    lacks fall back to FVT, then the mean)."""
+    lacks fall back to FVT, then the mean). Three steps: T's tokens, M's tokens T lacks
+    (appended or dropped), padding to the row count."""
     if init not in INIT_METHODS:
         raise ValueError(f"unknown init method {init!r}")
-    decompositions = decompositions or {}
-    donor_of_token = donor_of_token or {}
-    donor_rows: dict[int, int] = {}
-    warnings: list[str] = []
-    n_base = len(base.vocab)
-    src_id_rows = min(src_rows, len(src.vocab))
-    src_token_of_id = {token_id: token for token, token_id in src.vocab.items()}
-    src_unk = src.vocab.get(src.roles.get("unk") or "")
-    src_unk_row = src_unk if src_unk is not None and src_unk < src_rows else None
-    base_role_of_token = {token: role for role, token in base.roles.items() if token is not None}
+    context = InitContext(init, src, src_rows, decompositions or {}, donor_of_token or {})
+    rows = RowsBuilder()
+    plan_base_rows(rows, base, matches, context)
+    out_vocab, appended, dropped, ghosts = plan_source_extras(rows, base, src, src_rows, matches, drop_extra)
+    warnings = [f"{len(ghosts)} source token(s) have ids beyond the embedding's {src_rows} rows (ghost tokens)"] if ghosts else []
+    n_rows = plan_row_count(rows, len(base.vocab), drop_extra, base_config_vocab_size, pad_to_multiple_of, warnings)
+    return RemapPlan(
+        mode="drop" if drop_extra else "append",
+        init=init,
+        n_rows=n_rows,
+        n_base=len(base.vocab),
+        src_rows=src_rows,
+        row_source=tuple(rows.source),
+        row_rule=tuple(rows.rule),
+        fvt_parts=rows.fvt_parts,
+        out_vocab=out_vocab,
+        appended=tuple(appended),
+        dropped=tuple(dropped),
+        src_ghosts=tuple(ghosts),
+        src_padding_rows=max(0, src_rows - min(src_rows, len(src.vocab))),
+        matches=matches,
+        warnings=tuple(warnings),
+        donor_rows=rows.donor_rows,
+        src_added_flags=src.added,
+    )
 
-    row_source: list[int] = []
-    row_rule: list[str] = []
-    fvt_parts: dict[int, tuple[int, ...]] = {}
-    base_token_of_id = sorted(base.vocab, key=base.vocab.__getitem__)
-    for base_id, token in enumerate(base_token_of_id):
+
+def plan_base_rows(rows: RowsBuilder, base: VocabSpec, matches: Matches, context: InitContext) -> None:
+    """A row for every token of T, at T's id: M's row when M has the token, else M's row
+    of the same role (bos/eos/pad/unk), else the --init rule's."""
+    base_role_of_token = {token: role for role, token in base.roles.items() if token is not None}
+    for base_id, token in enumerate(sorted(base.vocab, key=base.vocab.__getitem__)):
         src_id = matches.src_of_base.get(base_id)
-        if src_id is not None and src_id < src_rows:
-            row_source.append(src_id)
-            row_rule.append("copied" if src_id == base_id else "moved")
+        if src_id is not None and src_id < context.src_rows:
+            rows.add(src_id, "copied" if src_id == base_id else "moved")
             continue
         role = base_role_of_token.get(token)
-        role_src = src.vocab.get(src.roles.get(role) or "") if role else None
-        if role_src is not None and role_src < src_rows:
-            row_source.append(role_src)
-            row_rule.append(f"role:{role}")
-        elif init == "zero":
-            row_source.append(ZERO_ROW)
-            row_rule.append("zero")
-        elif init == "unk" and src_unk_row is not None:
-            row_source.append(src_unk_row)
-            row_rule.append("unk")
-        elif init in ("donor", "omp") and token in donor_of_token:
-            row_source.append(DONOR_ROW if init == "donor" else OMP_ROW)
-            row_rule.append(init)
-            donor_rows[base_id] = donor_of_token[token]
+        role_src = context.src.vocab.get(context.src.roles.get(role) or "") if role else None
+        if role_src is not None and role_src < context.src_rows:
+            rows.add(role_src, f"role:{role}")
         else:
-            parts = tuple(i for i in decompositions.get(token, ()) if i < src_rows and i != src_unk)
-            fallback = "" if init == "fvt" else f"{init}_fallback_"
-            if init in ("fvt", "donor", "omp") and token not in base.added and parts:
-                row_source.append(FVT_ROW)
-                row_rule.append(f"{fallback}fvt")
-                fvt_parts[base_id] = parts
-            else:
-                row_source.append(MEAN_ROW)
-                if init in ("donor", "omp"):
-                    row_rule.append(f"{init}_fallback_mean")
-                elif init == "fvt" and token not in base.added:
-                    row_rule.append("fvt_fallback_mean")
-                else:
-                    row_rule.append("mean" if init in ("mean", "fvt") else "unk_fallback_mean")
+            initialise_row(rows, base_id, token, token in base.added, context)
 
-    # Source tokens the base lacks: appended (append mode) or dropped (--drop-extra).
+
+def initialise_row(rows: RowsBuilder, base_id: int, token: str, added: bool, context: InitContext) -> None:
+    """The row of a token of T that M lacks, by --init; FVT and the mean as fallbacks."""
+    init, src_unk = context.init, context.src_unk
+    if init == "zero":
+        rows.add(ZERO_ROW, "zero")
+    elif init == "unk" and src_unk is not None and src_unk < context.src_rows:
+        rows.add(src_unk, "unk")
+    elif init in ("donor", "omp") and token in context.donor_of_token:
+        rows.donor_rows[rows.add(DONOR_ROW if init == "donor" else OMP_ROW, init)] = context.donor_of_token[token]
+    else:
+        parts = tuple(i for i in context.decompositions.get(token, ()) if i < context.src_rows and i != src_unk)
+        if init in ("fvt", "donor", "omp") and not added and parts:
+            rows.fvt_parts[rows.add(FVT_ROW, "fvt" if init == "fvt" else f"{init}_fallback_fvt")] = parts
+        elif init in ("donor", "omp"):
+            rows.add(MEAN_ROW, f"{init}_fallback_mean")
+        elif init == "fvt" and not added:
+            rows.add(MEAN_ROW, "fvt_fallback_mean")
+        else:
+            rows.add(MEAN_ROW, "mean" if init in ("mean", "fvt") else "unk_fallback_mean")
+
+
+def plan_source_extras(
+    rows: RowsBuilder, base: VocabSpec, src: VocabSpec, src_rows: int, matches: Matches, drop_extra: bool
+) -> tuple[dict[str, int], list[tuple[str, int, int]], list[tuple[str, int, str]], list[tuple[str, int]]]:
+    """M's tokens that T lacks: appended after T's (append mode) or dropped (--drop-extra,
+    or when they cannot be spelled in T's convention); M's ghost tokens. Returns (output
+    vocabulary, appended, dropped, ghosts)."""
     claimed = set(matches.src_of_base.values())
     dropped_by_bytes = {c["dropped_id"] for c in matches.collisions if c["side"] == "source"}
     out_vocab = dict(base.vocab)
     appended: list[tuple[str, int, int]] = []
     dropped: list[tuple[str, int, str]] = []
     ghosts: list[tuple[str, int]] = []
-    for src_id in sorted(src_token_of_id):
-        token = src_token_of_id[src_id]
+    for token, src_id in sorted(src.vocab.items(), key=lambda item: item[1]):
         if src_id >= src_rows:
             ghosts.append((token, src_id))
             continue
@@ -1612,13 +1660,23 @@ def plan_remap(
         elif spelling in out_vocab:
             dropped.append((token, src_id, f"its spelling {spelling!r} is already a base token"))
         else:
-            out_id = len(row_source)
+            out_id = rows.add(src_id, "appended")
             out_vocab[spelling] = out_id
             appended.append((spelling, src_id, out_id))
-            row_source.append(src_id)
-            row_rule.append("appended")
+    return out_vocab, appended, dropped, ghosts
 
-    n_tokens = len(row_source)
+
+def plan_row_count(
+    rows: RowsBuilder,
+    n_base: int,
+    drop_extra: bool,
+    base_config_vocab_size: int | None,
+    pad_to_multiple_of: int | None,
+    warnings: list[str],
+) -> int:
+    """The output's row count (T's config.json vocab_size with --drop-extra, rounded up to
+    --pad-to-multiple-of); padding rows get the mean row."""
+    n_tokens = len(rows.source)
     target = n_tokens
     if drop_extra and base_config_vocab_size is not None:
         if base_config_vocab_size < n_base:
@@ -1628,29 +1686,9 @@ def plan_remap(
             )
         target = max(base_config_vocab_size, n_base)
     n_rows = round_up(target, pad_to_multiple_of)
-    row_source += [MEAN_ROW] * (n_rows - n_tokens)
-    row_rule += ["padding"] * (n_rows - n_tokens)
-    if ghosts:
-        warnings.append(f"{len(ghosts)} source token(s) have ids beyond the embedding's {src_rows} rows (ghost tokens)")
-    return RemapPlan(
-        mode="drop" if drop_extra else "append",
-        init=init,
-        n_rows=n_rows,
-        n_base=n_base,
-        src_rows=src_rows,
-        row_source=tuple(row_source),
-        row_rule=tuple(row_rule),
-        fvt_parts=fvt_parts,
-        out_vocab=out_vocab,
-        appended=tuple(appended),
-        dropped=tuple(dropped),
-        src_ghosts=tuple(ghosts),
-        src_padding_rows=max(0, src_rows - src_id_rows),
-        matches=matches,
-        warnings=tuple(warnings),
-        donor_rows=donor_rows,
-        src_added=frozenset(src.added),
-    )
+    for _ in range(n_rows - n_tokens):
+        rows.add(MEAN_ROW, "padding")
+    return n_rows
 
 
 def parse_size(text: str) -> int:
@@ -3620,14 +3658,65 @@ def describe_counts(plan_report: Mapping[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class RemapInputs:
+    """M's checkpoint and configs, and both tokenizers, read and checked."""
+
+    src_dir: Path
+    base_path: Path
+    config: Mapping[str, Any]
+    ckpt: Checkpoint
+    vocab: VocabTensors
+    base: TokenizerSource
+    src: TokenizerSource
+
+    @functools.cached_property
+    def src_token_of_id(self) -> dict[int, str]:
+        return {token_id: token for token, token_id in self.src.spec.vocab.items()}
+
+
+@dataclass(frozen=True)
+class PlannedRemap:
+    """The plan and what carries it out: shards, role ids, the donor (--init donor/omp)."""
+
+    plan: RemapPlan
+    match_mode: str
+    shards: ShardPlan
+    donor: Donor | None
+    donor_of_token: Mapping[str, int]
+    config_ids: Mapping[str, Any]
+    generation_ids: Mapping[str, Any]
+
+    @functools.cached_property
+    def appended_added(self) -> dict[str, Any]:
+        return {token: flags for token, flags in self.plan.src_added_flags.items() if token in {s for s, _, _ in self.plan.appended}}
+
+
 def remap(opts: RemapOptions) -> dict[str, Any]:
     """Plan and (unless dry_run) write one remapped model. Returns the report; raises
     CliError for bad input and SelfCheckError when the written output is wrong."""
     started = time.monotonic()
+    inputs = read_inputs(opts)
+    base_loads = Background(check_library_loads, inputs.base.text, inputs.base.directory)
+    planned = plan_outputs(opts, inputs)
+    report = remap_report(opts, inputs, planned)
+    announce(report, planned)
+    check_chat_template(opts, inputs.src, planned.plan)
+    base_loads.result()
+    # The patched tokenizer is built and checked in a forked worker while the shards are
+    # written (0.5 s of GIL-bound work for a 128k-token BPE).
+    patched = PatchedTokenizer(inputs.base, planned) if planned.plan.mode == "append" and planned.plan.appended else None
+    if opts.dry_run:
+        report["tokenizer"] = patched.result()[1] if patched is not None else {}
+    else:
+        write_output(opts, inputs, planned, report, patched)
+    report["seconds"] = round(time.monotonic() - started, 3)
+    return report
 
-    def phase(name: str) -> None:
-        log.debug("%6.2f s  %s", time.monotonic() - started, name)
 
+def read_inputs(opts: RemapOptions) -> RemapInputs:
+    """Resolve M and T (directories or Hub repos), check --out_dir, read M's headers and
+    configs and both tokenizers; everything that can be wrong with them is found here."""
     src_dir = resolve_model(opts.src_model, opts.revision)
     base_path = resolve_source(opts.base_tokenizer, opts.base_revision, [*TOKENIZER_FILES, *CONFIG_FILES])
     if not src_dir.is_dir():
@@ -3648,11 +3737,13 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
             f"{src_dir / 'config.json'}: vocab_size {config_rows} disagrees with {vocab.embed}, which has {vocab.rows} rows; "
             f"the tensors are right (transformers cannot load this checkpoint as is): set vocab_size to {vocab.rows}"
         )
-    phase("checkpoint headers read")
-    base = read_tokenizer(base_path)
-    base_loads = Background(check_library_loads, base.text, base.directory)
-    src = read_tokenizer(src_dir)
-    phase("tokenizers read")
+    return RemapInputs(src_dir, base_path, config, ckpt, vocab, read_tokenizer(base_path), read_tokenizer(src_dir))
+
+
+def plan_outputs(opts: RemapOptions, inputs: RemapInputs) -> PlannedRemap:
+    """Match the tokens, decide every row (reading the donor and encoding FVT texts only
+    when some row needs them), the shards and the output's role ids."""
+    base, src, vocab = inputs.base, inputs.src, inputs.vocab
     match_mode = effective_match_mode(opts.match, base.spec, src.spec)
     matches = match_tokens(base.spec, src.spec, match_mode)
     matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
@@ -3660,12 +3751,9 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") and unmatched else None
     donor_of_token = donor_tokens(base.spec, donor, opts.match) if donor is not None else {}
     decompositions: dict[str, tuple[int, ...]] = {}
-    if opts.init in ("fvt", "donor", "omp"):
-        missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added and t not in donor_of_token]
-        if missing:
-            began = time.monotonic()
-            decompositions = fvt_decompositions(missing, base.spec, src)
-            log.debug("FVT: %d tokens encoded in %.2f s", len(missing), time.monotonic() - began)
+    missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added and t not in donor_of_token]
+    if opts.init in ("fvt", "donor", "omp") and missing:
+        decompositions = fvt_decompositions(missing, base.spec, src)
     plan = plan_remap(
         base.spec,
         src.spec,
@@ -3678,116 +3766,121 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
         decompositions=decompositions,
         donor_of_token=donor_of_token,
     )
-    phase("planned")
-    src_token_of_id = {i: t for t, i in src.spec.vocab.items()}
-    entries = output_entries(ckpt, vocab, plan.n_rows)
-    shards = plan_shards(entries, opts.max_shard_size)
-    report: dict[str, Any] = {
-        "schema": REPORT_SCHEMA_ID,
-        "tool": f"remap_tokenizer.py {__version__}",
-        "inputs": {
-            "src_model": {"source": opts.src_model, "revision": opts.revision, "path": str(src_dir)},
-            "base_tokenizer": {"source": opts.base_tokenizer, "revision": opts.base_revision, "path": str(base_path)},
-        },
-        "options": opts.identity(),
-        "out_dir": str(opts.out_dir) if opts.out_dir is not None else None,
-        "dry_run": opts.dry_run,
-        "match_mode": match_mode,
-        "vocab_tensors": dataclasses.asdict(vocab) | {"tied": vocab.head is None},
-        "base_rows": base_model_rows(base),
-        "plan": plan.to_dict(src_token_of_id),
-        "shards": shards.to_dict(),
-    }
-    for warning in plan.warnings:
-        log.warning("%s", warning)
-    if plan.matches.collisions:
-        log.warning(
-            "%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)",
-            len(plan.matches.collisions),
-        )
-    transplant = transplant_warning(report["plan"])
-    if transplant:
-        log.warning("%s", transplant)
-        report["plan"]["warnings"].append(transplant)
-    appended_added = {s: src.spec.added[s] for s, _, _ in plan.appended if s in src.spec.added}
-    check_chat_template(opts, src, plan)
-    if donor is not None:
-        report["donor"] = {
-            "source": donor.source,
-            "rows": donor.vocab.rows,
-            "hidden": donor.vocab.hidden,
-            "tokens_matched": len(donor_of_token),
-        }
-    base_loads.result()
-    # The patched tokenizer is built and checked in a forked worker while the shards are
-    # written (0.5 s of GIL-bound work for a 128k-token BPE).
-    patched_job = (
-        Background(patched_tokenizer, base.tokenizer_json, plan, appended_added, base.spec.convention, base.spec.byte_fallback)
-        if plan.mode == "append" and plan.appended
-        else None
-    )
+    src_eos = as_id_list(src.generation_config.get("eos_token_id", config_value(inputs.config, "eos_token_id")))
     config_ids, generation_ids = output_role_ids(
         base.spec.roles,
         base.spec.vocab,
         base.config,
         base.generation_config,
-        [
-            src_token_of_id[i]
-            for i in as_id_list(src.generation_config.get("eos_token_id", config_value(config, "eos_token_id")))
-            if i in src_token_of_id
-        ],
+        [inputs.src_token_of_id[i] for i in src_eos if i in inputs.src_token_of_id],
         plan,
     )
-    report["config"] = {"vocab_size": plan.n_rows, **{f"{role}_token_id": value for role, value in config_ids.items()}}
+    shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows), opts.max_shard_size)
+    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids)
 
-    def patched_result() -> str | None:
-        if patched_job is None:
-            return None
-        patched, reachable = patched_job.result()
-        report["tokenizer"] = {"appended_reachable_by_encoding": reachable}
-        if reachable:
-            log.warning(
-                "%d appended token(s) can be produced by encoding text with the patched tokenizer (whole words the base "
-                "matches against its vocabulary, e.g. with ignore_merges): encodings differ from the base's for them; "
-                "use --drop-extra for merges",
-                reachable,
-            )
-        return patched
 
-    phase("report ready")
-    if opts.dry_run:
-        patched_result()
-        report["seconds"] = round(time.monotonic() - started, 3)
-        return report
-    given_rows = initialised_rows(plan, ckpt, vocab, src.spec, donor, opts) if donor is not None else {}
-    phase("donor rows ready")
+def remap_report(opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap) -> dict[str, Any]:
+    """remap_report.json: its whole schema in one place. write_output adds self_check,
+    copied_files and files; remap adds tokenizer and seconds."""
+    plan, vocab, donor = planned.plan, inputs.vocab, planned.donor
+    plan_report = plan.to_dict(inputs.src_token_of_id)
+    transplant = transplant_warning(plan_report)
+    if transplant:
+        plan_report["warnings"].append(transplant)
+    return {
+        "schema": REPORT_SCHEMA_ID,
+        "tool": f"remap_tokenizer.py {__version__}",
+        "inputs": {
+            "src_model": {"source": opts.src_model, "revision": opts.revision, "path": str(inputs.src_dir)},
+            "base_tokenizer": {"source": opts.base_tokenizer, "revision": opts.base_revision, "path": str(inputs.base_path)},
+        },
+        "options": opts.identity(),
+        "out_dir": str(opts.out_dir) if opts.out_dir is not None else None,
+        "dry_run": opts.dry_run,
+        "match_mode": planned.match_mode,
+        "vocab_tensors": dataclasses.asdict(vocab) | {"tied": vocab.head is None},
+        "base_rows": base_model_rows(inputs.base),
+        "plan": plan_report,
+        "shards": planned.shards.to_dict(),
+        "config": {"vocab_size": plan.n_rows, **{f"{role}_token_id": value for role, value in planned.config_ids.items()}},
+        "donor": {
+            "source": donor.source,
+            "rows": donor.vocab.rows,
+            "hidden": donor.vocab.hidden,
+            "tokens_matched": len(planned.donor_of_token),
+        }
+        if donor is not None
+        else None,
+    }
+
+
+def announce(report: Mapping[str, Any], planned: PlannedRemap) -> None:
+    """The plan's warnings, on stderr."""
+    for warning in report["plan"]["warnings"]:
+        log.warning("%s", warning)
+    if planned.plan.matches.collisions:
+        log.warning(
+            "%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)",
+            len(planned.plan.matches.collisions),
+        )
+
+
+class PatchedTokenizer:
+    """The append-mode tokenizer.json, built and checked in a forked worker (Background)."""
+
+    def __init__(self, base: TokenizerSource, planned: PlannedRemap) -> None:
+        spec = base.spec
+        self.job = Background(
+            patched_tokenizer, base.tokenizer_json, planned.plan, planned.appended_added, spec.convention, spec.byte_fallback
+        )
+        self.value: tuple[str, dict[str, int]] | None = None
+
+    def result(self) -> tuple[str, dict[str, int]]:
+        """(the patched tokenizer.json, the report's `tokenizer` entry); warns once."""
+        if self.value is None:
+            patched, reachable = self.job.result()
+            self.value = patched, {"appended_reachable_by_encoding": reachable}
+            if reachable:
+                log.warning(
+                    "%d appended token(s) can be produced by encoding text with the patched tokenizer (whole words the base "
+                    "matches against its vocabulary, e.g. with ignore_merges): encodings differ from the base's for them; "
+                    "use --drop-extra for merges",
+                    reachable,
+                )
+        return self.value
+
+
+def write_output(
+    opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap, report: dict[str, Any], patched: PatchedTokenizer | None
+) -> None:
+    """Write D: the donor's or OMP's rows first (they may need the whole donor embedding),
+    then, in a locked staging directory, the shards (streamed, verified), configs,
+    tokenizer files, M's other files and the report; then publish it."""
+    assert opts.out_dir is not None
+    plan, shards = planned.plan, planned.shards
+    given_rows = (
+        initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts) if planned.donor is not None else {}
+    )
     check_free_space(opts.out_dir.parent, shards.total_size)
     try:
         with OutputDirectory(opts.out_dir, opts.overwrite) as output:
             out = output.path
             assert out is not None
-            digests, verified = write_shards(out, ckpt, shards, plan, src_token_of_id, opts.show_progress, given_rows)
-            phase("shards written, hashed, synced and verified")
+            digests, verified = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
             self_check(out, shards)
             report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
-            if len(shards.files) > 1:
-                write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
-            write_json(out / "config.json", patch_config(config, plan.n_rows, config_ids))
-            if src.generation_config:
-                write_json(out / "generation_config.json", patch_generation_config(src.generation_config, generation_ids))
-            write_tokenizer_files(base, out, patched_result(), plan, appended_added)
+            write_configs(out, inputs, planned)
+            patched_text = None
+            if patched is not None:
+                patched_text, report["tokenizer"] = patched.result()
+            write_tokenizer_files(inputs.base, out, patched_text, plan, planned.appended_added)
             if opts.chat_template == "source":
-                write_source_chat_template(src, out)
-            report["copied_files"] = copy_other_files(src_dir, out)
-            report["files"] = {
-                path.name: digests.get(path.name) or file_digest(path)
-                for path in sorted(out.iterdir())
-                if path.is_file() and path.name != OWNER_FILE
-            }
-            report["seconds"] = round(time.monotonic() - started, 3)
+                write_source_chat_template(inputs.src, out)
+            report["copied_files"] = copy_other_files(inputs.src_dir, out)
+            listed = sorted(path for path in out.iterdir() if path.is_file() and path.name != OWNER_FILE)
+            report["files"] = {path.name: digests.get(path.name) or file_digest(path) for path in listed}
             write_json(out / REPORT_NAME, report)
             output.publish()
-            phase("published")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise CliError(
@@ -3795,7 +3888,16 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
                 f"was left behind: free at least {human_bytes(shards.total_size)}"
             ) from exc
         raise CliError(f"cannot write {exc.filename or opts.out_dir}: {exc.strerror}; nothing was left behind") from exc
-    return report
+
+
+def write_configs(out: Path, inputs: RemapInputs, planned: PlannedRemap) -> None:
+    """The shard index (sharded output only), config.json and generation_config.json."""
+    shards = planned.shards
+    if len(shards.files) > 1:
+        write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
+    write_json(out / "config.json", patch_config(inputs.config, planned.plan.n_rows, planned.config_ids))
+    if inputs.src.generation_config:
+        write_json(out / "generation_config.json", patch_generation_config(inputs.src.generation_config, planned.generation_ids))
 
 
 def check_chat_template(opts: RemapOptions, src: TokenizerSource, plan: RemapPlan) -> None:
