@@ -698,34 +698,34 @@ def parse_model_reference(value: Any) -> ModelRef:
     return ModelRef(path, revision, lora or None)
 
 
-def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str, Any]:
+def map_model_references(config: Any, change: Callable[[Any], Any], where: object = "the mergekit configuration") -> dict[str, Any]:
     """A copy of a mergekit configuration with every model reference replaced by
     change(reference): models[].model, slices[].sources[].model, slices[].base_model,
-    base_model, and the same inside modules."""
+    base_model, and the same inside modules. Errors name `where` (the YAML file)."""
     if not isinstance(config, Mapping):
-        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
+        raise CliError(f"{where}: not a mergekit configuration: the YAML top level must be a mapping")
 
     def block(part: Mapping[str, Any]) -> dict[str, Any]:
         result = dict(part)
         if part.get("models") is not None:
             if not isinstance(part["models"], list):
-                raise CliError("models: must be a list of {model: ...} entries")
+                raise CliError(f"{where}: models: must be a list of {{model: ...}} entries")
             result["models"] = []
             for entry in part["models"]:
                 if not isinstance(entry, Mapping) or "model" not in entry:
-                    raise CliError(f"models[] entry without a 'model' key: {entry!r}")
+                    raise CliError(f"{where}: models[] entry without a 'model' key: {entry!r}")
                 result["models"].append({**entry, "model": change(entry["model"])})
         if part.get("slices") is not None:
             if not isinstance(part["slices"], list):
-                raise CliError("slices: must be a list")
+                raise CliError(f"{where}: slices: must be a list")
             result["slices"] = []
             for slice_ in part["slices"]:
                 if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
-                    raise CliError(f"slices[] entry without a list of sources: {slice_!r}")
+                    raise CliError(f"{where}: slices[] entry without a list of sources: {slice_!r}")
                 sources = []
                 for source in slice_["sources"]:
                     if not isinstance(source, Mapping) or "model" not in source:
-                        raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
+                        raise CliError(f"{where}: slices[].sources[] entry without a 'model' key: {source!r}")
                     sources.append({**source, "model": change(source["model"])})
                 new_slice = {**slice_, "sources": sources}
                 if slice_.get("base_model") is not None:
@@ -738,14 +738,14 @@ def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str,
     result = block(config)
     if config.get("modules") is not None:
         if not isinstance(config["modules"], Mapping):
-            raise CliError("modules: must be a mapping of name -> {models|slices}")
+            raise CliError(f"{where}: modules: must be a mapping of name -> {{models|slices}}")
         result["modules"] = {name: block(module) for name, module in config["modules"].items()}
     if not any(result.get(key) for key in ("models", "slices", "modules")):
-        raise CliError("the mergekit configuration names no models (expected models:, slices: or modules:)")
+        raise CliError(f"{where}: names no models (expected models:, slices: or modules:)")
     return result
 
 
-def mergekit_references(config: Any) -> list[Any]:
+def mergekit_references(config: Any, where: object = "the mergekit configuration") -> list[Any]:
     """Every model reference of a mergekit configuration in order of appearance, base_model
     first (references repeat where the YAML repeats them)."""
     found: list[Any] = []
@@ -754,7 +754,7 @@ def mergekit_references(config: Any) -> list[Any]:
         found.append(reference)
         return reference
 
-    map_model_references(config, record)
+    map_model_references(config, record, where)
     base = config.get("base_model")
     return ([base] if base is not None else []) + found
 
@@ -2204,7 +2204,7 @@ def run(args: argparse.Namespace) -> int:
         config = read_mergekit_config(args.mergekit_config)
         yaml_dir = args.mergekit_config.resolve().parent
         source_of: dict[ModelRef, str] = {}
-        for reference in dedupe(mergekit_references(config)):
+        for reference in dedupe(mergekit_references(config, args.mergekit_config)):
             ref = parse_model_reference(reference)
             if ref.lora:
                 log.warning("%s: the LoRA %s is not applied; comparing the base model's tokenizer", ref.path, ref.lora)

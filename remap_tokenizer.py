@@ -706,34 +706,34 @@ def parse_model_reference(value: Any) -> ModelRef:
     return ModelRef(path, revision, lora or None)
 
 
-def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str, Any]:
+def map_model_references(config: Any, change: Callable[[Any], Any], where: object = "the mergekit configuration") -> dict[str, Any]:
     """A copy of a mergekit configuration with every model reference replaced by
     change(reference): models[].model, slices[].sources[].model, slices[].base_model,
-    base_model, and the same inside modules."""
+    base_model, and the same inside modules. Errors name `where` (the YAML file)."""
     if not isinstance(config, Mapping):
-        raise CliError("not a mergekit configuration: the YAML top level must be a mapping")
+        raise CliError(f"{where}: not a mergekit configuration: the YAML top level must be a mapping")
 
     def block(part: Mapping[str, Any]) -> dict[str, Any]:
         result = dict(part)
         if part.get("models") is not None:
             if not isinstance(part["models"], list):
-                raise CliError("models: must be a list of {model: ...} entries")
+                raise CliError(f"{where}: models: must be a list of {{model: ...}} entries")
             result["models"] = []
             for entry in part["models"]:
                 if not isinstance(entry, Mapping) or "model" not in entry:
-                    raise CliError(f"models[] entry without a 'model' key: {entry!r}")
+                    raise CliError(f"{where}: models[] entry without a 'model' key: {entry!r}")
                 result["models"].append({**entry, "model": change(entry["model"])})
         if part.get("slices") is not None:
             if not isinstance(part["slices"], list):
-                raise CliError("slices: must be a list")
+                raise CliError(f"{where}: slices: must be a list")
             result["slices"] = []
             for slice_ in part["slices"]:
                 if not isinstance(slice_, Mapping) or not isinstance(slice_.get("sources"), list):
-                    raise CliError(f"slices[] entry without a list of sources: {slice_!r}")
+                    raise CliError(f"{where}: slices[] entry without a list of sources: {slice_!r}")
                 sources = []
                 for source in slice_["sources"]:
                     if not isinstance(source, Mapping) or "model" not in source:
-                        raise CliError(f"slices[].sources[] entry without a 'model' key: {source!r}")
+                        raise CliError(f"{where}: slices[].sources[] entry without a 'model' key: {source!r}")
                     sources.append({**source, "model": change(source["model"])})
                 new_slice = {**slice_, "sources": sources}
                 if slice_.get("base_model") is not None:
@@ -746,14 +746,14 @@ def map_model_references(config: Any, change: Callable[[Any], Any]) -> dict[str,
     result = block(config)
     if config.get("modules") is not None:
         if not isinstance(config["modules"], Mapping):
-            raise CliError("modules: must be a mapping of name -> {models|slices}")
+            raise CliError(f"{where}: modules: must be a mapping of name -> {{models|slices}}")
         result["modules"] = {name: block(module) for name, module in config["modules"].items()}
     if not any(result.get(key) for key in ("models", "slices", "modules")):
-        raise CliError("the mergekit configuration names no models (expected models:, slices: or modules:)")
+        raise CliError(f"{where}: names no models (expected models:, slices: or modules:)")
     return result
 
 
-def mergekit_references(config: Any) -> list[Any]:
+def mergekit_references(config: Any, where: object = "the mergekit configuration") -> list[Any]:
     """Every model reference of a mergekit configuration in order of appearance, base_model
     first (references repeat where the YAML repeats them)."""
     found: list[Any] = []
@@ -762,7 +762,7 @@ def mergekit_references(config: Any) -> list[Any]:
         found.append(reference)
         return reference
 
-    map_model_references(config, record)
+    map_model_references(config, record, where)
     base = config.get("base_model")
     return ([base] if base is not None else []) + found
 
@@ -1920,20 +1920,7 @@ def omp_coefficients(
     try:
         for start in range(0, n, chunk):
             y = torch.as_tensor(targets[start : start + chunk], dtype=torch.float32, device=device)
-            if exact:
-                atom_ids = omp_select_exact(y, unit, k)
-                basis = unit[atom_ids]
-                gram = torch.bmm(basis, basis.transpose(1, 2)).double()
-                projection = torch.bmm(basis, y.unsqueeze(2)).squeeze(2).double()
-                coefficients = least_squares(gram, projection)
-            else:
-                correlation = y @ unit.T
-                chosen = correlation.abs().topk(min(m, 2 * k), dim=1).indices  # (b, C)
-                basis = unit[chosen]
-                picked, coefficients = omp_on_gram(
-                    torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k
-                )
-                atom_ids = chosen.gather(1, picked)
+            atom_ids, coefficients = omp_chunk(y, unit, k, exact)
             all_indices.append(atom_ids.cpu())
             all_coefficients.append((coefficients / norms[atom_ids].double().clamp(min=1e-12)).cpu())
             if progress is not None:
@@ -1941,6 +1928,22 @@ def omp_coefficients(
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
     return torch.cat(all_indices), torch.cat(all_coefficients)
+
+
+def omp_chunk(y: Any, unit: Any, k: int, exact: bool) -> tuple[Any, Any]:
+    """(atom ids, coefficients for the unit atoms) of a batch of targets."""
+    import torch
+
+    if exact:
+        atom_ids = omp_select_exact(y, unit, k)
+        basis = unit[atom_ids]
+        gram = torch.bmm(basis, basis.transpose(1, 2)).double()
+        return atom_ids, least_squares(gram, torch.bmm(basis, y.unsqueeze(2)).squeeze(2).double())
+    correlation = y @ unit.T
+    chosen = correlation.abs().topk(min(unit.shape[0], 2 * k), dim=1).indices  # (b, C)
+    basis = unit[chosen]
+    picked, coefficients = omp_on_gram(torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k)
+    return chosen.gather(1, picked), coefficients
 
 
 def omp_select_exact(y: Any, unit: Any, k: int) -> Any:
@@ -4046,93 +4049,116 @@ class AlignOptions:
     chat_template: str = "base"
 
 
+@dataclass(frozen=True)
+class AlignmentPlan:
+    """What an alignment does: the target, and for every model (first appearance) an
+    entry of the summary; the models to remap, with their views."""
+
+    config: Mapping[str, Any]
+    yaml_dir: Path
+    target_ref: ModelRef
+    target_source: str
+    target: ModelView
+    entries: list[dict[str, Any]]
+    to_remap: list[tuple[dict[str, Any], ModelView]]
+
+    def summary(self, config_path: Path) -> dict[str, Any]:
+        return {
+            "schema": "merge_tools.align/1",
+            "config": str(config_path),
+            "target": {"model": str(self.target_ref), "tokens": len(self.target.vocab), "rows": self.target.rows},
+            "models": self.entries,
+        }
+
+
 def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     """Remap, with --drop-extra, every model of a mergekit configuration whose vocabulary
     or row count differs from the target tokenizer's, and write a configuration that
     merges the aligned models. Returns (summary, exit code)."""
-    import yaml
+    plan = plan_alignment(opts)
+    summary = plan.summary(opts.config)
+    if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
+        for entry, view in plan.to_remap:
+            dry = dataclasses.replace(aligned_remap_options(opts, entry, view, plan), out_dir=None, dry_run=True)
+            record_counts(entry, remap(dry))
+        return summary, 0
+    code = run_remaps(opts, plan)
+    aligned, merge_yaml = write_aligned_yaml(opts, plan)
+    summary["merge_yaml"] = str(merge_yaml)
+    summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
+    failures = gate(aligned, plan.yaml_dir, plan.target, opts.trust_remote_code) if code == 0 else ["a remap failed its self-check"]
+    summary["gate"] = {"ok": not failures, "problems": failures}
+    return summary, 1 if failures else code
 
+
+def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
+    """Read the YAML, choose the target, view every model (tokenizer and headers), refuse
+    a merge mergekit would refuse, and name the output of each model to remap."""
     config = read_mergekit_config(opts.config)
     yaml_dir = opts.config.resolve().parent
-    references = [parse_model_reference(r) for r in mergekit_references(config)]
+    references = [parse_model_reference(r) for r in mergekit_references(config, opts.config)]
     for ref in references:
         if ref.lora:
             raise CliError(
                 f"{opts.config}: {ref} applies a LoRA ({ref.lora}); its vocabulary rows cannot be remapped before the LoRA is "
                 "merged: merge it first (e.g. with PEFT's merge_and_unload) and reference the merged model"
             )
-    if opts.base_tokenizer is not None:
-        target_ref = ModelRef(opts.base_tokenizer, opts.base_revision)
-    else:
-        chosen = tokenizer_target(config)
-        if chosen is None and (config.get("tokenizer_source") is not None or isinstance(config.get("tokenizer"), Mapping)):
-            raise CliError(
-                f"{opts.config}: the tokenizer source {config.get('tokenizer_source') or config['tokenizer'].get('source')!r} (a union of "
-                "vocabularies) is not something the alignment builds: choose a model as the target (--base_tokenizer T, or "
-                "tokenizer_source: base / model:NAME)"
-            )
-        target_ref = parse_model_reference(chosen) if chosen is not None else references[0]
+    target_ref = choose_target(opts, config, references)
     target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
     target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
-    log.debug("target tokenizer: %s (%d tokens, %d rows)", target_ref, len(target.vocab), target.rows)
-
     unique: dict[tuple[str, str | None], ModelRef] = {}
     for ref in references:
         unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
     views = {key: view_model(*key, opts.trust_remote_code) for key in unique}
     check_mergeable(config, views, unique, yaml_dir)
-    rows: list[dict[str, Any]] = []
-    taken: set[str] = set()
+    entries: list[dict[str, Any]] = []
     to_remap = []
+    taken: set[str] = set()
     for (source, revision), ref in unique.items():
         view = views[(source, revision)]
         same = view.vocab == target.vocab and view.rows == target.rows
-        entry = {
-            "model": str(ref),
-            "source": source,
-            "revision": revision,
-            "status": "identical" if same else "to remap",
-            "rows": view.rows,
-            "vocab_size": len(view.vocab),
-            "output": source,
-        }
+        entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
+                 "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
         if not same:
             entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
-        rows.append(entry)
-    summary: dict[str, Any] = {
-        "schema": "merge_tools.align/1",
-        "config": str(opts.config),
-        "target": {"model": str(target_ref), "tokens": len(target.vocab), "rows": target.rows},
-        "models": rows,
-    }
-    if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
-        for entry, view in to_remap:
-            plan = remap(
-                dataclasses.replace(aligned_remap_options(opts, entry, view, target, target_source, target_ref), out_dir=None, dry_run=True)
-            )
-            record_counts(entry, plan)
-        return summary, 0
-    check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in to_remap))
+        entries.append(entry)
+    return AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap)
+
+
+def choose_target(opts: AlignOptions, config: Mapping[str, Any], references: Sequence[ModelRef]) -> ModelRef:
+    """--base_tokenizer, else the YAML's tokenizer source or base_model, else the first
+    model; a union of vocabularies is not something the alignment builds."""
+    if opts.base_tokenizer is not None:
+        return ModelRef(opts.base_tokenizer, opts.base_revision)
+    chosen = tokenizer_target(config)
+    if chosen is None and (config.get("tokenizer_source") is not None or isinstance(config.get("tokenizer"), Mapping)):
+        source = config.get("tokenizer_source") or config["tokenizer"].get("source")
+        raise CliError(
+            f"{opts.config}: the tokenizer source {source!r} (a union of vocabularies) is not something the alignment builds: "
+            "choose a model as the target (--base_tokenizer T, or tokenizer_source: base / model:NAME)"
+        )
+    return parse_model_reference(chosen) if chosen is not None else references[0]
+
+
+def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
+    """Remap every model that needs it (reusing a finished remap with the same options);
+    0, or 1 when a remap failed its self-check."""
+    check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in plan.to_remap))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
-    for entry, view in to_remap:
+    for entry, view in plan.to_remap:
         out = Path(entry["output"])
-        remap_opts = aligned_remap_options(opts, entry, view, target, target_source, target_ref)
+        remap_opts = aligned_remap_options(opts, entry, view, plan)
         previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None
-        if (
-            previous is not None
-            and previous.get("options") == json.loads(json.dumps(remap_opts.identity()))
-            and previous.get("self_check", {}).get("ok")
-        ):
+        same_options = previous is not None and previous.get("options") == json.loads(json.dumps(remap_opts.identity()))
+        if same_options and previous.get("self_check", {}).get("ok"):
             entry["status"], report = "reused", previous
-            log.debug("%s: reusing the finished remap in %s", entry["model"], out)
         else:
             if previous is None and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
                 raise CliError(
                     f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir"
                 )
-            log.debug("%s: remapping into %s", entry["model"], out)
             try:
                 report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
                 entry["status"] = "remapped"
@@ -4141,14 +4167,23 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 entry["status"], code = "failed", 1
                 continue
         record_counts(entry, report)
+    return code
+
+
+def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[str, Any], Path]:
+    """ALIGNED/merge.yaml: the configuration with the remapped models' paths (local paths
+    made absolute), without the tokenizer source: the vocabularies now agree."""
+    import yaml
 
     replacement = {
-        entry["source"] + "@" + str(entry["revision"]): entry["output"] for entry in rows if entry["status"] in ("remapped", "reused")
+        entry["source"] + "@" + str(entry["revision"]): entry["output"]
+        for entry in plan.entries
+        if entry["status"] in ("remapped", "reused")
     }
 
     def substitute(reference: Any) -> Any:
         ref = parse_model_reference(reference)
-        source = local_or_hub(ref, yaml_dir)
+        source = local_or_hub(ref, plan.yaml_dir)
         new = replacement.get(source + "@" + str(ref.revision))
         if new is not None:
             return new if not (isinstance(reference, Mapping) and reference.get("override_architecture")) else {**reference, "model": new}
@@ -4156,48 +4191,31 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
             return str(ModelRef(source, ref.revision)) if isinstance(reference, str) else reference
         return reference
 
-    aligned = map_model_references(config, substitute)
+    aligned = map_model_references(plan.config, substitute)
     aligned.pop("tokenizer_source", None)
     aligned.pop("tokenizer", None)
     merge_yaml = opts.out_dir / "merge.yaml"
     staged_yaml = merge_yaml.with_name(".merge.yaml.tmp")
     staged_yaml.write_text(
-        f"# Written by remap_tokenizer.py from {opts.config}: every model uses the token order of {target_ref}.\n"
+        f"# Written by remap_tokenizer.py from {opts.config}: every model uses the token order of {plan.target_ref}.\n"
         + yaml.safe_dump(aligned, sort_keys=False, allow_unicode=True),
         encoding="utf-8",
     )
     os.replace(staged_yaml, merge_yaml)
-    summary["merge_yaml"] = str(merge_yaml)
-    summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
-    failures = gate(aligned, yaml_dir, target, opts.trust_remote_code) if code == 0 else ["a remap failed its self-check"]
-    summary["gate"] = {"ok": not failures, "problems": failures}
-    if failures:
-        code = 1
-    return summary, code
+    return aligned, merge_yaml
 
 
-def aligned_remap_options(
-    opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, target: ModelView, target_source: str, target_ref: ModelRef
-) -> RemapOptions:
+def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, plan: AlignmentPlan) -> RemapOptions:
     """One model's remap in an alignment: --drop-extra onto the target; by default the
     target's own rows for the tokens the model lacks, when the widths allow."""
+    target = plan.target
     init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
     return RemapOptions(
-        src_model=entry["source"],
-        base_tokenizer=target_source,
-        out_dir=Path(entry["output"]),
-        drop_extra=True,
-        init=init,
-        match=opts.match,
-        max_shard_size=opts.max_shard_size,
-        revision=entry["revision"],
-        base_revision=target_ref.revision,
-        trust_remote_code=opts.trust_remote_code,
-        show_progress=opts.show_progress,
-        donor_model=opts.donor_model,
-        omp_k=opts.omp_k,
-        chat_template=opts.chat_template,
-    )
+        src_model=entry["source"], base_tokenizer=plan.target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init,
+        match=opts.match, max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=plan.target_ref.revision,
+        trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
+        omp_k=opts.omp_k, chat_template=opts.chat_template,
+    )  # fmt: skip
 
 
 def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
@@ -4305,6 +4323,15 @@ def build_parser() -> argparse.ArgumentParser:
             "  129  stopped by SIGHUP, as 130"
         ),
     )
+    add_inputs_arguments(parser)
+    add_output_arguments(parser)
+    add_initialisation_arguments(parser)
+    add_alignment_arguments(parser)
+    add_behaviour_arguments(parser)
+    return parser
+
+
+def add_inputs_arguments(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(*flag("--src-model"), dest="src_model", metavar="M", help="the model to remap")
     inputs.add_argument(
@@ -4321,6 +4348,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow transformers to run the model repo's code (only to find the embeddings)",
     )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument(
         *flag("--out-dir"),
@@ -4357,6 +4387,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(*flag("--dry-run"), action="store_true", help="print the plan and the shard plan on stdout; write nothing")
     output.add_argument(*flag("--report"), type=Path, metavar="FILE", help="also write the report (remap_report.json) to FILE")
     output.add_argument(*flag("--json"), action="store_true", help="print the report as JSON on stdout (errors too)")
+
+
+def add_initialisation_arguments(parser: argparse.ArgumentParser) -> None:
     initialisation = parser.add_argument_group("initialisation (rows of T's tokens that M lacks)")
     initialisation.add_argument(
         *flag("--init"),
@@ -4389,6 +4422,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="show the N most telling examples of each initialisation rule",
     )
+
+
+def add_alignment_arguments(parser: argparse.ArgumentParser) -> None:
     alignment = parser.add_argument_group("alignment")
     alignment.add_argument(
         *flag("--mergekit-config"),
@@ -4397,10 +4433,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) "
         "and write D/merge.yaml",
     )
+
+
+def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     behaviour = parser.add_argument_group("behaviour")
     behaviour.add_argument(*flag("--debug"), action="store_true", help="verbose logs and tracebacks")
     behaviour.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
 
 
 def run_align(args: argparse.Namespace) -> int:

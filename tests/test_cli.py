@@ -178,3 +178,15 @@ def test_output_directories_get_normal_permissions(tmp_path: Path, models: dict[
     )
     assert result.returncode == 0, result.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+
+def test_yaml_errors_name_the_file_line_and_column(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("merge_method: linear\nmodels: []\n")
+    for tool, argv in ((ct, ["--mergekit-config", empty]), (rt, ["--mergekit-config", empty, "--out_dir", tmp_path / "a"])):
+        code, _, err = call(capsys, tool, *argv)
+        assert code == 2 and f"error: {empty}: names no models" in err, err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("merge_method: linear\nmodels:\n  - model: [a\n")
+    code, _, err = call(capsys, ct, "--mergekit-config", broken)
+    assert code == 2 and f"{broken}: not valid YAML (line 4, column 1:" in err, err
