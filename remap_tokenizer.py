@@ -44,10 +44,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-if TYPE_CHECKING:
-    import numpy as np
+# numpy's OpenBLAS threads spin for ~0.1 s of CPU once started; nothing here multiplies
+# matrices with it, and the writer threads want every core: set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402 - after the line above; torch and transformers stay lazy (seconds to import, and often unneeded)
 
 log = logging.getLogger("remap_tokenizer")
 
@@ -1327,8 +1329,6 @@ class RemapPlan:
     @functools.cached_property
     def fvt_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """fvt_parts as arrays: sorted output rows, offsets into the flat source rows."""
-        import numpy as np
-
         rows = np.array(sorted(self.fvt_parts), dtype=np.int64)
         lengths = np.array([len(self.fvt_parts[int(r)]) for r in rows], dtype=np.int64)
         flat = np.fromiter(itertools.chain.from_iterable(self.fvt_parts[int(r)] for r in rows), dtype=np.int64, count=int(lengths.sum()))
@@ -1744,8 +1744,6 @@ NONFINITE_MASK = {"F64": (8, 0x7FF0000000000000), "F32": (4, 0x7F800000), "F16":
 
 
 def _uint_view(raw: np.ndarray, dtype: str) -> np.ndarray:
-    import numpy as np
-
     width = NONFINITE_MASK[dtype][0]
     return raw.view({8: np.uint64, 4: np.uint32, 2: np.uint16}[width])
 
@@ -1753,8 +1751,6 @@ def _uint_view(raw: np.ndarray, dtype: str) -> np.ndarray:
 def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Rows (of a (rows, row_bytes) uint8 matrix) holding a NaN or an infinity: all
     exponent bits set, tested on the integers, a row chunk at a time (cache-sized)."""
-    import numpy as np
-
     bits = _uint_view(raw, dtype)
     mask = bits.dtype.type(NONFINITE_MASK[dtype][1])
     result = np.empty(len(raw), dtype=bool)
@@ -1767,8 +1763,6 @@ def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 def decode_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
     """(rows, row_bytes) uint8 -> (rows, hidden) float32 (float64 stays float64)."""
-    import numpy as np
-
     if dtype == "BF16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if dtype == "F16":
@@ -1782,8 +1776,6 @@ def decode_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 def encode_rows(values: np.ndarray, dtype: str) -> np.ndarray:
     """(rows, hidden) floats -> (rows, row_bytes) uint8, rounding to nearest even."""
-    import numpy as np
-
     values = np.ascontiguousarray(values)
     if dtype == "BF16":
         single = values.astype(np.float32)
@@ -1798,8 +1790,6 @@ def encode_rows(values: np.ndarray, dtype: str) -> np.ndarray:
 
 def mean_of_rows(raw: np.ndarray, dtype: str, rows: np.ndarray) -> np.ndarray:
     """float64 mean of the selected rows, accumulated in chunks to bound memory."""
-    import numpy as np
-
     hidden = raw.shape[1] // DTYPE_SIZES[dtype]
     total = np.zeros(hidden, dtype=np.float64)
     step = max(1, ROW_CHUNK_BYTES // max(1, raw.shape[1]))
@@ -1821,8 +1811,6 @@ def build_rows(
     """Output rows [start, stop) of one vocabulary matrix as raw bytes: copies gathered
     from `src`, FVT rows averaged from their (finite) parts, mean and zero rows, and the
     rows computed beforehand (`given`: sorted output rows and their bytes; donor and OMP)."""
-    import numpy as np
-
     sources = np.asarray(plan.row_source[start:stop], dtype=np.int64)
     out = src[np.maximum(sources, 0)] if len(src) else np.zeros((stop - start, src.shape[1]), np.uint8)
     if (sources >= 0).all():
@@ -1852,8 +1840,6 @@ def fvt_average(
     """Raw rows, row k the float64 mean of the finite source rows parts[offsets[k]:offsets[k+1]]
     (the mean row when none is finite). Summed one part position at a time: rows have a
     handful of parts, and this is ~10x faster than numpy's reduceat over rows."""
-    import numpy as np
-
     n = len(offsets) - 1
     owner = np.repeat(np.arange(n), np.diff(offsets))
     keep = finite[parts]
@@ -2007,8 +1993,6 @@ def combine_rows(rows: np.ndarray, dtype: str, indices: Any, coefficients: Any, 
     """Raw output rows: row i is sum_j coefficients[i, j] * rows[indices[i, j]] (float64),
     encoded in `dtype`; `rows` is a raw (rows, row_bytes) matrix, gathered 256 targets at
     a time."""
-    import numpy as np
-
     indices, coefficients = np.asarray(indices), np.asarray(coefficients, dtype=np.float64)
     out = np.empty((len(indices), rows.shape[1]), dtype=np.uint8)
     for start in range(0, len(indices), chunk):
@@ -2247,7 +2231,7 @@ def read_tokenizer(path: Path) -> TokenizerSource:
     )
 
 
-class Background:
+class ForkedCall:
     """fn(*args) in a forked child where fork exists and this process has no other thread
     (the work holds the GIL); else right here, when the result is asked for. Forking
     shares the arguments instead of pickling them: they are whole tokenizers."""
@@ -2418,6 +2402,12 @@ def read_checkpoint(directory: Path) -> Checkpoint:
     return Checkpoint(directory, "safetensors", tensors)
 
 
+def torch_uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
 def read_bin_checkpoint(directory: Path, files: Sequence[str], expected: Mapping[str, str]) -> Checkpoint:
     """pytorch_model*.bin through torch.load(weights_only=True): never unpickles code."""
     import pickle
@@ -2577,11 +2567,9 @@ def read_matrix(ckpt: Checkpoint, tensor: TensorEntry) -> np.ndarray:
     anonymous memory, and nothing else of the shard enters the process."""
     import mmap
 
-    import numpy as np
-
     rows = tensor.shape[0] if tensor.shape else 1
     if ckpt.kind == "bin":
-        return ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy().reshape(rows, -1)
+        return ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(torch_uint8()).numpy().reshape(rows, -1)
     if tensor.nbytes == 0:
         return np.zeros((rows, 0), dtype=np.uint8)
     aligned = tensor.start - tensor.start % mmap.ALLOCATIONGRANULARITY
@@ -2626,8 +2614,6 @@ class Donor:
 
     def read_rows(self, role: str, ids: np.ndarray) -> np.ndarray:
         """Raw rows `ids` of one vocabulary tensor, (len(ids), row_bytes) uint8."""
-        import numpy as np
-
         tensor = self.tensor(role)
         assert tensor is not None
         if self.remote is None:
@@ -2704,8 +2690,6 @@ def hub_data_start(repo_id: str, revision: str | None, file: str) -> int:
 
 def hub_tensor_rows(repo_id: str, revision: str | None, tensor: TensorEntry, ids: np.ndarray) -> np.ndarray:
     """Rows of a remote tensor; nearby rows share one request (spans of at most 64 MB)."""
-    import numpy as np
-
     rows = tensor.shape[0] if tensor.shape else 1
     row_bytes = tensor.nbytes // max(1, rows)
     base = hub_data_start(repo_id, revision, str(tensor.file)) + tensor.start
@@ -2739,8 +2723,6 @@ def initialised_rows(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """role -> (output rows, their raw bytes) for the rows the donor fills: its own rows
     (donor), or M's rows of shared tokens combined by OMP's coefficients (omp)."""
-    import numpy as np
-
     out_rows = np.array(sorted(plan.donor_rows), dtype=np.int64)
     if not len(out_rows):
         return {}
@@ -2783,8 +2765,6 @@ def initialised_rows(
 def donor_row_bytes(donor: Donor, role: str, donor_ids: np.ndarray, tensor: TensorEntry, ckpt: Checkpoint) -> np.ndarray:
     """The donor's rows for one of M's vocabulary tensors: bit for bit in the same dtype,
     else converted; a bias the donor lacks is M's mean bias."""
-    import numpy as np
-
     donor_tensor = donor.tensor(role)
     if donor_tensor is None:  # M has an output bias, D has none
         matrix = read_matrix(ckpt, tensor)
@@ -2979,29 +2959,23 @@ class RowContext:
     @property
     def finite(self) -> np.ndarray:
         if self._finite is None:
-            self._finite = (
-                ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else __import__("numpy").ones(len(self.matrix), bool)
-            )
+            self._finite = ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else np.ones(len(self.matrix), bool)
         return self._finite
 
     def mean_row(self) -> np.ndarray:
-        import numpy as np
-
         if self._mean is None:
             rows = np.flatnonzero(self.finite[: self.real_rows])
             self._mean = encode_rows(mean_of_rows(self.matrix, self.dtype, rows)[None, :], self.dtype)[0]
         return self._mean
 
 
-def vocab_chunks(ctx: RowContext, plan: RemapPlan) -> Iterator[np.ndarray]:
+def output_row_chunks(ctx: RowContext, plan: RemapPlan) -> Iterator[np.ndarray]:
     step = max(1, ROW_CHUNK_BYTES // max(1, ctx.matrix.shape[1]))
     for start in range(0, plan.n_rows, step):
         yield build_rows(ctx.matrix, ctx.dtype, plan, start, min(plan.n_rows, start + step), ctx.mean_row, ctx.finite, ctx.given)
 
 
 def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str]) -> None:
-    import numpy as np
-
     bad = np.flatnonzero(~ctx.finite)
     if len(bad):
         shown = ", ".join(f"{i} {src_token_of_id.get(int(i), '<padding>')!r}" for i in bad[:5])
@@ -3055,7 +3029,7 @@ def write_shards(
             if entry.vocab_role is None and ckpt.kind == "safetensors":
                 writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
             elif entry.vocab_role is None:
-                writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(__import__("torch").uint8).numpy())
+                writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(torch_uint8()).numpy())
             else:
                 start = writer.position
                 given = (given_rows or {}).get(entry.vocab_role or "")
@@ -3099,7 +3073,7 @@ def write_vocab_tensor(
         warn_nonfinite(ctx, entry.name, src_token_of_id)
     elif any(s < 0 for s in plan.row_source):
         raise CliError(f"{entry.name} is {entry.dtype}: initialised rows need a float dtype ({', '.join(FLOAT_DTYPES)})")
-    for chunk in vocab_chunks(ctx, plan):
+    for chunk in output_row_chunks(ctx, plan):
         writer.write(chunk)
     return ctx.matrix
 
@@ -3107,8 +3081,6 @@ def write_vocab_tensor(
 def verify_copied_rows(path: Path, offset: int, source: np.ndarray, plan: RemapPlan, name: str) -> int:
     """Read a written vocabulary tensor back and compare every copied row with its source
     row, chunk by chunk (memory: one chunk, not a second matrix)."""
-    import numpy as np
-
     row_bytes = source.shape[1]
     sources = np.asarray(plan.row_source, dtype=np.int64)
     step = max(1, ROW_CHUNK_BYTES // max(1, row_bytes))
@@ -3530,7 +3502,7 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
     return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
 
 
-def gate(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
+def check_aligned_models(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
     """What compare_tokenizers.py --weights would object to in the aligned configuration."""
     problems = []
     seen = set()
@@ -3700,7 +3672,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     CliError for bad input and SelfCheckError when the written output is wrong."""
     started = time.monotonic()
     inputs = read_inputs(opts)
-    base_loads = Background(check_library_loads, inputs.base.text, inputs.base.directory)
+    base_loads = ForkedCall(check_library_loads, inputs.base.text, inputs.base.directory)
     planned = plan_outputs(opts, inputs)
     report = remap_report(opts, inputs, planned)
     announce(report, planned)
@@ -3829,11 +3801,11 @@ def announce(report: Mapping[str, Any], planned: PlannedRemap) -> None:
 
 
 class PatchedTokenizer:
-    """The append-mode tokenizer.json, built and checked in a forked worker (Background)."""
+    """The append-mode tokenizer.json, built and checked in a forked worker (ForkedCall)."""
 
     def __init__(self, base: TokenizerSource, planned: PlannedRemap) -> None:
         spec = base.spec
-        self.job = Background(
+        self.job = ForkedCall(
             patched_tokenizer, base.tokenizer_json, planned.plan, planned.appended_added, spec.convention, spec.byte_fallback
         )
         self.value: tuple[str, dict[str, int]] | None = None
@@ -4086,7 +4058,11 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
     summary["merge_yaml"] = str(merge_yaml)
     summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
-    failures = gate(aligned, plan.yaml_dir, plan.target, opts.trust_remote_code) if code == 0 else ["a remap failed its self-check"]
+    failures = (
+        check_aligned_models(aligned, plan.yaml_dir, plan.target, opts.trust_remote_code)
+        if code == 0
+        else ["a remap failed its self-check"]
+    )
     summary["gate"] = {"ok": not failures, "problems": failures}
     return summary, 1 if failures else code
 
@@ -4540,9 +4516,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.debug)
     PUBLISHED.clear()
     show_hub_progress(sys.stderr.isatty() and not args.json)
-    # numpy's OpenBLAS threads spin for ~0.1 s of CPU once started; nothing here multiplies
-    # matrices, and the writer threads want every core (no effect once numpy is imported)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         with signals_handled(), collection_paused():
             try:

@@ -20,9 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import synthetic  # noqa: E402
-
 import remap_tokenizer as rt  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def main() -> None:

@@ -10,11 +10,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pathlib import Path  # noqa: E402
 
-import factories  # noqa: E402
 import pytest  # noqa: E402
 
-BYTE_SPECIALS = dict(bos="<|begin_of_text|>", eos="<|end_of_text|>")
-SP_SPECIALS = dict(bos="<s>", eos="</s>", unk="<unk>")
+import factories  # noqa: E402
+
+BYTE_SPECIALS, SP_SPECIALS = factories.BYTE_SPECIALS, factories.SP_SPECIALS
 
 
 @pytest.fixture(autouse=True)

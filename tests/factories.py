@@ -25,6 +25,8 @@ CORPUS = [
     "fifteenth sixteenth seventeenth eighteenth",
     "tokenizer vocabulary embedding remap merge",
 ]
+BYTE_SPECIALS = dict(bos="<|begin_of_text|>", eos="<|end_of_text|>")
+SP_SPECIALS = dict(bos="<s>", eos="</s>", unk="<unk>")
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b",
@@ -295,3 +297,27 @@ def to_pytorch_bin(directory: Path) -> Path:
     (directory / "model.safetensors.index.json").unlink(missing_ok=True)
     torch.save(state, directory / "pytorch_model.bin")
     return directory
+
+
+def call_main(main: Any, capsys: Any, *argv: object) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a tool's main() called in-process, as the tests drive it;
+    what building the fixtures printed before is dropped."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def report_of(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "remap_report.json").read_text())
+
+
+def tensors(directory: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors checkpoint directory, by name."""
+    from safetensors import safe_open
+
+    result = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            result.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return result

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import factories
 import torch
 import yaml
-from conftest import BYTE_SPECIALS
-from safetensors import safe_open
+
+import factories
+from factories import (
+    BYTE_SPECIALS,
+    tensors,  # noqa: F401 - re-exported for the e2e tests
+)
 
 CHAT = ["<|im_start|>", "<|im_end|>"]
 
@@ -39,14 +42,6 @@ def linear_yaml(path: Path, base: Path, weighted: list[tuple[Path, float]], **ex
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    result = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            result.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return result
 
 
 def mergekit_linear(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

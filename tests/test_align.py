@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-import factories
 import pytest
 import yaml
-from merge_fixtures import build_models, linear_yaml, tensors
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from merge_fixtures import build_models, linear_yaml, tensors
 
 
 @pytest.fixture
@@ -19,10 +20,7 @@ def models(tmp_path: Path, byte_tok: dict) -> dict[str, Path]:
     return build_models(tmp_path / "models", byte_tok)
 
 
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    code = rt.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = functools.partial(factories.call_main, rt.main)
 
 
 def test_align_a_linear_merge(tmp_path: Path, models: dict[str, Path], capsys) -> None:

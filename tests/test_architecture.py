@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import factories
 import pytest
 import yaml
-from conftest import BYTE_SPECIALS
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
 
 # case -> (config overrides of the sibling, arch, merge configuration shape, gate status, gate exit code)
 CASES = {

@@ -14,13 +14,13 @@ from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
 
-import factories
 import pytest
 import torch
-from conftest import BYTE_SPECIALS
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
 
 shutil_usage = namedtuple("shutil_usage", "total used free")
 

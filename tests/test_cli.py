@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import factories
 import pytest
-from conftest import BYTE_SPECIALS
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["<|im_start|>", "<|im_end|>"]

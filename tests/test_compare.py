@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
 
-import factories
 import pytest
-from conftest import BYTE_SPECIALS, SP_SPECIALS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS, SP_SPECIALS
 
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    code = ct.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = functools.partial(factories.call_main, ct.main)
 
 
 def error_lines(err: str) -> list[str]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import factories
 import numpy as np
 import pytest
 import torch
-from conftest import BYTE_SPECIALS
-from merge_fixtures import tensors
 
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
+from merge_fixtures import tensors
 
 THINK = ["<think>", "</think>"]
 

@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import factories
 import pytest
 import torch
 import yaml
-from conftest import BYTE_SPECIALS
-from merge_fixtures import build_models, linear_yaml, mergekit_linear, tensors
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
+from merge_fixtures import build_models, linear_yaml, mergekit_linear, tensors
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")

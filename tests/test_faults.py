@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import factories
 import pytest
 import yaml
-from conftest import BYTE_SPECIALS
 
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["<|im_start|>", "<|im_end|>"]

@@ -16,15 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import factories
 import pytest
 import yaml
-from conftest import BYTE_SPECIALS
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import compare_tokenizers as ct
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS
 
 CASES = int(os.environ.get("MERGE_TOOLS_FUZZ_CASES", "160"))  # a longer campaign: set it higher
 ODD_VALUES: list[Any] = [None, True, False, 0, -1, 1.5, 2**40, "", "x", "\ud800", [], {}, [1, 2], {"content": 3}, "<0xZZ>", "../x", "/abs"]

@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import factories
 import pytest
 import torch
 import yaml
-from conftest import BYTE_SPECIALS
+
+import factories
+from factories import BYTE_SPECIALS
 from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-import factories
 import pytest
 import torch
-from conftest import BYTE_SPECIALS, SP_SPECIALS
-from test_remap import remap, report_of, tensors
 from tokenizers import Tokenizer
 
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS, SP_SPECIALS, report_of, tensors
+
+remap = functools.partial(factories.call_main, rt.main)
 
 
 def two_token_word(tokenizer_json: dict) -> tuple[str, str]:

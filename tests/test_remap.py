@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from pathlib import Path
 
-import factories
 import pytest
 import torch
-from conftest import BYTE_SPECIALS, SP_SPECIALS
-from merge_fixtures import tensors
 
 import compare_tokenizers
+import factories
 import remap_tokenizer as rt
+from factories import BYTE_SPECIALS, SP_SPECIALS
+from merge_fixtures import tensors
 
-
-def remap(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    code = rt.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+remap = functools.partial(factories.call_main, rt.main)
 
 
 def load_model(directory: Path) -> torch.nn.Module:
@@ -42,8 +39,7 @@ def vocab_tensor_names(directory: Path) -> tuple[str, str | None]:
     return embed, head
 
 
-def report_of(directory: Path) -> dict:
-    return json.loads((directory / rt.REPORT_NAME).read_text())
+report_of = factories.report_of
 
 
 # ------------------------------------------------------------------ permutation is exact
