@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import enum
 import errno
 import functools
 import gc
@@ -2800,6 +2801,16 @@ def direct_io(fd: int) -> bool:
     return True
 
 
+class WriterState(enum.Enum):
+    """Where a ShardWriter is in its life (checked by every call, as llama.cpp's GGUFWriter
+    checks its WriterState): WRITING (header written, tensors follow) -> FINISHED (every
+    byte on its way to the disk) -> CLOSED (fsynced or abandoned)."""
+
+    WRITING = "writing"
+    FINISHED = "finished"
+    CLOSED = "closed"
+
+
 class ShardWriter:
     """Writes one safetensors file and its sha256 as it goes: header first (every shape is
     known from the plan), then each tensor's bytes. Bytes are gathered in page-aligned
@@ -2808,8 +2819,9 @@ class ShardWriter:
     writer's own, so that the disk writes one buffer while the next is filled: with
     O_DIRECT a write returns only once the disk has the data. A pass-through tensor is read
     from the source straight into the buffer and hashed there, never decoded: one pass over
-    the bytes. Setting `stop` makes the next chunk raise InterruptedError. finish(), then
-    sync_and_close()."""
+    the bytes. Setting `stop` makes the next chunk raise InterruptedError. Calls in order:
+    write() / copy_range() while WRITING, finish(), then sync_and_close(); close() at any
+    time (self.state says which comes next)."""
 
     def __init__(self, path: Path, entries: Sequence[TensorEntry], progress: Any, stop: threading.Event | None = None) -> None:
         import mmap
@@ -2823,11 +2835,16 @@ class ShardWriter:
         self.io = ThreadPoolExecutor(1, thread_name_prefix=f"write {path.name}")
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.direct = direct_io(self.fd)
+        self.state = WriterState.WRITING
         try:
             self.write(safetensors_header(entries, {"format": "pt"}))
         except BaseException:
             self.close()
             raise
+
+    def _expect(self, state: WriterState, call: str) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"ShardWriter.{call}() on {self.path.name} while {self.state.value}, expected {state.value}")
 
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
@@ -2864,6 +2881,7 @@ class ShardWriter:
             write_all(self.fd, data, offset)
 
     def write(self, data: Any) -> None:
+        self._expect(WriterState.WRITING, "write")
         view = memoryview(data).cast("B")
         while view:
             self._check_stop()
@@ -2874,6 +2892,7 @@ class ShardWriter:
 
     def copy_range(self, source: Path, start: int, nbytes: int) -> None:
         """Pass a tensor through unchanged: raw bytes from the source file."""
+        self._expect(WriterState.WRITING, "copy_range")
         with source.open("rb", buffering=0) as handle:
             done = 0
             while done < nbytes:
@@ -2887,6 +2906,7 @@ class ShardWriter:
 
     def finish(self) -> None:
         """Write out what the buffers hold: the file is then complete, read it back at will."""
+        self._expect(WriterState.WRITING, "finish")
         if self.filled and self.direct:
             padded = -(-self.filled // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
             self.buffer[self.filled : padded] = bytes(padded - self.filled)
@@ -2898,9 +2918,11 @@ class ShardWriter:
             self.writing = None
         if os.fstat(self.fd).st_size != self.position:
             os.ftruncate(self.fd, self.position)
+        self.state = WriterState.FINISHED
 
     def sync_and_close(self) -> str:
         """fsync, close; the file's sha256."""
+        self._expect(WriterState.FINISHED, "sync_and_close")
         try:
             os.fsync(self.fd)
         finally:
@@ -2908,6 +2930,7 @@ class ShardWriter:
         return self.digest.hexdigest()
 
     def close(self) -> None:
+        self.state = WriterState.CLOSED
         self.io.shutdown(wait=True, cancel_futures=True)
         if self.fd >= 0:
             os.close(self.fd)
@@ -4417,74 +4440,42 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     behaviour.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
-def run_align(args: argparse.Namespace) -> int:
+def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
+    """The options of either mode from the command line, with the flags that belong to the
+    other mode refused."""
+    common = {
+        "match": args.match, "max_shard_size": args.max_shard_size, "base_revision": args.base_revision, "overwrite": args.overwrite,
+        "dry_run": args.dry_run, "trust_remote_code": args.trust_remote_code, "show_progress": not args.json and sys.stderr.isatty(),
+        "donor_model": args.donor_model, "omp_k": args.omp_k, "chat_template": args.chat_template,
+    }  # fmt: skip
+    if args.mergekit_config is None:
+        if args.src_model is None or args.base_tokenizer is None:
+            raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
+        return RemapOptions(
+            src_model=args.src_model, base_tokenizer=args.base_tokenizer, out_dir=args.out_dir, drop_extra=args.drop_extra,
+            init=args.init or "fvt", pad_to_multiple_of=args.pad_to_multiple_of, revision=args.revision, embed_name=args.embed_name,
+            head_name=args.head_name, init_report=args.init_report, **common,
+        )  # fmt: skip
     if args.src_model is not None:
         raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
-    for option, value in (
-        ("--revision", args.revision),
-        ("--embed-name", args.embed_name),
-        ("--head-name", args.head_name),
-        ("--pad-to-multiple-of", args.pad_to_multiple_of),
-    ):
+    single = {
+        "--revision": args.revision,
+        "--embed-name": args.embed_name,
+        "--head-name": args.head_name,
+        "--pad-to-multiple-of": args.pad_to_multiple_of,
+    }
+    for option, value in single.items():
         if value is not None:
             raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
     if args.out_dir is None:
         raise CliError("--mergekit-config needs --out_dir ALIGNED (where the aligned models and merge.yaml go)")
-    opts = AlignOptions(
-        config=args.mergekit_config,
-        out_dir=args.out_dir,
-        base_tokenizer=args.base_tokenizer,
-        base_revision=args.base_revision,
-        init=args.init,
-        match=args.match,
-        max_shard_size=args.max_shard_size,
-        dry_run=args.dry_run,
-        overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code,
-        show_progress=not args.json and sys.stderr.isatty(),
-        donor_model=args.donor_model,
-        omp_k=args.omp_k,
-        chat_template=args.chat_template,
-    )
-    summary, code = align_mergekit(opts)
-    if args.report is not None:
-        write_json(args.report, summary)
-    if args.json:
-        sys.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    else:
-        sys.stdout.write(align_table(summary) + "\n")
-        if "command" in summary and code == 0:
-            sys.stdout.write(f"\nnow run:\n  {summary['command']}\n")
-    return code
+    return AlignOptions(config=args.mergekit_config, out_dir=args.out_dir, base_tokenizer=args.base_tokenizer, init=args.init, **common)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.mergekit_config is not None:
-        return run_align(args)
-    if args.src_model is None or args.base_tokenizer is None:
-        raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
-    opts = RemapOptions(
-        src_model=args.src_model,
-        base_tokenizer=args.base_tokenizer,
-        out_dir=args.out_dir,
-        drop_extra=args.drop_extra,
-        init=args.init or "fvt",
-        match=args.match,
-        max_shard_size=args.max_shard_size,
-        pad_to_multiple_of=args.pad_to_multiple_of,
-        revision=args.revision,
-        base_revision=args.base_revision,
-        overwrite=args.overwrite,
-        dry_run=args.dry_run,
-        embed_name=args.embed_name,
-        head_name=args.head_name,
-        trust_remote_code=args.trust_remote_code,
-        init_report=args.init_report,
-        show_progress=not args.json and sys.stderr.isatty(),
-        donor_model=args.donor_model,
-        omp_k=args.omp_k,
-        chat_template=args.chat_template,
-    )
+    opts = options_from_args(args)
+    if isinstance(opts, AlignOptions):
+        return run_align(args, opts)
     try:
         report = remap(opts)
     except SelfCheckError as exc:
@@ -4496,17 +4487,27 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     elif opts.dry_run:
         sys.stdout.write(summary + "\n")  # the plan is the report: `--dry-run > plan.txt` keeps it
+    if opts.dry_run:
         return 0
-    if not opts.dry_run:
-        log.info("%s", summary)
+    log.info("%s", summary)
+    if not args.json:
         not_mergeable = mergeable_with_base(report, report["base_rows"])
-        if not args.json:
-            sys.stdout.write(
-                f"# {not_mergeable}\n"
-                if not_mergeable
-                else "# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir))
-            )
+        snippet = "# mergekit: add the remapped model to your merge configuration\nmodels:\n" + mergekit_snippet(str(opts.out_dir))
+        sys.stdout.write(f"# {not_mergeable}\n" if not_mergeable else snippet)
     return 0
+
+
+def run_align(args: argparse.Namespace, opts: AlignOptions) -> int:
+    summary, code = align_mergekit(opts)
+    if args.report is not None:
+        write_json(args.report, summary)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(align_table(summary) + "\n")
+        if "command" in summary and code == 0:
+            sys.stdout.write(f"\nnow run:\n  {summary['command']}\n")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

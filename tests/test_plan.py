@@ -495,3 +495,17 @@ def test_a_plain_name_is_kept_even_when_its_symlink_leads_elsewhere(tmp_path: Pa
     (tmp_path / "model" / "model.safetensors").symlink_to(elsewhere)
     path = rt.file_in_model_dir(tmp_path / "model", "model.safetensors", tmp_path)
     assert path == tmp_path / "model" / "model.safetensors" and path.read_bytes() == b"x"
+
+
+def test_the_shard_writer_checks_its_state(tmp_path: Path) -> None:
+    entry = rt.TensorEntry("x", "U8", (4,), 4)
+    writer = rt.ShardWriter(tmp_path / "x.safetensors", [entry], rt.NoProgress())
+    assert writer.state is rt.WriterState.WRITING
+    with pytest.raises(RuntimeError, match=r"sync_and_close\(\) on x.safetensors while writing, expected finished"):
+        writer.sync_and_close()
+    writer.write(b"abcd")
+    writer.finish()
+    with pytest.raises(RuntimeError, match=r"write\(\) on x.safetensors while finished"):
+        writer.write(b"e")
+    writer.sync_and_close()
+    assert writer.state is rt.WriterState.CLOSED and load_file(str(tmp_path / "x.safetensors"))["x"].tolist() == list(b"abcd")
