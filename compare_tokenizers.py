@@ -10,8 +10,24 @@ Exit codes:
   0  vocabularies identical (same size, every token the same id): safe to merge linearly
   1  mismatch: a token->id or size difference (also at equal sizes); with --strict also
      special tokens/flags, chat template, merges/normalizer/pre-tokenizer/decoder or
-     encoding fingerprint; with --weights also ghost tokens or differing row counts
+     encoding fingerprint; with weights (the default) also ghost tokens, differing row
+     counts and, with --mergekit-config, an architecture mergekit cannot merge
   2  usage error or unreadable input (one "error: ..." line on stderr)
+  130  interrupted (143 SIGTERM, 129 SIGHUP)
+
+Contents, by feature (each: its frozen dataclasses, then pure functions, then I/O):
+  shared block    identical in remap_tokenizer.py (tests/test_shared.py guards it):
+                  errors and signals, Hub and directory sources, strict JSON, tokenizer.json
+                  and safetensors header checks, mergekit references, the merge check,
+                  command line scaffolding, token spellings
+  constants       of the gate
+  reading         sources, tokenizer.json, configs, safetensors headers (local or Hub)
+  vocab           token -> id differences, tokens shared exactly and by bytes
+  special tokens  roles, flags, the chat template
+  encoding        merges, normalizer, pre-tokenizer, decoder, fingerprint
+  weights         rows, ghost tokens, and with --mergekit-config the architecture
+  report          a comparison, JSON and human reports
+  command line    build_parser, run, main
 """
 
 from __future__ import annotations
@@ -1224,12 +1240,17 @@ def fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 # <<< shared
 
-# --------------------------------------------------------------------------------------
-# 1. Constants and result types
-# --------------------------------------------------------------------------------------
+
+# ======================================================================================
+# Constants of the gate
+# ======================================================================================
+
 
 __version__ = "0.2.0"
+
+
 JSON_SCHEMA_ID = "merge_tools.compare_tokenizers/1"
+
 
 # Encoded by every tokenizer: the ids' sha256 identifies the encoding behaviour, the way
 # llama.cpp's convert_hf_to_gguf.py identifies pre-tokenizers (its text differs from ours).
@@ -1244,6 +1265,14 @@ FINGERPRINT_SAMPLE = (
     "e\u0301 n\u0303 a\u0308 combining marks; café naïve Ünïcödé ñ ß İ ﬁ\n"
     "Ελληνικά русский العربية हिन्दी עברית ไทย\n"
 )
+
+
+STATUS_LABEL = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skipped": "-"}
+
+
+# ======================================================================================
+# Tokenizers and weights in: sources, tokenizer.json, configs, safetensors headers
+# ======================================================================================
 
 
 @dataclass(frozen=True)
@@ -1310,568 +1339,20 @@ class WeightsInfo:
 
 
 @dataclass(frozen=True)
-class VocabDiff:
-    ref_size: int
-    other_size: int
-    moved: tuple[tuple[str, int, int], ...]
-    only_in_ref: tuple[tuple[str, int], ...]
-    only_in_other: tuple[tuple[str, int], ...]
-    moved_count: int
-    only_in_ref_count: int
-    only_in_other_count: int
-    shared_exact: int
-    shared_by_bytes: int
-
-    @property
-    def equal(self) -> bool:
-        return self.ref_size == self.other_size and not (self.moved_count or self.only_in_ref_count or self.only_in_other_count)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "status": "ok" if self.equal else "fail",
-            "ref_size": self.ref_size,
-            "other_size": self.other_size,
-            "counts": {
-                "moved": self.moved_count,
-                "only_in_ref": self.only_in_ref_count,
-                "only_in_other": self.only_in_other_count,
-                "shared_exact": self.shared_exact,
-                "shared_by_bytes": self.shared_by_bytes,
-            },
-            "moved": [{"token": t, "ref_id": a, "other_id": b} for t, a, b in self.moved],
-            "only_in_ref": [{"token": t, "id": i} for t, i in self.only_in_ref],
-            "only_in_other": [{"token": t, "id": i} for t, i in self.only_in_other],
-        }
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One named check of a comparison: `ok`, `warn` (a difference tolerated without
-    --strict), `fail` (counts towards exit code 1) or `skipped`."""
-
+class ResolvedSource:
+    source: str
     name: str
-    status: str
-    summary: str
-    details: Mapping[str, Any] = field(default_factory=dict)
-    lines: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "summary": self.summary, **self.details}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    ref: str
-    other: str
-    vocab: VocabDiff
-    checks: tuple[CheckResult, ...]
-
-    @property
-    def failed(self) -> bool:
-        return any(check.status == "fail" for check in self.checks)
-
-    @property
-    def weights_checked(self) -> bool:
-        weights = next((check for check in self.checks if check.name == "weights"), None)
-        return weights is not None and weights.status != "skipped" and not weights.details.get("not_checked")
-
-    def verdict_text(self) -> str:
-        """Never "safe" on what was not checked."""
-        if self.failed:
-            return "MISMATCH: do not merge linearly"
-        if self.weights_checked:
-            return "identical: safe to merge linearly"
-        weights = next(check for check in self.checks if check.name == "weights")
-        sides = list(weights.details.get("not_checked") or ["REF", "OTHER"])
-        reason = (
-            "--no-weights"
-            if weights.summary.endswith("--no-weights")
-            else f"{' and '.join(sides)} {'have' if len(sides) > 1 else 'has'} no safetensors"
-        )
-        return f"tokenizers identical (weights not checked: {reason})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "other": self.other,
-            "equal": self.vocab.equal,
-            "verdict": "mismatch" if self.failed else "identical",
-            "verdict_text": self.verdict_text(),
-            "weights_checked": self.weights_checked,
-            "checks": {check.name: check.to_dict() for check in self.checks},
-        }
-
-
-# --------------------------------------------------------------------------------------
-# 2. Pure functions: conventions, diffs, verdicts, rendering
-# --------------------------------------------------------------------------------------
-
-
-# str.translate table from byte-level characters to the latin-1 character of their byte,
-# so that `token.translate(...).encode("latin-1")` decodes a token at C speed.
-
-
-def in_byte_level_alphabet(text: str) -> bool:
-    """True when every character is one of the 256 byte-level symbols (code points 33-126,
-    161-172 and 174-323), checked in one regex scan."""
-    return NOT_BYTE_LEVEL_RE.search(text) is None
-
-
-NOT_BYTE_LEVEL_RE = re.compile("[^\x21-\x7e\xa1-\xac\xae-\u0143]")
-
-
-def tokens_as_bytes(tokens: Sequence[str], convention: str, byte_fallback: bool) -> list[bytes]:
-    """`token_bytes` for many tokens at once: byte-level vocabularies are translated in one
-    pass (one character per byte), which is ~10x faster than token by token."""
-    joined = byte_level_joined(tokens) if convention == "byte_level" and not byte_fallback else None
-    if joined is None:
-        return [token_bytes(token, convention, byte_fallback) for token in tokens]
-    out, start = [], 0
-    for token in tokens:
-        out.append(joined[start : start + len(token)])
-        start += len(token)
-    return out
-
-
-def byte_level_joined(tokens: Sequence[str]) -> bytes | None:
-    """The bytes of all tokens back to back, or None if a token has a character outside
-    the byte-level alphabet (then bytes and characters no longer correspond one to one)."""
-    try:
-        return "".join(tokens).translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
-    except UnicodeEncodeError:
-        return None
-
-
-def regular_tokens(info: TokenizerInfo) -> list[str]:
-    added = {token.content for token in info.added_tokens}
-    return [token for token in info.vocab if token not in added]
-
-
-def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact: int) -> int:
-    """How many tokens two tokenizers share when regular tokens match by their bytes and
-    added tokens by content (what `remap_tokenizer.py --match bytes` copies)."""
-    same_convention = (ref.convention, ref.byte_fallback) == (other.convention, other.byte_fallback)
-    # Within the alphabet the byte map is one character per byte and injective, so
-    # matching by bytes is matching by spelling: no need to build 2 x 128k keys. (Usually
-    # the added tokens are in the alphabet too, and one scan of everything settles it.)
-    if (
-        same_convention
-        and ref.convention == "byte_level"
-        and not ref.byte_fallback
-        and all(
-            in_byte_level_alphabet("".join(info.vocab)) or in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other)
-        )
-    ):
-        return shared_exact
-    keys = []
-    for info in (ref, other):
-        added = {token.content for token in info.added_tokens}
-        keys.append((added, set(tokens_as_bytes(regular_tokens(info), info.convention, info.byte_fallback))))
-    (ref_added, ref_bytes), (other_added, other_bytes) = keys
-    return len(ref_added & other_added) + len(ref_bytes & other_bytes)
-
-
-def show_token(token: str, convention: str = "plain", byte_fallback: bool = False) -> str:
-    """`'Ġthe' (" the")`: the token as stored, plus its text when the spelling differs."""
-    shown = quoted(token)
-    text = token_bytes(token, convention, byte_fallback).decode("utf-8", "surrogateescape")
-    if text != token:
-        shown += ' ("' + escape_text(text).replace('"', '\\"') + '")'
-    return shown
-
-
-def diff_vocab(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> VocabDiff:
-    """Counts over the whole vocabularies, lists of the first `head` by REF id (OTHER id
-    for tokens only in OTHER). Ids are 0..n-1 (vocab_from_json makes sure). Shuffled
-    128k-token vocabularies differ in nearly every id, so each pass over all tokens is a
-    sort, a set operation or a map() that runs in C: one lookup per REF token in all."""
-    ref_vocab, other_vocab = ref.vocab, other.vocab
-    moved: list[tuple[str, int, int]] = []
-    only_ref: list[tuple[str, int]] = []
-    only_other: list[tuple[str, int]] = []
-    counts = (0, 0, 0)
-    if ref_vocab != other_vocab:
-        ref_tokens = sorted(ref_vocab, key=ref_vocab.__getitem__)
-        other_id_of = list(map(other_vocab.get, ref_tokens))  # None: only in REF
-        missing = other_id_of.count(None)
-        shared = len(ref_tokens) - missing
-        counts = (sum(map(ne, other_id_of, range(len(ref_tokens)))) - missing, missing, len(other_vocab) - shared)
-        for ref_id, other_id in enumerate(other_id_of):
-            if len(moved) == min(head, counts[0]):
-                break
-            if other_id is not None and other_id != ref_id:
-                moved.append((ref_tokens[ref_id], ref_id, other_id))
-        ref_id = -1
-        for _ in range(min(head, missing)):
-            ref_id = other_id_of.index(None, ref_id + 1)
-            only_ref.append((ref_tokens[ref_id], ref_id))
-        if counts[2]:
-            other_tokens = dict(zip(other_vocab.values(), other_vocab.keys()))
-            extra_ids = sorted(set(range(len(other_vocab))).difference(other_id_of))[:head]
-            only_other = [(other_tokens[other_id], other_id) for other_id in extra_ids]
-    return VocabDiff(
-        ref_size=len(ref_vocab),
-        other_size=len(other_vocab),
-        moved=tuple(moved),
-        only_in_ref=tuple(only_ref),
-        only_in_other=tuple(only_other),
-        moved_count=counts[0],
-        only_in_ref_count=counts[1],
-        only_in_other_count=counts[2],
-        shared_exact=len(ref_vocab) - counts[1],
-        shared_by_bytes=count_shared_by_bytes(ref, other, len(ref_vocab) - counts[1]),
-    )
-
-
-def vocab_check(diff: VocabDiff, ref: TokenizerInfo, other: TokenizerInfo) -> CheckResult:
-    if diff.equal:
-        summary = f"identical: {diff.ref_size} tokens, every token the same id"
-    else:
-        summary = (
-            f"MISMATCH: {diff.ref_size} vs {diff.other_size} tokens; "
-            f"{diff.moved_count} moved, {diff.only_in_ref_count} only in REF, "
-            f"{diff.only_in_other_count} only in OTHER"
-        )
-    summary += f"; shared tokens: exact {diff.shared_exact}, by bytes {diff.shared_by_bytes}"
-    lines: list[str] = []
-    if diff.moved:
-        lines.append(f"moved tokens (REF id -> OTHER id), {len(diff.moved)} of {diff.moved_count}:")
-        lines += [f"  {a:>8} -> {b:<8} {show_token(t, ref.convention, ref.byte_fallback)}" for t, a, b in diff.moved]
-    for title, entries, info, count in (
-        ("only in REF", diff.only_in_ref, ref, diff.only_in_ref_count),
-        ("only in OTHER", diff.only_in_other, other, diff.only_in_other_count),
-    ):
-        if entries:
-            lines.append(f"{title}, {len(entries)} of {count}:")
-            lines += [f"  {i:>8}  {show_token(t, info.convention, info.byte_fallback)}" for t, i in entries]
-    return CheckResult("vocab", "ok" if diff.equal else "fail", summary, diff.to_dict(), tuple(lines))
-
-
-def describe_special(info: TokenizerInfo, role: str) -> dict[str, Any]:
-    token = info.special_tokens.get(role)
-    return {
-        "token": token,
-        "id": info.vocab.get(token) if token is not None else None,
-        "config_id": info.config_ids.get(role),
-        "generation_config_id": info.generation_ids.get(role),
-    }
-
-
-def inconsistent_role_ids(info: TokenizerInfo) -> list[str]:
-    """config.json / generation_config.json ids that disagree with the tokenizer."""
-    problems = []
-    for role in SPECIAL_ROLES:
-        described = describe_special(info, role)
-        for key, label in (("config_id", "config.json"), ("generation_config_id", "generation_config.json")):
-            value = described[key]
-            if value is None or described["id"] is None:
-                continue
-            ids = value if isinstance(value, list) else [value]
-            if described["id"] not in ids:
-                problems.append(
-                    f"{label} {role}_token_id={value} but the tokenizer's {role} token "
-                    f"{show_token(described['token'])} is id {described['id']}"
-                )
-    return problems
-
-
-def special_tokens_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
-    roles = {role: {"ref": describe_special(ref, role), "other": describe_special(other, role)} for role in SPECIAL_ROLES}
-    differing = [
-        role
-        for role, sides in roles.items()
-        if (sides["ref"]["token"], sides["ref"]["id"]) != (sides["other"]["token"], sides["other"]["id"])
-    ]
-    ref_added = {token.content: token for token in ref.added_tokens}
-    other_added = {token.content: token for token in other.added_tokens}
-    flag_diffs = []
-    for content in sorted(ref_added.keys() & other_added.keys(), key=lambda c: ref_added[c].id):
-        ref_flags, other_flags = ref_added[content].flags(), other_added[content].flags()
-        changed = {name: [ref_flags[name], other_flags[name]] for name in ADDED_TOKEN_FLAGS if ref_flags[name] != other_flags[name]}
-        if changed:
-            flag_diffs.append({"token": content, "changed": changed})
-    added_only = sorted(ref_added.keys() ^ other_added.keys())
-    inconsistencies = {"ref": inconsistent_role_ids(ref), "other": inconsistent_role_ids(other)}
-    problems = bool(differing or flag_diffs or added_only)
-    status = "ok" if not problems else ("fail" if strict else "warn")
-    parts = [f"roles differ: {', '.join(differing)}" if differing else "bos/eos/pad/unk agree"]
-    if flag_diffs:
-        parts.append(f"{len(flag_diffs)} added-token flag difference(s)")
-    if added_only:
-        parts.append(f"{len(added_only)} token(s) added in only one tokenizer")
-    lines = [f"{'role':<5} {'REF':<36} OTHER"]
-    for role, sides in roles.items():
-        cells = []
-        for side in (sides["ref"], sides["other"]):
-            token = side["token"]
-            cells.append("-" if token is None else f"{show_token(token)} id {side['id']}")
-        mark = "  <-- differs" if role in differing else ""
-        lines.append(f"{role:<5} {cells[0]:<36} {cells[1]}{mark}")
-    for diff in flag_diffs:
-        changes = ", ".join(f"{name} {a}->{b}" for name, (a, b) in diff["changed"].items())
-        lines.append(f"flags of {show_token(diff['token'])}: {changes}")
-    for side, problems_of_side in inconsistencies.items():
-        lines += [f"{side.upper()}: {problem}" for problem in problems_of_side]
-    return CheckResult(
-        "special_tokens",
-        status,
-        "; ".join(parts),
-        {"roles": roles, "flag_differences": flag_diffs, "added_in_one_only": added_only, "inconsistent_ids": inconsistencies},
-        tuple(lines),
-    )
-
-
-def chat_template_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool, max_lines: int = 20) -> CheckResult:
-    if ref.chat_template == other.chat_template:
-        summary = "equal" if ref.chat_template is not None else "neither has one"
-        return CheckResult("chat_template", "ok", summary, {"equal": True})
-    diff = list(
-        difflib.unified_diff(
-            (ref.chat_template or "").splitlines(),
-            (other.chat_template or "").splitlines(),
-            "REF",
-            "OTHER",
-            lineterm="",
-            n=1,
-        )
-    )
-    shown = diff[:max_lines] + ([f"... {len(diff) - max_lines} more diff lines"] if len(diff) > max_lines else [])
-    return CheckResult("chat_template", "fail" if strict else "warn", "differs", {"equal": False}, tuple(shown))
-
-
-def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
-    for index, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return index
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def encoding_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
-    details: dict[str, Any] = {
-        "model_type": [ref.model_type, other.model_type],
-        "byte_fallback": [ref.byte_fallback, other.byte_fallback],
-        "convention": [ref.convention, other.convention],
-    }
-    differing = [key for key, (a, b) in details.items() if a != b]
-    if ref.merges == other.merges:
-        details["merges_equal"] = True
-    else:
-        rank = first_difference(ref.merges or (), other.merges or ())
-        details["merges_equal"] = rank is None
-        details["merges_first_difference_rank"] = rank
-        if rank is not None:
-            differing.append(f"merges (first difference at rank {rank})")
-    for name in ("normalizer", "pre_tokenizer", "decoder"):
-        equal = getattr(ref, name) == getattr(other, name)
-        details[f"{name}_equal"] = equal
-        if not equal:
-            differing.append(name)
-    same_ids = ref.fingerprint_ids == other.fingerprint_ids
-    details["fingerprint"] = {"identical": same_ids, "ref_sha256": ref.fingerprint, "other_sha256": other.fingerprint}
-    if not same_ids:
-        differing.append("fingerprint")
-    if differing:
-        status = "fail" if strict else "warn"
-        summary = "differs: " + ", ".join(differing)
-    else:
-        status, summary = "ok", f"same model, merges, normalizer, pre-tokenizer, decoder; fingerprint {ref.fingerprint[:16]}"
-    lines = (
-        f"model type      {ref.model_type} / {other.model_type}",
-        f"merges          {'equal' if details['merges_equal'] else 'differ at rank ' + str(details.get('merges_first_difference_rank'))}",
-        *(f"{name:<15} {'equal' if details[name + '_equal'] else 'differs'}" for name in ("normalizer", "pre_tokenizer", "decoder")),
-        f"byte_fallback   {ref.byte_fallback} / {other.byte_fallback}",
-        f"fingerprint     {'identical' if same_ids else 'DIFFERS'}  REF {ref.fingerprint[:16]}  OTHER {other.fingerprint[:16]}",
-    )
-    return CheckResult("encoding", status, summary, details, lines)
-
-
-def ghost_tokens(info: TokenizerInfo, rows: int) -> list[tuple[str, int]]:
-    return sorted(((token, token_id) for token, token_id in info.vocab.items() if token_id >= rows), key=lambda item: item[1])
-
-
-def describe_weights(info: TokenizerInfo, head: int) -> dict[str, Any]:
-    weights = info.weights
-    assert weights is not None
-    rows = weights.rows
-    ghosts = ghost_tokens(info, rows) if rows is not None else []
-    return {
-        "embed_tensor": weights.embed_name,
-        "embed_rows": weights.embed_rows,
-        "lm_head_tensor": weights.head_name,
-        "lm_head_rows": weights.head_rows,
-        "config_vocab_size": weights.config_vocab_size,
-        "tokenizer_size": len(info.vocab),
-        "padding_rows": max(0, rows - len(info.vocab)) if rows is not None else None,
-        "ghost_count": len(ghosts),
-        "ghost_tokens": [{"token": t, "id": i} for t, i in ghosts[:head]],
-    }
-
-
-def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckResult:
-    sides = {
-        label: describe_weights(info, head)
-        for label, info in (("ref", ref), ("other", other))
-        if info.weights is not None and info.weights.checked
-    }
-    unchecked = [label.upper() for label, info in (("ref", ref), ("other", other)) if info.weights is None or not info.weights.checked]
-    if not sides:
-        return CheckResult(
-            "weights",
-            "skipped",
-            f"not checked: {' and '.join(unchecked)} {'have' if len(unchecked) > 1 else 'has'} no safetensors",
-            {"not_checked": unchecked},
-        )
-    problems = [
-        f"{label.upper()} has {side['ghost_count']} ghost token(s) (ids with no embedding row)"
-        for label, side in sides.items()
-        if side["ghost_count"]
-    ]
-    if ref.weights is not None and other.weights is not None and ref.weights.rows != other.weights.rows:
-        problems.append(f"embedding rows differ: {ref.weights.rows} vs {other.weights.rows}")
-    lines = [f"{'':<6} {'embed rows':>10} {'lm_head rows':>12} {'config':>8} {'tokenizer':>9} {'padding':>7} {'ghosts':>6}"]
-    for label, side in sides.items():
-        head_rows = side["lm_head_rows"] if side["lm_head_tensor"] else "tied"
-        lines.append(
-            f"{label.upper():<6} {side['embed_rows']!s:>10} {head_rows!s:>12} {side['config_vocab_size']!s:>8} "
-            f"{side['tokenizer_size']:>9} {side['padding_rows']!s:>7} {side['ghost_count']:>6}"
-        )
-    for label, side in sides.items():
-        info = ref if label == "ref" else other
-        for ghost in side["ghost_tokens"]:
-            lines.append(f"{label.upper()} ghost: id {ghost['id']} {show_token(ghost['token'], info.convention, info.byte_fallback)}")
-    rows = sorted({str(side["embed_rows"] or side["config_vocab_size"]) for side in sides.values()})
-    summary = "; ".join(problems) if problems else f"{' / '.join(rows)} embedding rows, no ghost tokens"
-    if unchecked:
-        summary += f"; {unchecked[0]} not checked (no safetensors)"
-        lines.append(f"{unchecked[0]}: not checked (no safetensors)")
-    return CheckResult("weights", "fail" if problems else "ok", summary, {**sides, "not_checked": unchecked}, tuple(lines))
-
-
-def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int, weights: bool = True) -> Comparison:
-    diff = diff_vocab(ref, other, head)
-    checks = [
-        vocab_check(diff, ref, other),
-        special_tokens_check(ref, other, strict),
-        chat_template_check(ref, other, strict),
-        encoding_check(ref, other, strict),
-    ]
-    checks.append(
-        weights_check(ref, other, head)
-        if weights
-        else CheckResult("weights", "skipped", "not checked: --no-weights", {"not_checked": ["REF", "OTHER"]})
-    )
-    return Comparison(ref.source, other.source, diff, tuple(checks))
-
-
-def build_report(
-    ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool, merge_problems: Sequence[str] | None = None
-) -> dict[str, Any]:
-    failed = any(c.failed for c in comparisons) or bool(merge_problems)
-    report = {
-        "schema": JSON_SCHEMA_ID,
-        "equal": not failed,
-        "exit_code": 1 if failed else 0,
-        "strict": strict,
-        "weights": weights,
-        "reference": {
-            "source": ref.source,
-            "path": ref.path,
-            "vocab_size": len(ref.vocab),
-            "model_type": ref.model_type,
-            "convention": ref.convention,
-            "fingerprint_sha256": ref.fingerprint,
-        },
-        "comparisons": [c.to_dict() for c in comparisons],
-    }
-    if merge_problems is not None:
-        report["merge"] = {"status": "fail" if merge_problems else "ok", "problems": list(merge_problems)}
-    return report
-
-
-def architecture_check(base: ModelFacts | None, other: ModelFacts | None, strict: bool, same_layers: bool, lora: str | None) -> CheckResult:
-    """Whether mergekit can merge OTHER with the base and keeps what OTHER expects."""
-    if lora is not None:
-        return CheckResult("architecture", "skipped", f"not checked: a LoRA ({lora}) is applied to this model")
-    if base is None or other is None:
-        return CheckResult("architecture", "skipped", "not checked: no config.json / safetensors headers on one side")
-    found = compare_models(base, other, strict, same_layers)
-    levels = {level for level, _ in found}
-    status = "fail" if "fail" in levels else "warn" if "warn" in levels else "ok"
-    summary = "; ".join(message for level, message in found if level != "info") or "same architecture, config and tensors"
-    if "info" in levels and status == "ok":
-        summary = "same architecture and tensors; " + "; ".join(message for level, message in found if level == "info")
-    return CheckResult(
-        "architecture",
-        status,
-        summary,
-        {"differences": [{"level": level, "message": message} for level, message in found]},
-        tuple(f"{level}: {message}" for level, message in found),
-    )
-
-
-STATUS_LABEL = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skipped": "-"}
-
-
-def render_human(
-    ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False, merge_problems: Sequence[str] | None = None
-) -> str:
-    def paint(text: str, status: str) -> str:
-        codes = {"ok": "32", "warn": "33", "fail": "31"}
-        return f"\033[{codes[status]}m{text}\033[0m" if color and status in codes else text
-
-    out: list[str] = [f"REF    {ref.source}  ({ref.model_type}, {len(ref.vocab)} tokens, {ref.convention})"]
-    if merge_problems:
-        out += [f"merge  {paint('FAIL', 'fail')} {problem}" for problem in merge_problems]
-    if len(comparisons) > 1:
-        width = max(len(c.other) for c in comparisons)
-        out.append("")
-        out.append(f"{'model':<{width}}  {'tokens':>7}  verdict")
-        for comparison in comparisons:
-            verdict = "MISMATCH" if comparison.failed else "identical"
-            bad = [check.name for check in comparison.checks if check.status == "fail"]
-            note = f" ({', '.join(bad)})" if bad else ""
-            out.append(f"{comparison.other:<{width}}  {comparison.vocab.other_size:>7}  {paint(verdict, 'fail' if bad else 'ok')}{note}")
-    for comparison in comparisons:
-        out.append("")
-        out.append(f"OTHER  {comparison.other}")
-        out.append(
-            f"verdict  {paint(comparison.verdict_text(), 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}"
-        )
-        for check in comparison.checks:
-            label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)
-            out.append(f"  {check.name:<15} {label} {check.summary}")
-            if check.status != "ok" or check.name == "weights":
-                out += [f"      {line}" for line in check.lines]
-    return "\n".join(out) + "\n"
-
-
-def dedupe(items: Sequence[Any]) -> list[Any]:
-    seen: list[Any] = []
-    for item in items:
-        if item not in seen:
-            seen.append(item)
-    return seen
-
-
-# --------------------------------------------------------------------------------------
-# 3. I/O adapters: resolve sources, read tokenizers, configs and safetensors headers
-# --------------------------------------------------------------------------------------
-
-
-def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
-    return AddedToken(content=entry["content"], id=entry["id"], **{flag: entry[flag] for flag in ADDED_TOKEN_FLAGS})
-
-
-def read_role_ids(config: Mapping[str, Any]) -> dict[str, Any]:
-    nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
-    return {role: config.get(f"{role}_token_id", nested.get(f"{role}_token_id")) for role in SPECIAL_ROLES}
-
-
-def normalized_merges(model: Mapping[str, Any]) -> list[Any] | None:
-    """BPE merges as [left, right] pairs, whether stored as "left right" strings or pairs."""
-    merges = model.get("merges")
-    if merges is None or not merges or not isinstance(merges[0], str):
-        return merges
-    return [merge.split(" ", 1) for merge in merges]
+    revision: str | None
+    directory: Path
+    tokenizer_file: Path | None
+
+
+def resolve_tokenizer(source: str, revision: str | None) -> ResolvedSource:
+    name, inline_revision = split_revision(source)
+    revision = inline_revision or revision
+    # safetensors headers of a repo are read over HTTP (hub_safetensors_shapes): no weights here
+    directory, tokenizer_file = find_tokenizer_dir(resolve_source(name, revision, [*TOKENIZER_FILES, *CONFIG_FILES]))
+    return ResolvedSource(source, name, revision, directory, tokenizer_file)
 
 
 def find_tokenizer_dir(path: Path) -> tuple[Path, Path | None]:
@@ -1890,84 +1371,6 @@ def find_tokenizer_dir(path: Path) -> tuple[Path, Path | None]:
     raise CliError(f"{path}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
 
 
-@dataclass(frozen=True)
-class ResolvedSource:
-    source: str
-    name: str
-    revision: str | None
-    directory: Path
-    tokenizer_file: Path | None
-
-
-def resolve_tokenizer(source: str, revision: str | None) -> ResolvedSource:
-    name, inline_revision = split_revision(source)
-    revision = inline_revision or revision
-    # safetensors headers of a repo are read over HTTP (hub_safetensors_shapes): no weights here
-    directory, tokenizer_file = find_tokenizer_dir(resolve_source(name, revision, [*TOKENIZER_FILES, *CONFIG_FILES]))
-    return ResolvedSource(source, name, revision, directory, tokenizer_file)
-
-
-def build_library_tokenizer(text: str, where: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    return tokenizers_library(where, Tokenizer.from_str, text)
-
-
-def encode_fingerprint(
-    tokenizer_json: Mapping[str, Any], merges: Sequence[Sequence[str]] | None, raw: bytes, where: Path, sample: str = FINGERPRINT_SAMPLE
-) -> tuple[int, ...]:
-    """The ids the tokenizers library gives `sample` (no special tokens added).
-
-    Building a whole 128k-token BPE costs ~0.2 s of CPU; a BPE that only holds the
-    entries the sample can reach (bpe_model_for_words) builds in milliseconds and encodes
-    it the same. That needs the sample's words exactly as the model sees them, which the
-    library's own normalizer and pre-tokenizer give as long as no added token occurs in the
-    sample (added tokens split the text before both). Otherwise, and for other models,
-    the whole tokenizer is built."""
-    model = tokenizer_json.get("model") or {}
-    if (
-        model.get("type") == "BPE"
-        and isinstance(model.get("vocab"), Mapping)
-        and merges is not None
-        and not model.get("continuing_subword_prefix")
-        and not model.get("end_of_word_suffix")
-    ):
-        probe_json = {**tokenizer_json, "added_tokens": [], "model": {"type": "WordLevel", "vocab": {"<probe>": 0}, "unk_token": "<probe>"}}
-        probe = build_library_tokenizer(json.dumps(probe_json), where)
-        normalizer = probe.normalizer
-
-        def normalize(text: str) -> str:
-            return tokenizers_library(where, normalizer.normalize_str, text) if normalizer is not None else text
-
-        normalized = normalize(sample)
-        # the library skips added tokens with empty content
-        contents = [entry["content"] for entry in tokenizer_json.get("added_tokens") or [] if entry.get("content")]
-        if not any(content in sample or content in normalized or normalize(content) in normalized for content in contents):
-            # The library refuses a merge of or into a token it does not know; the pruned
-            # build no longer sees most merges, so they are checked here.
-            vocab, merged = model["vocab"], merge_results(merges)
-            if not (all(map(vocab.__contains__, merged)) and vocab.keys() >= set(chain.from_iterable(merges))):
-                raise CliError(f"{where}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)")
-            pre_tokenized = (
-                tokenizers_library(where, probe.pre_tokenizer.pre_tokenize_str, normalized)
-                if probe.pre_tokenizer is not None
-                else [(normalized, None)]
-            )
-            pruned = {
-                **tokenizer_json,
-                "added_tokens": [],
-                "model": bpe_model_for_words(model, merged, [word for word, _ in pre_tokenized]),
-            }
-            return tuple(
-                tokenizers_library(where, build_library_tokenizer(json.dumps(pruned), where).encode, sample, add_special_tokens=False).ids
-            )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{where}: not UTF-8 ({exc})") from exc
-    return tuple(tokenizers_library(where, build_library_tokenizer(text, where).encode, sample, add_special_tokens=False).ids)
-
-
 def read_tokenizer_json(resolved: ResolvedSource) -> bytes:
     """tokenizer.json's raw bytes (as transformers converts them when there is none)."""
     if resolved.tokenizer_file is None:
@@ -1982,6 +1385,23 @@ def parse_tokenizer_json(raw: bytes, where: Path) -> dict[str, Any]:
     data = parse_json(raw, where)
     check_tokenizer_json(data, where)
     return data
+
+
+def added_token_from_json(entry: Mapping[str, Any]) -> AddedToken:
+    return AddedToken(content=entry["content"], id=entry["id"], **{flag: entry[flag] for flag in ADDED_TOKEN_FLAGS})
+
+
+def read_role_ids(config: Mapping[str, Any]) -> dict[str, Any]:
+    nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
+    return {role: config.get(f"{role}_token_id", nested.get(f"{role}_token_id")) for role in SPECIAL_ROLES}
+
+
+def normalized_merges(model: Mapping[str, Any]) -> list[Any] | None:
+    """BPE merges as [left, right] pairs, whether stored as "left right" strings or pairs."""
+    merges = model.get("merges")
+    if merges is None or not merges or not isinstance(merges[0], str):
+        return merges
+    return [merge.split(" ", 1) for merge in merges]
 
 
 def read_tokenizer_info(
@@ -2134,9 +1554,657 @@ def hub_safetensors_tensors(repo_id: str, revision: str | None) -> dict[str, tup
     return tensors
 
 
-# --------------------------------------------------------------------------------------
-# 4. Command line
-# --------------------------------------------------------------------------------------
+# ======================================================================================
+# The vocabulary check: token -> id, and what the two share
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class VocabDiff:
+    ref_size: int
+    other_size: int
+    moved: tuple[tuple[str, int, int], ...]
+    only_in_ref: tuple[tuple[str, int], ...]
+    only_in_other: tuple[tuple[str, int], ...]
+    moved_count: int
+    only_in_ref_count: int
+    only_in_other_count: int
+    shared_exact: int
+    shared_by_bytes: int
+
+    @property
+    def equal(self) -> bool:
+        return self.ref_size == self.other_size and not (self.moved_count or self.only_in_ref_count or self.only_in_other_count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.equal else "fail",
+            "ref_size": self.ref_size,
+            "other_size": self.other_size,
+            "counts": {
+                "moved": self.moved_count,
+                "only_in_ref": self.only_in_ref_count,
+                "only_in_other": self.only_in_other_count,
+                "shared_exact": self.shared_exact,
+                "shared_by_bytes": self.shared_by_bytes,
+            },
+            "moved": [{"token": t, "ref_id": a, "other_id": b} for t, a, b in self.moved],
+            "only_in_ref": [{"token": t, "id": i} for t, i in self.only_in_ref],
+            "only_in_other": [{"token": t, "id": i} for t, i in self.only_in_other],
+        }
+
+
+def in_byte_level_alphabet(text: str) -> bool:
+    """True when every character is one of the 256 byte-level symbols (code points 33-126,
+    161-172 and 174-323), checked in one regex scan."""
+    return NOT_BYTE_LEVEL_RE.search(text) is None
+
+
+NOT_BYTE_LEVEL_RE = re.compile("[^\x21-\x7e\xa1-\xac\xae-\u0143]")
+
+
+def tokens_as_bytes(tokens: Sequence[str], convention: str, byte_fallback: bool) -> list[bytes]:
+    """`token_bytes` for many tokens at once: byte-level vocabularies are translated in one
+    pass (one character per byte), which is ~10x faster than token by token."""
+    joined = byte_level_joined(tokens) if convention == "byte_level" and not byte_fallback else None
+    if joined is None:
+        return [token_bytes(token, convention, byte_fallback) for token in tokens]
+    out, start = [], 0
+    for token in tokens:
+        out.append(joined[start : start + len(token)])
+        start += len(token)
+    return out
+
+
+def byte_level_joined(tokens: Sequence[str]) -> bytes | None:
+    """The bytes of all tokens back to back, or None if a token has a character outside
+    the byte-level alphabet (then bytes and characters no longer correspond one to one)."""
+    try:
+        return "".join(tokens).translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def regular_tokens(info: TokenizerInfo) -> list[str]:
+    added = {token.content for token in info.added_tokens}
+    return [token for token in info.vocab if token not in added]
+
+
+def count_shared_by_bytes(ref: TokenizerInfo, other: TokenizerInfo, shared_exact: int) -> int:
+    """How many tokens two tokenizers share when regular tokens match by their bytes and
+    added tokens by content (what `remap_tokenizer.py --match bytes` copies)."""
+    same_convention = (ref.convention, ref.byte_fallback) == (other.convention, other.byte_fallback)
+    # Within the alphabet the byte map is one character per byte and injective, so
+    # matching by bytes is matching by spelling: no need to build 2 x 128k keys. (Usually
+    # the added tokens are in the alphabet too, and one scan of everything settles it.)
+    if (
+        same_convention
+        and ref.convention == "byte_level"
+        and not ref.byte_fallback
+        and all(
+            in_byte_level_alphabet("".join(info.vocab)) or in_byte_level_alphabet("".join(regular_tokens(info))) for info in (ref, other)
+        )
+    ):
+        return shared_exact
+    keys = []
+    for info in (ref, other):
+        added = {token.content for token in info.added_tokens}
+        keys.append((added, set(tokens_as_bytes(regular_tokens(info), info.convention, info.byte_fallback))))
+    (ref_added, ref_bytes), (other_added, other_bytes) = keys
+    return len(ref_added & other_added) + len(ref_bytes & other_bytes)
+
+
+def show_token(token: str, convention: str = "plain", byte_fallback: bool = False) -> str:
+    """`'Ġthe' (" the")`: the token as stored, plus its text when the spelling differs."""
+    shown = quoted(token)
+    text = token_bytes(token, convention, byte_fallback).decode("utf-8", "surrogateescape")
+    if text != token:
+        shown += ' ("' + escape_text(text).replace('"', '\\"') + '")'
+    return shown
+
+
+def diff_vocab(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> VocabDiff:
+    """Counts over the whole vocabularies, lists of the first `head` by REF id (OTHER id
+    for tokens only in OTHER). Ids are 0..n-1 (vocab_from_json makes sure). Shuffled
+    128k-token vocabularies differ in nearly every id, so each pass over all tokens is a
+    sort, a set operation or a map() that runs in C: one lookup per REF token in all."""
+    ref_vocab, other_vocab = ref.vocab, other.vocab
+    moved: list[tuple[str, int, int]] = []
+    only_ref: list[tuple[str, int]] = []
+    only_other: list[tuple[str, int]] = []
+    counts = (0, 0, 0)
+    if ref_vocab != other_vocab:
+        ref_tokens = sorted(ref_vocab, key=ref_vocab.__getitem__)
+        other_id_of = list(map(other_vocab.get, ref_tokens))  # None: only in REF
+        missing = other_id_of.count(None)
+        shared = len(ref_tokens) - missing
+        counts = (sum(map(ne, other_id_of, range(len(ref_tokens)))) - missing, missing, len(other_vocab) - shared)
+        for ref_id, other_id in enumerate(other_id_of):
+            if len(moved) == min(head, counts[0]):
+                break
+            if other_id is not None and other_id != ref_id:
+                moved.append((ref_tokens[ref_id], ref_id, other_id))
+        ref_id = -1
+        for _ in range(min(head, missing)):
+            ref_id = other_id_of.index(None, ref_id + 1)
+            only_ref.append((ref_tokens[ref_id], ref_id))
+        if counts[2]:
+            other_tokens = dict(zip(other_vocab.values(), other_vocab.keys()))
+            extra_ids = sorted(set(range(len(other_vocab))).difference(other_id_of))[:head]
+            only_other = [(other_tokens[other_id], other_id) for other_id in extra_ids]
+    return VocabDiff(
+        ref_size=len(ref_vocab),
+        other_size=len(other_vocab),
+        moved=tuple(moved),
+        only_in_ref=tuple(only_ref),
+        only_in_other=tuple(only_other),
+        moved_count=counts[0],
+        only_in_ref_count=counts[1],
+        only_in_other_count=counts[2],
+        shared_exact=len(ref_vocab) - counts[1],
+        shared_by_bytes=count_shared_by_bytes(ref, other, len(ref_vocab) - counts[1]),
+    )
+
+
+def vocab_check(diff: VocabDiff, ref: TokenizerInfo, other: TokenizerInfo) -> CheckResult:
+    if diff.equal:
+        summary = f"identical: {diff.ref_size} tokens, every token the same id"
+    else:
+        summary = (
+            f"MISMATCH: {diff.ref_size} vs {diff.other_size} tokens; "
+            f"{diff.moved_count} moved, {diff.only_in_ref_count} only in REF, "
+            f"{diff.only_in_other_count} only in OTHER"
+        )
+    summary += f"; shared tokens: exact {diff.shared_exact}, by bytes {diff.shared_by_bytes}"
+    lines: list[str] = []
+    if diff.moved:
+        lines.append(f"moved tokens (REF id -> OTHER id), {len(diff.moved)} of {diff.moved_count}:")
+        lines += [f"  {a:>8} -> {b:<8} {show_token(t, ref.convention, ref.byte_fallback)}" for t, a, b in diff.moved]
+    for title, entries, info, count in (
+        ("only in REF", diff.only_in_ref, ref, diff.only_in_ref_count),
+        ("only in OTHER", diff.only_in_other, other, diff.only_in_other_count),
+    ):
+        if entries:
+            lines.append(f"{title}, {len(entries)} of {count}:")
+            lines += [f"  {i:>8}  {show_token(t, info.convention, info.byte_fallback)}" for t, i in entries]
+    return CheckResult("vocab", "ok" if diff.equal else "fail", summary, diff.to_dict(), tuple(lines))
+
+
+# ======================================================================================
+# Special tokens and the chat template
+# ======================================================================================
+
+
+def describe_special(info: TokenizerInfo, role: str) -> dict[str, Any]:
+    token = info.special_tokens.get(role)
+    return {
+        "token": token,
+        "id": info.vocab.get(token) if token is not None else None,
+        "config_id": info.config_ids.get(role),
+        "generation_config_id": info.generation_ids.get(role),
+    }
+
+
+def inconsistent_role_ids(info: TokenizerInfo) -> list[str]:
+    """config.json / generation_config.json ids that disagree with the tokenizer."""
+    problems = []
+    for role in SPECIAL_ROLES:
+        described = describe_special(info, role)
+        for key, label in (("config_id", "config.json"), ("generation_config_id", "generation_config.json")):
+            value = described[key]
+            if value is None or described["id"] is None:
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if described["id"] not in ids:
+                problems.append(
+                    f"{label} {role}_token_id={value} but the tokenizer's {role} token "
+                    f"{show_token(described['token'])} is id {described['id']}"
+                )
+    return problems
+
+
+def special_tokens_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
+    roles = {role: {"ref": describe_special(ref, role), "other": describe_special(other, role)} for role in SPECIAL_ROLES}
+    differing = [
+        role
+        for role, sides in roles.items()
+        if (sides["ref"]["token"], sides["ref"]["id"]) != (sides["other"]["token"], sides["other"]["id"])
+    ]
+    ref_added = {token.content: token for token in ref.added_tokens}
+    other_added = {token.content: token for token in other.added_tokens}
+    flag_diffs = []
+    for content in sorted(ref_added.keys() & other_added.keys(), key=lambda c: ref_added[c].id):
+        ref_flags, other_flags = ref_added[content].flags(), other_added[content].flags()
+        changed = {name: [ref_flags[name], other_flags[name]] for name in ADDED_TOKEN_FLAGS if ref_flags[name] != other_flags[name]}
+        if changed:
+            flag_diffs.append({"token": content, "changed": changed})
+    added_only = sorted(ref_added.keys() ^ other_added.keys())
+    inconsistencies = {"ref": inconsistent_role_ids(ref), "other": inconsistent_role_ids(other)}
+    problems = bool(differing or flag_diffs or added_only)
+    status = "ok" if not problems else ("fail" if strict else "warn")
+    parts = [f"roles differ: {', '.join(differing)}" if differing else "bos/eos/pad/unk agree"]
+    if flag_diffs:
+        parts.append(f"{len(flag_diffs)} added-token flag difference(s)")
+    if added_only:
+        parts.append(f"{len(added_only)} token(s) added in only one tokenizer")
+    lines = [f"{'role':<5} {'REF':<36} OTHER"]
+    for role, sides in roles.items():
+        cells = []
+        for side in (sides["ref"], sides["other"]):
+            token = side["token"]
+            cells.append("-" if token is None else f"{show_token(token)} id {side['id']}")
+        mark = "  <-- differs" if role in differing else ""
+        lines.append(f"{role:<5} {cells[0]:<36} {cells[1]}{mark}")
+    for diff in flag_diffs:
+        changes = ", ".join(f"{name} {a}->{b}" for name, (a, b) in diff["changed"].items())
+        lines.append(f"flags of {show_token(diff['token'])}: {changes}")
+    for side, problems_of_side in inconsistencies.items():
+        lines += [f"{side.upper()}: {problem}" for problem in problems_of_side]
+    return CheckResult(
+        "special_tokens",
+        status,
+        "; ".join(parts),
+        {"roles": roles, "flag_differences": flag_diffs, "added_in_one_only": added_only, "inconsistent_ids": inconsistencies},
+        tuple(lines),
+    )
+
+
+def chat_template_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool, max_lines: int = 20) -> CheckResult:
+    if ref.chat_template == other.chat_template:
+        summary = "equal" if ref.chat_template is not None else "neither has one"
+        return CheckResult("chat_template", "ok", summary, {"equal": True})
+    diff = list(
+        difflib.unified_diff(
+            (ref.chat_template or "").splitlines(),
+            (other.chat_template or "").splitlines(),
+            "REF",
+            "OTHER",
+            lineterm="",
+            n=1,
+        )
+    )
+    shown = diff[:max_lines] + ([f"... {len(diff) - max_lines} more diff lines"] if len(diff) > max_lines else [])
+    return CheckResult("chat_template", "fail" if strict else "warn", "differs", {"equal": False}, tuple(shown))
+
+
+# ======================================================================================
+# Encoding: merges, normalizer, pre-tokenizer, decoder, fingerprint
+# ======================================================================================
+
+
+def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int | None:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def encoding_check(ref: TokenizerInfo, other: TokenizerInfo, strict: bool) -> CheckResult:
+    details: dict[str, Any] = {
+        "model_type": [ref.model_type, other.model_type],
+        "byte_fallback": [ref.byte_fallback, other.byte_fallback],
+        "convention": [ref.convention, other.convention],
+    }
+    differing = [key for key, (a, b) in details.items() if a != b]
+    if ref.merges == other.merges:
+        details["merges_equal"] = True
+    else:
+        rank = first_difference(ref.merges or (), other.merges or ())
+        details["merges_equal"] = rank is None
+        details["merges_first_difference_rank"] = rank
+        if rank is not None:
+            differing.append(f"merges (first difference at rank {rank})")
+    for name in ("normalizer", "pre_tokenizer", "decoder"):
+        equal = getattr(ref, name) == getattr(other, name)
+        details[f"{name}_equal"] = equal
+        if not equal:
+            differing.append(name)
+    same_ids = ref.fingerprint_ids == other.fingerprint_ids
+    details["fingerprint"] = {"identical": same_ids, "ref_sha256": ref.fingerprint, "other_sha256": other.fingerprint}
+    if not same_ids:
+        differing.append("fingerprint")
+    if differing:
+        status = "fail" if strict else "warn"
+        summary = "differs: " + ", ".join(differing)
+    else:
+        status, summary = "ok", f"same model, merges, normalizer, pre-tokenizer, decoder; fingerprint {ref.fingerprint[:16]}"
+    lines = (
+        f"model type      {ref.model_type} / {other.model_type}",
+        f"merges          {'equal' if details['merges_equal'] else 'differ at rank ' + str(details.get('merges_first_difference_rank'))}",
+        *(f"{name:<15} {'equal' if details[name + '_equal'] else 'differs'}" for name in ("normalizer", "pre_tokenizer", "decoder")),
+        f"byte_fallback   {ref.byte_fallback} / {other.byte_fallback}",
+        f"fingerprint     {'identical' if same_ids else 'DIFFERS'}  REF {ref.fingerprint[:16]}  OTHER {other.fingerprint[:16]}",
+    )
+    return CheckResult("encoding", status, summary, details, lines)
+
+
+def build_library_tokenizer(text: str, where: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    return tokenizers_library(where, Tokenizer.from_str, text)
+
+
+def encode_fingerprint(
+    tokenizer_json: Mapping[str, Any], merges: Sequence[Sequence[str]] | None, raw: bytes, where: Path, sample: str = FINGERPRINT_SAMPLE
+) -> tuple[int, ...]:
+    """The ids the tokenizers library gives `sample` (no special tokens added).
+
+    Building a whole 128k-token BPE costs ~0.2 s of CPU; a BPE that only holds the
+    entries the sample can reach (bpe_model_for_words) builds in milliseconds and encodes
+    it the same. That needs the sample's words exactly as the model sees them, which the
+    library's own normalizer and pre-tokenizer give as long as no added token occurs in the
+    sample (added tokens split the text before both). Otherwise, and for other models,
+    the whole tokenizer is built."""
+    model = tokenizer_json.get("model") or {}
+    if (
+        model.get("type") == "BPE"
+        and isinstance(model.get("vocab"), Mapping)
+        and merges is not None
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+    ):
+        probe_json = {**tokenizer_json, "added_tokens": [], "model": {"type": "WordLevel", "vocab": {"<probe>": 0}, "unk_token": "<probe>"}}
+        probe = build_library_tokenizer(json.dumps(probe_json), where)
+        normalizer = probe.normalizer
+
+        def normalize(text: str) -> str:
+            return tokenizers_library(where, normalizer.normalize_str, text) if normalizer is not None else text
+
+        normalized = normalize(sample)
+        # the library skips added tokens with empty content
+        contents = [entry["content"] for entry in tokenizer_json.get("added_tokens") or [] if entry.get("content")]
+        if not any(content in sample or content in normalized or normalize(content) in normalized for content in contents):
+            # The library refuses a merge of or into a token it does not know; the pruned
+            # build no longer sees most merges, so they are checked here.
+            vocab, merged = model["vocab"], merge_results(merges)
+            if not (all(map(vocab.__contains__, merged)) and vocab.keys() >= set(chain.from_iterable(merges))):
+                raise CliError(f"{where}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)")
+            pre_tokenized = (
+                tokenizers_library(where, probe.pre_tokenizer.pre_tokenize_str, normalized)
+                if probe.pre_tokenizer is not None
+                else [(normalized, None)]
+            )
+            pruned = {
+                **tokenizer_json,
+                "added_tokens": [],
+                "model": bpe_model_for_words(model, merged, [word for word, _ in pre_tokenized]),
+            }
+            return tuple(
+                tokenizers_library(where, build_library_tokenizer(json.dumps(pruned), where).encode, sample, add_special_tokens=False).ids
+            )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{where}: not UTF-8 ({exc})") from exc
+    return tuple(tokenizers_library(where, build_library_tokenizer(text, where).encode, sample, add_special_tokens=False).ids)
+
+
+# ======================================================================================
+# Weights and the merge: rows, ghost tokens, architecture
+# ======================================================================================
+
+
+def ghost_tokens(info: TokenizerInfo, rows: int) -> list[tuple[str, int]]:
+    return sorted(((token, token_id) for token, token_id in info.vocab.items() if token_id >= rows), key=lambda item: item[1])
+
+
+def describe_weights(info: TokenizerInfo, head: int) -> dict[str, Any]:
+    weights = info.weights
+    assert weights is not None
+    rows = weights.rows
+    ghosts = ghost_tokens(info, rows) if rows is not None else []
+    return {
+        "embed_tensor": weights.embed_name,
+        "embed_rows": weights.embed_rows,
+        "lm_head_tensor": weights.head_name,
+        "lm_head_rows": weights.head_rows,
+        "config_vocab_size": weights.config_vocab_size,
+        "tokenizer_size": len(info.vocab),
+        "padding_rows": max(0, rows - len(info.vocab)) if rows is not None else None,
+        "ghost_count": len(ghosts),
+        "ghost_tokens": [{"token": t, "id": i} for t, i in ghosts[:head]],
+    }
+
+
+def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckResult:
+    sides = {
+        label: describe_weights(info, head)
+        for label, info in (("ref", ref), ("other", other))
+        if info.weights is not None and info.weights.checked
+    }
+    unchecked = [label.upper() for label, info in (("ref", ref), ("other", other)) if info.weights is None or not info.weights.checked]
+    if not sides:
+        return CheckResult(
+            "weights",
+            "skipped",
+            f"not checked: {' and '.join(unchecked)} {'have' if len(unchecked) > 1 else 'has'} no safetensors",
+            {"not_checked": unchecked},
+        )
+    problems = [
+        f"{label.upper()} has {side['ghost_count']} ghost token(s) (ids with no embedding row)"
+        for label, side in sides.items()
+        if side["ghost_count"]
+    ]
+    if ref.weights is not None and other.weights is not None and ref.weights.rows != other.weights.rows:
+        problems.append(f"embedding rows differ: {ref.weights.rows} vs {other.weights.rows}")
+    lines = [f"{'':<6} {'embed rows':>10} {'lm_head rows':>12} {'config':>8} {'tokenizer':>9} {'padding':>7} {'ghosts':>6}"]
+    for label, side in sides.items():
+        head_rows = side["lm_head_rows"] if side["lm_head_tensor"] else "tied"
+        lines.append(
+            f"{label.upper():<6} {side['embed_rows']!s:>10} {head_rows!s:>12} {side['config_vocab_size']!s:>8} "
+            f"{side['tokenizer_size']:>9} {side['padding_rows']!s:>7} {side['ghost_count']:>6}"
+        )
+    for label, side in sides.items():
+        info = ref if label == "ref" else other
+        for ghost in side["ghost_tokens"]:
+            lines.append(f"{label.upper()} ghost: id {ghost['id']} {show_token(ghost['token'], info.convention, info.byte_fallback)}")
+    rows = sorted({str(side["embed_rows"] or side["config_vocab_size"]) for side in sides.values()})
+    summary = "; ".join(problems) if problems else f"{' / '.join(rows)} embedding rows, no ghost tokens"
+    if unchecked:
+        summary += f"; {unchecked[0]} not checked (no safetensors)"
+        lines.append(f"{unchecked[0]}: not checked (no safetensors)")
+    return CheckResult("weights", "fail" if problems else "ok", summary, {**sides, "not_checked": unchecked}, tuple(lines))
+
+
+def architecture_check(base: ModelFacts | None, other: ModelFacts | None, strict: bool, same_layers: bool, lora: str | None) -> CheckResult:
+    """Whether mergekit can merge OTHER with the base and keeps what OTHER expects."""
+    if lora is not None:
+        return CheckResult("architecture", "skipped", f"not checked: a LoRA ({lora}) is applied to this model")
+    if base is None or other is None:
+        return CheckResult("architecture", "skipped", "not checked: no config.json / safetensors headers on one side")
+    found = compare_models(base, other, strict, same_layers)
+    levels = {level for level, _ in found}
+    status = "fail" if "fail" in levels else "warn" if "warn" in levels else "ok"
+    summary = "; ".join(message for level, message in found if level != "info") or "same architecture, config and tensors"
+    if "info" in levels and status == "ok":
+        summary = "same architecture and tensors; " + "; ".join(message for level, message in found if level == "info")
+    return CheckResult(
+        "architecture",
+        status,
+        summary,
+        {"differences": [{"level": level, "message": message} for level, message in found]},
+        tuple(f"{level}: {message}" for level, message in found),
+    )
+
+
+def with_architecture(
+    config: Mapping[str, Any],
+    source_of: Mapping[ModelRef, str],
+    sources: Sequence[str],
+    infos: Sequence[TokenizerInfo],
+    comparisons: Sequence[Comparison],
+    strict: bool,
+) -> tuple[list[Comparison], list[str]]:
+    """The comparisons with an `architecture` check each, and the problems of the merge
+    configuration itself (merge method, slices)."""
+    info_of = dict(zip(sources, infos))
+
+    def facts_of_source(source: str) -> ModelFacts | None:
+        weights = info_of[source].weights
+        return ModelFacts(weights.config, weights.tensors) if weights is not None and weights.config else None
+
+    def facts(reference: Any) -> ModelFacts | None:
+        return facts_of_source(source_of[parse_model_reference(reference)]) if reference is not None else None
+
+    lora_of = {source: ref.lora for ref, source in source_of.items() if ref.lora}
+    same_layers = not config.get("slices")
+    base = facts_of_source(sources[0])
+    checked = [
+        dataclasses.replace(
+            c, checks=(*c.checks, architecture_check(base, facts_of_source(source), strict, same_layers, lora_of.get(source)))
+        )
+        for c, source in zip(comparisons, sources[1:])
+    ]
+    return checked, check_merge_config(config, facts)
+
+
+# ======================================================================================
+# A comparison and its report
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One named check of a comparison: `ok`, `warn` (a difference tolerated without
+    --strict), `fail` (counts towards exit code 1) or `skipped`."""
+
+    name: str
+    status: str
+    summary: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    lines: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "summary": self.summary, **self.details}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ref: str
+    other: str
+    vocab: VocabDiff
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def failed(self) -> bool:
+        return any(check.status == "fail" for check in self.checks)
+
+    @property
+    def weights_checked(self) -> bool:
+        weights = next((check for check in self.checks if check.name == "weights"), None)
+        return weights is not None and weights.status != "skipped" and not weights.details.get("not_checked")
+
+    def verdict_text(self) -> str:
+        """Never "safe" on what was not checked."""
+        if self.failed:
+            return "MISMATCH: do not merge linearly"
+        if self.weights_checked:
+            return "identical: safe to merge linearly"
+        weights = next(check for check in self.checks if check.name == "weights")
+        sides = list(weights.details.get("not_checked") or ["REF", "OTHER"])
+        reason = (
+            "--no-weights"
+            if weights.summary.endswith("--no-weights")
+            else f"{' and '.join(sides)} {'have' if len(sides) > 1 else 'has'} no safetensors"
+        )
+        return f"tokenizers identical (weights not checked: {reason})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "other": self.other,
+            "equal": self.vocab.equal,
+            "verdict": "mismatch" if self.failed else "identical",
+            "verdict_text": self.verdict_text(),
+            "weights_checked": self.weights_checked,
+            "checks": {check.name: check.to_dict() for check in self.checks},
+        }
+
+
+def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int, weights: bool = True) -> Comparison:
+    diff = diff_vocab(ref, other, head)
+    checks = [
+        vocab_check(diff, ref, other),
+        special_tokens_check(ref, other, strict),
+        chat_template_check(ref, other, strict),
+        encoding_check(ref, other, strict),
+    ]
+    checks.append(
+        weights_check(ref, other, head)
+        if weights
+        else CheckResult("weights", "skipped", "not checked: --no-weights", {"not_checked": ["REF", "OTHER"]})
+    )
+    return Comparison(ref.source, other.source, diff, tuple(checks))
+
+
+def build_report(
+    ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool, merge_problems: Sequence[str] | None = None
+) -> dict[str, Any]:
+    failed = any(c.failed for c in comparisons) or bool(merge_problems)
+    report = {
+        "schema": JSON_SCHEMA_ID,
+        "equal": not failed,
+        "exit_code": 1 if failed else 0,
+        "strict": strict,
+        "weights": weights,
+        "reference": {
+            "source": ref.source,
+            "path": ref.path,
+            "vocab_size": len(ref.vocab),
+            "model_type": ref.model_type,
+            "convention": ref.convention,
+            "fingerprint_sha256": ref.fingerprint,
+        },
+        "comparisons": [c.to_dict() for c in comparisons],
+    }
+    if merge_problems is not None:
+        report["merge"] = {"status": "fail" if merge_problems else "ok", "problems": list(merge_problems)}
+    return report
+
+
+def render_human(
+    ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False, merge_problems: Sequence[str] | None = None
+) -> str:
+    def paint(text: str, status: str) -> str:
+        codes = {"ok": "32", "warn": "33", "fail": "31"}
+        return f"\033[{codes[status]}m{text}\033[0m" if color and status in codes else text
+
+    out: list[str] = [f"REF    {ref.source}  ({ref.model_type}, {len(ref.vocab)} tokens, {ref.convention})"]
+    if merge_problems:
+        out += [f"merge  {paint('FAIL', 'fail')} {problem}" for problem in merge_problems]
+    if len(comparisons) > 1:
+        width = max(len(c.other) for c in comparisons)
+        out.append("")
+        out.append(f"{'model':<{width}}  {'tokens':>7}  verdict")
+        for comparison in comparisons:
+            verdict = "MISMATCH" if comparison.failed else "identical"
+            bad = [check.name for check in comparison.checks if check.status == "fail"]
+            note = f" ({', '.join(bad)})" if bad else ""
+            out.append(f"{comparison.other:<{width}}  {comparison.vocab.other_size:>7}  {paint(verdict, 'fail' if bad else 'ok')}{note}")
+    for comparison in comparisons:
+        out.append("")
+        out.append(f"OTHER  {comparison.other}")
+        out.append(
+            f"verdict  {paint(comparison.verdict_text(), 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}"
+        )
+        for check in comparison.checks:
+            label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)
+            out.append(f"  {check.name:<15} {label} {check.summary}")
+            if check.status != "ok" or check.name == "weights":
+                out += [f"      {line}" for line in check.lines]
+    return "\n".join(out) + "\n"
+
+
+def dedupe(items: Sequence[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+# ======================================================================================
+# Command line
+# ======================================================================================
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2232,37 +2300,6 @@ def run(args: argparse.Namespace) -> int:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         sys.stdout.write(render_human(ref, comparisons, color=color, merge_problems=merge_problems))
     return report["exit_code"]
-
-
-def with_architecture(
-    config: Mapping[str, Any],
-    source_of: Mapping[ModelRef, str],
-    sources: Sequence[str],
-    infos: Sequence[TokenizerInfo],
-    comparisons: Sequence[Comparison],
-    strict: bool,
-) -> tuple[list[Comparison], list[str]]:
-    """The comparisons with an `architecture` check each, and the problems of the merge
-    configuration itself (merge method, slices)."""
-    info_of = dict(zip(sources, infos))
-
-    def facts_of_source(source: str) -> ModelFacts | None:
-        weights = info_of[source].weights
-        return ModelFacts(weights.config, weights.tensors) if weights is not None and weights.config else None
-
-    def facts(reference: Any) -> ModelFacts | None:
-        return facts_of_source(source_of[parse_model_reference(reference)]) if reference is not None else None
-
-    lora_of = {source: ref.lora for ref, source in source_of.items() if ref.lora}
-    same_layers = not config.get("slices")
-    base = facts_of_source(sources[0])
-    checked = [
-        dataclasses.replace(
-            c, checks=(*c.checks, architecture_check(base, facts_of_source(source), strict, same_layers, lora_of.get(source)))
-        )
-        for c, source in zip(comparisons, sources[1:])
-    ]
-    return checked, check_merge_config(config, facts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

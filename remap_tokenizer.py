@@ -14,7 +14,26 @@ the source tokens that spell the same text). The remap streams tensor by tensor:
 stays around one vocabulary matrix whatever the model size, and every other tensor is
 copied byte for byte.
 
-Exit codes: 0 ok, 1 the self-check of the written output failed, 2 usage or input error.
+Exit codes: 0 ok, 1 the self-check of the written output failed, 2 usage or input error,
+128 + signal when stopped (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
+
+Contents, by feature (each: its frozen dataclasses, then pure functions, then I/O):
+  shared block    identical in compare_tokenizers.py (tests/test_shared.py guards it):
+                  errors and signals, Hub and directory sources, strict JSON, tokenizer.json
+                  and safetensors header checks, mergekit references, the merge check,
+                  command line scaffolding, token spellings
+  constants       of the remap
+  tokenizers in   VocabSpec, reading, spelling, matching, FVT decompositions
+  the plan        RemapPlan: where every output row comes from (pure)
+  row math        copies, means, FVT and OMP rows
+  checkpoints in  headers, vocabulary tensors, rows (memory-mapped)
+  the donor       rows of a model that has the tokens (--init donor / omp)
+  shards out      shard plan, the streaming ShardWriter, verification
+  outputs         tokenizer files, configs, other files
+  output dir      lock, staging, atomic publish, leftovers of dead runs
+  one remap       read inputs -> plan -> report -> write
+  alignment       --mergekit-config: plan, remaps, merge.yaml, gate
+  command line    build_parser, options_from_args, run, main
 """
 
 from __future__ import annotations
@@ -46,11 +65,6 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
-
-# numpy's OpenBLAS threads spin for ~0.1 s of CPU once started; nothing here multiplies
-# matrices with it, and the writer threads want every core: set before numpy is imported.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import numpy as np  # noqa: E402 - after the line above; torch and transformers stay lazy (seconds to import, and often unneeded)
 
 log = logging.getLogger("remap_tokenizer")
 
@@ -1235,29 +1249,67 @@ def fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 # <<< shared
 
-# --------------------------------------------------------------------------------------
-# 1. Constants and result types
-# --------------------------------------------------------------------------------------
+# numpy is imported here, after the shared block has installed the signal handlers (a
+# Ctrl-C during this 0.1 s import is then one line, not a traceback), and after setting
+# OpenBLAS to one thread: its threads spin for ~0.1 s of CPU once started, nothing here
+# multiplies matrices with it, and the writer threads want every core. torch and
+# transformers stay lazy: seconds to import, and most runs never need them.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+
+# ======================================================================================
+# Constants of the remap
+# ======================================================================================
+
 
 REPORT_NAME = "remap_report.json"
+
+
 REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
+
+
 INIT_METHODS = ("fvt", "mean", "unk", "zero", "donor", "omp")
+
+
 MATCH_MODES = ("auto", "exact", "bytes")
+
+
 # Files only a slow (Python) tokenizer reads: in append mode they would disagree with
 # the patched tokenizer.json, so they are left out.
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".npz", ".pkl", ".ot")
+
+
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # dtypes whose rows this script can average
+
+
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 COPY_CHUNK_BYTES = 2**20  # the writer's buffer: small enough to stay in the CPU cache between read, hash and write
+
+
 DIRECT_IO_ALIGNMENT = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (512 or 4096)
+
+
 MAX_WRITER_THREADS = 8
+
+
 ROW_CHUNK_BYTES = 8 * 2**20  # below glibc's largest mmap threshold, so chunk buffers are reused, not faulted in anew
+
+
 FVT_BATCH_ROWS = 512
+
+
 FVT_PRUNE_MAX_SUBSTRINGS = (
     300_000  # sum of len(text)**2 over the FVT texts past which listing their substrings costs more than building the whole BPE
 )
+
+
 LIST_CAP = 50  # entries per list in remap_report.json; counts are always complete
+
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
 MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW = -1, -2, -3, -4, -5
@@ -1265,6 +1317,14 @@ MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW = -1, -2, -3, -4, -5
 
 class SelfCheckError(Exception):
     """The written output does not match the plan (exit code 1)."""
+
+
+__version__ = "0.2.0"
+
+
+# ======================================================================================
+# Tokenizers in: spelling, reading, matching, FVT decompositions
+# ======================================================================================
 
 
 @dataclass(frozen=True)
@@ -1282,6 +1342,55 @@ class VocabSpec:
 
 
 @dataclass(frozen=True)
+class TokenizerSource:
+    """A tokenizer as read from a model or tokenizer directory."""
+
+    directory: Path
+    tokenizer_json: Mapping[str, Any]
+    spec: VocabSpec
+    tokenizer_config: Mapping[str, Any]
+    config: Mapping[str, Any]
+    generation_config: Mapping[str, Any]
+    on_disk: bool  # False: converted from tokenizer.model / vocab.json by transformers
+    text: str  # tokenizer.json as read (or as converted)
+
+
+BYTE_LEVEL_CHAR = bytes_to_unicode()
+
+
+LATIN1_TO_BYTE_LEVEL = {byte: char for byte, char in BYTE_LEVEL_CHAR.items()}
+
+
+def spell_bytes(data: bytes, convention: str, byte_fallback: bool) -> str | None:
+    """The regular-token spelling of `data` in a convention, or None if it has none
+    (invalid UTF-8 in a vocabulary without byte-level symbols or byte fallback)."""
+    if convention == "byte_level":
+        return data.decode("latin-1").translate(LATIN1_TO_BYTE_LEVEL)
+    if byte_fallback and len(data) == 1 and data[0] >= 0x80:
+        return f"<0x{data[0]:02X}>"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.replace(" ", "▁") if convention == "metaspace" else text
+
+
+def utf8_pieces(data: bytes) -> list[tuple[str | None, int | None]]:
+    """Split bytes into (text, None) runs of valid UTF-8 and (None, byte) stray bytes."""
+    pieces: list[tuple[str | None, int | None]] = []
+    while data:
+        try:
+            pieces.append((data.decode("utf-8"), None))
+            break
+        except UnicodeDecodeError as exc:
+            if exc.start:
+                pieces.append((data[: exc.start].decode("utf-8"), None))
+            pieces.append((None, data[exc.start]))
+            data = data[exc.start + 1 :]
+    return pieces
+
+
+@dataclass(frozen=True)
 class Matches:
     """Which source token each base token was matched to."""
 
@@ -1296,6 +1405,217 @@ class Matches:
             "collisions": len(self.collisions),
             "collision_examples": list(self.collisions[:LIST_CAP]),
         }
+
+
+def match_tokens(base: VocabSpec, src: VocabSpec, mode: str) -> Matches:
+    """Pair base ids with source ids. `exact` pairs equal spellings; `bytes` pairs added
+    tokens by content and regular tokens by the bytes they stand for. When two tokens of
+    one side share bytes, the lowest id keeps the match and the collision is reported."""
+    if mode == "exact":
+        return Matches("exact", {base_id: src.vocab[token] for token, base_id in base.vocab.items() if token in src.vocab})
+    collisions: list[dict[str, Any]] = []
+
+    def by_bytes(spec: VocabSpec, side: str) -> dict[bytes, int]:
+        table: dict[bytes, int] = {}
+        for token, token_id in sorted(spec.vocab.items(), key=lambda item: item[1]):
+            if token in spec.added:
+                continue
+            key = token_bytes(token, spec.convention, spec.byte_fallback)
+            if key in table:
+                collisions.append(
+                    {"side": side, "bytes": key.decode("utf-8", "backslashreplace"), "kept_id": table[key], "dropped_id": token_id}
+                )
+            else:
+                table[key] = token_id
+        return table
+
+    src_by_bytes = by_bytes(src, "source")
+    base_by_bytes = by_bytes(base, "base")
+    src_of_base: dict[int, int] = {}
+    for content in base.added:
+        if content in src.vocab:
+            src_of_base[base.vocab[content]] = src.vocab[content]
+    claimed = set(src_of_base.values())
+    for key, base_id in base_by_bytes.items():
+        src_id = src_by_bytes.get(key)
+        if src_id is not None and src_id not in claimed:
+            src_of_base[base_id] = src_id
+            claimed.add(src_id)
+    return Matches("bytes", src_of_base, tuple(collisions))
+
+
+def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str:
+    if requested != "auto":
+        return requested
+    same = (base.convention, base.byte_fallback) == (src.convention, src.byte_fallback)
+    return "exact" if same else "bytes"
+
+
+def check_library_loads(text: str, where: Path) -> None:
+    """Build the tokenizer with the tokenizers library: proof that transformers can load
+    the file (run in the background for the base tokenizer, whose files are written out)."""
+    from tokenizers import Tokenizer
+
+    tokenizers_library(where, Tokenizer.from_str, text)
+
+
+def read_tokenizer(path: Path) -> TokenizerSource:
+    """Read and validate a tokenizer (the tokenizers library is not needed for that: see
+    library_added_token_ids and check_library_loads)."""
+    directory = path.parent if path.is_file() else path
+    file = path if path.is_file() else directory / "tokenizer.json"
+    if file.is_file():
+        if file.stat().st_size == 0:
+            raise CliError(f"{file}: empty file; expected a tokenizer.json")
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise CliError(f"{file}: cannot read ({exc.strerror})") from exc
+        data, on_disk = parse_json(raw, file), True
+        text = raw.decode("utf-8")
+    elif (directory / "tokenizer.model").is_file() or (directory / "vocab.json").is_file():
+        text = tokenizer_json_via_transformers(directory)
+        data, on_disk = parse_json(text.encode(), file), False
+    else:
+        raise CliError(f"{directory}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
+    vocab = read_vocabulary(data, file)
+    model = data["model"]
+    tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
+    special_map = read_optional_json(directory / "special_tokens_map.json")
+    roles = read_special_tokens(data, tokenizer_config, special_map)
+    check_special_tokens(vocab, roles, tokenizer_config, special_map, directory)
+    added = {entry["content"]: {flag: entry[flag] for flag in ADDED_TOKEN_FLAGS} for entry in data.get("added_tokens") or []}
+    spec = VocabSpec(vocab, added, roles, detect_convention(data), bool(model.get("byte_fallback", False)))
+    return TokenizerSource(
+        directory,
+        data,
+        spec,
+        tokenizer_config,
+        read_optional_json(directory / "config.json"),
+        read_optional_json(directory / "generation_config.json"),
+        on_disk,
+        text,
+    )
+
+
+class ForkedCall:
+    """fn(*args) in a forked child where fork exists and this process has no other thread
+    (the work holds the GIL); else right here, when the result is asked for. Forking
+    shares the arguments instead of pickling them: they are whole tokenizers."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        import multiprocessing
+
+        self.fn, self.args, self.process = fn, args, None
+        if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+            context = multiprocessing.get_context("fork")
+            self.receiver, sender = context.Pipe(duplex=False)
+            self.process = context.Process(target=_background_child, args=(sender, fn, args), daemon=True)
+            self.process.start()
+            sender.close()
+
+    def result(self) -> Any:
+        if self.process is None:
+            return self.fn(*self.args)
+        try:
+            ok, value = self.receiver.recv()
+        except EOFError:
+            self.process.join()
+            if SignalState.pending is not None or self.process.exitcode in (-2, -15, -1):
+                raise Interrupted(SignalState.pending or -self.process.exitcode) from None
+            raise CliError(f"a worker process checking the tokenizer died (exit code {self.process.exitcode})") from None
+        finally:
+            self.process.join()
+        if not ok:
+            raise value
+        return value
+
+
+def _background_child(sender: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the run and this daemon
+    # child ends with it; SIGTERM / SIGHUP end the child at once, without a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    try:
+        sender.send((True, fn(*args)))
+    except BaseException as exc:  # handed to the parent, which raises it
+        sender.send((False, exc))
+
+
+def model_only_tokenizer(src: TokenizerSource, texts: Sequence[str]) -> Any:
+    """The source tokenizer's model alone (its added tokens still split the text), for
+    texts already spelled as the model sees them. A whole 128k-token BPE costs ~0.2 s of
+    CPU to build; when the texts are few, only the entries they can reach are built
+    (bpe_model_for_words), which encodes them the same (tests/test_init.py)."""
+    from tokenizers import Tokenizer
+
+    model = src.tokenizer_json.get("model") or {}
+    joined = "\0".join(texts)
+    prunable = (
+        model.get("type") == "BPE"
+        and isinstance(model.get("vocab"), Mapping)
+        and isinstance(model.get("merges"), list)
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+        and sum(len(text) ** 2 for text in texts) <= FVT_PRUNE_MAX_SUBSTRINGS
+        and not any(entry.get("content") and entry["content"] in joined for entry in src.tokenizer_json.get("added_tokens") or [])
+    )
+    if prunable:
+        pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
+        pruned = {**src.tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merge_results(pairs), texts)}
+        tokenizer = tokenizers_library(src.directory, Tokenizer.from_str, json.dumps(pruned))
+    else:
+        tokenizer = tokenizers_library(src.directory, Tokenizer.from_str, src.text)
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = None
+    tokenizer.post_processor = None
+    return tokenizer
+
+
+def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSource) -> dict[str, tuple[int, ...]]:
+    """For each base token, the source ids that spell the same bytes: the token's bytes
+    written in the source's convention and run through the source's model alone (no
+    normalizer or pre-tokenizer: the bytes are already what the model sees). One
+    `encode_batch` call, so 100k tokens take about a second."""
+    spec = src.spec
+    pieces_of_token: list[list[tuple[str | None, int | None]]] = []
+    texts: list[str] = []
+    for data in [token_bytes(t, base.convention, base.byte_fallback) for t in tokens]:
+        if spec.convention == "byte_level":
+            pieces = [(spell_bytes(data, "byte_level", False), None)]
+        else:
+            pieces = [
+                (spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte)
+                for text, byte in utf8_pieces(data)
+            ]
+        pieces_of_token.append(pieces)
+        texts += [text for text, _ in pieces if text]
+    encoded = (
+        iter(tokenizers_library(src.directory, model_only_tokenizer(src, texts).encode_batch, texts, add_special_tokens=False))
+        if texts
+        else iter(())
+    )
+    result: dict[str, tuple[int, ...]] = {}
+    for token, pieces in zip(tokens, pieces_of_token):
+        ids: list[int] = []
+        for text, byte in pieces:
+            if text:
+                ids += next(encoded).ids
+            elif byte is not None:
+                byte_id = spec.vocab.get(f"<0x{byte:02X}>") if spec.byte_fallback else None
+                if byte_id is not None:
+                    ids.append(byte_id)
+        result[token] = tuple(ids)
+    return result
+
+
+# ======================================================================================
+# The plan: where every output row comes from (pure)
+# ======================================================================================
 
 
 @dataclass(frozen=True)
@@ -1384,135 +1704,6 @@ class RemapPlan:
             "appended": [{"token": t, "source_id": s, "id": o} for t, s, o in self.appended[:LIST_CAP]],
             "warnings": list(self.warnings),
         }
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """A tensor of a checkpoint: in the source, where its bytes are; in the output plan,
-    also whether its rows are rebuilt (vocab_role) or its source bytes copied."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    file: Path | None = None  # the source file (safetensors or .bin)
-    start: int = 0  # absolute byte offset of the data in a safetensors file
-    vocab_role: str | None = None  # embed | head | bias: rows are rebuilt from the plan
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    files: tuple[str, ...]
-    tensors: tuple[tuple[TensorEntry, ...], ...]
-
-    @property
-    def total_size(self) -> int:
-        return sum(entry.nbytes for shard in self.tensors for entry in shard)
-
-    def weight_map(self) -> dict[str, str]:
-        return {entry.name: file for file, shard in zip(self.files, self.tensors) for entry in shard}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "total_size": self.total_size,
-            "shards": [{"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s)} for f, s in zip(self.files, self.tensors)],
-        }
-
-
-@dataclass(frozen=True)
-class VocabTensors:
-    embed: str
-    head: str | None  # None: tied to the input embedding
-    bias: str | None
-    rows: int
-    hidden: int
-    how: str  # names | meta | override | shape
-
-
-# --------------------------------------------------------------------------------------
-# 2. Pure functions: token conventions, matching, the plan, shards, headers, row math
-# --------------------------------------------------------------------------------------
-
-
-BYTE_LEVEL_CHAR = bytes_to_unicode()
-LATIN1_TO_BYTE_LEVEL = {byte: char for byte, char in BYTE_LEVEL_CHAR.items()}
-
-
-def spell_bytes(data: bytes, convention: str, byte_fallback: bool) -> str | None:
-    """The regular-token spelling of `data` in a convention, or None if it has none
-    (invalid UTF-8 in a vocabulary without byte-level symbols or byte fallback)."""
-    if convention == "byte_level":
-        return data.decode("latin-1").translate(LATIN1_TO_BYTE_LEVEL)
-    if byte_fallback and len(data) == 1 and data[0] >= 0x80:
-        return f"<0x{data[0]:02X}>"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text.replace(" ", "▁") if convention == "metaspace" else text
-
-
-def utf8_pieces(data: bytes) -> list[tuple[str | None, int | None]]:
-    """Split bytes into (text, None) runs of valid UTF-8 and (None, byte) stray bytes."""
-    pieces: list[tuple[str | None, int | None]] = []
-    while data:
-        try:
-            pieces.append((data.decode("utf-8"), None))
-            break
-        except UnicodeDecodeError as exc:
-            if exc.start:
-                pieces.append((data[: exc.start].decode("utf-8"), None))
-            pieces.append((None, data[exc.start]))
-            data = data[exc.start + 1 :]
-    return pieces
-
-
-def match_tokens(base: VocabSpec, src: VocabSpec, mode: str) -> Matches:
-    """Pair base ids with source ids. `exact` pairs equal spellings; `bytes` pairs added
-    tokens by content and regular tokens by the bytes they stand for. When two tokens of
-    one side share bytes, the lowest id keeps the match and the collision is reported."""
-    if mode == "exact":
-        return Matches("exact", {base_id: src.vocab[token] for token, base_id in base.vocab.items() if token in src.vocab})
-    collisions: list[dict[str, Any]] = []
-
-    def by_bytes(spec: VocabSpec, side: str) -> dict[bytes, int]:
-        table: dict[bytes, int] = {}
-        for token, token_id in sorted(spec.vocab.items(), key=lambda item: item[1]):
-            if token in spec.added:
-                continue
-            key = token_bytes(token, spec.convention, spec.byte_fallback)
-            if key in table:
-                collisions.append(
-                    {"side": side, "bytes": key.decode("utf-8", "backslashreplace"), "kept_id": table[key], "dropped_id": token_id}
-                )
-            else:
-                table[key] = token_id
-        return table
-
-    src_by_bytes = by_bytes(src, "source")
-    base_by_bytes = by_bytes(base, "base")
-    src_of_base: dict[int, int] = {}
-    for content in base.added:
-        if content in src.vocab:
-            src_of_base[base.vocab[content]] = src.vocab[content]
-    claimed = set(src_of_base.values())
-    for key, base_id in base_by_bytes.items():
-        src_id = src_by_bytes.get(key)
-        if src_id is not None and src_id not in claimed:
-            src_of_base[base_id] = src_id
-            claimed.add(src_id)
-    return Matches("bytes", src_of_base, tuple(collisions))
-
-
-def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str:
-    if requested != "auto":
-        return requested
-    same = (base.convention, base.byte_fallback) == (src.convention, src.byte_fallback)
-    return "exact" if same else "bytes"
-
-
-def round_up(value: int, multiple: int | None) -> int:
-    return value if not multiple else -(-value // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -1692,54 +1883,14 @@ def plan_row_count(
     return n_rows
 
 
-def parse_size(text: str) -> int:
-    """`5GB` (decimal), `500MB`, `2GiB` (binary) or a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text), re.IGNORECASE)
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
-    value = int(float(match.group(1)) * SIZE_UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return value
+def round_up(value: int, multiple: int | None) -> int:
+    return value if not multiple else -(-value // multiple) * multiple
 
 
-def shard_file_names(count: int) -> tuple[str, ...]:
-    if count == 1:
-        return ("model.safetensors",)
-    return tuple(f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1))
+# ======================================================================================
+# Row math: copies, means, FVT and OMP rows (numpy, torch)
+# ======================================================================================
 
-
-def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> ShardPlan:
-    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a tensor
-    larger than that gets a shard of its own), like transformers' save_pretrained."""
-    shards: list[list[TensorEntry]] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
-    if not shards[-1]:
-        shards.pop()
-    return ShardPlan(shard_file_names(len(shards)), tuple(tuple(s) for s in shards))
-
-
-def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file holding `entries` back to
-    back in order, padded with spaces so that the data starts 8-byte aligned."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata is not None else {}
-    offset = 0
-    for entry in entries:
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-(len(text) + 8) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
-# ---- row math (numpy) ----------------------------------------------------------------
 
 NONFINITE_MASK = {"F64": (8, 0x7FF0000000000000), "F32": (4, 0x7F800000), "F16": (2, 0x7C00), "BF16": (2, 0x7F80)}
 
@@ -1859,9 +2010,6 @@ def fvt_average(
     if (counts == 0).any():
         averaged[counts == 0] = mean_row()
     return averaged
-
-
-# ---- OMP: rows of tokens M lacks, as a sparse combination of rows of shared tokens -------
 
 
 OMP_EXACT_FLOP_BUDGET = 1e13  # past this many multiply-adds, CPU runs pick from each target's most correlated atoms only
@@ -2003,351 +2151,23 @@ def combine_rows(rows: np.ndarray, dtype: str, indices: Any, coefficients: Any, 
     return out
 
 
-# ---- tokenizer and config patches ------------------------------------------------------
-
-
-def patch_tokenizer_json(base_json: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
-    """T's tokenizer.json plus the appended tokens at their output ids. Regular tokens join
-    the model vocabulary with no merges (encoding text keeps giving T's ids). The tokenizers
-    library numbers an added token that is not in the model vocabulary right after it, so
-    once the vocabulary grows every added token (T's own, like Llama-3's specials, and the
-    appended ones) must be in the model vocabulary at its id too."""
-    model = dict(base_json["model"])  # copy only what changes: vocab and added_tokens
-    data = {**base_json, "model": model, "added_tokens": list(base_json.get("added_tokens") or [])}
-    model["vocab"] = list(model["vocab"]) if isinstance(model["vocab"], list) else dict(model["vocab"])
-    kind = model.get("type")
-    if not plan.appended:
-        return data
-    if kind not in ("BPE", "Unigram"):
-        raise CliError(f"append mode cannot extend a {kind} tokenizer without changing how it encodes; use --drop-extra")
-    added_by_id = {entry["id"]: entry["content"] for entry in data.get("added_tokens") or []}
-    if kind == "Unigram":
-        pieces = model["vocab"]
-        lowest = min((score for _, score in pieces), default=0.0) - 100.0  # Viterbi picks these only where nothing else fits
-        for token_id in range(len(pieces), plan.n_base):
-            if token_id not in added_by_id:
-                raise CliError("the base Unigram tokenizer has ids outside its piece list that are not added tokens; use --drop-extra")
-            pieces.append([added_by_id[token_id], lowest])
-    else:
-        for token_id, content in added_by_id.items():
-            model["vocab"].setdefault(content, token_id)
-    for spelling, _src_id, out_id in plan.appended:
-        if kind == "Unigram":
-            model["vocab"].append([spelling, lowest])
-        else:
-            model["vocab"][spelling] = out_id
-        flags = src_added.get(spelling)
-        if flags is not None:
-            data["added_tokens"].append({"id": out_id, "content": spelling, **{f: bool(flags.get(f, False)) for f in ADDED_TOKEN_FLAGS}})
-    return data
-
-
-def patch_tokenizer_config(config: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
-    """tokenizer_config.json with the appended added tokens in added_tokens_decoder (the
-    transformers 4 layout; transformers 5 reads them from tokenizer.json)."""
-    data = dict(config)
-    if "added_tokens_decoder" in data:
-        decoder = dict(data["added_tokens_decoder"])
-        for spelling, _src_id, out_id in plan.appended:
-            flags = src_added.get(spelling)
-            if flags is not None:
-                decoder[str(out_id)] = {"content": spelling, **{f: bool(flags.get(f, False)) for f in sorted(ADDED_TOKEN_FLAGS)}}
-        data["added_tokens_decoder"] = decoder
-    return data
-
-
-def portable_tokenizer_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """tokenizer_config.json as transformers 4.x can read it too, or None if it already can.
-    transformers 5 writes a class 4.x lacks (`TokenizersBackend`) and its extra special
-    tokens as a list; 5.x reads the 4.x spellings of both."""
-    data = dict(config)
-    if data.get("tokenizer_class") == "TokenizersBackend":
-        data["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if isinstance(data.get("extra_special_tokens"), list):
-        extra = data.pop("extra_special_tokens")
-        data["additional_special_tokens"] = list(dict.fromkeys([*(data.get("additional_special_tokens") or []), *extra]))
-    return data if data != dict(config) else None
-
-
-def role_ids(roles: Mapping[str, str | None], vocab: Mapping[str, int]) -> dict[str, int | None]:
-    return {role: vocab.get(token) if token is not None else None for role, token in roles.items()}
-
-
-def as_id_list(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
-
-
-def output_role_ids(
-    base_roles: Mapping[str, str | None],
-    base_vocab: Mapping[str, int],
-    base_config: Mapping[str, Any],
-    base_generation: Mapping[str, Any],
-    src_eos_tokens: Sequence[str],
-    plan: RemapPlan,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """bos/eos/pad ids for the output's config.json and generation_config.json: T's ids
-    (from its configs, else its tokenizer). In append mode generation also stops at the
-    source's eos tokens, which keep their rows at appended ids."""
-    from_tokenizer = role_ids(base_roles, base_vocab)
-    config_ids: dict[str, Any] = {}
-    for role in ("bos", "eos", "pad"):
-        value = base_config.get(f"{role}_token_id", (base_config.get("text_config") or {}).get(f"{role}_token_id"))
-        config_ids[role] = value if as_id_list(value) and all(i < plan.n_rows for i in as_id_list(value)) else from_tokenizer.get(role)
-    generation_ids = dict(config_ids)
-    for role in ("bos", "eos", "pad"):
-        value = base_generation.get(f"{role}_token_id")
-        if as_id_list(value) and all(i < plan.n_rows for i in as_id_list(value)):
-            generation_ids[role] = value
-    if plan.mode == "append":
-        eos = as_id_list(generation_ids["eos"])
-        extra = [plan.out_vocab[t] for t in src_eos_tokens if t in plan.out_vocab and plan.out_vocab[t] not in eos]
-        if extra:
-            generation_ids["eos"] = eos + extra
-    return config_ids, generation_ids
-
-
-def patch_config(config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any]) -> dict[str, Any]:
-    """M's config with the new vocab_size and role ids; everything else unchanged.
-    Multimodal configs keep the text model's values under text_config."""
-    data = json.loads(json.dumps(config))
-    target = data["text_config"] if isinstance(data.get("text_config"), dict) and "vocab_size" not in data else data
-    target["vocab_size"] = vocab_size
-    for role, value in ids.items():
-        key = f"{role}_token_id"
-        if value is not None or key in target:
-            target[key] = value
-    return data
-
-
-def patch_generation_config(config: Mapping[str, Any], ids: Mapping[str, Any]) -> dict[str, Any]:
-    data = dict(config)
-    for role, value in ids.items():
-        key = f"{role}_token_id"
-        if value is not None or key in data:
-            data[key] = value
-    return data
-
-
-def human_bytes(count: int) -> str:
-    """Decimal units, as --max-shard-size reads them."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"
-
-
-def mergekit_snippet(out_dir: str) -> str:
-    return f"  - model: {out_dir}\n    parameters:\n      weight: 1.0\n"
-
-
-# ---- mergekit configurations --------------------------------------------------------------
-
-
-def aligned_name(ref: ModelRef, taken: set[str]) -> str:
-    """A readable directory name for a remapped model: one plain path component (never
-    empty, `.`, `..` or hidden, whatever the model path ends with), unique among `taken`
-    (compared case-insensitively, for case-insensitive file systems)."""
-    path = ref.path.rstrip("/\\")
-    if looks_like_hub_id(path) and not os.path.exists(path):
-        stem = path.replace("/", "--")
-    else:
-        stem = os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path or "."))))
-    stem = re.sub(r"[^\w.-]+", "_", stem + (f"-{ref.revision}" if ref.revision else "")).lstrip(".") or "model"
-    if len(stem) > 100:
-        stem = f"{stem[:80]}-{hashlib.sha1(stem.encode()).hexdigest()[:12]}"
-    name, counter = stem, 2
-    while name.lower() in {n.lower() for n in taken}:
-        name, counter = f"{stem}-{counter}", counter + 1
-    taken.add(name)
-    return name
-
-
-# --------------------------------------------------------------------------------------
-# 3. I/O adapters: sources, tokenizers, checkpoints, streaming writer, output directory
-# --------------------------------------------------------------------------------------
+# ======================================================================================
+# Checkpoints in: headers, vocabulary tensors, rows
+# ======================================================================================
 
 
 @dataclass(frozen=True)
-class TokenizerSource:
-    """A tokenizer as read from a model or tokenizer directory."""
+class TensorEntry:
+    """A tensor of a checkpoint: in the source, where its bytes are; in the output plan,
+    also whether its rows are rebuilt (vocab_role) or its source bytes copied."""
 
-    directory: Path
-    tokenizer_json: Mapping[str, Any]
-    spec: VocabSpec
-    tokenizer_config: Mapping[str, Any]
-    config: Mapping[str, Any]
-    generation_config: Mapping[str, Any]
-    on_disk: bool  # False: converted from tokenizer.model / vocab.json by transformers
-    text: str  # tokenizer.json as read (or as converted)
-
-
-def check_library_loads(text: str, where: Path) -> None:
-    """Build the tokenizer with the tokenizers library: proof that transformers can load
-    the file (run in the background for the base tokenizer, whose files are written out)."""
-    from tokenizers import Tokenizer
-
-    tokenizers_library(where, Tokenizer.from_str, text)
-
-
-def read_tokenizer(path: Path) -> TokenizerSource:
-    """Read and validate a tokenizer (the tokenizers library is not needed for that: see
-    library_added_token_ids and check_library_loads)."""
-    directory = path.parent if path.is_file() else path
-    file = path if path.is_file() else directory / "tokenizer.json"
-    if file.is_file():
-        if file.stat().st_size == 0:
-            raise CliError(f"{file}: empty file; expected a tokenizer.json")
-        try:
-            raw = file.read_bytes()
-        except OSError as exc:
-            raise CliError(f"{file}: cannot read ({exc.strerror})") from exc
-        data, on_disk = parse_json(raw, file), True
-        text = raw.decode("utf-8")
-    elif (directory / "tokenizer.model").is_file() or (directory / "vocab.json").is_file():
-        text = tokenizer_json_via_transformers(directory)
-        data, on_disk = parse_json(text.encode(), file), False
-    else:
-        raise CliError(f"{directory}: no tokenizer here (expected tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
-    vocab = read_vocabulary(data, file)
-    model = data["model"]
-    tokenizer_config = read_optional_json(directory / "tokenizer_config.json")
-    special_map = read_optional_json(directory / "special_tokens_map.json")
-    roles = read_special_tokens(data, tokenizer_config, special_map)
-    check_special_tokens(vocab, roles, tokenizer_config, special_map, directory)
-    added = {entry["content"]: {flag: entry[flag] for flag in ADDED_TOKEN_FLAGS} for entry in data.get("added_tokens") or []}
-    spec = VocabSpec(vocab, added, roles, detect_convention(data), bool(model.get("byte_fallback", False)))
-    return TokenizerSource(
-        directory,
-        data,
-        spec,
-        tokenizer_config,
-        read_optional_json(directory / "config.json"),
-        read_optional_json(directory / "generation_config.json"),
-        on_disk,
-        text,
-    )
-
-
-class ForkedCall:
-    """fn(*args) in a forked child where fork exists and this process has no other thread
-    (the work holds the GIL); else right here, when the result is asked for. Forking
-    shares the arguments instead of pickling them: they are whole tokenizers."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        import multiprocessing
-
-        self.fn, self.args, self.process = fn, args, None
-        if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
-            context = multiprocessing.get_context("fork")
-            self.receiver, sender = context.Pipe(duplex=False)
-            self.process = context.Process(target=_background_child, args=(sender, fn, args), daemon=True)
-            self.process.start()
-            sender.close()
-
-    def result(self) -> Any:
-        if self.process is None:
-            return self.fn(*self.args)
-        try:
-            ok, value = self.receiver.recv()
-        except EOFError:
-            self.process.join()
-            if SignalState.pending is not None or self.process.exitcode in (-2, -15, -1):
-                raise Interrupted(SignalState.pending or -self.process.exitcode) from None
-            raise CliError(f"a worker process checking the tokenizer died (exit code {self.process.exitcode})") from None
-        finally:
-            self.process.join()
-        if not ok:
-            raise value
-        return value
-
-
-def _background_child(sender: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    import signal
-
-    # Ctrl-C reaches the whole process group: the parent stops the run and this daemon
-    # child ends with it; SIGTERM / SIGHUP end the child at once, without a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-    try:
-        sender.send((True, fn(*args)))
-    except BaseException as exc:  # handed to the parent, which raises it
-        sender.send((False, exc))
-
-
-def model_only_tokenizer(src: TokenizerSource, texts: Sequence[str]) -> Any:
-    """The source tokenizer's model alone (its added tokens still split the text), for
-    texts already spelled as the model sees them. A whole 128k-token BPE costs ~0.2 s of
-    CPU to build; when the texts are few, only the entries they can reach are built
-    (bpe_model_for_words), which encodes them the same (tests/test_init.py)."""
-    from tokenizers import Tokenizer
-
-    model = src.tokenizer_json.get("model") or {}
-    joined = "\0".join(texts)
-    prunable = (
-        model.get("type") == "BPE"
-        and isinstance(model.get("vocab"), Mapping)
-        and isinstance(model.get("merges"), list)
-        and not model.get("continuing_subword_prefix")
-        and not model.get("end_of_word_suffix")
-        and sum(len(text) ** 2 for text in texts) <= FVT_PRUNE_MAX_SUBSTRINGS
-        and not any(entry.get("content") and entry["content"] in joined for entry in src.tokenizer_json.get("added_tokens") or [])
-    )
-    if prunable:
-        pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
-        pruned = {**src.tokenizer_json, "added_tokens": [], "model": bpe_model_for_words(model, merge_results(pairs), texts)}
-        tokenizer = tokenizers_library(src.directory, Tokenizer.from_str, json.dumps(pruned))
-    else:
-        tokenizer = tokenizers_library(src.directory, Tokenizer.from_str, src.text)
-    tokenizer.normalizer = None
-    tokenizer.pre_tokenizer = None
-    tokenizer.post_processor = None
-    return tokenizer
-
-
-def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSource) -> dict[str, tuple[int, ...]]:
-    """For each base token, the source ids that spell the same bytes: the token's bytes
-    written in the source's convention and run through the source's model alone (no
-    normalizer or pre-tokenizer: the bytes are already what the model sees). One
-    `encode_batch` call, so 100k tokens take about a second."""
-    spec = src.spec
-    pieces_of_token: list[list[tuple[str | None, int | None]]] = []
-    texts: list[str] = []
-    for data in [token_bytes(t, base.convention, base.byte_fallback) for t in tokens]:
-        if spec.convention == "byte_level":
-            pieces = [(spell_bytes(data, "byte_level", False), None)]
-        else:
-            pieces = [
-                (spell_bytes(text.encode(), spec.convention, False), None) if text is not None else (None, byte)
-                for text, byte in utf8_pieces(data)
-            ]
-        pieces_of_token.append(pieces)
-        texts += [text for text, _ in pieces if text]
-    encoded = (
-        iter(tokenizers_library(src.directory, model_only_tokenizer(src, texts).encode_batch, texts, add_special_tokens=False))
-        if texts
-        else iter(())
-    )
-    result: dict[str, tuple[int, ...]] = {}
-    for token, pieces in zip(tokens, pieces_of_token):
-        ids: list[int] = []
-        for text, byte in pieces:
-            if text:
-                ids += next(encoded).ids
-            elif byte is not None:
-                byte_id = spec.vocab.get(f"<0x{byte:02X}>") if spec.byte_fallback else None
-                if byte_id is not None:
-                    ids.append(byte_id)
-        result[token] = tuple(ids)
-    return result
-
-
-# ---- checkpoints -----------------------------------------------------------------------
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path | None = None  # the source file (safetensors or .bin)
+    start: int = 0  # absolute byte offset of the data in a safetensors file
+    vocab_role: str | None = None  # embed | head | bias: rows are rebuilt from the plan
 
 
 @dataclass
@@ -2356,6 +2176,16 @@ class Checkpoint:
     kind: str  # safetensors | bin
     tensors: dict[str, TensorEntry]  # in file, then offset order
     bin_tensors: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor (mmap)
+
+
+@dataclass(frozen=True)
+class VocabTensors:
+    embed: str
+    head: str | None  # None: tied to the input embedding
+    bias: str | None
+    rows: int
+    hidden: int
+    how: str  # names | meta | override | shape
 
 
 TORCH_DTYPE_NAMES = {
@@ -2595,7 +2425,43 @@ def read_exactly(path: Path, offset: int, view: memoryview, what: str) -> None:
             done += got
 
 
-# ---- the donor: a model whose rows fill the rows M lacks (--init donor / omp) -------------
+def resolve_model(source: str, revision: str | None) -> Path:
+    """A local model directory as it is; for a Hub repo, the snapshot in the Hugging Face
+    cache holding its configs, tokenizer files and the weights in one format: the index
+    and exactly the shards it names (never a second format, `original/*.pth` or `.gguf`)."""
+    if Path(source).expanduser().exists() or not looks_like_hub_id(source):
+        return resolve_source(source, revision, [])
+    files = hub_repo_files(source, revision)
+    if files is None:  # offline or unlisted: what the cached snapshot holds decides
+        files = [p.name for p in resolve_source(source, revision, ["config.json"]).iterdir()]
+    _kind, weights = select_weight_files(files)
+    directory = resolve_source(source, revision, [*CONFIG_FILES, *TOKENIZER_FILES, *weights])
+    if weights and weights[0].endswith(".index.json"):
+        shards = sorted(set(read_weight_index(directory / weights[0], shards_present=False).values()))
+        # the snapshot folder is named by its commit: the shards come from the same commit
+        directory = resolve_source(source, directory.name, [*CONFIG_FILES, *TOKENIZER_FILES, *weights, *shards])
+    return directory
+
+
+def hub_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """The files of a Hub repo at a revision, from its model info; None when
+    the Hub cannot say (offline, unreachable, missing: resolve_source then says which).
+    Model info, not the tree listing: huggingface_hub retries a listing for ~20 s."""
+    if hub_offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, revision=revision)
+    except Exception as exc:  # every HTTP, connection and validation error alike
+        log.debug("cannot list %s: %s", repo_id, exc)
+        return None
+    return None if info.siblings is None else [sibling.rfilename for sibling in info.siblings]
+
+
+# ======================================================================================
+# The donor: rows of a model that has the tokens (--init donor / omp)
+# ======================================================================================
 
 
 @dataclass(frozen=True)
@@ -2719,6 +2585,18 @@ def donor_tokens(base: VocabSpec, donor: Donor, match: str) -> dict[str, int]:
     return {token_of_base[base_id]: donor_id for base_id, donor_id in matches.src_of_base.items() if donor_id < donor.vocab.rows}
 
 
+def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
+    """D for --init donor / omp: --donor-model, else T itself (which then needs weights)."""
+    if opts.donor_model is not None:
+        name, revision = split_revision(opts.donor_model)
+    else:
+        name, revision = opts.base_tokenizer, opts.base_revision
+    donor = read_donor(name, revision, opts.trust_remote_code)
+    if opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
+        raise CliError(f"the donor's hidden size is {donor.vocab.hidden}, M's is {vocab.hidden}: use --init omp")
+    return donor
+
+
 def initialised_rows(
     plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, src: VocabSpec, donor: Donor, opts: RemapOptions
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -2775,7 +2653,90 @@ def donor_row_bytes(donor: Donor, role: str, donor_ids: np.ndarray, tensor: Tens
     return raw if donor_tensor.dtype == tensor.dtype else encode_rows(decode_rows(raw, donor_tensor.dtype), tensor.dtype)
 
 
-# ---- streaming writer ------------------------------------------------------------------
+# ======================================================================================
+# Shards out: plan, streaming writer, verification
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    files: tuple[str, ...]
+    tensors: tuple[tuple[TensorEntry, ...], ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.nbytes for shard in self.tensors for entry in shard)
+
+    def weight_map(self) -> dict[str, str]:
+        return {entry.name: file for file, shard in zip(self.files, self.tensors) for entry in shard}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_size": self.total_size,
+            "shards": [{"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s)} for f, s in zip(self.files, self.tensors)],
+        }
+
+
+def parse_size(text: str) -> int:
+    """`5GB` (decimal), `500MB`, `2GiB` (binary) or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text), re.IGNORECASE)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
+    value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+def shard_file_names(count: int) -> tuple[str, ...]:
+    if count == 1:
+        return ("model.safetensors",)
+    return tuple(f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1))
+
+
+def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> ShardPlan:
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a tensor
+    larger than that gets a shard of its own), like transformers' save_pretrained."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    if not shards[-1]:
+        shards.pop()
+    return ShardPlan(shard_file_names(len(shards)), tuple(tuple(s) for s in shards))
+
+
+def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `entries` back to
+    back in order, padded with spaces so that the data starts 8-byte aligned."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata is not None else {}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
+    """Every output tensor; vocabulary tensors (with their new row count) first, then the
+    rest in source order: the shards that hold the vocabulary take longest to write (rows
+    built, then read back and checked), so they start first."""
+    roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias"}
+    entries = []
+    for name, tensor in ckpt.tensors.items():
+        role = roles.get(name)
+        if role is not None:
+            row_bytes = tensor.nbytes // max(1, tensor.shape[0])
+            tensor = dataclasses.replace(tensor, shape=(n_rows, *tensor.shape[1:]), nbytes=n_rows * row_bytes, vocab_role=role)
+        entries.append(tensor)
+    return sorted(entries, key=lambda entry: entry.vocab_role is None)
 
 
 def write_all(fd: int, data: memoryview, offset: int) -> None:
@@ -3011,21 +2972,6 @@ def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str
         )
 
 
-def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
-    """Every output tensor; vocabulary tensors (with their new row count) first, then the
-    rest in source order: the shards that hold the vocabulary take longest to write (rows
-    built, then read back and checked), so they start first."""
-    roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias"}
-    entries = []
-    for name, tensor in ckpt.tensors.items():
-        role = roles.get(name)
-        if role is not None:
-            row_bytes = tensor.nbytes // max(1, tensor.shape[0])
-            tensor = dataclasses.replace(tensor, shape=(n_rows, *tensor.shape[1:]), nbytes=n_rows * row_bytes, vocab_role=role)
-        entries.append(tensor)
-    return sorted(entries, key=lambda entry: entry.vocab_role is None)
-
-
 def write_shards(
     out: Path,
     ckpt: Checkpoint,
@@ -3152,6 +3098,74 @@ def self_check(out: Path, shard_plan: ShardPlan) -> None:
         raise SelfCheckError("; ".join(problems[:5]))
 
 
+# ======================================================================================
+# Tokenizer and config outputs
+# ======================================================================================
+
+
+def patch_tokenizer_json(base_json: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
+    """T's tokenizer.json plus the appended tokens at their output ids. Regular tokens join
+    the model vocabulary with no merges (encoding text keeps giving T's ids). The tokenizers
+    library numbers an added token that is not in the model vocabulary right after it, so
+    once the vocabulary grows every added token (T's own, like Llama-3's specials, and the
+    appended ones) must be in the model vocabulary at its id too."""
+    model = dict(base_json["model"])  # copy only what changes: vocab and added_tokens
+    data = {**base_json, "model": model, "added_tokens": list(base_json.get("added_tokens") or [])}
+    model["vocab"] = list(model["vocab"]) if isinstance(model["vocab"], list) else dict(model["vocab"])
+    kind = model.get("type")
+    if not plan.appended:
+        return data
+    if kind not in ("BPE", "Unigram"):
+        raise CliError(f"append mode cannot extend a {kind} tokenizer without changing how it encodes; use --drop-extra")
+    added_by_id = {entry["id"]: entry["content"] for entry in data.get("added_tokens") or []}
+    if kind == "Unigram":
+        pieces = model["vocab"]
+        lowest = min((score for _, score in pieces), default=0.0) - 100.0  # Viterbi picks these only where nothing else fits
+        for token_id in range(len(pieces), plan.n_base):
+            if token_id not in added_by_id:
+                raise CliError("the base Unigram tokenizer has ids outside its piece list that are not added tokens; use --drop-extra")
+            pieces.append([added_by_id[token_id], lowest])
+    else:
+        for token_id, content in added_by_id.items():
+            model["vocab"].setdefault(content, token_id)
+    for spelling, _src_id, out_id in plan.appended:
+        if kind == "Unigram":
+            model["vocab"].append([spelling, lowest])
+        else:
+            model["vocab"][spelling] = out_id
+        flags = src_added.get(spelling)
+        if flags is not None:
+            data["added_tokens"].append({"id": out_id, "content": spelling, **{f: bool(flags.get(f, False)) for f in ADDED_TOKEN_FLAGS}})
+    return data
+
+
+def patch_tokenizer_config(config: Mapping[str, Any], plan: RemapPlan, src_added: Mapping[str, Mapping[str, bool]]) -> dict[str, Any]:
+    """tokenizer_config.json with the appended added tokens in added_tokens_decoder (the
+    transformers 4 layout; transformers 5 reads them from tokenizer.json)."""
+    data = dict(config)
+    if "added_tokens_decoder" in data:
+        decoder = dict(data["added_tokens_decoder"])
+        for spelling, _src_id, out_id in plan.appended:
+            flags = src_added.get(spelling)
+            if flags is not None:
+                decoder[str(out_id)] = {"content": spelling, **{f: bool(flags.get(f, False)) for f in sorted(ADDED_TOKEN_FLAGS)}}
+        data["added_tokens_decoder"] = decoder
+    return data
+
+
+def portable_tokenizer_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """tokenizer_config.json as transformers 4.x can read it too, or None if it already can.
+    transformers 5 writes a class 4.x lacks (`TokenizersBackend`) and its extra special
+    tokens as a list; 5.x reads the 4.x spellings of both."""
+    data = dict(config)
+    if data.get("tokenizer_class") == "TokenizersBackend":
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(data.get("extra_special_tokens"), list):
+        extra = data.pop("extra_special_tokens")
+        data["additional_special_tokens"] = list(dict.fromkeys([*(data.get("additional_special_tokens") or []), *extra]))
+    return data if data != dict(config) else None
+
+
 def patched_tokenizer(
     base_json: Mapping[str, Any], plan: RemapPlan, appended_added: Mapping[str, Any], convention: str, byte_fallback: bool
 ) -> tuple[str, int]:
@@ -3185,7 +3199,173 @@ def check_patched_tokenizer(patched_text: str, plan: RemapPlan, convention: str,
     return sum(1 for (_, out_id), enc in zip(texts, encodings) if enc.ids == [out_id])
 
 
-# ---- output directory --------------------------------------------------------------------
+def role_ids(roles: Mapping[str, str | None], vocab: Mapping[str, int]) -> dict[str, int | None]:
+    return {role: vocab.get(token) if token is not None else None for role, token in roles.items()}
+
+
+def as_id_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def output_role_ids(
+    base_roles: Mapping[str, str | None],
+    base_vocab: Mapping[str, int],
+    base_config: Mapping[str, Any],
+    base_generation: Mapping[str, Any],
+    src_eos_tokens: Sequence[str],
+    plan: RemapPlan,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """bos/eos/pad ids for the output's config.json and generation_config.json: T's ids
+    (from its configs, else its tokenizer). In append mode generation also stops at the
+    source's eos tokens, which keep their rows at appended ids."""
+    from_tokenizer = role_ids(base_roles, base_vocab)
+    config_ids: dict[str, Any] = {}
+    for role in ("bos", "eos", "pad"):
+        value = base_config.get(f"{role}_token_id", (base_config.get("text_config") or {}).get(f"{role}_token_id"))
+        config_ids[role] = value if as_id_list(value) and all(i < plan.n_rows for i in as_id_list(value)) else from_tokenizer.get(role)
+    generation_ids = dict(config_ids)
+    for role in ("bos", "eos", "pad"):
+        value = base_generation.get(f"{role}_token_id")
+        if as_id_list(value) and all(i < plan.n_rows for i in as_id_list(value)):
+            generation_ids[role] = value
+    if plan.mode == "append":
+        eos = as_id_list(generation_ids["eos"])
+        extra = [plan.out_vocab[t] for t in src_eos_tokens if t in plan.out_vocab and plan.out_vocab[t] not in eos]
+        if extra:
+            generation_ids["eos"] = eos + extra
+    return config_ids, generation_ids
+
+
+def patch_config(config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any]) -> dict[str, Any]:
+    """M's config with the new vocab_size and role ids; everything else unchanged.
+    Multimodal configs keep the text model's values under text_config."""
+    data = json.loads(json.dumps(config))
+    target = data["text_config"] if isinstance(data.get("text_config"), dict) and "vocab_size" not in data else data
+    target["vocab_size"] = vocab_size
+    for role, value in ids.items():
+        key = f"{role}_token_id"
+        if value is not None or key in target:
+            target[key] = value
+    return data
+
+
+def patch_generation_config(config: Mapping[str, Any], ids: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(config)
+    for role, value in ids.items():
+        key = f"{role}_token_id"
+        if value is not None or key in data:
+            data[key] = value
+    return data
+
+
+def write_tokenizer_files(
+    base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]
+) -> None:
+    """T's tokenizer files byte for byte; in append mode with new tokens, the patched
+    tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files.
+    A transformers-5-only tokenizer_config.json is rewritten so that 4.x loads it too."""
+    for name in TOKENIZER_FILES:
+        path = base.directory / name
+        if not path.is_file():
+            continue
+        if patched is not None and name in (*SLOW_TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json"):
+            continue
+        shutil.copyfile(path, out / name)
+    if patched is not None:
+        (out / "tokenizer.json").write_text(patched, encoding="utf-8")
+    elif not base.on_disk:
+        log.info(
+            "the base has no tokenizer.json; its %s files are copied as they are",
+            ", ".join(n for n in SLOW_TOKENIZER_FILES if (base.directory / n).is_file()),
+        )
+    if base.tokenizer_config:
+        config = patch_tokenizer_config(base.tokenizer_config, plan, appended_added) if patched is not None else base.tokenizer_config
+        portable = portable_tokenizer_config(config)
+        if portable is not None:
+            log.info("tokenizer_config.json: transformers 5 layout rewritten so that transformers 4.x loads it too")
+        if portable is not None or patched is not None:
+            write_json(out / "tokenizer_config.json", portable or config)
+
+
+def check_chat_template(opts: RemapOptions, src: TokenizerSource, plan: RemapPlan) -> None:
+    """--chat-template source needs every special token M's template writes out in the
+    output; with T's template, M's template tokens that the output drops are named."""
+    template = read_chat_template(src.directory, src.tokenizer_config)
+    lost = [token for token in template_special_tokens(template, src.spec.added) if token not in plan.out_vocab]
+    if opts.chat_template == "source":
+        if template is None:
+            raise CliError(f"--chat-template source: {src.directory} has no chat template")
+        if lost:
+            raise CliError(
+                f"--chat-template source: M's chat template uses {', '.join(map(repr, lost))}, which {opts.base_tokenizer} lacks "
+                "and --drop-extra drops: use append mode or --chat-template base"
+            )
+    elif lost:
+        log.warning("M's chat template uses %s, which the output drops (it gets T's chat template)", ", ".join(map(repr, lost)))
+
+
+def write_source_chat_template(src: TokenizerSource, out: Path) -> None:
+    """M's chat template instead of T's, in the file M keeps it in."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (out / name).unlink(missing_ok=True)
+        if (src.directory / name).is_file():
+            shutil.copyfile(src.directory / name, out / name)
+    config = read_optional_json(out / "tokenizer_config.json")
+    config.pop("chat_template", None)
+    if "chat_template" in src.tokenizer_config and not any(
+        (src.directory / n).is_file() for n in ("chat_template.jinja", "chat_template.json")
+    ):
+        config["chat_template"] = src.tokenizer_config["chat_template"]
+    write_json(out / "tokenizer_config.json", config)
+
+
+def copy_other_files(src_dir: Path, out: Path) -> list[str]:
+    """M's files that are neither weights, configs nor tokenizer files (README, LICENSE,
+    ...). Only the top level: subdirectories such as `original/` hold other formats."""
+    copied = []
+    for path in sorted(src_dir.iterdir()):
+        name = path.name
+        if (
+            not path.is_file()
+            or name.startswith(".")
+            or name.endswith(WEIGHT_SUFFIXES)
+            or name.endswith(".index.json")
+            or name in TOKENIZER_FILES
+            or name in CONFIG_FILES
+            or name == REPORT_NAME
+        ):
+            continue
+        shutil.copyfile(path, out / name)
+        copied.append(name)
+    return copied
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ======================================================================================
+# The output directory: lock, staging, atomic publish, leftovers
+# ======================================================================================
+
+# The output directory: D appears complete or not at all. A run holds an exclusive lock on
+# D (`.<D>.lock` beside it) from start to end, writes into a staging directory beside D
+# (`.<D>.tmp-XXXXXX`, with an owner file naming the pid), and publishes it in one atomic
+# rename: renameat2(RENAME_EXCHANGE) over an existing D, RENAME_NOREPLACE onto a missing
+# one (Linux); elsewhere two renames, undone on failure. Staging directories of runs that
+# died (SIGKILL, power cut) are found by their name and removed by the next run into D.
 
 
 def check_out_dir(out_dir: Path, protected: Mapping[str, Path], overwrite: bool) -> None:
@@ -3234,15 +3414,12 @@ def check_free_space(parent: Path, needed: int) -> None:
         )
 
 
-# The output directory: D appears complete or not at all. A run holds an exclusive lock on
-# D (`.<D>.lock` beside it) from start to end, writes into a staging directory beside D
-# (`.<D>.tmp-XXXXXX`, with an owner file naming the pid), and publishes it in one atomic
-# rename: renameat2(RENAME_EXCHANGE) over an existing D, RENAME_NOREPLACE onto a missing
-# one (Linux); elsewhere two renames, undone on failure. Staging directories of runs that
-# died (SIGKILL, power cut) are found by their name and removed by the next run into D.
-
 OWNER_FILE = ".remap-owner.json"
+
+
 PUBLISHED: list[Path] = []  # outputs this process has published, for an honest message on interrupt
+
+
 ACTIVE_OUTPUTS: list[OutputDirectory] = []  # entered and not yet left
 
 
@@ -3460,94 +3637,9 @@ def read_owner(path: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
 
 
-def copy_other_files(src_dir: Path, out: Path) -> list[str]:
-    """M's files that are neither weights, configs nor tokenizer files (README, LICENSE,
-    ...). Only the top level: subdirectories such as `original/` hold other formats."""
-    copied = []
-    for path in sorted(src_dir.iterdir()):
-        name = path.name
-        if (
-            not path.is_file()
-            or name.startswith(".")
-            or name.endswith(WEIGHT_SUFFIXES)
-            or name.endswith(".index.json")
-            or name in TOKENIZER_FILES
-            or name in CONFIG_FILES
-            or name == REPORT_NAME
-        ):
-            continue
-        shutil.copyfile(path, out / name)
-        copied.append(name)
-    return copied
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ---- mergekit configurations ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """A model (or tokenizer) as the alignment sees it: its vocabulary and row count."""
-
-    source: str
-    revision: str | None
-    directory: Path
-    vocab: Mapping[str, int]
-    rows: int
-    weight_bytes: int
-    hidden: int | None = None
-    facts: ModelFacts | None = None  # config and tensor headers, for the merge check
-
-
-def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
-    directory = resolve_model(source, revision)
-    tokenizer = read_tokenizer(directory)
-    config = tokenizer.config
-    if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
-        ckpt = read_checkpoint(directory)
-        vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
-        facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
-        return ModelView(
-            source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden, facts
-        )
-    rows = config_value(config, "vocab_size")
-    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
-
-
-def check_aligned_models(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
-    """What compare_tokenizers.py --weights would object to in the aligned configuration."""
-    problems = []
-    seen = set()
-    for reference in mergekit_references(config):
-        ref = parse_model_reference(reference)
-        key = (local_or_hub(ref, yaml_dir), ref.revision)
-        if key in seen:
-            continue
-        seen.add(key)
-        view = view_model(key[0], ref.revision, trust_remote_code)
-        if view.vocab != target.vocab:
-            problems.append(f"{ref}: vocabulary differs from the target's")
-        if view.rows != target.rows:
-            problems.append(f"{ref}: {view.rows} embedding rows, the target has {target.rows}")
-    return problems
-
-
-# --------------------------------------------------------------------------------------
-# 4. The remap, and the command line
-# --------------------------------------------------------------------------------------
-
-__version__ = "0.2.0"
+# ======================================================================================
+# One remap: read inputs, plan, report, write
+# ======================================================================================
 
 
 @dataclass(frozen=True)
@@ -3592,68 +3684,6 @@ class RemapOptions:
             "chat_template",
         )
         return {key: getattr(self, key) for key in keys}
-
-
-def resolve_model(source: str, revision: str | None) -> Path:
-    """A local model directory as it is; for a Hub repo, the snapshot in the Hugging Face
-    cache holding its configs, tokenizer files and the weights in one format: the index
-    and exactly the shards it names (never a second format, `original/*.pth` or `.gguf`)."""
-    if Path(source).expanduser().exists() or not looks_like_hub_id(source):
-        return resolve_source(source, revision, [])
-    files = hub_repo_files(source, revision)
-    if files is None:  # offline or unlisted: what the cached snapshot holds decides
-        files = [p.name for p in resolve_source(source, revision, ["config.json"]).iterdir()]
-    _kind, weights = select_weight_files(files)
-    directory = resolve_source(source, revision, [*CONFIG_FILES, *TOKENIZER_FILES, *weights])
-    if weights and weights[0].endswith(".index.json"):
-        shards = sorted(set(read_weight_index(directory / weights[0], shards_present=False).values()))
-        # the snapshot folder is named by its commit: the shards come from the same commit
-        directory = resolve_source(source, directory.name, [*CONFIG_FILES, *TOKENIZER_FILES, *weights, *shards])
-    return directory
-
-
-def hub_repo_files(repo_id: str, revision: str | None) -> list[str] | None:
-    """The files of a Hub repo at a revision, from its model info; None when
-    the Hub cannot say (offline, unreachable, missing: resolve_source then says which).
-    Model info, not the tree listing: huggingface_hub retries a listing for ~20 s."""
-    if hub_offline():
-        return None
-    try:
-        from huggingface_hub import HfApi
-
-        info = HfApi().model_info(repo_id, revision=revision)
-    except Exception as exc:  # every HTTP, connection and validation error alike
-        log.debug("cannot list %s: %s", repo_id, exc)
-        return None
-    return None if info.siblings is None else [sibling.rfilename for sibling in info.siblings]
-
-
-def base_model_rows(base: TokenizerSource) -> int:
-    """The rows of T's models: its config.json's vocab_size when T has one, else its tokens."""
-    rows = config_value(base.config, "vocab_size")
-    return rows if is_int(rows) and rows >= len(base.spec.vocab) else len(base.spec.vocab)
-
-
-def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
-    """D for --init donor / omp: --donor-model, else T itself (which then needs weights)."""
-    if opts.donor_model is not None:
-        name, revision = split_revision(opts.donor_model)
-    else:
-        name, revision = opts.base_tokenizer, opts.base_revision
-    donor = read_donor(name, revision, opts.trust_remote_code)
-    if opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
-        raise CliError(f"the donor's hidden size is {donor.vocab.hidden}, M's is {vocab.hidden}: use --init omp")
-    return donor
-
-
-def describe_counts(plan_report: Mapping[str, Any]) -> str:
-    counts = plan_report["counts"]
-    rules = ", ".join(f"{rule} {n}" for rule, n in plan_report["init_rules"].items())
-    return (
-        f"copied {counts['copied'] + counts['moved']} ({counts['moved']} of them to new ids), appended {counts['appended']}, "
-        f"initialised {counts['initialised']}{f' ({rules})' if rules else ''}, dropped {counts['dropped']}, "
-        f"ghost {counts['ghost']}, padding {counts['padding']}"
-    )
 
 
 @dataclass(frozen=True)
@@ -3898,65 +3928,20 @@ def write_configs(out: Path, inputs: RemapInputs, planned: PlannedRemap) -> None
         write_json(out / "generation_config.json", patch_generation_config(inputs.src.generation_config, planned.generation_ids))
 
 
-def check_chat_template(opts: RemapOptions, src: TokenizerSource, plan: RemapPlan) -> None:
-    """--chat-template source needs every special token M's template writes out in the
-    output; with T's template, M's template tokens that the output drops are named."""
-    template = read_chat_template(src.directory, src.tokenizer_config)
-    lost = [token for token in template_special_tokens(template, src.spec.added) if token not in plan.out_vocab]
-    if opts.chat_template == "source":
-        if template is None:
-            raise CliError(f"--chat-template source: {src.directory} has no chat template")
-        if lost:
-            raise CliError(
-                f"--chat-template source: M's chat template uses {', '.join(map(repr, lost))}, which {opts.base_tokenizer} lacks "
-                "and --drop-extra drops: use append mode or --chat-template base"
-            )
-    elif lost:
-        log.warning("M's chat template uses %s, which the output drops (it gets T's chat template)", ", ".join(map(repr, lost)))
+def base_model_rows(base: TokenizerSource) -> int:
+    """The rows of T's models: its config.json's vocab_size when T has one, else its tokens."""
+    rows = config_value(base.config, "vocab_size")
+    return rows if is_int(rows) and rows >= len(base.spec.vocab) else len(base.spec.vocab)
 
 
-def write_source_chat_template(src: TokenizerSource, out: Path) -> None:
-    """M's chat template instead of T's, in the file M keeps it in."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        (out / name).unlink(missing_ok=True)
-        if (src.directory / name).is_file():
-            shutil.copyfile(src.directory / name, out / name)
-    config = read_optional_json(out / "tokenizer_config.json")
-    config.pop("chat_template", None)
-    if "chat_template" in src.tokenizer_config and not any(
-        (src.directory / n).is_file() for n in ("chat_template.jinja", "chat_template.json")
-    ):
-        config["chat_template"] = src.tokenizer_config["chat_template"]
-    write_json(out / "tokenizer_config.json", config)
-
-
-def write_tokenizer_files(
-    base: TokenizerSource, out: Path, patched: str | None, plan: RemapPlan, appended_added: Mapping[str, Any]
-) -> None:
-    """T's tokenizer files byte for byte; in append mode with new tokens, the patched
-    tokenizer.json (and tokenizer_config.json) instead, without the slow-tokenizer files.
-    A transformers-5-only tokenizer_config.json is rewritten so that 4.x loads it too."""
-    for name in TOKENIZER_FILES:
-        path = base.directory / name
-        if not path.is_file():
-            continue
-        if patched is not None and name in (*SLOW_TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json"):
-            continue
-        shutil.copyfile(path, out / name)
-    if patched is not None:
-        (out / "tokenizer.json").write_text(patched, encoding="utf-8")
-    elif not base.on_disk:
-        log.info(
-            "the base has no tokenizer.json; its %s files are copied as they are",
-            ", ".join(n for n in SLOW_TOKENIZER_FILES if (base.directory / n).is_file()),
-        )
-    if base.tokenizer_config:
-        config = patch_tokenizer_config(base.tokenizer_config, plan, appended_added) if patched is not None else base.tokenizer_config
-        portable = portable_tokenizer_config(config)
-        if portable is not None:
-            log.info("tokenizer_config.json: transformers 5 layout rewritten so that transformers 4.x loads it too")
-        if portable is not None or patched is not None:
-            write_json(out / "tokenizer_config.json", portable or config)
+def describe_counts(plan_report: Mapping[str, Any]) -> str:
+    counts = plan_report["counts"]
+    rules = ", ".join(f"{rule} {n}" for rule, n in plan_report["init_rules"].items())
+    return (
+        f"copied {counts['copied'] + counts['moved']} ({counts['moved']} of them to new ids), appended {counts['appended']}, "
+        f"initialised {counts['initialised']}{f' ({rules})' if rules else ''}, dropped {counts['dropped']}, "
+        f"ghost {counts['ghost']}, padding {counts['padding']}"
+    )
 
 
 def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0) -> str:
@@ -4024,6 +4009,52 @@ def mergeable_with_base(report: Mapping[str, Any], base_rows: int) -> str | None
     if rows == base_rows:
         return None
     return f"not mergeable with T's models ({rows} vs {base_rows} rows): use --drop-extra for merges"
+
+
+def human_bytes(count: int) -> str:
+    """Decimal units, as --max-shard-size reads them."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def mergekit_snippet(out_dir: str) -> str:
+    return f"  - model: {out_dir}\n    parameters:\n      weight: 1.0\n"
+
+
+# ======================================================================================
+# Aligning a mergekit configuration (--mergekit-config)
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A model (or tokenizer) as the alignment sees it: its vocabulary and row count."""
+
+    source: str
+    revision: str | None
+    directory: Path
+    vocab: Mapping[str, int]
+    rows: int
+    weight_bytes: int
+    hidden: int | None = None
+    facts: ModelFacts | None = None  # config and tensor headers, for the merge check
+
+
+def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
+    directory = resolve_model(source, revision)
+    tokenizer = read_tokenizer(directory)
+    config = tokenizer.config
+    if directory.is_dir() and select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] != "none":
+        ckpt = read_checkpoint(directory)
+        vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
+        facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
+        return ModelView(
+            source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden, facts
+        )
+    rows = config_value(config, "vocab_size")
+    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
 
 
 @dataclass(frozen=True)
@@ -4140,6 +4171,69 @@ def choose_target(opts: AlignOptions, config: Mapping[str, Any], references: Seq
     return parse_model_reference(chosen) if chosen is not None else references[0]
 
 
+def check_mergeable(
+    config: Mapping[str, Any],
+    views: Mapping[tuple[str, str | None], ModelView],
+    unique: Mapping[tuple[str, str | None], ModelRef],
+    yaml_dir: Path,
+) -> None:
+    """compare_tokenizers.py's architecture check, before anything is written: a merge
+    mergekit would refuse (or one that mixes incompatible tensors) is exit 2."""
+    keys = list(unique)
+    base = views[keys[0]].facts
+
+    def facts(reference: Any) -> ModelFacts | None:
+        ref = parse_model_reference(reference)
+        view = views.get((local_or_hub(ref, yaml_dir), ref.revision))
+        return view.facts if view is not None else None
+
+    problems = check_merge_config(config, facts)
+    for key in keys[1:]:
+        other = views[key].facts
+        if base is None or other is None:
+            continue
+        for level, message in compare_models(base, other, False, not config.get("slices")):
+            if level == "fail":
+                problems.append(f"{unique[key]}: {message}")
+            elif level == "warn":
+                log.warning("%s: %s", unique[key], message)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CliError(f"the merge would fail or mix incompatible models, nothing was remapped: {'; '.join(problems[:3])}{more}")
+
+
+def aligned_name(ref: ModelRef, taken: set[str]) -> str:
+    """A readable directory name for a remapped model: one plain path component (never
+    empty, `.`, `..` or hidden, whatever the model path ends with), unique among `taken`
+    (compared case-insensitively, for case-insensitive file systems)."""
+    path = ref.path.rstrip("/\\")
+    if looks_like_hub_id(path) and not os.path.exists(path):
+        stem = path.replace("/", "--")
+    else:
+        stem = os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(path or "."))))
+    stem = re.sub(r"[^\w.-]+", "_", stem + (f"-{ref.revision}" if ref.revision else "")).lstrip(".") or "model"
+    if len(stem) > 100:
+        stem = f"{stem[:80]}-{hashlib.sha1(stem.encode()).hexdigest()[:12]}"
+    name, counter = stem, 2
+    while name.lower() in {n.lower() for n in taken}:
+        name, counter = f"{stem}-{counter}", counter + 1
+    taken.add(name)
+    return name
+
+
+def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, plan: AlignmentPlan) -> RemapOptions:
+    """One model's remap in an alignment: --drop-extra onto the target; by default the
+    target's own rows for the tokens the model lacks, when the widths allow."""
+    target = plan.target
+    init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
+    return RemapOptions(
+        src_model=entry["source"], base_tokenizer=plan.target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init,
+        match=opts.match, max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=plan.target_ref.revision,
+        trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
+        omp_k=opts.omp_k, chat_template=opts.chat_template,
+    )  # fmt: skip
+
+
 def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """Remap every model that needs it (reusing a finished remap with the same options);
     0, or 1 when a remap failed its self-check."""
@@ -4167,6 +4261,15 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
                 continue
         record_counts(entry, report)
     return code
+
+
+def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
+    """The alignment table's words for a remap: copied (in place or moved), initialised, dropped."""
+    counts = report["plan"]["counts"]
+    entry.update(
+        copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"]
+    )
+    entry["init_rules"] = report["plan"]["init_rules"]
 
 
 def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[str, Any], Path]:
@@ -4204,57 +4307,22 @@ def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[st
     return aligned, merge_yaml
 
 
-def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: ModelView, plan: AlignmentPlan) -> RemapOptions:
-    """One model's remap in an alignment: --drop-extra onto the target; by default the
-    target's own rows for the tokens the model lacks, when the widths allow."""
-    target = plan.target
-    init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
-    return RemapOptions(
-        src_model=entry["source"], base_tokenizer=plan.target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init,
-        match=opts.match, max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=plan.target_ref.revision,
-        trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
-        omp_k=opts.omp_k, chat_template=opts.chat_template,
-    )  # fmt: skip
-
-
-def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
-    """The alignment table's words for a remap: copied (in place or moved), initialised, dropped."""
-    counts = report["plan"]["counts"]
-    entry.update(
-        copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"]
-    )
-    entry["init_rules"] = report["plan"]["init_rules"]
-
-
-def check_mergeable(
-    config: Mapping[str, Any],
-    views: Mapping[tuple[str, str | None], ModelView],
-    unique: Mapping[tuple[str, str | None], ModelRef],
-    yaml_dir: Path,
-) -> None:
-    """compare_tokenizers.py's architecture check, before anything is written: a merge
-    mergekit would refuse (or one that mixes incompatible tensors) is exit 2."""
-    keys = list(unique)
-    base = views[keys[0]].facts
-
-    def facts(reference: Any) -> ModelFacts | None:
+def check_aligned_models(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
+    """What compare_tokenizers.py --weights would object to in the aligned configuration."""
+    problems = []
+    seen = set()
+    for reference in mergekit_references(config):
         ref = parse_model_reference(reference)
-        view = views.get((local_or_hub(ref, yaml_dir), ref.revision))
-        return view.facts if view is not None else None
-
-    problems = check_merge_config(config, facts)
-    for key in keys[1:]:
-        other = views[key].facts
-        if base is None or other is None:
+        key = (local_or_hub(ref, yaml_dir), ref.revision)
+        if key in seen:
             continue
-        for level, message in compare_models(base, other, False, not config.get("slices")):
-            if level == "fail":
-                problems.append(f"{unique[key]}: {message}")
-            elif level == "warn":
-                log.warning("%s: %s", unique[key], message)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CliError(f"the merge would fail or mix incompatible models, nothing was remapped: {'; '.join(problems[:3])}{more}")
+        seen.add(key)
+        view = view_model(key[0], ref.revision, trust_remote_code)
+        if view.vocab != target.vocab:
+            problems.append(f"{ref}: vocabulary differs from the target's")
+        if view.rows != target.rows:
+            problems.append(f"{ref}: {view.rows} embedding rows, the target has {target.rows}")
+    return problems
 
 
 def align_table(summary: Mapping[str, Any]) -> str:
@@ -4275,6 +4343,11 @@ def align_table(summary: Mapping[str, Any]) -> str:
             else "gate: FAILED: " + "; ".join(summary["gate"]["problems"])
         )
     return "\n".join(lines)
+
+
+# ======================================================================================
+# Command line
+# ======================================================================================
 
 
 def positive_int(text: str) -> int:
