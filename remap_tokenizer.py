@@ -2055,7 +2055,7 @@ def omp_coefficients(
     try:
         for start in range(0, n, chunk):
             y = torch.as_tensor(targets[start : start + chunk], dtype=torch.float32, device=device)
-            atom_ids, coefficients = omp_chunk(y, unit, k, exact)
+            atom_ids, coefficients = tame_coefficients(y, unit, *omp_chunk(y, unit, k, exact))
             all_indices.append(atom_ids.cpu())
             all_coefficients.append((coefficients / norms[atom_ids].double().clamp(min=1e-12)).cpu())
             if progress is not None:
@@ -2079,6 +2079,24 @@ def omp_chunk(y: Any, unit: Any, k: int, exact: bool) -> tuple[Any, Any]:
     basis = unit[chosen]
     picked, coefficients = omp_on_gram(torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k)
     return chosen.gather(1, picked), coefficients
+
+
+def tame_coefficients(y: Any, unit: Any, atom_ids: Any, coefficients: Any) -> tuple[Any, Any]:
+    """OMP's last picks can be nearly collinear, and exact least squares then cancels large
+    coefficients: harmless in the donor's space, wild once applied to M's rows (on
+    Gemma-3 -> SmolLM2 some rows came out 20x too long, and the model's bits per byte went
+    from 4 to 170). Rows whose coefficients outweigh their target 3:1 are solved again with
+    a ridge of 1e-2 (the unit atoms' Gram diagonal is 1); well-posed rows keep the exact fit."""
+    import torch
+
+    wild = coefficients.norm(dim=1) > 3 * y.double().norm(dim=1)
+    if bool(wild.any()):
+        basis = unit[atom_ids[wild]]
+        gram = torch.bmm(basis, basis.transpose(1, 2)).double()
+        projection = torch.bmm(basis, y[wild].unsqueeze(2)).squeeze(2).double()
+        coefficients = coefficients.clone()
+        coefficients[wild] = least_squares(gram, projection, ridge=1e-2)
+    return atom_ids, coefficients
 
 
 def omp_select_exact(y: Any, unit: Any, k: int) -> Any:
@@ -2107,13 +2125,13 @@ def omp_select_exact(y: Any, unit: Any, k: int) -> Any:
     return picked
 
 
-def least_squares(gram: Any, projection: Any) -> Any:
-    """x solving gram x = projection per batch (float64 Cholesky, a tiny ridge for atoms
-    that are dependent on the ones before them)."""
+def least_squares(gram: Any, projection: Any, ridge: float = 1e-10) -> Any:
+    """x solving (gram + ridge I) x = projection per batch (float64 Cholesky; the default
+    ridge only keeps atoms that depend on the ones before them from breaking it)."""
     import torch
 
     size = gram.shape[-1]
-    factor, _ = torch.linalg.cholesky_ex(gram + 1e-10 * torch.eye(size, dtype=gram.dtype, device=gram.device))
+    factor, _ = torch.linalg.cholesky_ex(gram + ridge * torch.eye(size, dtype=gram.dtype, device=gram.device))
     return torch.cholesky_solve(projection.unsqueeze(2), factor).squeeze(2)
 
 
