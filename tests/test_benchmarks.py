@@ -41,3 +41,35 @@ def test_init_quality_demo_tiny(tmp_path: Path) -> None:
     )
     lines = [line for line in out.splitlines() if line.startswith("| remapped")]
     assert len(lines) == 2 and "| original (own tokenizer) |" in out
+
+
+def test_bench_omp_tiny() -> None:
+    out = run("benchmarks/bench_omp.py", "--missing", "50", "--shared", "400", "--hidden", "32", "--model-hidden", "16", "--k", "8")
+    assert "50 missing x 400 shared rows, width 32, k 8" in out and "OMP " in out
+
+
+def test_bench_gate_tiny(tmp_path: Path) -> None:
+    out = run(
+        "benchmarks/bench_gate.py",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--vocab",
+        "2000",
+        "--runs",
+        "1",
+        "--workdir",
+        str(tmp_path),
+    )
+    assert "tokenizer-only gate" in out and "x (median of 1)" in out
+
+
+@pytest.mark.e2e
+def test_merge_fidelity_demo_tiny(tmp_path: Path) -> None:
+    pytest.importorskip("mergekit")
+    out = run("benchmarks/merge_fidelity.py", "--demo", "--steps", "3", "--init", "fvt", "donor", "--workdir", str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith("| donor")]
+    assert len(rows) == 2 and all("| 0.0 % |" in row for row in rows)
