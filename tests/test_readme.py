@@ -15,7 +15,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 README_JA = (ROOT / "README.ja.md").read_text(encoding="utf-8")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z_-]+")
 # flags of other programs the README shows: mergekit-yaml, init_quality.py
-OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo"}
+OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo", "--check"}  # mergekit-yaml, benchmarks, ruff
 
 
 def help_text(parser_module) -> str:
