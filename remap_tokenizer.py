@@ -2188,8 +2188,10 @@ class TensorEntry:
     vocab_role: str | None = None  # embed | head | bias: rows are rebuilt from the plan
 
 
-@dataclass
+@dataclass(frozen=True)
 class Checkpoint:
+    """A checkpoint's tensors, from its headers (or, for .bin, memory-mapped torch tensors)."""
+
     directory: Path
     kind: str  # safetensors | bin
     tensors: dict[str, TensorEntry]  # in file, then offset order
@@ -2947,28 +2949,27 @@ def progress_bar(total: int, enabled: bool, desc: str = "writing", unit: str = "
     return SharedProgress(tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, leave=False, **scale))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowContext:
-    """One vocabulary matrix of the source and what its initialised rows need."""
+    """One vocabulary matrix of the source and what its initialised rows need (computed
+    once, when first asked for)."""
 
     matrix: np.ndarray
     dtype: str
     real_rows: int
     given: tuple[np.ndarray, np.ndarray] | None = None  # donor / OMP rows: (output rows, bytes)
-    _mean: np.ndarray | None = None
-    _finite: np.ndarray | None = None
 
-    @property
+    @functools.cached_property
     def finite(self) -> np.ndarray:
-        if self._finite is None:
-            self._finite = ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else np.ones(len(self.matrix), bool)
-        return self._finite
+        return ~nonfinite_rows(self.matrix, self.dtype) if self.dtype in FLOAT_DTYPES else np.ones(len(self.matrix), bool)
+
+    @functools.cached_property
+    def mean(self) -> np.ndarray:
+        rows = np.flatnonzero(self.finite[: self.real_rows])
+        return encode_rows(mean_of_rows(self.matrix, self.dtype, rows)[None, :], self.dtype)[0]
 
     def mean_row(self) -> np.ndarray:
-        if self._mean is None:
-            rows = np.flatnonzero(self.finite[: self.real_rows])
-            self._mean = encode_rows(mean_of_rows(self.matrix, self.dtype, rows)[None, :], self.dtype)[0]
-        return self._mean
+        return self.mean
 
 
 def output_row_chunks(ctx: RowContext, plan: RemapPlan) -> Iterator[np.ndarray]:
@@ -3184,17 +3185,15 @@ def portable_tokenizer_config(config: Mapping[str, Any]) -> dict[str, Any] | Non
     return data if data != dict(config) else None
 
 
-def patched_tokenizer(
-    base_json: Mapping[str, Any], plan: RemapPlan, appended_added: Mapping[str, Any], convention: str, byte_fallback: bool
-) -> tuple[str, int]:
+def patched_tokenizer(base_json: Mapping[str, Any], plan: RemapPlan, appended_added: Mapping[str, Any], base: VocabSpec) -> tuple[str, int]:
     """The append-mode tokenizer.json text, checked; and how many appended tokens encoding
     can produce (see check_patched_tokenizer)."""
     # compact JSON: with indent the json module falls back to its pure-Python encoder
     text = json.dumps(patch_tokenizer_json(base_json, plan, appended_added), ensure_ascii=False)
-    return text, check_patched_tokenizer(text, plan, convention, byte_fallback)
+    return text, check_patched_tokenizer(text, plan, base)
 
 
-def check_patched_tokenizer(patched_text: str, plan: RemapPlan, convention: str, byte_fallback: bool) -> int:
+def check_patched_tokenizer(patched_text: str, plan: RemapPlan, base: VocabSpec) -> int:
     """The patched tokenizer must load with exactly the plan's vocabulary. Returns how many
     appended regular tokens are reachable by encoding their own text (with `ignore_merges`
     a whole word that is in the vocabulary becomes one token)."""
@@ -3210,7 +3209,7 @@ def check_patched_tokenizer(patched_text: str, plan: RemapPlan, convention: str,
     texts = []
     for spelling, out_id in regular:
         try:
-            texts.append((token_bytes(spelling, convention, byte_fallback).decode("utf-8"), out_id))
+            texts.append((token_bytes(spelling, base.convention, base.byte_fallback).decode("utf-8"), out_id))
         except UnicodeDecodeError:
             continue  # a partial character is never a whole input on its own
     encodings = library.encode_batch([text for text, _ in texts], add_special_tokens=False) if texts else []
@@ -3876,9 +3875,7 @@ class PatchedTokenizer:
 
     def __init__(self, base: TokenizerSource, planned: PlannedRemap) -> None:
         spec = base.spec
-        self.job = ForkedCall(
-            patched_tokenizer, base.tokenizer_json, planned.plan, planned.appended_added, spec.convention, spec.byte_fallback
-        )
+        self.job = ForkedCall(patched_tokenizer, base.tokenizer_json, planned.plan, planned.appended_added, spec)
         self.value: tuple[str, dict[str, int]] | None = None
 
     def result(self) -> tuple[str, dict[str, int]]:
