@@ -56,7 +56,9 @@ def beside(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
 
 
-def remap_cli(*args: object) -> subprocess.Popen[str]:
+def remap_cli(*args: object, session: bool = False) -> subprocess.Popen[str]:
+    """The remap as a process of its own (session=True: leading its own process group, as
+    a command typed in a terminal is)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "remap_tokenizer.py"), *map(str, args)],
@@ -64,7 +66,22 @@ def remap_cli(*args: object) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=session,
     )
+
+
+def wait_until_loaded(pid: int, library: str, timeout: float = 60) -> None:
+    """Until the process has mapped a shared library (read from /proc): a moment inside its
+    imports. Before the script's first line runs, a signal meets Python's own defaults,
+    which no program can change."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if library in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.001)
 
 
 def assert_complete(out: Path) -> None:
@@ -264,17 +281,27 @@ def test_two_runs_on_one_output(tmp_path: Path, models: dict[str, Path]) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signals_at_any_moment_leave_a_complete_output_or_nothing(tmp_path: Path, models: dict[str, Path], signum: int) -> None:
+@pytest.mark.parametrize(
+    ("signum", "group"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGHUP, False)],
+    ids=["SIGINT", "Ctrl-C to the process group", "SIGTERM", "SIGTERM to the process group", "SIGHUP"],
+)
+def test_signals_at_any_moment_leave_a_complete_output_or_nothing(
+    tmp_path: Path, models: dict[str, Path], signum: int, group: bool
+) -> None:
     """Signals at spread-out moments (imports, reading, once staging exists, mid-shard,
-    around publish): exit 0 with a complete D, or 128 + signal with one line that says
-    truthfully whether D was completed; never a traceback, never leftovers."""
+    around publish), to the process or, as a terminal's Ctrl-C or Slurm do, to its whole
+    group (the forked tokenizer worker included): exit 0 with a complete D, or 128 + signal
+    with one line that says truthfully whether D was completed; never a traceback, never
+    leftovers."""
     outcomes = set()
     for attempt in range(8):
         out = tmp_path / f"out{attempt}"
-        proc = remap_cli("--src_model", models["wide"], "--base_tokenizer", models["base"], "--out_dir", out, "--max-shard-size", "300KB")
-        if attempt == 0:
-            time.sleep(0.15)  # during the imports or the reading
+        proc = remap_cli(
+            "--src_model", models["wide"], "--base_tokenizer", models["base"], "--out_dir", out, "--max-shard-size", "300KB", session=group
+        )
+        if attempt == 0:  # while numpy is being imported: our handlers are in place by then
+            wait_until_loaded(proc.pid, "_multiarray_umath")
         else:  # once the staging directory exists, then later and later
             deadline = time.monotonic() + 60
             while (
@@ -284,7 +311,10 @@ def test_signals_at_any_moment_leave_a_complete_output_or_nothing(tmp_path: Path
             ):
                 time.sleep(0.002)
             time.sleep((attempt - 1) * 0.03)
-        proc.send_signal(signum)
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
         assert "Traceback" not in err and "Exception ignored" not in err, err
         if proc.returncode == 0:
