@@ -271,6 +271,23 @@ class SignalState:
     deferring = 0
     pending: int | None = None
     stopping = False  # a signal was raised: later ones wait for the cleanup to end
+    swallowed: int | None = None  # raised where Python drops exceptions (a finalizer): raised again at the next check
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Python drops an exception raised inside a finalizer or weakref callback, printing
+    "Exception ignored": for our own stop, keep it instead, for check_interrupt()."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        SignalState.swallowed = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def check_interrupt() -> None:
+    """Raise a stop whose signal arrived where Python could not raise it."""
+    if SignalState.swallowed is not None and not SignalState.deferring:
+        signum, SignalState.swallowed = SignalState.swallowed, None
+        raise Interrupted(signum)
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
@@ -289,10 +306,13 @@ def signals_handled() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
-    SignalState.deferring, SignalState.pending, SignalState.stopping = 0, None, False
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
+    SignalState.deferring, SignalState.pending, SignalState.stopping, SignalState.swallowed = 0, None, False, None
     try:
         yield
+        check_interrupt()
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -307,6 +327,7 @@ def deferred_signals() -> Iterator[None]:
     if not SignalState.deferring and SignalState.pending is not None and not SignalState.stopping:
         SignalState.stopping = True
         raise Interrupted(SignalState.pending)
+    check_interrupt()
 
 
 def signal_name(signum: int) -> str:

@@ -280,6 +280,23 @@ class SignalState:
     deferring = 0
     pending: int | None = None
     stopping = False  # a signal was raised: later ones wait for the cleanup to end
+    swallowed: int | None = None  # raised where Python drops exceptions (a finalizer): raised again at the next check
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Python drops an exception raised inside a finalizer or weakref callback, printing
+    "Exception ignored": for our own stop, keep it instead, for check_interrupt()."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        SignalState.swallowed = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def check_interrupt() -> None:
+    """Raise a stop whose signal arrived where Python could not raise it."""
+    if SignalState.swallowed is not None and not SignalState.deferring:
+        signum, SignalState.swallowed = SignalState.swallowed, None
+        raise Interrupted(signum)
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
@@ -298,10 +315,13 @@ def signals_handled() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
-    SignalState.deferring, SignalState.pending, SignalState.stopping = 0, None, False
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
+    SignalState.deferring, SignalState.pending, SignalState.stopping, SignalState.swallowed = 0, None, False, None
     try:
         yield
+        check_interrupt()
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -316,6 +336,7 @@ def deferred_signals() -> Iterator[None]:
     if not SignalState.deferring and SignalState.pending is not None and not SignalState.stopping:
         SignalState.stopping = True
         raise Interrupted(SignalState.pending)
+    check_interrupt()
 
 
 def signal_name(signum: int) -> str:
@@ -1511,7 +1532,14 @@ class ForkedCall:
             context = multiprocessing.get_context("fork")
             self.receiver, sender = context.Pipe(duplex=False)
             self.process = context.Process(target=_background_child, args=(sender, fn, args), daemon=True)
-            self.process.start()
+            # forked with the stop signals blocked: the child sets its own handlers before
+            # it takes one (a Ctrl-C reaches the whole process group)
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+            try:
+                self.process.start()
+            finally:
+                if blocked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             sender.close()
 
     def result(self) -> Any:
@@ -1532,14 +1560,14 @@ class ForkedCall:
 
 
 def _background_child(sender: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    import signal
-
     # Ctrl-C reaches the whole process group: the parent stops the run and this daemon
     # child ends with it; SIGTERM / SIGHUP end the child at once, without a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         sender.send((True, fn(*args)))
     except BaseException as exc:  # handed to the parent, which raises it
@@ -3028,7 +3056,10 @@ def write_shards(
     pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(shard_plan.files), MAX_WRITER_THREADS)), thread_name_prefix="shard")
     try:
         futures = {file: pool.submit(write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
-        wait(futures.values(), return_when=FIRST_EXCEPTION)
+        while wait(futures.values(), timeout=0.2, return_when=FIRST_EXCEPTION).not_done:
+            check_interrupt()
+            if any(future.done() and future.exception() for future in futures.values()):
+                break
         failed = next((future.exception() for future in futures.values() if future.done() and future.exception()), None)
         if failed is not None:
             raise failed
@@ -3526,7 +3557,7 @@ class OutputDirectory:
 
     def __exit__(self, *exc: object) -> None:
         with deferred_signals():
-            if self.path is not None and not self.published:
+            if self.path is not None:  # the staging directory, or after publishing the old D it was swapped with
                 shutil.rmtree(self.path, ignore_errors=True)
             self._unlock()
             if self in ACTIVE_OUTPUTS:
@@ -3743,7 +3774,9 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     started = time.monotonic()
     inputs = read_inputs(opts)
     base_loads = ForkedCall(check_library_loads, inputs.base.text, inputs.base.directory)
+    check_interrupt()
     planned = plan_outputs(opts, inputs)
+    check_interrupt()
     report = remap_report(opts, inputs, planned)
     announce(report, planned)
     check_chat_template(opts, inputs.src, planned.plan)
@@ -4256,6 +4289,7 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
     for entry, view in plan.to_remap:
+        check_interrupt()
         out = Path(entry["output"])
         remap_opts = aligned_remap_options(opts, entry, view, plan)
         previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None

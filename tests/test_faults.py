@@ -326,7 +326,7 @@ def test_signals_at_any_moment_leave_a_complete_output_or_nothing(
                 assert_complete(out)
             else:
                 assert "nothing was written" in err and not out.exists(), err
-        assert [p for p in beside(out) if p.startswith(f".{out.name}.")] == [], beside(out)
+        assert [p for p in beside(out) if p.startswith(f".{out.name}.")] == [], (beside(out), proc.returncode, err)
         outcomes.add(proc.returncode)
     assert 128 + signum in outcomes
 
