@@ -1259,6 +1259,34 @@ def fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
+def run_guarded(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], int], stopped: Callable[[], str], cleanup: Callable[[], None]
+) -> int:
+    """run(args) with the stop signals handled and every failure turned into one line on
+    stderr (and a JSON document with --json): exit 2 for bad input, 128 + signal when
+    stopped (`stopped()` says what was completed), and never a traceback without --debug."""
+    configure_logging(args.debug)
+    show_hub_progress(sys.stderr.isatty() and not args.json)
+    try:
+        with signals_handled(), collection_paused():
+            try:
+                return run(args)
+            finally:
+                cleanup()
+                finish_main()
+    except CliError as exc:
+        if args.debug:
+            log.exception("traceback")
+        return fail(args, str(exc), 2)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
+        signum = getattr(exc, "signum", 2)
+        return fail(args, f"interrupted ({signal_name(signum)}){stopped()}", 128 + signum)
+    except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
+        if args.debug:
+            raise
+        return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
+
+
 # <<< shared
 
 
@@ -2327,25 +2355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     if isinstance(args, int):
         return args
-    configure_logging(args.debug)
-    show_hub_progress(sys.stderr.isatty() and not args.json)
-    try:
-        with signals_handled(), collection_paused():
-            try:
-                return run(args)
-            finally:
-                finish_main()
-    except CliError as exc:
-        if args.debug:
-            log.exception("traceback")
-        return fail(args, str(exc), 2)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
-        signum = getattr(exc, "signum", 2)
-        return fail(args, f"interrupted ({signal_name(signum)})", 128 + signum)
-    except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
-        if args.debug:
-            raise
-        return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
+    return run_guarded(args, run, stopped=str, cleanup=lambda: None)
 
 
 if __name__ == "__main__":

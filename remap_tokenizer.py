@@ -1268,6 +1268,34 @@ def fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
+def run_guarded(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], int], stopped: Callable[[], str], cleanup: Callable[[], None]
+) -> int:
+    """run(args) with the stop signals handled and every failure turned into one line on
+    stderr (and a JSON document with --json): exit 2 for bad input, 128 + signal when
+    stopped (`stopped()` says what was completed), and never a traceback without --debug."""
+    configure_logging(args.debug)
+    show_hub_progress(sys.stderr.isatty() and not args.json)
+    try:
+        with signals_handled(), collection_paused():
+            try:
+                return run(args)
+            finally:
+                cleanup()
+                finish_main()
+    except CliError as exc:
+        if args.debug:
+            log.exception("traceback")
+        return fail(args, str(exc), 2)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
+        signum = getattr(exc, "signum", 2)
+        return fail(args, f"interrupted ({signal_name(signum)}){stopped()}", 128 + signum)
+    except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
+        if args.debug:
+            raise
+        return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
+
+
 # <<< shared
 
 # numpy is imported here, after the shared block has installed the signal handlers (a
@@ -4636,28 +4664,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     if isinstance(args, int):
         return args
-    configure_logging(args.debug)
     PUBLISHED.clear()
-    show_hub_progress(sys.stderr.isatty() and not args.json)
-    try:
-        with signals_handled(), collection_paused():
-            try:
-                return run(args)
-            finally:
-                release_outputs()
-                finish_main()
-    except CliError as exc:
-        if args.debug:
-            log.exception("traceback")
-        return fail(args, str(exc), 2)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
-        signum = getattr(exc, "signum", 2)
-        kept = f"{', '.join(map(str, PUBLISHED))}: complete, kept" if PUBLISHED else "nothing was written"
-        return fail(args, f"interrupted ({signal_name(signum)}); {kept}", 128 + signum)
-    except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
-        if args.debug:
-            raise
-        return fail(args, f"unexpected {type(exc).__name__}: {str(exc)[:300]} (rerun with --debug for the traceback)", 2)
+    return run_guarded(args, run, stopped=lambda: f"; {what_was_written()}", cleanup=release_outputs)
+
+
+def what_was_written() -> str:
+    """For the interrupt message: the outputs this run completed, or that none was."""
+    return f"{', '.join(map(str, PUBLISHED))}: complete, kept" if PUBLISHED else "nothing was written"
 
 
 if __name__ == "__main__":
