@@ -469,12 +469,9 @@ def test_added_token_ids_are_the_ones_the_tokenizers_library_gives(
     assert rt.library_added_token_ids(model_vocab, len(model_vocab), entries) == predicted  # the two scripts' copies
     if set(model_vocab.values()) == set(range(len(model_vocab))):
         assert predicted == library
-    else:  # library versions number differently here, but check_library_ids decides the same
-        try:
-            vocab = ct.vocab_from_json(document, Path("tokenizer.json"))
-        except ct.CliError:
-            return
-        assert all(vocab[c] == i for c, i in predicted.items()) == all(vocab.get(c) == i for c, i in library.items())
+    else:  # tokenizers versions number added tokens differently here (0.22 and 0.23 do): both tools refuse such a file
+        with pytest.raises(ct.CliError):
+            ct.read_vocabulary(document, Path("tokenizer.json"))
 
 
 def full_library_ids(tokenizer_json: dict, text: str) -> list[int]:
