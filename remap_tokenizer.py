@@ -527,6 +527,8 @@ def vocab_from_json(tokenizer_json: Mapping[str, Any], where: object) -> dict[st
     vocab = dict(model_vocab_from_json(tokenizer_json, where))
     for added in tokenizer_json.get("added_tokens") or []:
         content, declared = added["content"], added["id"]
+        if not content:  # the tokenizers library skips an added token without content
+            continue
         if vocab.get(content, declared) != declared:
             raise CliError(
                 f"{where}: added token {escape_text(content)!r} is declared at id {declared} but the vocabulary has it "
