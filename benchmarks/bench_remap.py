@@ -217,34 +217,19 @@ def main() -> None:
         size = write_checkpoint(src, tokenizer, layers, args.hidden, args.intermediate, rt.parse_size(args.shard_size))
         subprocess.run(["sync"], check=True)
         out = args.workdir / "out"
-        contenders = {
-            "cp -r": ["cp", "-r", str(src), str(out)],
-            "remap append": [
-                sys.executable,
-                str(ROOT / "remap_tokenizer.py"),
-                "--src_model",
-                str(src),
-                "--base_tokenizer",
-                str(base),
-                "--out_dir",
-                str(out),
-                "--max-shard-size",
-                args.shard_size,
-            ],
-            "remap drop": [
-                sys.executable,
-                str(ROOT / "remap_tokenizer.py"),
-                "--src_model",
-                str(src),
-                "--base_tokenizer",
-                str(base),
-                "--out_dir",
-                str(out),
-                "--max-shard-size",
-                args.shard_size,
-                "--drop-extra",
-            ],
-        }
+        remap = [
+            sys.executable,
+            str(ROOT / "remap_tokenizer.py"),
+            "--src_model",
+            str(src),
+            "--base_tokenizer",
+            str(base),
+            "--out_dir",
+            str(out),
+            "--max-shard-size",
+            args.shard_size,
+        ]
+        contenders = {"cp -r": ["cp", "-r", str(src), str(out)], "remap append": remap, "remap drop": [*remap, "--drop-extra"]}
         if not args.skip_naive:
             contenders["naive"] = [sys.executable, str(HERE / "naive_remap.py"), str(src), str(base), str(out), args.shard_size]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}

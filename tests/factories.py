@@ -199,61 +199,22 @@ def write_model(
     rows = rows if rows is not None else len(vocab)
     ids = {role: vocab.get(token) if token else None for role, token in (("bos", bos), ("eos", eos), ("pad", pad))}
     common = dict(vocab_size=rows, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    # every architecture but gpt2 names its sizes the same way
+    sized = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, **common)
     if arch == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common
-        )
+        config = transformers.LlamaConfig(**{**sized, "num_hidden_layers": 2}, num_key_value_heads=2)
     elif arch == "llama_tied":
-        config = transformers.LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            **common,
-        )
+        config = transformers.LlamaConfig(**sized, num_key_value_heads=2, tie_word_embeddings=True)
     elif arch == "qwen2":
-        config = transformers.Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            **common,
-        )
+        config = transformers.Qwen2Config(**sized, num_key_value_heads=2, tie_word_embeddings=False)
     elif arch == "gemma":
-        config = transformers.GemmaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=8,
-            **common,
-        )
+        config = transformers.GemmaConfig(**sized, num_key_value_heads=1, head_dim=8)
     elif arch == "gpt2":
         config = transformers.GPT2Config(n_embd=hidden, n_layer=1, n_head=4, n_positions=128, **common)
     elif arch == "gpt_neox":
-        config = transformers.GPTNeoXConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-            **common,
-        )
+        config = transformers.GPTNeoXConfig(**sized, max_position_embeddings=128, tie_word_embeddings=False)
     elif arch == "phi":
-        config = transformers.PhiConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **common,
-        )
+        config = transformers.PhiConfig(**sized, max_position_embeddings=128)
     else:
         raise ValueError(arch)
     for key, value in (config_overrides or {}).items():

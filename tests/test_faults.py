@@ -179,6 +179,7 @@ def test_overwrite_swaps_atomically(tmp_path: Path, models: dict[str, Path], cap
     assert run_remap(capsys, models, out)[0] == 0
     exchanged = []
     real = rt.rename_atomic
+    # a spy, not a fake: the real renameat2 runs; it only records which flag the publish used
     monkeypatch.setattr(rt, "rename_atomic", lambda a, b, *, exchange: exchanged.append(exchange) or real(a, b, exchange=exchange))
     assert run_remap(capsys, models, out, "--overwrite", "--init", "zero")[0] == 0
     assert exchanged == [True] and json.loads((out / rt.REPORT_NAME).read_text())["options"]["init"] == "zero"
@@ -191,6 +192,7 @@ def test_a_failed_swap_puts_the_old_output_back(tmp_path: Path, models: dict[str
     out = tmp_path / "out"
     assert run_remap(capsys, models, out)[0] == 0
     before = listing_digest(out)
+    # False is what rename_atomic returns where libc or the file system lacks renameat2 (EINVAL/ENOSYS)
     monkeypatch.setattr(rt, "rename_atomic", lambda a, b, *, exchange: False)
     real_rename = os.rename
 
@@ -199,6 +201,7 @@ def test_a_failed_swap_puts_the_old_output_back(tmp_path: Path, models: dict[str
             raise OSError(errno.EIO, "Input/output error", str(target))
         real_rename(source, target)
 
+    # stands for an I/O error on the second rename, which a real file system cannot be made to give on cue without root
     monkeypatch.setattr(rt.os, "rename", rename)
     code, err = run_remap(capsys, models, out, "--overwrite", "--init", "zero")
     assert code == 2 and "nothing was left behind" in err
