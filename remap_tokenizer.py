@@ -3098,7 +3098,10 @@ def write_shards(
 
     pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(shard_plan.files), MAX_WRITER_THREADS)), thread_name_prefix="shard")
     try:
-        futures = {file: pool.submit(write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
+        # a stop raised inside submit() can leave a thread started but unknown to the pool,
+        # never joined, that creates a shard after the staging directory is removed
+        with deferred_signals():
+            futures = {file: pool.submit(write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
         while wait(futures.values(), timeout=0.2, return_when=FIRST_EXCEPTION).not_done:
             check_interrupt()
             if any(future.done() and future.exception() for future in futures.values()):
@@ -3108,15 +3111,18 @@ def write_shards(
             raise failed
         results = {file: future.result() for file, future in futures.items()}
         # fsync last, all at once: a writer thread waiting for the disk would leave its core idle
-        digests = dict(zip(results, pool.map(lambda result: result[0].sync_and_close(), results.values())))
+        with deferred_signals():
+            syncing = pool.map(lambda result: result[0].sync_and_close(), results.values())
+        digests = dict(zip(results, syncing))
     except BaseException:
         stop.set()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for writer in writers:
-            writer.close()
-        progress.close()
+        with deferred_signals():  # every writer thread has ended before the caller removes `out`
+            pool.shutdown(wait=True, cancel_futures=True)
+            for writer in writers:
+                writer.close()
+            progress.close()
     return digests, sum(verified for _, verified in results.values())
 
 
