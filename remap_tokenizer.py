@@ -955,6 +955,49 @@ INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weigh
 OUTPUT_EMBEDDING_SUFFIXES = ("lm_head.weight", "embed_out.weight", "lm_head.linear.weight", "output.weight")
 
 
+# Names of tensors that hold a row (or a value) per token: second input embeddings and
+# heads (DeepSeek-V3's MTP layers, Medusa), per-layer embeddings (Gemma-3n), logit biases,
+# and the per-row scales of quantized heads (bitsandbytes SCB, FP8 weight_scale).
+PER_TOKEN_NAME_RE = re.compile(
+    r"(embed_tokens|word_embeddings|tok_embeddings|(^|\.)wte\.|embed_in\.|lm_head|embed_out|shared_head\.head|medusa_head|"
+    r"(^|\.)head\.|logits?_bias|(^|\.)output\.)"
+)
+NOT_PER_TOKEN_NAME_RE = re.compile(r"(norm|position|wpe|rotary|inv_freq)", re.IGNORECASE)
+
+
+def per_token_name(name: str) -> bool:
+    return bool(PER_TOKEN_NAME_RE.search(name)) and not NOT_PER_TOKEN_NAME_RE.search(name)
+
+
+def vocab_axis_last(shape: Sequence[int], rows: int) -> bool:
+    """A [1, V] tensor (final_logits_bias): its tokens run along the last axis."""
+    return len(shape) == 2 and shape[0] == 1 and shape[1] == rows and rows != 1
+
+
+# Per-token tensors that must have exactly the embedding's rows (a second input embedding,
+# a second head, a logit bias); a count of their own means a half-resized checkpoint.
+SAME_ROWS_NAME_RE = re.compile(r"(embed_tokens|word_embeddings|tok_embeddings|head\.weight$|logits?_bias$|lm_head\.bias$)")
+
+
+def vocab_tensors_off(shapes: Mapping[str, Sequence[int]], rows: int) -> list[tuple[str, int | None]]:
+    """(name, token count) of the tensors named SAME_ROWS_NAME_RE whose count is not `rows`."""
+    found = []
+    for name, shape in shapes.items():
+        if per_token_name(name) and SAME_ROWS_NAME_RE.search(name) and len(shape) in (1, 2):
+            count = token_count(shape, rows)
+            if count != rows:
+                found.append((name, count))
+    return found
+
+
+def token_count(shape: Sequence[int], rows: int) -> int | None:
+    """How many tokens a per-token tensor has rows for (its first dimension; the last for
+    a [1, N] bias), None for a scalar."""
+    if not shape:
+        return None
+    return shape[1] if len(shape) == 2 and shape[0] == 1 and shape[1] != 1 and rows != 1 else shape[0]
+
+
 # ---- the merge as a whole: architectures, tensors, layers, merge method ------------------
 # What mergekit refuses, or silently settles with the base model's value, read from
 # config.json and safetensors headers only.
@@ -1454,6 +1497,34 @@ def utf8_pieces(data: bytes) -> list[tuple[str | None, int | None]]:
     return pieces
 
 
+def text_bytes(token: str, spec: VocabSpec) -> bytes | None:
+    """The text a token stands for, as bytes: a regular token's in its tokenizer's spelling
+    convention; a non-special added token's literal content (the tokenizer splits it out of
+    the text before its model runs, so `\\n` or `<table>` in Gemma's added tokens is text
+    like any other; a `normalized` one matches the normalized text). None for special
+    tokens, which are not text."""
+    flags = spec.added.get(token)
+    if flags is None:
+        return token_bytes(token, spec.convention, spec.byte_fallback)
+    if flags.get("special", True):
+        return None
+    if flags.get("normalized") and spec.convention == "metaspace":
+        return token.replace("▁", " ").encode()
+    return token.encode()
+
+
+def is_byte_fallback_token(token: str, spec: VocabSpec) -> bool:
+    return spec.byte_fallback and token in BYTE_FALLBACK_TOKENS and token not in spec.added
+
+
+def emission_order(spec: VocabSpec, unreachable: frozenset[int]) -> Callable[[tuple[str, int]], tuple[bool, bool, int]]:
+    """Sort key over (token, id) of one tokenizer: among tokens that spell the same bytes,
+    the one the tokenizer produces for those bytes comes first (it is not `unreachable`),
+    then a regular token before a byte-fallback one (`A` before `<0x41>`, which the model
+    hardly ever saw), then the lowest id."""
+    return lambda item: (item[1] in unreachable, is_byte_fallback_token(item[0], spec), item[1])
+
+
 @dataclass(frozen=True)
 class Matches:
     """Which source token each base token was matched to."""
@@ -1471,30 +1542,48 @@ class Matches:
         }
 
 
-def match_tokens(base: VocabSpec, src: VocabSpec, mode: str) -> Matches:
+def match_tokens(
+    base: VocabSpec,
+    src: VocabSpec,
+    mode: str,
+    base_unreachable: frozenset[int] = frozenset(),
+    src_unreachable: frozenset[int] = frozenset(),
+) -> Matches:
     """Pair base ids with source ids. `exact` pairs equal spellings; `bytes` pairs added
-    tokens by content and regular tokens by the bytes they stand for. When two tokens of
-    one side share bytes, the lowest id keeps the match and the collision is reported."""
+    tokens by content, then every token that is text (regular tokens, non-special added
+    tokens: text_bytes) by the bytes it stands for. When several tokens of one side spell
+    the same bytes, the one its tokenizer produces for them keeps the match (emission_order)
+    and the others are reported as collisions; a token its tokenizer never produces
+    (`*_unreachable`, ids) neither gives nor takes a match."""
     if mode == "exact":
         return Matches("exact", {base_id: src.vocab[token] for token, base_id in base.vocab.items() if token in src.vocab})
     collisions: list[dict[str, Any]] = []
+    token_of_id = {side: {i: t for t, i in spec.vocab.items()} for side, spec in (("source", src), ("base", base))}
 
-    def by_bytes(spec: VocabSpec, side: str) -> dict[bytes, int]:
+    def by_bytes(spec: VocabSpec, side: str, unreachable: frozenset[int]) -> dict[bytes, int]:
         table: dict[bytes, int] = {}
-        for token, token_id in sorted(spec.vocab.items(), key=lambda item: item[1]):
-            if token in spec.added:
+        for token, token_id in sorted(spec.vocab.items(), key=emission_order(spec, unreachable)):
+            key = text_bytes(token, spec)
+            if key is None:
                 continue
-            key = token_bytes(token, spec.convention, spec.byte_fallback)
             if key in table:
+                kept_id = table[key]
                 collisions.append(
-                    {"side": side, "bytes": key.decode("utf-8", "backslashreplace"), "kept_id": table[key], "dropped_id": token_id}
+                    {
+                        "side": side,
+                        "bytes": key.decode("utf-8", "backslashreplace"),
+                        "kept": token_of_id[side][kept_id],
+                        "kept_id": kept_id,
+                        "dropped": token,
+                        "dropped_id": token_id,
+                    }
                 )
-            else:
+            elif token_id not in unreachable:
                 table[key] = token_id
         return table
 
-    src_by_bytes = by_bytes(src, "source")
-    base_by_bytes = by_bytes(base, "base")
+    src_by_bytes = by_bytes(src, "source", src_unreachable)
+    base_by_bytes = by_bytes(base, "base", base_unreachable)
     src_of_base: dict[int, int] = {}
     for content in base.added:
         if content in src.vocab:
@@ -1502,7 +1591,7 @@ def match_tokens(base: VocabSpec, src: VocabSpec, mode: str) -> Matches:
     claimed = set(src_of_base.values())
     for key, base_id in base_by_bytes.items():
         src_id = src_by_bytes.get(key)
-        if src_id is not None and src_id not in claimed:
+        if src_id is not None and src_id not in claimed and base_id not in src_of_base:
             src_of_base[base_id] = src_id
             claimed.add(src_id)
     return Matches("bytes", src_of_base, tuple(collisions))
@@ -1515,17 +1604,18 @@ def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str
     return "exact" if same else "bytes"
 
 
-def check_library_loads(text: str, where: Path) -> None:
-    """Build the tokenizer with the tokenizers library: proof that transformers can load
-    the file (run in the background for the base tokenizer, whose files are written out)."""
+def check_base_tokenizer(base: TokenizerSource, candidates: Sequence[str]) -> frozenset[int]:
+    """Build T with the tokenizers library (proof that transformers can load the files that
+    are written out) and, on the same build, find which of `candidates` it never produces
+    (unreachable_tokens). Run in a forked worker while M's side is worked out."""
     from tokenizers import Tokenizer
 
-    tokenizers_library(where, Tokenizer.from_str, text)
+    return unreachable_tokens(base, candidates, tokenizers_library(base.directory, Tokenizer.from_str, base.text))
 
 
 def read_tokenizer(path: Path) -> TokenizerSource:
     """Read and validate a tokenizer (the tokenizers library is not needed for that: see
-    library_added_token_ids and check_library_loads)."""
+    library_added_token_ids and check_base_tokenizer)."""
     directory = path.parent if path.is_file() else path
     file = path if path.is_file() else directory / "tokenizer.json"
     if file.is_file():
@@ -1647,15 +1737,16 @@ def model_only_tokenizer(src: TokenizerSource, texts: Sequence[str]) -> Any:
     return tokenizer
 
 
-def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSource) -> dict[str, tuple[int, ...]]:
-    """For each base token, the source ids that spell the same bytes: the token's bytes
-    written in the source's convention and run through the source's model alone (no
-    normalizer or pre-tokenizer: the bytes are already what the model sees). One
-    `encode_batch` call, so 100k tokens take about a second."""
+def fvt_decompositions(texts: Mapping[str, bytes], src: TokenizerSource) -> dict[str, tuple[int, ...]]:
+    """For each token (-> the bytes it stands for: text_bytes), the source ids that spell
+    the same bytes: the bytes written in the source's convention and run through the
+    source's model alone (no normalizer or pre-tokenizer: the bytes are already what the
+    model sees; its added tokens still split them, as in the tokenizer). One `encode_batch`
+    call, so 100k tokens take about a second."""
     spec = src.spec
     pieces_of_token: list[list[tuple[str | None, int | None]]] = []
-    texts: list[str] = []
-    for data in [token_bytes(t, base.convention, base.byte_fallback) for t in tokens]:
+    encoded_texts: list[str] = []
+    for data in texts.values():
         if spec.convention == "byte_level":
             pieces = [(spell_bytes(data, "byte_level", False), None)]
         else:
@@ -1664,14 +1755,18 @@ def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSou
                 for text, byte in utf8_pieces(data)
             ]
         pieces_of_token.append(pieces)
-        texts += [text for text, _ in pieces if text]
+        encoded_texts += [text for text, _ in pieces if text]
     encoded = (
-        iter(tokenizers_library(src.directory, model_only_tokenizer(src, texts).encode_batch, texts, add_special_tokens=False))
-        if texts
+        iter(
+            tokenizers_library(
+                src.directory, model_only_tokenizer(src, encoded_texts).encode_batch, encoded_texts, add_special_tokens=False
+            )
+        )
+        if encoded_texts
         else iter(())
     )
     result: dict[str, tuple[int, ...]] = {}
-    for token, pieces in zip(tokens, pieces_of_token):
+    for token, pieces in zip(texts, pieces_of_token):
         ids: list[int] = []
         for text, byte in pieces:
             if text:
@@ -1682,6 +1777,46 @@ def fvt_decompositions(tokens: Sequence[str], base: VocabSpec, src: TokenizerSou
                     ids.append(byte_id)
         result[token] = tuple(ids)
     return result
+
+
+def token_texts(tokens: Iterable[str], spec: VocabSpec) -> dict[str, bytes]:
+    """token -> the bytes it stands for, for the tokens that are text (text_bytes)."""
+    return {token: data for token in tokens if (data := text_bytes(token, spec)) is not None}
+
+
+def unreachable_tokens(source: TokenizerSource, tokens: Iterable[str], built: Any = None) -> frozenset[int]:
+    """The ids of those `tokens` that `source`'s tokenizer never produces: a token's own
+    spelling (what its model sees), run through the model alone, comes out as other tokens.
+    One rule finds a byte-fallback `<0x41>` when `A` exists, a BPE entry that no merge
+    makes, and a regular token that an added token with the same text shadows. Exact for
+    BPE and Unigram: a piece either of them produces inside a longer word, it also produces
+    alone (a BPE merge never crosses the piece's edges; the parts of a best Unigram path
+    are best paths); other models (WordPiece, whose `##` pieces only occur inside words)
+    are taken as emitting every token. Added tokens are always produced, and so is the
+    byte-fallback token of a byte that is not a character by itself. `built`: the whole
+    tokenizer, when the caller has built it already."""
+    model = source.tokenizer_json.get("model") or {}
+    if model.get("type") not in ("BPE", "Unigram") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return frozenset()
+    spec = source.spec
+    spellings: dict[str, str] = {}
+    for token in tokens:
+        if token in spec.added or not token:
+            continue
+        if is_byte_fallback_token(token, spec):
+            byte = int(token[3:5], 16)
+            if byte < 0x80:
+                spellings[token] = spell_bytes(bytes([byte]), spec.convention, False) or token
+        else:
+            spellings[token] = token
+    texts = list(spellings.values())
+    if not texts:
+        return frozenset()
+    if built is not None:
+        built.normalizer, built.pre_tokenizer, built.post_processor = None, None, None
+    tokenizer = built if built is not None else model_only_tokenizer(source, texts)
+    encoded = tokenizers_library(source.directory, tokenizer.encode_batch, texts, add_special_tokens=False)
+    return frozenset(spec.vocab[token] for token, encoding in zip(spellings, encoded) if encoding.ids != [spec.vocab[token]])
 
 
 # ======================================================================================
@@ -1786,6 +1921,7 @@ class InitContext:
     src_rows: int
     decompositions: Mapping[str, Sequence[int]]
     donor_of_token: Mapping[str, int]
+    unreachable: frozenset[int] = frozenset()  # T's ids that T's tokenizer never produces
 
     @functools.cached_property
     def src_unk(self) -> int | None:
@@ -1819,15 +1955,17 @@ def plan_remap(
     pad_to_multiple_of: int | None = None,
     decompositions: Mapping[str, Sequence[int]] | None = None,
     donor_of_token: Mapping[str, int] | None = None,
+    unreachable: frozenset[int] = frozenset(),
 ) -> RemapPlan:
     """Decide where every output row comes from (see RemapPlan). Pure: the caller reads
     the tokenizers and, for FVT, encodes the missing tokens' text (`decompositions`); for
     donor and omp, `donor_of_token` maps T's tokens to the donor's rows (tokens the donor
-    lacks fall back to FVT, then the mean). Three steps: T's tokens, M's tokens T lacks
-    (appended or dropped), padding to the row count."""
+    lacks fall back to FVT, then the mean); `unreachable`: T's ids that T's tokenizer never
+    produces (unreachable_tokens). Three steps: T's tokens, M's tokens T lacks (appended
+    or dropped), padding to the row count."""
     if init not in INIT_METHODS:
         raise ValueError(f"unknown init method {init!r}")
-    context = InitContext(init, src, src_rows, decompositions or {}, donor_of_token or {})
+    context = InitContext(init, src, src_rows, decompositions or {}, donor_of_token or {}, unreachable)
     rows = RowsBuilder()
     plan_base_rows(rows, base, matches, context)
     out_vocab, appended, dropped, ghosts = plan_source_extras(rows, base, src, src_rows, matches, drop_extra)
@@ -1868,13 +2006,19 @@ def plan_base_rows(rows: RowsBuilder, base: VocabSpec, matches: Matches, context
         if role_src is not None and role_src < context.src_rows:
             rows.add(role_src, f"role:{role}")
         else:
-            initialise_row(rows, base_id, token, token in base.added, context)
+            initialise_row(rows, base_id, token, bool(base.added.get(token, {}).get("special")), context)
 
 
-def initialise_row(rows: RowsBuilder, base_id: int, token: str, added: bool, context: InitContext) -> None:
-    """The row of a token of T that M lacks, by --init; FVT and the mean as fallbacks."""
+def initialise_row(rows: RowsBuilder, base_id: int, token: str, special: bool, context: InitContext) -> None:
+    """The row of a token of T that M lacks, by --init; FVT and the mean as fallbacks.
+    A token T's tokenizer never produces gets the mean row, whatever the method guesses
+    (but the donor's own row): in the output layer the mean row takes at most 1/V of the
+    probability (Jensen: exp of the mean logit is at most the mean of exp), where a copy of
+    the row of the token that T does produce for those bytes would split its probability."""
     init, src_unk = context.init, context.src_unk
-    if init == "zero":
+    if base_id in context.unreachable and init in ("fvt", "omp", "donor") and not (init == "donor" and token in context.donor_of_token):
+        rows.add(MEAN_ROW, "unreachable")
+    elif init == "zero":
         rows.add(ZERO_ROW, "zero")
     elif init == "unk" and src_unk is not None and src_unk < context.src_rows:
         rows.add(src_unk, "unk")
@@ -1882,11 +2026,11 @@ def initialise_row(rows: RowsBuilder, base_id: int, token: str, added: bool, con
         rows.donor_rows[rows.add(DONOR_ROW if init == "donor" else OMP_ROW, init)] = context.donor_of_token[token]
     else:
         parts = tuple(i for i in context.decompositions.get(token, ()) if i < context.src_rows and i != src_unk)
-        if init in ("fvt", "donor", "omp") and not added and parts:
+        if init in ("fvt", "donor", "omp") and not special and parts:
             rows.fvt_parts[rows.add(FVT_ROW, "fvt" if init == "fvt" else f"{init}_fallback_fvt")] = parts
         elif init in ("donor", "omp"):
             rows.add(MEAN_ROW, f"{init}_fallback_mean")
-        elif init == "fvt" and not added:
+        elif init == "fvt" and not special:
             rows.add(MEAN_ROW, "fvt_fallback_mean")
         else:
             rows.add(MEAN_ROW, "mean" if init in ("mean", "fvt") else "unk_fallback_mean")
@@ -1917,7 +2061,7 @@ def plan_source_extras(
         if drop_extra:
             dropped.append((token, src_id, "not in the base tokenizer"))
         elif src_id in dropped_by_bytes:
-            dropped.append((token, src_id, "same bytes as a lower source id"))
+            dropped.append((token, src_id, "same bytes as the token the source tokenizer produces for them"))
         elif spelling is None:
             dropped.append((token, src_id, "cannot be spelled in the base tokenizer's convention"))
         elif spelling in out_vocab:
@@ -2042,6 +2186,8 @@ def build_rows(
         rows, values = given
         first, last = np.searchsorted(rows, [start, stop])
         out[rows[first:last] - start] = values[first:last]
+    elif ((sources == DONOR_ROW) | (sources == OMP_ROW)).any():  # a tensor the donor has no rows for (MTP, Medusa, ...)
+        out[(sources == DONOR_ROW) | (sources == OMP_ROW)] = mean_row()
     out[sources == ZERO_ROW] = 0
     if (sources == MEAN_ROW).any():
         out[sources == MEAN_ROW] = mean_row()
@@ -2147,9 +2293,12 @@ def omp_chunk(y: Any, unit: Any, k: int, exact: bool) -> tuple[Any, Any]:
         return atom_ids, least_squares(gram, torch.bmm(basis, y.unsqueeze(2)).squeeze(2).double())
     correlation = y @ unit.T
     chosen = correlation.abs().topk(min(unit.shape[0], 2 * k), dim=1).indices  # (b, C)
-    basis = unit[chosen]
-    picked, coefficients = omp_on_gram(torch.bmm(basis, basis.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k)
-    return chosen.gather(1, picked), coefficients
+    candidates = unit[chosen]
+    picked = omp_on_gram(torch.bmm(candidates, candidates.transpose(1, 2)).double(), correlation.gather(1, chosen).double(), k)
+    atom_ids = chosen.gather(1, picked)
+    basis = unit[atom_ids]
+    gram = torch.bmm(basis, basis.transpose(1, 2)).double()
+    return atom_ids, least_squares(gram, torch.bmm(basis, y.unsqueeze(2)).squeeze(2).double())
 
 
 def tame_coefficients(y: Any, unit: Any, atom_ids: Any, coefficients: Any) -> tuple[Any, Any]:
@@ -2173,20 +2322,24 @@ def tame_coefficients(y: Any, unit: Any, atom_ids: Any, coefficients: Any) -> tu
 def omp_select_exact(y: Any, unit: Any, k: int) -> Any:
     """The atoms greedy OMP picks for each target of a batch: at every step the one most
     correlated with the residual, which is kept orthogonal to an orthonormal basis of the
-    atoms picked so far (Gram-Schmidt twice per step: fp32 keeps its orthogonality)."""
+    atoms picked so far (Gram-Schmidt twice per step: fp32 keeps its orthogonality).
+    `unit`: the atoms all targets share (m, h), or each target's own candidates (b, m, h);
+    returns (b, k) indices into them."""
     import torch
 
     batch, width = y.shape
+    per_target = unit.dim() == 3
     rows = torch.arange(batch, device=y.device)
     basis = torch.zeros((batch, width, k), dtype=y.dtype, device=y.device)
     picked = torch.zeros((batch, k), dtype=torch.long, device=y.device)
-    used = torch.zeros((batch, unit.shape[0]), dtype=torch.bool, device=y.device)
+    used = torch.zeros((batch, unit.shape[-2]), dtype=torch.bool, device=y.device)
     residual = y.clone()
     for step in range(k):
-        correlation = (residual @ unit.T).abs_().masked_fill_(used, -1.0)
+        correlation = torch.bmm(unit, residual.unsqueeze(2)).squeeze(2) if per_target else residual @ unit.T
+        correlation = correlation.abs_().masked_fill_(used, -1.0)
         picked[:, step] = correlation.argmax(dim=1)
         used[rows, picked[:, step]] = True
-        direction = unit[picked[:, step]]
+        direction = unit[rows, picked[:, step]] if per_target else unit[picked[:, step]]
         for _ in range(2):
             done = basis[:, :, :step]
             direction = direction - torch.bmm(done, torch.bmm(done.transpose(1, 2), direction.unsqueeze(2))).squeeze(2)
@@ -2206,25 +2359,37 @@ def least_squares(gram: Any, projection: Any, ridge: float = 1e-10) -> Any:
     return torch.cholesky_solve(projection.unsqueeze(2), factor).squeeze(2)
 
 
-def omp_on_gram(gram: Any, projection: Any, k: int) -> tuple[Any, Any]:
-    """The greedy OMP steps on a batch: gram (b, C, C) of unit atoms, projection (b, C) of
-    the target on them. Returns (picked (b, k) positions, coefficients (b, k))."""
+def omp_on_gram(gram: Any, projection: Any, k: int) -> Any:
+    """Greedy OMP's picks from a batch's own candidates, in coefficient space (Batch-OMP,
+    Rubinstein, Zibulevsky & Elad 2008): gram (b, C, C) of unit candidates, projection
+    (b, C) of each target on them. The Cholesky factor of the picked atoms' Gram grows by
+    one row per step (two triangular solves), so a step costs O(C k), not O(C h) or a new
+    factorisation. Returns (b, k) positions into the candidates."""
     import torch
 
     batch, size = projection.shape
     rows = torch.arange(batch, device=gram.device)
     picked = torch.zeros((batch, k), dtype=torch.long, device=gram.device)
+    factor = torch.zeros((batch, k, k), dtype=gram.dtype, device=gram.device)
+    columns = torch.zeros((batch, size, k), dtype=gram.dtype, device=gram.device)  # gram[:, :, picked]
     used = torch.zeros((batch, size), dtype=torch.bool, device=gram.device)
-    coefficients = torch.zeros((batch, 0), dtype=torch.float64, device=gram.device)
-    residual = projection.clone()  # <residual, unit atom> for every candidate
+    correlation = projection.clone()  # <residual, candidate> for every candidate
     for step in range(k):
-        picked[:, step] = residual.abs().masked_fill(used, -1.0).argmax(dim=1)
-        used[rows, picked[:, step]] = True
-        chosen = picked[:, : step + 1]
-        cross = gram.gather(2, chosen.unsqueeze(1).expand(batch, size, step + 1))  # (b, C, s)
-        coefficients = least_squares(cross.gather(1, chosen.unsqueeze(2).expand(batch, step + 1, step + 1)), projection.gather(1, chosen))
-        residual = projection - torch.bmm(cross, coefficients.unsqueeze(2)).squeeze(2)
-    return picked, coefficients
+        choice = correlation.abs().masked_fill_(used, -1.0).argmax(dim=1)
+        picked[:, step], used[rows, choice] = choice, True
+        columns[:, :, step] = gram[rows, :, choice]
+        if step:
+            known = factor[:, :step, :step]
+            w = torch.linalg.solve_triangular(known, columns[rows, :, step].gather(1, picked[:, :step]).unsqueeze(2), upper=False)
+            factor[:, step, :step] = w.squeeze(2)
+            factor[:, step, step] = (1.0 - w.squeeze(2).pow(2).sum(dim=1)).clamp(min=1e-10).sqrt()
+        else:
+            factor[:, 0, 0] = 1.0
+        lower = factor[:, : step + 1, : step + 1]
+        target = projection.gather(1, picked[:, : step + 1]).unsqueeze(2)
+        coefficients = torch.cholesky_solve(target, lower, upper=False)
+        correlation = projection - torch.bmm(columns[:, :, : step + 1], coefficients).squeeze(2)
+    return picked
 
 
 def combine_rows(rows: np.ndarray, dtype: str, indices: Any, coefficients: Any, chunk: int = 256) -> np.ndarray:
@@ -2277,6 +2442,40 @@ class VocabTensors:
     rows: int
     hidden: int
     how: str  # names | meta | override | shape
+    extra: tuple[str, ...] = ()  # every other tensor with a row per token (extra_vocab_tensors)
+
+
+def extra_vocab_tensors(shapes: Mapping[str, tuple[int, ...]], rows: int, known: Iterable[str | None], where: Path) -> tuple[str, ...]:
+    """The tensors besides embed/head/bias that carry the vocabulary, which the remap
+    must permute with the same plan: those whose first dimension (last, for [1, V]) is the
+    embedding's row count and whose name says they are per token, or that share their
+    weight's name (`lm_head.weight_scale`, `lm_head.SCB` follow `lm_head.weight`). A
+    tensor that has those rows without such a name, or a second input embedding with
+    other rows (Gemma-3n's per-layer embedding of 262,144 rows under 262,400 tokens), is
+    refused: copied unpermuted it would silently point at the wrong tokens."""
+    known = {name for name in known if name is not None}
+    stems = {name.rsplit(".", 1)[0] for name in known}
+    extra = []
+    for name, shape in shapes.items():
+        if name in known:
+            continue
+        per_token = per_token_name(name)
+        has_rows = (len(shape) >= 1 and shape[0] == rows) or vocab_axis_last(shape, rows)
+        if has_rows and (per_token or name.rsplit(".", 1)[0] in stems):
+            extra.append(name)
+        elif has_rows:
+            raise CliError(
+                f"{where}: tensor {name} {list(shape)} has one row per token ({rows}) but its name does not say what it is; "
+                "refusing to copy it unpermuted (it would point at the wrong tokens)"
+            )
+    off = vocab_tensors_off(shapes, rows)
+    if off:
+        name, count = off[0]
+        raise CliError(
+            f"{where}: tensor {name} {list(shapes[name])} is a vocabulary tensor with {count} rows, "
+            f"not the embedding's {rows}; refusing to remap a model whose vocabulary tensors disagree"
+        )
+    return tuple(extra)
 
 
 TORCH_DTYPE_NAMES = {
@@ -2480,16 +2679,34 @@ def find_vocab_tensors(
             if shapes[candidate] != (rows,):
                 raise CliError(f"{ckpt.directory}: {candidate} has shape {list(shapes[candidate])}, expected [{rows}]")
             bias = candidate
-    return VocabTensors(embed_name, head_name, bias, rows, width, how)
+    extra = extra_vocab_tensors(shapes, rows, (embed_name, head_name, bias), ckpt.directory)
+    return VocabTensors(embed_name, head_name, bias, rows, width, how, extra)
 
 
-def read_matrix(ckpt: Checkpoint, tensor: TensorEntry) -> np.ndarray:
-    """A vocabulary tensor as a read-only (rows, row_bytes) uint8 array. Only this
-    tensor's bytes are memory-mapped (populated at once from the page cache): no copy, no
-    anonymous memory, and nothing else of the shard enters the process."""
+ENCODER_DECODER_TENSORS = re.compile(r"(^|\.)(shared\.weight|encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight)$")
+
+
+def refuse_encoder_decoder(config: Mapping[str, Any], ckpt: Checkpoint) -> None:
+    """BART, Marian, T5 and the like share one vocabulary between an encoder and a decoder
+    (`shared.weight`, both `embed_tokens`, `final_logits_bias`): this tool remaps causal
+    LMs, and half a remap of them would be a silently broken model."""
+    shared = sorted(name for name in ckpt.tensors if ENCODER_DECODER_TENSORS.search(name))
+    if config.get("is_encoder_decoder") is True or shared:
+        what = f" (it has {', '.join(shared[:3])})" if shared else " (config.json: is_encoder_decoder)"
+        raise CliError(
+            f"{ckpt.directory}: an encoder-decoder checkpoint{what}; this tool remaps decoder-only causal LMs, "
+            "and remapping half of its vocabulary tensors would break it"
+        )
+
+
+def read_matrix(ckpt: Checkpoint, tensor: TensorEntry, rows: int | None = None) -> np.ndarray:
+    """A vocabulary tensor as a read-only (rows, row_bytes) uint8 array (`rows`: the
+    vocabulary's, for a [1, V] tensor; default its first dimension). Only this tensor's
+    bytes are memory-mapped (populated at once from the page cache): no copy, no anonymous
+    memory, and nothing else of the shard enters the process."""
     import mmap
 
-    rows = tensor.shape[0] if tensor.shape else 1
+    rows = rows if rows is not None else tensor.shape[0] if tensor.shape else 1
     if ckpt.kind == "bin":
         return ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(torch_uint8()).numpy().reshape(rows, -1)
     if tensor.nbytes == 0:
@@ -2669,9 +2886,9 @@ def hub_tensor_rows(repo_id: str, revision: str | None, tensor: TensorEntry, ids
     return out
 
 
-def donor_tokens(base: VocabSpec, donor: Donor, match: str) -> dict[str, int]:
+def donor_tokens(base: VocabSpec, donor: Donor, match: str, base_unreachable: frozenset[int] = frozenset()) -> dict[str, int]:
     """T's tokens -> the donor's rows (matched as --match says; rows the donor has)."""
-    matches = match_tokens(base, donor.spec, effective_match_mode(match, base, donor.spec))
+    matches = match_tokens(base, donor.spec, effective_match_mode(match, base, donor.spec), base_unreachable)
     token_of_base = {token_id: token for token, token_id in base.vocab.items()}
     return {token_of_base[base_id]: donor_id for base_id, donor_id in matches.src_of_base.items() if donor_id < donor.vocab.rows}
 
@@ -2819,13 +3036,14 @@ def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[T
     """Every output tensor; vocabulary tensors (with their new row count) first, then the
     rest in source order: the shards that hold the vocabulary take longest to write (rows
     built, then read back and checked), so they start first."""
-    roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias"}
+    roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias", **dict.fromkeys(vocab.extra, "rows")}
     entries = []
     for name, tensor in ckpt.tensors.items():
         role = roles.get(name)
         if role is not None:
-            row_bytes = tensor.nbytes // max(1, tensor.shape[0])
-            tensor = dataclasses.replace(tensor, shape=(n_rows, *tensor.shape[1:]), nbytes=n_rows * row_bytes, vocab_role=role)
+            row_bytes = tensor.nbytes // max(1, vocab.rows)
+            shape = (1, n_rows) if vocab_axis_last(tensor.shape, vocab.rows) else (n_rows, *tensor.shape[1:])
+            tensor = dataclasses.replace(tensor, shape=shape, nbytes=n_rows * row_bytes, vocab_role=role)
         entries.append(tensor)
     return sorted(entries, key=lambda entry: entry.vocab_role is None)
 
@@ -3136,7 +3354,9 @@ def write_vocab_tensor(
 ) -> np.ndarray:
     """Write a vocabulary tensor's rows in output order, chunk by chunk; returns the
     source matrix (memory-mapped) for the read-back check."""
-    ctx = RowContext(read_matrix(ckpt, ckpt.tensors[entry.name]), entry.dtype, min(plan.src_rows, len(src_token_of_id)), given)
+    ctx = RowContext(
+        read_matrix(ckpt, ckpt.tensors[entry.name], plan.src_rows), entry.dtype, min(plan.src_rows, len(src_token_of_id)), given
+    )
     if entry.dtype in FLOAT_DTYPES:
         warn_nonfinite(ctx, entry.name, src_token_of_id)
     elif any(s < 0 for s in plan.row_source):
@@ -3337,16 +3557,66 @@ def output_role_ids(
     return config_ids, generation_ids
 
 
-def patch_config(config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any]) -> dict[str, Any]:
-    """M's config with the new vocab_size and role ids; everything else unchanged.
-    Multimodal configs keep the text model's values under text_config."""
+CONFIG_SECTIONS = ("text_config", "vision_config", "audio_config")  # sub-configs of multimodal models
+TOKEN_ID_KEY_RE = re.compile(r"_token_(ids?|index|indices)$")
+ROLE_ID_KEYS = frozenset(f"{role}_token_id" for role in ("bos", "eos", "pad"))  # T's, by role (output_role_ids)
+
+
+def config_sections(config: Mapping[str, Any]) -> list[tuple[str | None, Mapping[str, Any]]]:
+    """(None, the config) and its multimodal sub-configs."""
+    return [(None, config), *((name, config[name]) for name in CONFIG_SECTIONS if isinstance(config.get(name), Mapping))]
+
+
+def config_token_ids(config: Mapping[str, Any], plan: RemapPlan, src_token_of_id: Mapping[int, str]) -> dict[tuple[str | None, str], Any]:
+    """Every config key that holds token ids of M (`image_token_index`, `video_token_id`,
+    `boi_token_index`, `vision_start_token_id`, ...: *_token_id(s) / *_token_index, at the
+    top and in text_config / vision_config / audio_config) -> its value in the output: each
+    id follows its token. bos/eos/pad are T's (output_role_ids). A token the output has no
+    row for (dropped) is an error: the model would point at another token."""
+    out_of_src = {src: out for out, src in enumerate(plan.row_source) if src >= 0 and plan.row_rule[out] in ("copied", "moved", "appended")}
+    remapped: dict[tuple[str | None, str], Any] = {}
+    for section, values in config_sections(config):
+        for key, value in values.items():
+            if not TOKEN_ID_KEY_RE.search(key) or key in ROLE_ID_KEYS or value is None:
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if not all(is_int(i) for i in ids):
+                continue
+            new = []
+            for token_id in ids:
+                if token_id < 0 or token_id not in out_of_src and token_id >= plan.src_rows:
+                    new.append(token_id)  # -1 and other sentinels
+                elif token_id in out_of_src:
+                    new.append(out_of_src[token_id])
+                else:
+                    where = f"{section}.{key}" if section else key
+                    token = src_token_of_id.get(token_id, f"<row {token_id}>")
+                    raise CliError(
+                        f"config.json {where} is {token_id} ({token!r}), a token the output drops"
+                        + (": run without --drop-extra to keep it" if plan.mode == "drop" else "")
+                    )
+            remapped[(section, key)] = new if isinstance(value, list) else new[0]
+    return remapped
+
+
+def patch_config(
+    config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any], token_ids: Mapping[tuple[str | None, str], Any] | None = None
+) -> dict[str, Any]:
+    """M's config with the new vocab_size (wherever it appears), role ids and token ids
+    (config_token_ids); everything else unchanged. Multimodal configs keep the text
+    model's values under text_config."""
     data = json.loads(json.dumps(config))
+    sections = {name: values for name, values in config_sections(data)}
+    holders = [values for values in sections.values() if "vocab_size" in values]
+    for values in holders or [sections.get("text_config", data)]:
+        values["vocab_size"] = vocab_size
     target = data["text_config"] if isinstance(data.get("text_config"), dict) and "vocab_size" not in data else data
-    target["vocab_size"] = vocab_size
     for role, value in ids.items():
         key = f"{role}_token_id"
         if value is not None or key in target:
             target[key] = value
+    for (section, key), value in (token_ids or {}).items():
+        sections[section][key] = value
     return data
 
 
@@ -3811,6 +4081,7 @@ class PlannedRemap:
     donor_of_token: Mapping[str, int]
     config_ids: Mapping[str, Any]
     generation_ids: Mapping[str, Any]
+    config_token_ids: Mapping[tuple[str | None, str], Any] = field(default_factory=dict)  # config_token_ids
 
     @functools.cached_property
     def appended_added(self) -> dict[str, Any]:
@@ -3822,14 +4093,16 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     CliError for bad input and SelfCheckError when the written output is wrong."""
     started = time.monotonic()
     inputs = read_inputs(opts)
-    base_loads = ForkedCall(check_library_loads, inputs.base.text, inputs.base.directory)
+    match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
+    base_check = ForkedCall(check_base_tokenizer, inputs.base, emission_candidates(inputs.base.spec, inputs.src.spec, match_mode))
+    src_unreachable = unreachable_tokens(inputs.src, inputs.src.spec.vocab) if match_mode == "bytes" else frozenset()
+    base_unreachable = base_check.result()
     check_interrupt()
-    planned = plan_outputs(opts, inputs)
+    planned = plan_outputs(opts, inputs, match_mode, base_unreachable, src_unreachable)
     check_interrupt()
     report = remap_report(opts, inputs, planned)
     announce(report, planned)
     check_chat_template(opts, inputs.src, planned.plan)
-    base_loads.result()
     # The patched tokenizer is built and checked in a forked worker while the shards are
     # written (0.5 s of GIL-bound work for a 128k-token BPE).
     patched = PatchedTokenizer(inputs.base, planned) if planned.plan.mode == "append" and planned.plan.appended else None
@@ -3857,6 +4130,7 @@ def read_inputs(opts: RemapOptions) -> RemapInputs:
         raise CliError(f"{src_dir}: no config.json; is this a transformers model directory?")
     config = read_optional_json(src_dir / "config.json")
     ckpt = read_checkpoint(src_dir)
+    refuse_encoder_decoder(config, ckpt)
     vocab = find_vocab_tensors(ckpt, config, embed_name=opts.embed_name, head_name=opts.head_name, trust_remote_code=opts.trust_remote_code)
     config_rows = config_value(config, "vocab_size")
     if isinstance(config_rows, int) and config_rows != vocab.rows:
@@ -3867,20 +4141,22 @@ def read_inputs(opts: RemapOptions) -> RemapInputs:
     return RemapInputs(src_dir, base_path, config, ckpt, vocab, read_tokenizer(base_path), read_tokenizer(src_dir))
 
 
-def plan_outputs(opts: RemapOptions, inputs: RemapInputs) -> PlannedRemap:
-    """Match the tokens, decide every row (reading the donor and encoding FVT texts only
-    when some row needs them), the shards and the output's role ids."""
+def plan_outputs(
+    opts: RemapOptions, inputs: RemapInputs, match_mode: str, base_unreachable: frozenset[int], src_unreachable: frozenset[int]
+) -> PlannedRemap:
+    """Match the tokens (`*_unreachable`: the ids each tokenizer never produces), decide
+    every row (reading the donor and encoding FVT texts only when some row needs them), the
+    shards and the output's role ids."""
     base, src, vocab = inputs.base, inputs.src, inputs.vocab
-    match_mode = effective_match_mode(opts.match, base.spec, src.spec)
-    matches = match_tokens(base.spec, src.spec, match_mode)
+    matches = match_tokens(base.spec, src.spec, match_mode, base_unreachable, src_unreachable)
     matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
     unmatched = len(matched) < len(base.spec.vocab)  # else no row needs a donor, which is then not read
     donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") and unmatched else None
-    donor_of_token = donor_tokens(base.spec, donor, opts.match) if donor is not None else {}
+    donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
     decompositions: dict[str, tuple[int, ...]] = {}
-    missing = [t for t, i in base.spec.vocab.items() if i not in matched and t not in base.spec.added and t not in donor_of_token]
+    missing = [t for t, i in base.spec.vocab.items() if i not in matched and i not in base_unreachable and t not in donor_of_token]
     if opts.init in ("fvt", "donor", "omp") and missing:
-        decompositions = fvt_decompositions(missing, base.spec, src)
+        decompositions = fvt_decompositions(token_texts(missing, base.spec), src)
     plan = plan_remap(
         base.spec,
         src.spec,
@@ -3892,6 +4168,7 @@ def plan_outputs(opts: RemapOptions, inputs: RemapInputs) -> PlannedRemap:
         pad_to_multiple_of=opts.pad_to_multiple_of,
         decompositions=decompositions,
         donor_of_token=donor_of_token,
+        unreachable=base_unreachable,
     )
     src_eos = as_id_list(src.generation_config.get("eos_token_id", config_value(inputs.config, "eos_token_id")))
     config_ids, generation_ids = output_role_ids(
@@ -3902,8 +4179,15 @@ def plan_outputs(opts: RemapOptions, inputs: RemapInputs) -> PlannedRemap:
         [inputs.src_token_of_id[i] for i in src_eos if i in inputs.src_token_of_id],
         plan,
     )
+    token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id)
     shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows), opts.max_shard_size)
-    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids)
+    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids)
+
+
+def emission_candidates(base: VocabSpec, src: VocabSpec, match_mode: str) -> list[str]:
+    """T's tokens whose emission is checked: matching by bytes (across families), every
+    one, since any may take a match; matching by spelling, those M lacks (guessed rows)."""
+    return list(base.vocab) if match_mode == "bytes" else [token for token in base.vocab if token not in src.vocab]
 
 
 def remap_report(opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap) -> dict[str, Any]:
@@ -3929,7 +4213,11 @@ def remap_report(opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap)
         "base_rows": base_model_rows(inputs.base),
         "plan": plan_report,
         "shards": planned.shards.to_dict(),
-        "config": {"vocab_size": plan.n_rows, **{f"{role}_token_id": value for role, value in planned.config_ids.items()}},
+        "config": {
+            "vocab_size": plan.n_rows,
+            **{f"{role}_token_id": value for role, value in planned.config_ids.items()},
+            **{f"{section}.{key}" if section else key: value for (section, key), value in planned.config_token_ids.items()},
+        },
         "donor": {
             "source": donor.source,
             "rows": donor.vocab.rows,
@@ -3947,7 +4235,8 @@ def announce(report: Mapping[str, Any], planned: PlannedRemap) -> None:
         log.warning("%s", warning)
     if planned.plan.matches.collisions:
         log.warning(
-            "%d token(s) share their bytes with a lower id of the same tokenizer; the lowest id keeps the match (see the report)",
+            "%d token(s) spell the same bytes as another token of their tokenizer; the one the tokenizer produces keeps the match "
+            "(see the report)",
             len(planned.plan.matches.collisions),
         )
 
@@ -4020,7 +4309,7 @@ def write_configs(out: Path, inputs: RemapInputs, planned: PlannedRemap) -> None
     shards = planned.shards
     if len(shards.files) > 1:
         write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
-    write_json(out / "config.json", patch_config(inputs.config, planned.plan.n_rows, planned.config_ids))
+    write_json(out / "config.json", patch_config(inputs.config, planned.plan.n_rows, planned.config_ids, planned.config_token_ids))
     if inputs.src.generation_config:
         write_json(out / "generation_config.json", patch_generation_config(inputs.src.generation_config, planned.generation_ids))
 
@@ -4068,21 +4357,39 @@ def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0
     return "\n".join(lines)
 
 
+RULE_NOTES = {
+    "unreachable": "T's tokenizer never produces these tokens (another token spells their text): the mean row, "
+    "which takes no probability from the tokens it does produce",
+}
+
+
 def init_examples(plan: Mapping[str, Any], per_rule: int) -> list[str]:
     """The `per_rule` most telling examples of each initialisation rule: tokens built from
-    the most parts, longest first (the first ids are byte fallbacks and single characters)."""
+    the most parts, longest first (the first ids are byte fallbacks and single characters);
+    then tokens that spell the same bytes as another token of their tokenizer."""
     by_rule: dict[str, list[Mapping[str, Any]]] = {}
     for item in plan["initialised"]:
         by_rule.setdefault(item["rule"], []).append(item)
-    if not by_rule:
-        return []
-    lines = [
-        "initialised rows, by rule (TOKEN <- the rows it is made of: A + B is the mean of their rows; <donor row N>: row N of the donor):"
-    ]
+    lines = []
+    if by_rule:
+        lines.append(
+            "initialised rows, by rule (TOKEN <- the rows it is made of: A + B is the mean of their rows; "
+            "<donor row N>: row N of the donor):"
+        )
     for rule, items in sorted(by_rule.items()):
         chosen = sorted(items, key=lambda item: (-len(item["from"]), -len(item["token"]), item["id"]))[:per_rule]
-        lines.append(f"  {rule} ({len(items)}):")
+        lines.append(f"  {rule} ({len(items)}){': ' + RULE_NOTES[rule] if RULE_NOTES.get(rule) else ''}:")
         lines += [f"    {item['id']:>7} {quoted(item['token'])} <- {shown_parts(item['from'])}" for item in chosen]
+    match = plan["match"]
+    if match["collisions"]:
+        lines.append(
+            f"tokens that spell the same bytes as another token of their tokenizer ({match['collisions']}): "
+            "the one the tokenizer produces keeps the match (KEPT over DROPPED):"
+        )
+        lines += [
+            f"    {c['side']}: {quoted(c['kept'])} ({c['kept_id']}) over {quoted(c['dropped'])} ({c['dropped_id']})"
+            for c in match["collision_examples"][:per_rule]
+        ]
     return lines
 
 

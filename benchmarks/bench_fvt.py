@@ -39,7 +39,7 @@ def main() -> None:
     base = rt.read_tokenizer(base_dir)
     missing = [t for t in base.spec.vocab if t not in src.spec.vocab and t not in base.spec.added][: args.missing]
     started = time.perf_counter()
-    decompositions = rt.fvt_decompositions(missing, base.spec, src)
+    decompositions = rt.fvt_decompositions(rt.token_texts(missing, base.spec), src)
     encode_seconds = time.perf_counter() - started
     matches = rt.match_tokens(base.spec, src.spec, "exact")
     plan = rt.plan_remap(

@@ -105,13 +105,20 @@ def permuted(tokenizer_json: Mapping[str, Any], seed: int = 0, keep: Iterable[st
 def with_tokens(
     tokenizer_json: Mapping[str, Any], regular: Sequence[str] = (), added: Sequence[str] = (), special: bool = True
 ) -> dict[str, Any]:
-    """Append regular tokens (no merges) and added tokens at the next ids."""
+    """Append regular tokens and added tokens at the next ids. A regular token that two
+    tokens of the vocabulary spell gets a merge of them (the last one), as a BPE extended
+    for real would: without one the tokenizer could never produce it."""
     data = copy.deepcopy(dict(tokenizer_json))
     vocab = data["model"]["vocab"]
+    merges = data["model"].get("merges")
     next_id = len(vocab_of(data))
     for token in regular:
         vocab[token] = next_id
         next_id += 1
+        split = next((token[:cut] for cut in range(len(token) - 1, 0, -1) if token[:cut] in vocab and token[cut:] in vocab), None)
+        if isinstance(merges, list) and split is not None:
+            pair = [split, token[len(split) :]]
+            merges.append(pair if not merges or isinstance(merges[0], list) else " ".join(pair))
     for token in added:
         vocab[token] = next_id
         data["added_tokens"].append(
@@ -282,3 +289,17 @@ def tensors(directory: Path) -> dict[str, Any]:
         with safe_open(str(file), framework="pt") as handle:
             result.update({name: handle.get_tensor(name) for name in handle.keys()})
     return result
+
+
+def two_token_word(tokenizer_json: dict) -> tuple[str, str]:
+    """Two regular tokens whose concatenation the source's model splits back into them."""
+    vocab = tokenizer_json["model"]["vocab"]
+    stripped = dict(tokenizer_json, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
+    model_only = Tokenizer.from_str(json.dumps(stripped))
+    words = [t for t in vocab if t.startswith("Ġ") and len(t) > 3]
+    tails = [t for t in vocab if t.isalpha() and len(t) > 2]
+    for head in words:
+        for tail in tails:
+            if head + tail not in vocab and model_only.encode(head + tail).ids == [vocab[head], vocab[tail]]:
+                return head, tail
+    raise AssertionError("no two-token word in the test vocabulary")

@@ -17,22 +17,8 @@ from factories import BYTE_SPECIALS, SP_SPECIALS, report_of, tensors
 remap = functools.partial(factories.call_main, rt.main)
 
 
-def two_token_word(tokenizer_json: dict) -> tuple[str, str]:
-    """Two regular tokens whose concatenation the source's model splits back into them."""
-    vocab = tokenizer_json["model"]["vocab"]
-    stripped = dict(tokenizer_json, normalizer=None, pre_tokenizer=None, post_processor=None, added_tokens=[])
-    model_only = Tokenizer.from_str(json.dumps(stripped))
-    words = [t for t in vocab if t.startswith("Ġ") and len(t) > 3]
-    tails = [t for t in vocab if t.isalpha() and len(t) > 2]
-    for head in words:
-        for tail in tails:
-            if head + tail not in vocab and model_only.encode(head + tail).ids == [vocab[head], vocab[tail]]:
-                return head, tail
-    raise AssertionError("no two-token word in the test vocabulary")
-
-
 def test_fvt_row_is_the_mean_of_the_decomposition_bit_for_bit(tmp_path: Path, byte_tok: dict, capsys) -> None:
-    head, tail = two_token_word(byte_tok)
+    head, tail = factories.two_token_word(byte_tok)
     src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
     base_json = factories.with_tokens(byte_tok, regular=[head + tail])
     base = factories.write_tokenizer(tmp_path / "base", base_json, **BYTE_SPECIALS)
@@ -52,7 +38,7 @@ def test_fvt_row_is_the_mean_of_the_decomposition_bit_for_bit(tmp_path: Path, by
 
 
 def test_fvt_in_bf16_rounds_like_torch(tmp_path: Path, byte_tok: dict, capsys) -> None:
-    head, tail = two_token_word(byte_tok)
+    head, tail = factories.two_token_word(byte_tok)
     src = factories.write_model(tmp_path / "src", byte_tok, dtype="bfloat16", **BYTE_SPECIALS)
     base = factories.write_tokenizer(tmp_path / "base", factories.with_tokens(byte_tok, regular=[head + tail]), **BYTE_SPECIALS)
     out = tmp_path / "out"
@@ -93,7 +79,7 @@ def test_zero_init(tmp_path: Path, byte_tok: dict, capsys) -> None:
 
 
 def test_nan_rows_never_leak_into_initialised_rows(tmp_path: Path, byte_tok: dict, capsys) -> None:
-    head, tail = two_token_word(byte_tok)
+    head, tail = factories.two_token_word(byte_tok)
     vocab = byte_tok["model"]["vocab"]
     poisoned = torch.randn(400, 32)
     poisoned[vocab[head]] = float("nan")
@@ -144,7 +130,8 @@ def test_byte_level_source_onto_sentencepiece_base_decomposes_by_bytes(tmp_path:
     by_token = {i["token"]: i for i in report["plan"]["initialised"]}
     # a byte-fallback token of the base is the source's byte-level symbol for that byte
     assert report["plan"]["counts"]["copied"] + report["plan"]["counts"]["moved"] > 200
-    assert "<0x0A>" not in by_token  # matched to `Ċ` by bytes
+    assert "<0xE6>" not in by_token  # matched to the byte-level symbol of that byte
+    assert by_token["<0x0A>"]["rule"] == "unreachable"  # the base has "\n", which it produces instead
     fvt = [i for i in report["plan"]["initialised"] if i["rule"] == "fvt"]
     assert any(len(i["from"]) >= 2 for i in fvt)
     for item in fvt:  # every decomposition spells exactly the base token's bytes

@@ -126,9 +126,9 @@ def test_bytes_matching_across_conventions() -> None:
     base = spec(["<s>", "Ġthe", "the", "Ċ", "Ġ"], "byte_level", added=("<s>",))
     src = spec(["<unk>", "<s>", "<0x20>", "<0x0A>", "▁the", "the", "▁"], "metaspace", byte_fallback=True, added=("<unk>", "<s>"))
     matches = rt.match_tokens(base, src, "bytes")
-    assert matches.src_of_base == {0: 1, 1: 4, 2: 5, 3: 3, 4: 2}
-    # `<0x20>` and `▁` both stand for b" ": the lower id keeps the match
-    assert matches.collisions == ({"side": "source", "bytes": " ", "kept_id": 2, "dropped_id": 6},)
+    assert matches.src_of_base == {0: 1, 1: 4, 2: 5, 3: 3, 4: 6}
+    # `<0x20>` and `▁` both stand for b" ": the regular token keeps the match
+    assert matches.collisions == ({"side": "source", "bytes": " ", "kept": "▁", "kept_id": 6, "dropped": "<0x20>", "dropped_id": 2},)
     assert rt.match_tokens(base, src, "exact").src_of_base == {0: 1, 2: 5}
     assert rt.effective_match_mode("auto", base, src) == "bytes"
     assert rt.effective_match_mode("auto", base, base) == "exact"
@@ -138,8 +138,8 @@ def test_collision_losers_are_not_appended() -> None:
     base = spec(["a"], "byte_level")
     src = spec(["<0x20>", "▁", "a"], "metaspace", byte_fallback=True)
     plan = rt.plan_remap(base, src, src_rows=3, matches=rt.match_tokens(base, src, "bytes"), drop_extra=False, init="mean")
-    assert [(t, s) for t, s, _ in plan.appended] == [("Ġ", 0)]
-    assert plan.dropped == (("▁", 1, "same bytes as a lower source id"),)
+    assert [(t, s) for t, s, _ in plan.appended] == [("Ġ", 1)]
+    assert plan.dropped == (("<0x20>", 0, "same bytes as the token the source tokenizer produces for them"),)
 
 
 @pytest.mark.parametrize(
