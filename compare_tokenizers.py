@@ -1581,29 +1581,35 @@ def pick_vocab_tensor(shapes: Mapping[str, Sequence[int]], suffixes: Sequence[st
     return name
 
 
-def local_safetensors_files(directory: Path) -> list[Path]:
+def local_safetensors_files(directory: Path, cached: bool = False) -> list[Path]:
     """The safetensors files that hold a local checkpoint: the shards its index names
-    (only plain names inside the directory), else the weight files beside it."""
+    (only plain names inside the directory), else the weight files beside it. `cached`:
+    the directory is a Hub snapshot, which may hold the index without the shards (a gate
+    reads only their headers); then [] unless every shard is there."""
     kind, names = select_weight_files(p.name for p in directory.iterdir() if p.is_file())
     if kind != "safetensors":
         return []
     if names[0] != SAFETENSORS_INDEX:
         return [directory / name for name in names]
-    return [directory / shard for shard in dict.fromkeys(read_weight_index(directory / SAFETENSORS_INDEX).values())]
+    shards = [
+        directory / shard for shard in dict.fromkeys(read_weight_index(directory / SAFETENSORS_INDEX, shards_present=not cached).values())
+    ]
+    return shards if all(shard.is_file() for shard in shards) else []
 
 
 def read_weights_info(directory: Path, name: str, revision: str | None, config: Mapping[str, Any]) -> WeightsInfo | None:
     nested = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else {}
     config_vocab = config.get("vocab_size", nested.get("vocab_size"))
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
-    files = local_safetensors_files(directory)
+    hub = looks_like_hub_id(name) and not Path(name).exists()
+    files = local_safetensors_files(directory, cached=hub)
     if files:
         for file in files:
             headers.update({key: (value["dtype"], tuple(value["shape"])) for key, value in read_safetensors_header(file)[0].items()})
     elif not directory.joinpath("config.json").is_file():
         return None  # a tokenizer, not a model
-    elif looks_like_hub_id(name) and not Path(name).exists():
-        headers = hub_safetensors_tensors(name, revision)
+    elif hub:
+        headers = hub_safetensors_tensors(name, revision, directory.name)
     if not headers:  # a model without safetensors (pytorch_model.bin, or headers out of reach): rows not checked
         return WeightsInfo(None, None, None, None, config_vocab, config, None)
     shapes = {key: shape for key, (_, shape) in headers.items()}
@@ -1632,19 +1638,32 @@ def read_weights_info(directory: Path, name: str, revision: str | None, config: 
     )
 
 
-def hub_safetensors_tensors(repo_id: str, revision: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+def header_cache_file(repo_id: str, commit: str) -> Path:
+    """Where the tensors read from a repo's headers at a commit are kept, beside the Hub
+    cache (HF_HOME/merge_tools/headers): an offline rerun of a gate checks what the online
+    run checked, although the cache holds the index and not the shards."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "merge_tools" / "headers" / repo_id.replace("/", "--") / f"{commit}.json"
+
+
+def hub_safetensors_tensors(repo_id: str, revision: str | None, commit: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor dtypes and shapes of a Hub repo from its safetensors headers (HTTP range requests),
-    checked as local headers are; {} (with a warning) when they cannot be fetched."""
+    checked as local headers are, at the commit of the cached snapshot; offline, from what an
+    earlier run read (header_cache_file); {} (with a warning) when neither is there."""
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
+    cache = header_cache_file(repo_id, commit)
     try:
-        metadata = get_safetensors_metadata(repo_id, revision=revision)
+        metadata = get_safetensors_metadata(repo_id, revision=commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision)
     except NotASafetensorsRepoError:
         return {}
     except SafetensorsParsingError as exc:
         raise CliError(f"{repo_id}: corrupt safetensors header on the Hub ({str(exc).splitlines()[0]})") from exc
     except Exception as exc:  # offline, unreachable: the tokenizers were read from the cache
+        if cache.is_file():
+            return {name: (dtype, tuple(shape)) for name, (dtype, shape) in parse_json(cache.read_bytes(), cache).items()}
         log.warning("%s: cannot read safetensors headers from the Hub (%s); using config.json", repo_id, str(exc).splitlines()[0])
         return {}
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -1658,6 +1677,9 @@ def hub_safetensors_tensors(repo_id: str, revision: str | None) -> dict[str, tup
                 for name, entry in check_safetensors_header(header, None, f"{repo_id}/{file}").items()
             }
         )
+    with contextlib.suppress(OSError):  # a read-only HF_HOME: the next offline run falls back to config.json
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({name: [dtype, list(shape)] for name, (dtype, shape) in tensors.items()}))
     return tensors
 
 

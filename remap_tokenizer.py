@@ -4929,9 +4929,11 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
     if args.mergekit_config is None:
         if args.src_model is None or args.base_tokenizer is None:
             raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
+        src_model, revision = with_revision(args.src_model, args.revision, "--revision")
+        base_tokenizer, common["base_revision"] = with_revision(args.base_tokenizer, args.base_revision, "--base-revision")
         return RemapOptions(
-            src_model=args.src_model, base_tokenizer=args.base_tokenizer, out_dir=args.out_dir, drop_extra=args.drop_extra,
-            init=args.init or "fvt", pad_to_multiple_of=args.pad_to_multiple_of, revision=args.revision, embed_name=args.embed_name,
+            src_model=src_model, base_tokenizer=base_tokenizer, out_dir=args.out_dir, drop_extra=args.drop_extra,
+            init=args.init or "fvt", pad_to_multiple_of=args.pad_to_multiple_of, revision=revision, embed_name=args.embed_name,
             head_name=args.head_name, init_report=args.init_report, **common,
         )  # fmt: skip
     if args.src_model is not None:
@@ -4950,8 +4952,54 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
     return AlignOptions(config=args.mergekit_config, out_dir=args.out_dir, base_tokenizer=args.base_tokenizer, init=args.init, **common)
 
 
+def with_revision(source: str, revision: str | None, flag_name: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`), as in a mergekit YAML; a local path keeps any
+    `@` it has. A revision given both ways must agree."""
+    name, pinned = split_revision(source)
+    if pinned is not None and revision is not None and pinned != revision:
+        raise CliError(f"{source} pins revision {pinned!r} but {flag_name} says {revision!r}; give one")
+    return name, pinned or revision
+
+
+def report_inputs(args: argparse.Namespace) -> list[Path]:
+    """The local files and directories a --report must stay out of: M, T, the donor, the
+    YAML and every model it names (Hub repo ids are not local paths and are skipped)."""
+    names = [args.src_model, args.base_tokenizer, args.donor_model]
+    if args.mergekit_config is not None:
+        config = read_mergekit_config(args.mergekit_config)
+        names += [args.mergekit_config, *(parse_model_reference(ref).path for ref in mergekit_references(config, args.mergekit_config))]
+    paths = []
+    for name in names:
+        if name is not None:
+            path = Path(split_revision(str(name))[0]).expanduser()
+            if path.exists():
+                paths.append(path.parent if path.is_file() and path != args.mergekit_config else path)
+    return paths
+
+
+def check_report_path(report: Path, inputs: Sequence[Path], out_dir: Path | None) -> None:
+    """--report gets --out_dir's checks, before anything is written: never onto or inside
+    an input, never inside D (publishing D replaces what is there), a file in a directory
+    that exists and can be written."""
+    resolved = report.expanduser().resolve()
+    if report.is_dir():
+        raise CliError(f"--report {report} is a directory; give a file name")
+    for path in inputs:
+        source = path.resolve()
+        if resolved == source or source in resolved.parents:
+            raise CliError(f"--report {report} is {'the input' if resolved == source else 'inside the input'} {path}; write it elsewhere")
+    if out_dir is not None and (resolved == out_dir.resolve() or out_dir.resolve() in resolved.parents):
+        raise CliError(f"--report {report} is inside --out_dir {out_dir}, which the remap replaces; write it elsewhere")
+    if not resolved.parent.is_dir():
+        raise CliError(f"--report {report}: the directory {resolved.parent} does not exist")
+    if not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise CliError(f"--report {report}: cannot write in {resolved.parent} (permission denied)")
+
+
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
+    if args.report is not None:
+        check_report_path(args.report, report_inputs(args), opts.out_dir)
     if isinstance(opts, AlignOptions):
         return run_align(args, opts)
     try:

@@ -414,3 +414,25 @@ def test_donor_rows_come_from_a_hub_repo_by_range_requests(tmp_path: Path, hub: 
     written, donor = tensors(out), tensors(repos["thinker"])
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(written[name][400:], donor[name][400:]), name
+
+
+def test_src_and_base_take_a_revision_after_an_at(tmp_path: Path, hub: HubServer, hf_home: Path) -> None:
+    out = tmp_path / "out"
+    args = ("--src_model", "org/model@v1", "--base_tokenizer", "org/base@main", "--out_dir", out, "--drop-extra")
+    ok(cli("remap_tokenizer.py", *args, hub=hub, hf_home=hf_home))
+    report = json.loads((out / "remap_report.json").read_text())
+    assert report["plan"]["rows"]["source"] == 402  # v1 is the old commit, which has the chat tokens
+    assert report["inputs"]["src_model"] == {"source": "org/model", "revision": "v1", "path": report["inputs"]["src_model"]["path"]}
+    clash = cli("remap_tokenizer.py", *args[:-3], "--revision", "main", "--out_dir", tmp_path / "o2", hub=hub, hf_home=hf_home)
+    assert "pins revision 'v1' but --revision says 'main'" in one_error(clash)
+
+
+@pytest.mark.parametrize("offline_second", [False, True])
+def test_a_second_gate_run_with_the_same_cache_passes(hub: HubServer, hf_home: Path, offline_second: bool) -> None:
+    """A CI gate keeps HF_HOME between runs: the first run caches the index but only the
+    headers of the shards; the second must not look for shards it never downloaded."""
+    first = ok(cli("compare_tokenizers.py", "org/model", "org/model", "--json", hub=hub, hf_home=hf_home))
+    second = ok(cli("compare_tokenizers.py", "org/model", "org/model", "--json", hub=hub, hf_home=hf_home, offline=offline_second))
+    assert json.loads(first.stdout)["exit_code"] == json.loads(second.stdout)["exit_code"] == 0
+    for run in (first, second):  # offline too, the rows were checked (from the headers the first run read)
+        assert json.loads(run.stdout)["comparisons"][0]["checks"]["weights"]["status"] == "ok", run.stderr
