@@ -59,9 +59,8 @@ def test_a_report_inside_a_model_of_the_yaml_is_refused(tmp_path: Path, pair: tu
     src, base = pair
     other = factories.write_model(tmp_path / "other", json.loads((base / "tokenizer.json").read_text()), **BYTE_SPECIALS)
     config = tmp_path / "merge.yaml"
-    config.write_text(
-        f"merge_method: linear\nmodels:\n  - model: {other}\n    parameters: {{weight: 0.5}}\n  - model: {src}\n    parameters: {{weight: 0.5}}\n"
-    )
+    models = "".join(f"  - model: {path}\n    parameters: {{weight: 0.5}}\n" for path in (other, src))
+    config.write_text(f"merge_method: linear\nmodels:\n{models}")
     code, _, err = remap(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned", "--report", other / "r.json")
     assert code == 2 and "inside the input" in err, err
     code, _, err = remap(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned", "--report", config)
