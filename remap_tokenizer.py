@@ -2701,30 +2701,27 @@ def refuse_encoder_decoder(config: Mapping[str, Any], ckpt: Checkpoint) -> None:
 
 def read_matrix(ckpt: Checkpoint, tensor: TensorEntry, rows: int | None = None) -> np.ndarray:
     """A vocabulary tensor as a read-only (rows, row_bytes) uint8 array (`rows`: the
-    vocabulary's, for a [1, V] tensor; default its first dimension). Only this tensor's
-    bytes are memory-mapped (populated at once from the page cache): no copy, no anonymous
-    memory, and nothing else of the shard enters the process."""
-    import mmap
-
+    vocabulary's, for a [1, V] tensor; default its first dimension), read into memory: one
+    vocabulary matrix, not the shard. Not memory-mapped: a shard truncated while the remap
+    runs (a download or a `git lfs pull` into the same folder) would kill the process with
+    SIGBUS on the next page it touches, leaving the staging directory behind; a read
+    fails with one line instead."""
     rows = rows if rows is not None else tensor.shape[0] if tensor.shape else 1
     if ckpt.kind == "bin":
         return ckpt.bin_tensors[tensor.name].contiguous().reshape(-1).view(torch_uint8()).numpy().reshape(rows, -1)
-    if tensor.nbytes == 0:
-        return np.zeros((rows, 0), dtype=np.uint8)
-    aligned = tensor.start - tensor.start % mmap.ALLOCATIONGRANULARITY
-    length = tensor.start + tensor.nbytes - aligned
-    with tensor.file.open("rb") as handle:
-        if os.fstat(handle.fileno()).st_size < tensor.start + tensor.nbytes:
-            raise CliError(f"{tensor.file}: ends inside tensor {tensor.name}; the file is truncated: re-download it")
-        if hasattr(mmap, "MAP_POPULATE"):
-            mapped = mmap.mmap(handle.fileno(), length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=aligned)
-        else:
-            mapped = mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_READ, offset=aligned)
-    return np.frombuffer(mapped, dtype=np.uint8, count=tensor.nbytes, offset=tensor.start - aligned).reshape(rows, -1)
+    matrix = np.empty(tensor.nbytes, dtype=np.uint8)
+    if tensor.nbytes:
+        read_exactly(tensor.file, tensor.start, memoryview(matrix), f"tensor {tensor.name}")
+    matrix.flags.writeable = False
+    return matrix.reshape(rows, -1)
 
 
 def read_exactly(path: Path, offset: int, view: memoryview, what: str) -> None:
-    with path.open("rb", buffering=0) as handle:
+    try:
+        handle = path.open("rb", buffering=0)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read {what} ({exc.strerror}); was it removed while the remap ran? Run again") from exc
+    with handle:
         done = 0
         while done < len(view):
             got = os.preadv(handle.fileno(), [view[done:]], offset + done)
@@ -3163,7 +3160,11 @@ class ShardWriter:
     def copy_range(self, source: Path, start: int, nbytes: int) -> None:
         """Pass a tensor through unchanged: raw bytes from the source file."""
         self._expect(WriterState.WRITING, "copy_range")
-        with source.open("rb", buffering=0) as handle:
+        try:
+            handle = source.open("rb", buffering=0)
+        except OSError as exc:
+            raise CliError(f"{source}: cannot read ({exc.strerror}); was it removed while the remap ran? Run again") from exc
+        with handle:
             done = 0
             while done < nbytes:
                 self._check_stop()

@@ -349,3 +349,33 @@ def test_compare_stops_on_sigterm_with_one_line(tmp_path: Path, models: dict[str
     assert "Traceback" not in err
     if proc.returncode != 1:  # finished (the tokenizers differ) before the signal came
         assert proc.returncode == 143 and err == "error: interrupted (SIGTERM)\n" or err.endswith("nothing was written\n"), err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_source_shard_that_changes_during_the_remap_ends_in_one_line(tmp_path: Path, models: dict[str, Path], damage: str) -> None:
+    """A download or `git lfs pull` into M's folder while the remap reads it: exit 2 with one
+    line (or 0 when everything was read before), staging and lock removed; never SIGBUS."""
+    codes = set()
+    for attempt in range(6):
+        src = tmp_path / f"src{attempt}"
+        subprocess.run(["cp", "-r", str(models["wide"]), str(src)], check=True)
+        out = tmp_path / f"out{attempt}"
+        proc = remap_cli("--src_model", src, "--base_tokenizer", models["base"], "--out_dir", out, "--max-shard-size", "300KB")
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(f".{out.name}.tmp-") for p in tmp_path.iterdir()) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(attempt * 0.02)
+        for shard in src.glob("*.safetensors"):
+            if damage == "truncate":
+                os.truncate(shard, shard.stat().st_size // 2)
+            else:
+                shard.unlink()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 2), (proc.returncode, err)
+        if proc.returncode == 2:
+            assert err.count("\n") == 1 and err.startswith("error: ") and ("truncated" in err or "removed" in err), err
+            assert not out.exists()
+        assert [p for p in beside(out) if p.startswith(f".{out.name}.")] == [], beside(out)
+        codes.add(proc.returncode)
+    assert 2 in codes
