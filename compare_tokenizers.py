@@ -897,7 +897,11 @@ def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
 
 def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
     """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
-    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
+    `metaspace` (SentencePiece, `▁` for a space), `wordpiece` (BERT: `##` continues a
+    word, every other piece starts one) or `plain`."""
+    model = tokenizer_json.get("model")
+    if isinstance(model, Mapping) and model.get("type") == "WordPiece":
+        return "wordpiece"
     parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
     types = {component.get("type") for component in iter_components(parts) if isinstance(component.get("type"), str)}
     if "ByteLevel" in types:
@@ -1226,6 +1230,8 @@ def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
             return token.encode()
     if convention == "metaspace":
         return token.replace("▁", " ").encode()
+    if convention == "wordpiece":  # a piece that starts a word stands for the word's leading space too
+        return token[2:].encode() if token.startswith("##") and len(token) > 2 else b" " + token.encode()
     return token.encode()
 
 

@@ -906,7 +906,11 @@ def iter_components(node: Any) -> Iterator[Mapping[str, Any]]:
 
 def detect_convention(tokenizer_json: Mapping[str, Any]) -> str:
     """How regular tokens spell text: `byte_level` (GPT-2 byte map, `Ġ` for a space),
-    `metaspace` (SentencePiece, `▁` for a space) or `plain`."""
+    `metaspace` (SentencePiece, `▁` for a space), `wordpiece` (BERT: `##` continues a
+    word, every other piece starts one) or `plain`."""
+    model = tokenizer_json.get("model")
+    if isinstance(model, Mapping) and model.get("type") == "WordPiece":
+        return "wordpiece"
     parts = [tokenizer_json.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
     types = {component.get("type") for component in iter_components(parts) if isinstance(component.get("type"), str)}
     if "ByteLevel" in types:
@@ -1235,6 +1239,8 @@ def token_bytes(token: str, convention: str, byte_fallback: bool) -> bytes:
             return token.encode()
     if convention == "metaspace":
         return token.replace("▁", " ").encode()
+    if convention == "wordpiece":  # a piece that starts a word stands for the word's leading space too
+        return token[2:].encode() if token.startswith("##") and len(token) > 2 else b" " + token.encode()
     return token.encode()
 
 
@@ -1441,7 +1447,7 @@ class VocabSpec:
     vocab: Mapping[str, int]
     added: Mapping[str, Mapping[str, bool]]  # added-token content -> flags
     roles: Mapping[str, str | None]  # bos/eos/pad/unk -> token
-    convention: str = "plain"  # byte_level | metaspace | plain
+    convention: str = "plain"  # byte_level | metaspace | wordpiece | plain
     byte_fallback: bool = False
 
     def __len__(self) -> int:
@@ -1479,6 +1485,8 @@ def spell_bytes(data: bytes, convention: str, byte_fallback: bool) -> str | None
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    if convention == "wordpiece":
+        return None if not text else text[1:] if text.startswith(" ") and len(text) > 1 else "##" + text
     return text.replace(" ", "▁") if convention == "metaspace" else text
 
 

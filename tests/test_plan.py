@@ -158,7 +158,7 @@ def test_spell_bytes(data: bytes, convention: str, fallback: bool, expected: str
 
 @given(st.binary(max_size=12))
 def test_spelling_round_trips_through_token_bytes(data: bytes) -> None:
-    for convention, fallback in (("byte_level", False), ("metaspace", True), ("plain", False)):
+    for convention, fallback in (("byte_level", False), ("metaspace", True), ("plain", False), ("wordpiece", False)):
         spelled = rt.spell_bytes(data, convention, fallback)
         if spelled is not None:
             assert rt.token_bytes(spelled, convention, fallback) == data
@@ -509,3 +509,20 @@ def test_the_shard_writer_checks_its_state(tmp_path: Path) -> None:
         writer.write(b"e")
     writer.sync_and_close()
     assert writer.state is rt.WriterState.CLOSED and load_file(str(tmp_path / "x.safetensors"))["x"].tolist() == list(b"abcd")
+
+
+def test_wordpiece_pieces_match_by_where_they_stand_in_a_word() -> None:
+    """`##` continues a word; every other WordPiece piece starts one (after a space): a
+    word-initial piece never takes a mid-word row."""
+    base = spec(["[UNK]", "the", "##the", "##ing", "play"], "wordpiece", added=("[UNK]",))
+    src = spec(["Ġthe", "the", "ing", "Ġplay", "play"], "byte_level")
+    assert rt.match_tokens(base, src, "bytes").src_of_base == {1: 0, 2: 1, 3: 2, 4: 3}
+    assert rt.spell_bytes(b" the", "wordpiece", False) == "the" and rt.spell_bytes(b"the", "wordpiece", False) == "##the"
+
+
+def test_a_wordpiece_tokenizer_json_reads_as_wordpiece() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "the": 1, "##re": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    assert rt.detect_convention(json.loads(tokenizer.to_str())) == "wordpiece"
