@@ -1029,21 +1029,95 @@ ARCH_INHERITED = (
     "attention_bias",
     "mlp_bias",
 )
-METHODS_NEEDING_BASE = (
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "sce",
-    "slerp",
-    "nearswap",
-    "arcee_fusion",
-)
+# mergekit 0.1.5's merge methods: name -> (what it does with base_model: required,
+# optional or ignored; its parameters without a default, as (name, scope): `input` for every
+# model, `non_base` for every model but the base, `shared` once). The gate validates with
+# this table (importing mergekit means importing torch: seconds); the alignment asks the
+# installed mergekit itself, and tests/test_mergekit_config.py checks the two agree.
+MERGEKIT_METHODS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "linear": ("ignored", (("weight", "input"),)),
+    "slerp": ("required", (("t", "shared"),)),
+    "nuslerp": ("optional", (("weight", "non_base"),)),
+    "multislerp": ("optional", (("weight", "non_base"),)),
+    "nearswap": ("required", (("t", "shared"),)),
+    "ram": ("required", ()),
+    "ramplus_tl": ("required", ()),
+    "sce": ("required", ()),
+    "passthrough": ("ignored", ()),
+    "model_stock": ("required", ()),
+    "arcee_fusion": ("required", ()),
+    "karcher": ("ignored", ()),
+    **{
+        name: ("required", (("weight", "non_base"),))
+        for name in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+    },
+}
+MERGEKIT_DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")  # mergekit.common.dtype_from_name ("torch." prefix allowed)
+
+
+def installed_mergekit_methods() -> dict[str, tuple[str, tuple[tuple[str, str], ...]]] | None:
+    """MERGEKIT_METHODS as the installed mergekit's registry has them, None without mergekit."""
+    import importlib.util
+
+    if importlib.util.find_spec("mergekit") is None:
+        return None
+    from mergekit.merge_methods import registry
+
+    return {
+        method.spec.name: (method.spec.contract.base.value, tuple((p.name, p.scope.value) for p in method.spec.parameters if p.required))
+        for method in registry.registered_methods()
+    }
+
+
+def mergekit_config_problems(config: Mapping[str, Any], methods: Mapping[str, tuple[str, tuple[tuple[str, str], ...]]]) -> list[str]:
+    """What mergekit refuses in a configuration, from the YAML alone: an unknown
+    merge_method (with the name it was likely meant to be), a base_model the method needs,
+    a parameter without a default that no model gives, an unknown dtype, a model listed twice."""
+    problems = []
+    method = config.get("merge_method")
+    if not isinstance(method, str) or method not in methods:
+        close = difflib.get_close_matches(str(method).lower().replace("-", "_").replace(" ", "_"), list(methods), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else f" (mergekit's methods: {', '.join(sorted(methods))})"
+        return [f"merge_method {method!r} is not a mergekit merge method{hint}"]
+    base_policy, required = methods[method]
+    if base_policy == "required" and config.get("base_model") is None:
+        problems.append(f"merge_method {method} needs a base_model, and the configuration names none")
+    for key in ("dtype", "out_dtype"):
+        value = config.get(key)
+        if value is not None and str(value).removeprefix("torch.") not in MERGEKIT_DTYPES:
+            problems.append(f"{key} {value!r} is not one mergekit knows ({', '.join(MERGEKIT_DTYPES)})")
+    models = config.get("models") if isinstance(config.get("models"), list) else []
+    base = model_identity(config["base_model"]) if config.get("base_model") is not None else None
+    shared = config.get("parameters") if isinstance(config.get("parameters"), Mapping) else {}
+    seen: set[str] = set()
+    for index, entry in enumerate(models):
+        if not isinstance(entry, Mapping) or entry.get("model") is None:
+            continue
+        identity = model_identity(entry["model"])
+        if identity in seen:
+            problems.append(f"models[{index}]: {parse_model_reference(entry['model'])} is listed twice")
+        seen.add(identity)
+        given = entry.get("parameters") if isinstance(entry.get("parameters"), Mapping) else {}
+        for name, scope in required:
+            applies = scope == "input" or (scope == "non_base" and identity != base)
+            if applies and name not in given and name not in shared:
+                problems.append(f"models[{index}]: merge_method {method} needs parameters: {{{name}: ...}} for this model")
+    for name, scope in required:
+        if (
+            scope == "shared"
+            and name not in shared
+            and not any(isinstance(e, Mapping) and name in (e.get("parameters") or {}) for e in models)
+        ):
+            problems.append(f"merge_method {method} needs parameters: {{{name}: ...}}")
+    return problems
+
+
+def model_identity(reference: Any) -> str:
+    """A model reference as mergekit tells models apart: path, revision and LoRA as written
+    (two spellings of one folder are two inputs to it; the same spelling twice is a duplicate)."""
+    return str(parse_model_reference(reference))
+
+
 LAYER_RE = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 LAYER_INDEX_RE = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)\d+\.")
 
@@ -1123,8 +1197,6 @@ def check_merge_config(config: Mapping[str, Any], facts: Callable[[Any], ModelFa
     slices whose layer ranges leave their model or whose sources differ in length."""
     problems = []
     method = str(config.get("merge_method", "")).lower()
-    if method in METHODS_NEEDING_BASE and config.get("base_model") is None:
-        problems.append(f"merge_method {method} needs a base_model, and the configuration names none")
     for index, slice_ in enumerate(config.get("slices") or []):
         lengths = set()
         for source in slice_.get("sources") or [] if isinstance(slice_, Mapping) else []:
@@ -4534,12 +4606,34 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     return summary, 1 if failures else code
 
 
+def mergekit_schema_problems(config: Mapping[str, Any]) -> list[str]:
+    """The installed mergekit's own reading of the configuration (its pydantic schema), []
+    without mergekit (the project's checks then stand alone)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mergekit") is None:
+        return []
+    from mergekit.config import MergeConfiguration
+
+    try:
+        MergeConfiguration.model_validate(config)
+    except Exception as exc:  # pydantic's ValidationError, or the RuntimeError of mergekit's own validators
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            return [f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in errors()[:3]]
+        return [str(exc).splitlines()[0]]
+    return []
+
+
 def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     """Read the YAML, choose the target, view every model (tokenizer and headers), refuse
     a merge mergekit would refuse, and name the output of each model to remap."""
     config = read_mergekit_config(opts.config)
-    yaml_dir = opts.config.resolve().parent
     references = [parse_model_reference(r) for r in mergekit_references(config, opts.config)]
+    problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
+    if problems:
+        raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
+    yaml_dir = opts.config.resolve().parent
     for ref in references:
         if ref.lora:
             raise CliError(

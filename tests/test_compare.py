@@ -280,7 +280,7 @@ def test_mergekit_config_errors(tmp_path: Path, capsys) -> None:
     config.write_text("- just\n- a list\n")
     code, _, err = run(capsys, "--mergekit-config", config)
     assert code == 2 and "top level must be a mapping" in err
-    config.write_text("merge_method: linear\nmodels: [{model: only}]\n")
+    config.write_text("merge_method: linear\nmodels: [{model: only, parameters: {weight: 1.0}}]\n")
     assert run(capsys, "--mergekit-config", config)[0] == 2
 
 

@@ -159,7 +159,13 @@ def test_overwrite_never_replaces_what_the_tool_did_not_write(tmp_path: Path, mo
     (aligned / "chat" / "notes.txt").write_text("mine")
     config = tmp_path / "merge.yaml"
     config.write_text(
-        yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]), "models": [{"model": str(models["chat"])}]})
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": str(models["base"]),
+                "models": [{"model": str(models["chat"]), "parameters": {"weight": 1.0}}],
+            }
+        )
     )
     assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned), "--overwrite"]) == 2
     assert "holds files this tool did not write" in capsys.readouterr().err
