@@ -831,11 +831,18 @@ def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
 
 
 def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
-    """mergekit resolves relative paths against the working directory; fall back to the
-    YAML's directory so that a configuration can travel with its models."""
-    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
-        if candidate.exists():
-            return str(candidate.resolve())
+    """A model path as mergekit resolves it: against the working directory (else a Hub
+    repo id). A relative path found only next to the YAML is an error, which says how to
+    run: mergekit, started from here, would not find it."""
+    path = Path(ref.path).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    beside = yaml_dir / ref.path
+    if not path.is_absolute() and beside.exists():
+        raise CliError(
+            f"{ref.path}: not in the working directory {Path.cwd()}, only next to the YAML ({beside}); mergekit resolves "
+            f"model paths against the working directory: run from {yaml_dir} (cd there first) or write the absolute path"
+        )
     return ref.path
 
 

@@ -840,11 +840,18 @@ def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
 
 
 def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
-    """mergekit resolves relative paths against the working directory; fall back to the
-    YAML's directory so that a configuration can travel with its models."""
-    for candidate in (Path(ref.path).expanduser(), yaml_dir / ref.path):
-        if candidate.exists():
-            return str(candidate.resolve())
+    """A model path as mergekit resolves it: against the working directory (else a Hub
+    repo id). A relative path found only next to the YAML is an error, which says how to
+    run: mergekit, started from here, would not find it."""
+    path = Path(ref.path).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    beside = yaml_dir / ref.path
+    if not path.is_absolute() and beside.exists():
+        raise CliError(
+            f"{ref.path}: not in the working directory {Path.cwd()}, only next to the YAML ({beside}); mergekit resolves "
+            f"model paths against the working directory: run from {yaml_dir} (cd there first) or write the absolute path"
+        )
     return ref.path
 
 
@@ -4283,8 +4290,18 @@ def remap_report(opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap)
         "schema": REPORT_SCHEMA_ID,
         "tool": f"remap_tokenizer.py {__version__}",
         "inputs": {
-            "src_model": {"source": opts.src_model, "revision": opts.revision, "path": str(inputs.src_dir)},
-            "base_tokenizer": {"source": opts.base_tokenizer, "revision": opts.base_revision, "path": str(inputs.base_path)},
+            "src_model": {
+                "source": opts.src_model,
+                "revision": opts.revision,
+                "path": str(inputs.src_dir),
+                "fingerprint": directory_fingerprint(inputs.src_dir),
+            },
+            "base_tokenizer": {
+                "source": opts.base_tokenizer,
+                "revision": opts.base_revision,
+                "path": str(inputs.base_path),
+                "fingerprint": directory_fingerprint(inputs.base_path),
+            },
         },
         "options": opts.identity(),
         "out_dir": str(opts.out_dir) if opts.out_dir is not None else None,
@@ -4606,6 +4623,20 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     return summary, 1 if failures else code
 
 
+def refuse_mergekit_markers(out_dir: Path, sources: Sequence[str]) -> None:
+    """mergekit reads `@` in a model path as a revision and `+` as a LoRA: the aligned YAML
+    names ALIGNED/... and the local models as absolute paths, so neither may hold them
+    (checked before anything is written, not after publishing a YAML mergekit misreads)."""
+    for label, path in [("--out_dir", str(out_dir.resolve())), *(("the model", s) for s in sources if os.path.exists(s))]:
+        marker = next((m for m in "@+" if m in path), None)
+        if marker is not None:
+            what = "a revision" if marker == "@" else "a LoRA"
+            raise CliError(
+                f"{label} {path} contains {marker!r}, which mergekit reads as the start of {what}: the aligned merge.yaml could not "
+                "name it; move it to a path without '@' or '+'"
+            )
+
+
 def mergekit_schema_problems(config: Mapping[str, Any]) -> list[str]:
     """The installed mergekit's own reading of the configuration (its pydantic schema), []
     without mergekit (the project's checks then stand alone)."""
@@ -4634,6 +4665,7 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     if problems:
         raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
     yaml_dir = opts.config.resolve().parent
+    refuse_mergekit_markers(opts.out_dir, [local_or_hub(ref, yaml_dir) for ref in references])
     for ref in references:
         if ref.lora:
             raise CliError(
@@ -4752,8 +4784,7 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
         out = Path(entry["output"])
         remap_opts = aligned_remap_options(opts, entry, view, plan)
         previous = read_optional_json(out / REPORT_NAME) if (out / REPORT_NAME).is_file() else None
-        same_options = previous is not None and previous.get("options") == json.loads(json.dumps(remap_opts.identity()))
-        if same_options and previous.get("self_check", {}).get("ok"):
+        if reusable(previous, remap_opts, view, plan.target):
             entry["status"], report = "reused", previous
         else:
             if previous is None and (out.is_symlink() or out.exists()) and not (out.is_dir() and not any(out.iterdir())):
@@ -4769,6 +4800,35 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
                 continue
         record_counts(entry, report)
     return code
+
+
+def directory_fingerprint(path: Path) -> str:
+    """What a remap read from a model or tokenizer folder, in one hash: the folder (a Hub
+    snapshot's is named by its commit), every file's name, size and mtime (symlinks
+    followed, as the Hub cache links into blobs/), and every safetensors header. An
+    alignment reuses an earlier remap only when this is unchanged."""
+    directory = path if path.is_dir() else path.parent
+    digest = hashlib.sha256(str(directory.resolve()).encode())
+    for file in sorted(p for p in directory.iterdir() if p.is_file()):
+        stat = file.stat()
+        digest.update(f"\0{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        if file.suffix == ".safetensors" and stat.st_size >= 8:
+            with file.open("rb") as handle:
+                digest.update(handle.read(8 + min(int.from_bytes(handle.read(8), "little"), stat.st_size)))
+    return digest.hexdigest()
+
+
+def reusable(previous: Mapping[str, Any] | None, remap_opts: RemapOptions, view: ModelView, target: ModelView) -> bool:
+    """An earlier remap in ALIGNED is kept only when it passed its self-check with the same
+    options and read the same model and target (directory_fingerprint), not merely the same paths."""
+    if previous is None or not previous.get("self_check", {}).get("ok"):
+        return False
+    inputs = previous.get("inputs") or {}
+    return (
+        previous.get("options") == json.loads(json.dumps(remap_opts.identity()))
+        and (inputs.get("src_model") or {}).get("fingerprint") == directory_fingerprint(view.directory)
+        and (inputs.get("base_tokenizer") or {}).get("fingerprint") == directory_fingerprint(target.directory)
+    )
 
 
 def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
@@ -4791,11 +4851,20 @@ def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[st
         if entry["status"] in ("remapped", "reused")
     }
 
+    spellings: dict[str, str] = {}  # the YAML's spelling of a model -> its spelling in the aligned YAML
+    spelled: dict[str, int] = {}  # aligned model -> spellings of it given out
+
     def substitute(reference: Any) -> Any:
         ref = parse_model_reference(reference)
         source = local_or_hub(ref, plan.yaml_dir)
         new = replacement.get(source + "@" + str(ref.revision))
         if new is not None:
+            # two spellings of one model are two inputs to mergekit: they stay two spellings
+            # (`D/m`, `D/m/.`), never one path listed twice, which mergekit refuses
+            if str(ref) not in spellings:
+                spellings[str(ref)] = new + "/." * spelled.get(new, 0)
+                spelled[new] = spelled.get(new, 0) + 1
+            new = spellings[str(ref)]
             return new if not (isinstance(reference, Mapping) and reference.get("override_architecture")) else {**reference, "model": new}
         if source != ref.path:  # a local path: absolute, so the aligned YAML works from anywhere
             return str(ModelRef(source, ref.revision)) if isinstance(reference, str) else reference

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import compare_tokenizers as ct
@@ -178,3 +179,22 @@ def test_aligned_names_are_readable_and_unique() -> None:
     assert rt.aligned_name(rt.ModelRef("org/model", "v2"), taken) == "org--model-v2"
     assert rt.aligned_name(rt.ModelRef("/models/a/"), taken) == "a"
     assert rt.aligned_name(rt.ModelRef("/other/a"), taken) == "a-2"
+
+
+def test_a_changed_model_is_remapped_again_not_reused(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """Same path, same options, new weights (a fine-tune re-downloaded, a checkpoint saved
+    over): the stale alignment must not be merged."""
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)])
+    aligned = tmp_path / "aligned"
+    assert run(capsys, "--mergekit-config", config, "--out_dir", aligned)[0] == 0
+    from safetensors.torch import load_file, save_file
+
+    state = {}
+    for shard in models["chat"].glob("*.safetensors"):
+        changed = {name: value + 1 for name, value in load_file(shard).items()}  # same names, shapes and sizes
+        save_file(changed, shard, metadata={"format": "pt"})
+        state.update(changed)
+    code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0 and json.loads(out)["models"][1]["status"] == "remapped"
+    name = next(name for name in state if not name.endswith(("embed_tokens.weight", "lm_head.weight")))
+    assert torch.equal(tensors(aligned / "chat")[name], state[name])

@@ -270,7 +270,10 @@ def test_mergekit_config_slices_and_relative_paths(tmp_path: Path, byte_tok: dic
         "  - sources:\n      - model: a\n        layer_range: [0, 1]\n"
         "  - sources:\n      - model: b\n        layer_range: [1, 2]\n"
     )
-    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.chdir(tmp_path.parent)  # mergekit, started here, would not find `a`: neither does the gate
+    code, _, err = run(capsys, "--mergekit-config", config)
+    assert code == 2 and "only next to the YAML" in err and f"run from {tmp_path}" in err, err
+    monkeypatch.chdir(tmp_path)  # where mergekit finds them
     code, out, _ = run(capsys, "--mergekit-config", config)
     assert code == 0, out
 

@@ -197,3 +197,53 @@ def test_aligned_merges_keep_the_bases_rows_of_its_own_tokens(tmp_path: Path, ca
     think_ids = [factories.vocab_of(base_json)[token] for token in think]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.allclose(merged[name][think_ids], base_rows[name][think_ids], rtol=0, atol=1e-6), name
+
+
+def test_two_spellings_of_one_model_stay_two_inputs_mergekit_runs(tmp_path: Path, models: dict[str, Path], monkeypatch, capsys) -> None:
+    """`./models/chat` and `models/chat/` are two inputs to mergekit; the aligned YAML must
+    not collapse them into one path listed twice, which mergekit refuses."""
+    (tmp_path / "models").mkdir()
+    for name in ("base", "chat"):
+        (tmp_path / "models" / name).symlink_to(models[name])
+    monkeypatch.chdir(tmp_path)  # mergekit resolves relative model paths against the working directory
+    weighted = [("./models/base", 0.5), ("./models/chat", 0.25), ("models/chat/", 0.25)]
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": "./models/base",
+                "dtype": "float32",
+                "models": [{"model": path, "parameters": {"weight": weight}} for path, weight in weighted],
+            }
+        )
+    )
+    aligned = tmp_path / "aligned"
+    code, _, err = factories.call_main(rt.main, capsys, "--mergekit-config", config, "--out_dir", aligned)
+    assert code == 0, err
+    paths = [entry["model"] for entry in yaml.safe_load((aligned / "merge.yaml").read_text())["models"]]
+    assert len(set(paths)) == 3 and Path(paths[1]).resolve() == Path(paths[2]).resolve(), paths
+    merged = mergekit(aligned / "merge.yaml", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+
+
+def test_a_model_path_only_next_to_the_yaml_is_refused_as_mergekit_would(
+    tmp_path: Path, models: dict[str, Path], monkeypatch, capsys
+) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "base").symlink_to(models["base"])
+    (tmp_path / "cfg" / "chat").symlink_to(models["chat"])
+    config = linear_yaml(tmp_path / "cfg" / "merge.yaml", Path("base"), [(Path("base"), 0.5), (Path("chat"), 0.5)])
+    monkeypatch.chdir(tmp_path)
+    assert mergekit(config, tmp_path / "merged").returncode != 0  # mergekit, run from here, does not find them
+    for main, extra in ((ct.main, []), (rt.main, ["--out_dir", str(tmp_path / "aligned")])):
+        code, _, err = factories.call_main(main, capsys, "--mergekit-config", config, *extra)
+        assert code == 2 and "only next to the YAML" in err and f"run from {tmp_path / 'cfg'}" in err, err
+
+
+def test_an_out_dir_mergekit_would_misread_is_refused_before_writing(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)])
+    for marker in "@+":
+        aligned = tmp_path / f"aligned{marker}v2"
+        code, _, err = factories.call_main(rt.main, capsys, "--mergekit-config", config, "--out_dir", aligned)
+        assert code == 2 and f"contains '{marker}'" in err and not aligned.exists(), err
