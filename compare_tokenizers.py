@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import gc
 import hashlib
@@ -1424,6 +1425,12 @@ def run_guarded(
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
         signum = getattr(exc, "signum", 2)
         return fail(args, f"interrupted ({signal_name(signum)}){stopped()}", 128 + signum)
+    except OSError as exc:  # a path the file system refuses: too long, a symlink loop, no permission to list
+        if args.debug:
+            raise
+        hints = {errno.ENAMETOOLONG: ": shorten it", errno.ELOOP: ": a loop of symbolic links", errno.EACCES: ": check its permissions"}
+        where = f"{exc.filename}: " if exc.filename else ""
+        return fail(args, f"{where}{exc.strerror or exc}{hints.get(exc.errno or 0, '')}", 2)
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise
@@ -2404,9 +2411,10 @@ def render_human(
     for comparison in comparisons:
         out.append("")
         out.append(f"OTHER  {comparison.other}")
-        out.append(
-            f"verdict  {paint(comparison.verdict_text(), 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}"
-        )
+        verdict = comparison.verdict_text()
+        if merge_problems and not comparison.failed:  # never "safe to merge" under a failing merge check
+            verdict = verdict.replace("identical: safe to merge linearly", "identical (but the merge fails: see merge above)")
+        out.append(f"verdict  {paint(verdict, 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}")
         for check in comparison.checks:
             label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)
             out.append(f"  {check.name:<15} {label} {check.summary}")

@@ -1433,6 +1433,12 @@ def run_guarded(
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted by SIGTERM / SIGHUP
         signum = getattr(exc, "signum", 2)
         return fail(args, f"interrupted ({signal_name(signum)}){stopped()}", 128 + signum)
+    except OSError as exc:  # a path the file system refuses: too long, a symlink loop, no permission to list
+        if args.debug:
+            raise
+        hints = {errno.ENAMETOOLONG: ": shorten it", errno.ELOOP: ": a loop of symbolic links", errno.EACCES: ": check its permissions"}
+        where = f"{exc.filename}: " if exc.filename else ""
+        return fail(args, f"{where}{exc.strerror or exc}{hints.get(exc.errno or 0, '')}", 2)
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
             raise
@@ -3826,7 +3832,12 @@ def file_digest(path: Path) -> str:
 def check_out_dir(out_dir: Path, protected: Mapping[str, Path], overwrite: bool) -> None:
     """Refuse an out_dir that is a file, would touch an input, or holds something that
     --overwrite may not replace (only an earlier output of this tool, with its report)."""
-    resolved = out_dir.resolve()
+    if out_dir.is_symlink():
+        raise CliError(f"--out_dir {out_dir} is a symbolic link; publishing replaces the link, not what it points to: give the real path")
+    try:
+        resolved = out_dir.resolve(strict=False)
+    except RuntimeError as exc:  # Python < 3.13: a symlink loop
+        raise CliError(f"--out_dir {out_dir}: a loop of symbolic links") from exc
     for label, path in protected.items():
         source = path.resolve()
         if resolved == source or source in resolved.parents:
@@ -3986,6 +3997,9 @@ class OutputDirectory:
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
             except FileNotFoundError:
                 same = False
+            if same and not re.fullmatch(rb"\d*\n?", os.pread(fd, 64, 0)):  # a file of the user's: never taken over or removed
+                os.close(fd)
+                raise CliError(f"{self.lock_path} exists and was not written by this tool; remove it or choose another --out_dir")
             if same:
                 self.lock_fd = fd
                 os.ftruncate(fd, 0)
@@ -4007,7 +4021,9 @@ class OutputDirectory:
             if not candidate.is_dir() or candidate.is_symlink():
                 continue
             owner = read_owner(candidate / OWNER_FILE)
-            if owner is not None and owner.get("pid") != os.getpid() and process_started(owner["pid"]) == owner.get("started"):
+            if owner is None or owner.get("tool") != "remap_tokenizer.py":  # not made by this tool: the user's, left alone
+                continue
+            if owner.get("pid") != os.getpid() and process_started(owner["pid"]) == owner.get("started"):
                 continue
             log.info("removing %s, left by a run that did not finish", candidate)
             shutil.rmtree(candidate, ignore_errors=True)

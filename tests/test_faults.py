@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
@@ -231,16 +232,18 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path: Path, mod
     stale = tmp_path / ".out.tmp-dead01"
     stale.mkdir()
     (stale / "model-00001-of-00009.safetensors").write_bytes(b"partial")
-    (stale / rt.OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "started": "1", "out_dir": str(out)}))
-    unmarked = tmp_path / ".out.tmp-dead02"  # died before writing its owner file
+    ours = {"tool": "remap_tokenizer.py", "out_dir": str(out)}
+    (stale / rt.OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "started": "1", **ours}))
+    unmarked = tmp_path / ".out.tmp-dead02"  # no owner file of this tool: maybe the user's own, never deleted
     unmarked.mkdir()
+    (unmarked / "notes.txt").write_text("mine")
     alive = tmp_path / ".out.tmp-live01"  # a live process (on a file system where flock does not reach it): kept
     alive.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (alive / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": rt.process_started(sleeper.pid), "out_dir": str(out)}))
+    (alive / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": rt.process_started(sleeper.pid), **ours}))
     reused_pid = tmp_path / ".out.tmp-dead04"  # its pid now belongs to another process
     reused_pid.mkdir()
-    (reused_pid / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": "0", "out_dir": str(out)}))
+    (reused_pid / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": "0", **ours}))
     other = tmp_path / ".other.tmp-dead03"  # another output's: not touched
     other.mkdir()
     try:
@@ -249,7 +252,41 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path: Path, mod
         sleeper.kill()
         sleeper.wait()
     assert code == 0, err
-    assert beside(out) == [".other.tmp-dead03", ".out.tmp-live01"]
+    assert beside(out) == [".other.tmp-dead03", ".out.tmp-dead02", ".out.tmp-live01"]
+    assert (unmarked / "notes.txt").read_text() == "mine"
+
+
+def test_a_lock_file_of_the_users_is_never_taken_over(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.lock"
+    lock.write_text("my notes, not a lock of remap_tokenizer.py\n")
+    code, err = run_remap(capsys, models, out)
+    assert code == 2 and "was not written by this tool" in err and lock.read_text().startswith("my notes"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "loop"])
+def test_an_out_dir_that_is_a_symlink_is_refused_before_writing(tmp_path: Path, models: dict[str, Path], kind: str, capsys) -> None:
+    out = tmp_path / "out"
+    if kind == "symlink":
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / "real")
+    else:
+        out.symlink_to(tmp_path / "loop")
+        (tmp_path / "loop").symlink_to(out)
+    code, err = run_remap(capsys, models, out)
+    assert code == 2 and "symbolic link" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "real"] if kind == "symlink" else ["loop", "out"])
+
+
+def test_names_the_file_system_refuses_end_in_one_specific_line(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = tmp_path / "merge.yaml"
+    models_ = [{"model": name * 5000, "parameters": {"weight": 1.0}} for name in "mn"]
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": models_}))
+    for tool, extra in ((ct.main, []), (rt.main, ["--out_dir", str(tmp_path / "aligned")])):
+        code = tool(["--mergekit-config", str(config), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "unexpected" not in err and "too long" in err, err
 
 
 def test_sigkill_leaves_a_staging_directory_that_the_next_run_removes(tmp_path: Path, models: dict[str, Path], capsys) -> None:
