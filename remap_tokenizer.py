@@ -1437,7 +1437,8 @@ def run_guarded(
         if args.debug:
             raise
         hints = {errno.ENAMETOOLONG: ": shorten it", errno.ELOOP: ": a loop of symbolic links", errno.EACCES: ": check its permissions"}
-        where = f"{exc.filename}: " if exc.filename else ""
+        name = str(exc.filename or "")
+        where = f"{name[:100]}{'...' if len(name) > 100 else ''}: " if name else ""
         return fail(args, f"{where}{exc.strerror or exc}{hints.get(exc.errno or 0, '')}", 2)
     except Exception as exc:  # a bug or an input nobody foresaw: still one line, exit 2
         if args.debug:
