@@ -2997,10 +2997,19 @@ def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
 
 
 def initialised_rows(
-    plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, src: VocabSpec, donor: Donor, opts: RemapOptions
+    plan: RemapPlan,
+    ckpt: Checkpoint,
+    vocab: VocabTensors,
+    src: VocabSpec,
+    donor: Donor,
+    opts: RemapOptions,
+    unreachable: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """role -> (output rows, their raw bytes) for the rows the donor fills: its own rows
-    (donor), or M's rows of shared tokens combined by OMP's coefficients (omp)."""
+    (donor), or M's rows of shared tokens combined by OMP's coefficients (omp). The atoms
+    are the tokens M and the donor share, but none that the donor's or M's tokenizer never
+    produces (`unreachable`: the donor's ids, when the donor is T, and M's): their rows were
+    hardly trained."""
     out_rows = np.array(sorted(plan.donor_rows), dtype=np.int64)
     if not len(out_rows):
         return {}
@@ -3012,7 +3021,7 @@ def initialised_rows(
             if name is not None:
                 result[role] = (out_rows, donor_row_bytes(donor, role, donor_ids, ckpt.tensors[name], ckpt))
         return result
-    shared = match_tokens(donor.spec, src, effective_match_mode(opts.match, donor.spec, src)).src_of_base
+    shared = match_tokens(donor.spec, src, effective_match_mode(opts.match, donor.spec, src), *unreachable).src_of_base
     pairs = np.array(sorted((d, m) for d, m in shared.items() if d < donor.vocab.rows and m < vocab.rows), dtype=np.int64).reshape(-1, 2)
     if not len(pairs):
         raise CliError(f"--init omp: the donor {donor.source} and the model share no tokens to combine")
@@ -4187,6 +4196,7 @@ class PlannedRemap:
     config_ids: Mapping[str, Any]
     generation_ids: Mapping[str, Any]
     config_token_ids: Mapping[tuple[str | None, str], Any] = field(default_factory=dict)  # config_token_ids
+    donor_unreachable: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (the donor's, M's) ids never produced
 
     @functools.cached_property
     def appended_added(self) -> dict[str, Any]:
@@ -4286,7 +4296,9 @@ def plan_outputs(
     )
     token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id)
     shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows), opts.max_shard_size)
-    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids)
+    donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
+    donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
+    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable)
 
 
 def emission_candidates(base: VocabSpec, src: VocabSpec, match_mode: str) -> list[str]:
@@ -4388,7 +4400,9 @@ def write_output(
     assert opts.out_dir is not None
     plan, shards = planned.plan, planned.shards
     given_rows = (
-        initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts) if planned.donor is not None else {}
+        initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts, planned.donor_unreachable)
+        if planned.donor is not None
+        else {}
     )
     check_free_space(opts.out_dir.parent, shards.total_size)
     try:
