@@ -3664,6 +3664,9 @@ def output_role_ids(
 CONFIG_SECTIONS = ("text_config", "vision_config", "audio_config")  # sub-configs of multimodal models
 TOKEN_ID_KEY_RE = re.compile(r"_token_(ids?|index|indices)$")
 ROLE_ID_KEYS = frozenset(f"{role}_token_id" for role in ("bos", "eos", "pad"))  # T's, by role (output_role_ids)
+# Ids of a role rather than of a content token: when M's token is dropped, T's id for the role
+# (T's config, else its tokenizer), else none; never a refusal.
+ROLE_LIKE_KEYS = frozenset(f"{role}_token_id" for role in ("unk", "mask", "sep", "cls", "decoder_start"))
 
 
 def config_sections(config: Mapping[str, Any]) -> list[tuple[str | None, Mapping[str, Any]]]:
@@ -3671,12 +3674,15 @@ def config_sections(config: Mapping[str, Any]) -> list[tuple[str | None, Mapping
     return [(None, config), *((name, config[name]) for name in CONFIG_SECTIONS if isinstance(config.get(name), Mapping))]
 
 
-def config_token_ids(config: Mapping[str, Any], plan: RemapPlan, src_token_of_id: Mapping[int, str]) -> dict[tuple[str | None, str], Any]:
+def config_token_ids(
+    config: Mapping[str, Any], plan: RemapPlan, src_token_of_id: Mapping[int, str], base: TokenizerSource | None = None
+) -> dict[tuple[str | None, str], Any]:
     """Every config key that holds token ids of M (`image_token_index`, `video_token_id`,
     `boi_token_index`, `vision_start_token_id`, ...: *_token_id(s) / *_token_index, at the
     top and in text_config / vision_config / audio_config) -> its value in the output: each
     id follows its token. bos/eos/pad are T's (output_role_ids). A token the output has no
-    row for (dropped) is an error: the model would point at another token."""
+    row for (dropped) is an error: the model would point at another token; for a role
+    (unk_token_id, mask_token_id, ...: ROLE_LIKE_KEYS) T's id takes its place."""
     out_of_src = {src: out for out, src in enumerate(plan.row_source) if src >= 0 and plan.row_rule[out] in ("copied", "moved", "appended")}
     remapped: dict[tuple[str | None, str], Any] = {}
     for section, values in config_sections(config):
@@ -3692,6 +3698,8 @@ def config_token_ids(config: Mapping[str, Any], plan: RemapPlan, src_token_of_id
                     new.append(token_id)  # -1 and other sentinels
                 elif token_id in out_of_src:
                     new.append(out_of_src[token_id])
+                elif key in ROLE_LIKE_KEYS:
+                    new.append(base_role_id(base, key) if base is not None else None)
                 else:
                     where = f"{section}.{key}" if section else key
                     token = src_token_of_id.get(token_id, f"<row {token_id}>")
@@ -3701,6 +3709,15 @@ def config_token_ids(config: Mapping[str, Any], plan: RemapPlan, src_token_of_id
                     )
             remapped[(section, key)] = new if isinstance(value, list) else new[0]
     return remapped
+
+
+def base_role_id(base: TokenizerSource, key: str) -> int | None:
+    """T's id for a role key (`unk_token_id`): its config's, else its tokenizer's token of that role."""
+    value = config_value(base.config, key)
+    if is_int(value):
+        return value
+    token = base.spec.roles.get(key.removesuffix("_token_id"))
+    return base.spec.vocab.get(token) if token is not None else None
 
 
 def patch_config(
@@ -4294,7 +4311,7 @@ def plan_outputs(
         [inputs.src_token_of_id[i] for i in src_eos if i in inputs.src_token_of_id],
         plan,
     )
-    token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id)
+    token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id, base)
     shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows), opts.max_shard_size)
     donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
     donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)

@@ -163,3 +163,14 @@ def test_the_gate_fails_a_vocabulary_tensor_left_at_other_rows(tmp_path: Path, b
     stale, _ = model_with_extras(tmp_path, byte_tok, {"model.layers.2.embed_tokens.weight": (396, "H")})
     code, out, _ = factories.call_main(ct.main, capsys, good, stale)
     assert code == 1 and "model.layers.2.embed_tokens.weight has 396 rows, its embedding 400" in out, out
+
+
+def test_a_role_id_whose_token_is_dropped_takes_the_targets(tmp_path: Path, byte_tok: dict, sp_tok: dict, capsys) -> None:
+    """Gemma's config names unk_token_id 3; SmolLM2's tokenizer has no <unk>: a role, not content,
+    so the output gets T's unk (none here), not a refusal."""
+    src = factories.write_model(tmp_path / "src", sp_tok, config_overrides={"unk_token_id": 0}, **factories.SP_SPECIALS)
+    base = factories.write_tokenizer(tmp_path / "base", byte_tok, **BYTE_SPECIALS)
+    out = tmp_path / "out"
+    code, _, err = remap(capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["unk_token_id"] is None
