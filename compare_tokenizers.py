@@ -1882,6 +1882,8 @@ def show_token(token: str, convention: str = "plain", byte_fallback: bool = Fals
     text = token_bytes(token, convention, byte_fallback).decode("utf-8", "surrogateescape")
     if text != token:
         shown += ' ("' + escape_text(text).replace('"', '\\"') + '")'
+    if not unicodedata.is_normalized("NFC", token):  # `é` as e + U+0301 looks like `é`: show what it is
+        shown += " [not NFC: " + " ".join(f"U+{ord(char):04X}" for char in token) + "]"
     return shown
 
 

@@ -4922,7 +4922,7 @@ def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[st
     aligned.pop("tokenizer_source", None)
     aligned.pop("tokenizer", None)
     merge_yaml = opts.out_dir / "merge.yaml"
-    staged_yaml = merge_yaml.with_name(".merge.yaml.tmp")
+    staged_yaml = merge_yaml.with_name(f".merge.yaml.{os.getpid()}-{os.urandom(3).hex()}.tmp")  # two alignments never share it
     staged_yaml.write_text(
         f"# Written by remap_tokenizer.py from {opts.config}: every model uses the token order of {plan.target_ref}.\n"
         + yaml.safe_dump(aligned, sort_keys=False, allow_unicode=True),

@@ -166,3 +166,13 @@ def test_the_gate_agrees_with_mergekit(tmp_path: Path, base: Path, byte_tok: dic
             merged_config = json.loads((work / "merged" / "config.json").read_text())
             theta = merged_config.get("rope_theta", (merged_config.get("rope_parameters") or {}).get("rope_theta"))
             assert theta == 10000.0 != overrides["rope_theta"], merged_config
+
+
+def test_no_model_is_called_safe_to_merge_under_a_failing_merge(tmp_path: Path, base: Path, byte_tok: dict, capsys) -> None:
+    other = sibling(tmp_path, byte_tok, {})
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(merge_config("slice [0, 3]", base, other)))
+    capsys.readouterr()
+    assert ct.main(["--mergekit-config", str(config), "--weights"]) == 1
+    out = capsys.readouterr().out
+    assert "merge  FAIL" in out and "safe to merge" not in out and "identical (but the merge fails" in out, out

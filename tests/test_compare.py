@@ -571,3 +571,9 @@ def test_a_merge_of_an_unknown_token_is_refused(tmp_path: Path, tok_dir: Path, b
     assert error_lines(err) == [
         f"error: {other / 'tokenizer.json'}: not a valid tokenizer.json (a merge names a token that is not in the model vocabulary)"
     ]
+
+
+def test_nfc_and_nfd_look_alikes_are_told_apart() -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both print as café
+    assert ct.show_token(composed) == "'café'"
+    assert ct.show_token(decomposed).endswith("[not NFC: U+0063 U+0061 U+0066 U+0065 U+0301]")
