@@ -15,7 +15,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 README_JA = (ROOT / "README.ja.md").read_text(encoding="utf-8")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z_-]+")
 # flags of other programs the README shows: mergekit-yaml, init_quality.py
-OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo", "--check"}  # mergekit-yaml, benchmarks, ruff
+# mergekit-yaml, benchmarks (init_quality.py, transplant.py), ruff
+OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo", "--check", "--text", "--skip-surgeon-omp"}
 
 
 def help_text(parser_module) -> str:
@@ -31,6 +32,10 @@ def test_every_documented_flag_exists() -> None:
         [sys.executable, "benchmarks/init_quality.py", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
     assert all(flag in benchmark_help for flag in ("--model", "--tokenizer", "--demo"))
+    transplant_help = subprocess.run(
+        [sys.executable, "benchmarks/transplant.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    assert all(flag in transplant_help for flag in ("--a", "--b", "--text", "--skip-surgeon-omp"))
 
 
 def test_every_flag_of_the_tools_is_documented() -> None:
