@@ -15,8 +15,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 README_JA = (ROOT / "README.ja.md").read_text(encoding="utf-8")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z_-]+")
 # flags of other programs the README shows: mergekit-yaml, init_quality.py
-# mergekit-yaml, benchmarks (init_quality.py, transplant.py), ruff
-OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo", "--check", "--text", "--skip-surgeon-omp"}
+# mergekit-yaml, benchmarks (init_quality.py, transplant.py, bench_remap.py), ruff
+OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo", "--check", "--text", "--skip-surgeon-omp", "--skip-naive"}
 
 
 def help_text(parser_module) -> str:
