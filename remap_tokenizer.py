@@ -4043,7 +4043,11 @@ class OutputDirectory:
 
     def _remove_stale(self) -> None:
         """Under the lock, no live run writes into D: staging directories of D are leftovers
-        (checked against their owner file all the same)."""
+        (checked against their owner file all the same). A `.D.mk-*` directory holding
+        nothing, or only an owner file, is one a run was killed while creating."""
+        for candidate in self.out_dir.parent.glob(f"{glob_escape(self.prefix)}.mk-*"):
+            if candidate.is_dir() and not candidate.is_symlink() and {p.name for p in candidate.iterdir()} <= {OWNER_FILE}:
+                shutil.rmtree(candidate, ignore_errors=True)
         for candidate in self.out_dir.parent.glob(f"{glob_escape(self.prefix)}.tmp-*"):
             if not candidate.is_dir() or candidate.is_symlink():
                 continue
@@ -4057,19 +4061,26 @@ class OutputDirectory:
 
     def _make_staging(self) -> Path:
         for _ in range(100):
-            path = self.out_dir.parent / f"{self.prefix}.tmp-{os.urandom(3).hex()}"
+            # made under a `.mk-` name and renamed once its owner file is in: every `.tmp-`
+            # directory of this tool has one, so one without it is never this tool's to remove
+            name = os.urandom(3).hex()
+            path, making = (self.out_dir.parent / f"{self.prefix}.{kind}-{name}" for kind in ("tmp", "mk"))
+            if path.exists():
+                continue
             try:
-                os.mkdir(path, 0o777)  # the user's umask applies, as with mkdir
+                os.mkdir(making, 0o777)  # the user's umask applies, as with mkdir
             except FileExistsError:
                 continue
-            self.path = path
+            self.path = making
             owner = {
                 "tool": "remap_tokenizer.py",
                 "pid": os.getpid(),
                 "started": process_started(os.getpid()),
                 "out_dir": str(self.out_dir),
             }
-            (path / OWNER_FILE).write_text(json.dumps(owner) + "\n", encoding="utf-8")
+            (making / OWNER_FILE).write_text(json.dumps(owner) + "\n", encoding="utf-8")
+            os.rename(making, path)
+            self.path = path
             return path
         raise FileExistsError(errno.EEXIST, "no free staging name", str(self.out_dir.parent))
 
