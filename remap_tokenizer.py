@@ -23,10 +23,11 @@ Contents, by feature (each: its frozen dataclasses, then pure functions, then I/
                   and safetensors header checks, mergekit references, the merge check,
                   command line scaffolding, token spellings
   constants       of the remap
-  tokenizers in   VocabSpec, reading, spelling, matching, FVT decompositions
+  tokenizers in   VocabSpec, reading, spelling, what a tokenizer produces, matching,
+                  FVT decompositions
   the plan        RemapPlan: where every output row comes from (pure)
   row math        copies, means, FVT and OMP rows
-  checkpoints in  headers, vocabulary tensors, rows (memory-mapped)
+  checkpoints in  headers, vocabulary tensors (every per-token tensor), rows
   the donor       rows of a model that has the tokens (--init donor / omp)
   shards out      shard plan, the streaming ShardWriter, verification
   outputs         tokenizer files, configs, other files
