@@ -6,6 +6,9 @@ every token to the same id. This script diffs tokenizers (local directories,
 tokenizer.json files or Hugging Face repo ids) against a reference and exits non-zero
 on any token->id mismatch, so it can gate a merge in CI or a shell script.
 
+With --mergekit-config and tokenizer_source (union, base, a model), mergekit maps rows by
+token: differing vocabularies are reported (the vocabulary audit), not a mismatch.
+
 Exit codes:
   0  vocabularies identical (same size, every token the same id): safe to merge linearly
   1  mismatch: a token->id or size difference (also at equal sizes); with --strict also
@@ -19,13 +22,16 @@ Contents, by feature (each: its frozen dataclasses, then pure functions, then I/
   shared block    identical in remap_tokenizer.py (tests/test_shared.py guards it):
                   errors and signals, Hub and directory sources, strict JSON, tokenizer.json
                   and safetensors header checks, mergekit references, the merge check,
-                  command line scaffolding, token spellings
+                  mergekit's tokenizer merge (plan_merged_vocab), command line scaffolding,
+                  token spellings
   constants       of the gate
   reading         sources, tokenizer.json, configs, safetensors headers (local or Hub)
   vocab           token -> id differences, tokens shared exactly and by bytes
   special tokens  roles, flags, the chat template
   encoding        merges, normalizer, pre-tokenizer, decoder, fingerprint
   weights         rows, ghost tokens, and with --mergekit-config the architecture
+  tokenizer merge tokenizer_source merges: the vocabulary audit, what still fails
+  merge audit     --audit / --plot: every model's task vector, streamed from its weights
   report          a comparison, JSON and human reports
   command line    build_parser, run, main
 """
@@ -40,6 +46,7 @@ import errno
 import functools
 import gc
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -52,11 +59,15 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import ne
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("compare_tokenizers")
 
@@ -847,6 +858,238 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     return ref.path
 
 
+# ---- merges that build their own tokenizer (tokenizer_source / tokenizer:) ------------
+# mergekit's tokenizer merge (mergekit/tokenizer/build.py and embed.py, 0.1.5): the
+# output tokenizer is the base's (`base`), a model's, or the base's with every other
+# model's tokens appended (`union`); each model's vocabulary rows are then permuted onto
+# it by token, and a row a model lacks comes from `tokenizer.tokens`, else from the one
+# model that holds the token, else from the base, else the mean of the holders (zero
+# when no model holds it).
+
+
+@dataclass(frozen=True)
+class ModelVocab:
+    """One model's tokens as the tokenizer merge reads them: token -> id, its added
+    tokens (content -> the five flags) and the rows its embedding has (ids at or past
+    them are ghost tokens)."""
+
+    name: str
+    vocab: Mapping[str, int]
+    added: Mapping[str, Mapping[str, bool]]
+    rows: int
+
+    @functools.cached_property
+    def held(self) -> dict[str, int]:
+        return {token: token_id for token, token_id in self.vocab.items() if 0 <= token_id < self.rows}
+
+
+@dataclass(frozen=True)
+class RowFill:
+    """Where a row a model lacks comes from: the mean of `models`' rows of `token` (or of
+    their row `token_id`), one model's row when `models` has one entry, zero when none."""
+
+    rule: str  # holder (the one model that has it) | base | mean | zero | tokens (tokenizer.tokens)
+    models: tuple[str, ...] = ()
+    token: str | None = None
+    token_id: int | None = None
+
+    def describe(self) -> str:
+        if not self.models:
+            return "zero"
+        what = self.token if self.token is not None else f"id {self.token_id}" if self.token_id is not None else None
+        of = f" (its row of {what!r})" if what is not None else ""
+        return f"{'mean of ' if len(self.models) > 1 else ''}{', '.join(self.models)}{of}"
+
+
+@dataclass(frozen=True)
+class MergedVocab:
+    """The tokenizer a merge with tokenizer_source gets and, per model, the rows it lacks."""
+
+    source: str  # union | base | a model
+    base: str
+    tokens: tuple[str, ...]  # the output tokenizer's tokens in id order
+    appended: Mapping[str, Mapping[str, bool]]  # tokens appended to the base's tokenizer -> flags
+    added_by: Mapping[str, tuple[str, ...]]  # model -> tokens it brings that the base lacks
+    fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its row comes from
+    ghosts: Mapping[str, tuple[tuple[str, int], ...]]  # model -> tokens at ids past its rows
+    size: int  # rows of the merged model (pad_to_multiple_of applied)
+    problems: tuple[str, ...] = ()  # what makes mergekit refuse the configuration
+    unreadable: tuple[str, ...] = ()  # ghost tokens mergekit fails on (the alignment fills them)
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "base": self.base,
+            "size": self.size,
+            "tokens": len(self.tokens),
+            "union": {"size": len(self.tokens), "added": {m: list(t) for m, t in self.added_by.items()}}
+            if self.source == "union"
+            else None,
+            "fills": {m: {t: fill.describe() for t, fill in fills.items()} for m, fills in self.fills.items()},
+            "ghosts": {m: [{"token": t, "id": i} for t, i in ghosts] for m, ghosts in self.ghosts.items() if ghosts},
+            "problems": list(self.problems + self.unreadable),
+            "warnings": list(self.warnings),
+        }
+
+
+def tokenizer_merge_settings(config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], int | None] | None:
+    """(source, tokens, pad_to_multiple_of) of a merge that builds its tokenizer, None for
+    one that merges rows by index. source: union, base, or the model's reference."""
+    block = config.get("tokenizer")
+    if config.get("tokenizer_source") is None and not isinstance(block, Mapping):
+        return None
+    block = block if isinstance(block, Mapping) else {}
+    source = config.get("tokenizer_source") if config.get("tokenizer_source") is not None else block.get("source", "union")
+    if isinstance(source, str) and source.startswith("model:"):
+        source = source[len("model:") :]
+    source = source if source in ("union", "base") else str(parse_model_reference(source))
+    tokens = {str(token): setting for token, setting in block["tokens"].items()} if isinstance(block.get("tokens"), Mapping) else {}
+    pad = block.get("pad_to_multiple_of")
+    return source, tokens, pad if isinstance(pad, int) and not isinstance(pad, bool) and pad > 0 else None
+
+
+def named_tokens(tokens: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, Any]:
+    """`tokenizer.tokens` with each model reference spelled as name_of(reference) (the
+    name a model has in plan_merged_vocab), so that two spellings of one model agree."""
+    renamed: dict[str, Any] = {}
+    for token, setting in tokens.items():
+        source = setting.get("source") if isinstance(setting, Mapping) else None
+        if isinstance(source, Mapping) and source.get("kind") == "model_token" and source.get("model") is not None:
+            source = {**source, "model": name_of(source["model"])}
+        elif source is not None and not isinstance(source, Mapping):
+            source = name_of(source)
+        renamed[token] = {**setting, "source": source} if isinstance(setting, Mapping) else setting
+    return renamed
+
+
+def merged_tokens(
+    models: Sequence[ModelVocab], base: ModelVocab, source: str, extra: Iterable[str]
+) -> tuple[list[str], dict[str, Mapping[str, bool]]]:
+    """The output tokenizer's tokens in id order and those appended to the base's (with
+    flags), as build_tokenizer orders them: the base's (held) tokens; for a union then
+    every other model's regular tokens, then every added token (first flags win); then
+    the tokens of `tokenizer.tokens`."""
+    if source not in ("union", "base"):
+        chosen = next(m for m in models if m.name == source)
+        tokens = sorted(chosen.vocab, key=chosen.vocab.__getitem__)
+    else:
+        held = base.held
+        tokens = sorted(held, key=held.__getitem__)
+    seen = set(tokens)
+    appended: dict[str, Mapping[str, bool]] = {}
+
+    def append(token: str, flags: Mapping[str, bool]) -> None:
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+            appended[token] = flags
+
+    order = [base, *(m for m in models if m is not base)]
+    if source == "union":
+        added_anywhere = {token for m in order for token in m.added if token in m.held}
+        plain = {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False}
+        for m in order:
+            held = m.held
+            for token in sorted(held, key=held.__getitem__):
+                if token not in added_anywhere:
+                    append(token, plain)
+        for m in order:
+            held = m.held
+            for token in sorted((t for t in m.added if t in held), key=held.__getitem__):
+                append(token, m.added[token])
+    for token in extra:
+        append(token, {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False})
+    return tokens, appended
+
+
+def configured_fill(token: str, setting: Any, by_name: Mapping[str, ModelVocab]) -> RowFill | str:
+    """A `tokenizer.tokens` entry's source as a RowFill, or why mergekit fails on it."""
+    source = setting.get("source") if isinstance(setting, Mapping) else None
+    if isinstance(source, Mapping) and source.get("kind") == "zero":
+        return RowFill("tokens")
+    if isinstance(source, Mapping) and source.get("kind") == "model_token":
+        model = str(parse_model_reference(source.get("model")))
+        if model not in by_name:
+            return f"tokenizer.tokens[{token!r}]: its source {model} is not a model of the merge"
+        if source.get("token_id") is not None:
+            token_id = source["token_id"]
+            if not is_int(token_id) or not 0 <= token_id < by_name[model].rows:
+                return f"tokenizer.tokens[{token!r}]: token_id {token_id!r} is not a row of {model} ({by_name[model].rows} rows)"
+            return RowFill("tokens", (model,), token_id=int(token_id))
+        if source.get("token") not in by_name[model].held:
+            return f"tokenizer.tokens[{token!r}]: {model} has no token {source.get('token')!r}"
+        return RowFill("tokens", (model,), token=str(source["token"]))
+    if source is None:
+        return f"tokenizer.tokens[{token!r}]: no source (mergekit needs source: a model, {{kind: zero}} or {{kind: model_token, ...}})"
+    model = str(parse_model_reference(source))
+    if model not in by_name:
+        return f"tokenizer.tokens[{token!r}]: its source {model} is not a model of the merge"
+    if token not in by_name[model].held:
+        return f"tokenizer.tokens[{token!r}]: its source {model} lacks the token"
+    return RowFill("tokens", (model,))
+
+
+def plan_merged_vocab(
+    models: Sequence[ModelVocab], base_name: str | None, source: str, tokens: Mapping[str, Any], pad_to_multiple_of: int | None
+) -> MergedVocab:
+    """The tokenizer merge of mergekit, decided from the models' vocabularies alone (pure).
+    `base_name`: the base_model (None: the first model). A ghost token of the output's
+    vocabulary is a problem: mergekit indexes its missing row and fails."""
+    base = next((m for m in models if m.name == base_name), models[0])
+    if source not in ("union", "base") and source not in {m.name for m in models}:
+        raise CliError(f"tokenizer source {source} is not a model of the merge")
+    out, appended = merged_tokens(models, base, source, tokens)
+    holders = {m.name: m.held for m in models}
+    problems: list[str] = []
+    unreadable: list[str] = []
+    warnings: list[str] = []
+    shared_fills: dict[str, RowFill] = {}
+    for token in out:
+        setting = tokens.get(token)
+        if setting is not None:
+            fill = configured_fill(token, setting, {m.name: m for m in models})
+            if isinstance(fill, str):
+                problems.append(fill)
+                continue
+        else:
+            owners = tuple(m.name for m in models if token in holders[m.name])
+            if not owners:
+                warnings.append(f"{token!r} is held by no model: its row is zero")
+            fill = RowFill(
+                "holder" if len(owners) == 1 else "zero" if not owners else "base" if base.name in owners else "mean",
+                (base.name,) if len(owners) > 1 and base.name in owners else owners,
+            )
+        shared_fills[token] = fill
+    fills: dict[str, dict[str, RowFill]] = {}
+    forced = {t for t, s in tokens.items() if isinstance(s, Mapping) and s.get("force")}
+    for m in models:
+        fills[m.name] = {t: shared_fills[t] for t in out if t in shared_fills and (t not in holders[m.name] or t in forced)}
+        for token, token_id in sorted(m.vocab.items(), key=lambda item: item[1]):
+            if token_id >= m.rows and token in shared_fills:
+                unreadable.append(
+                    f"{m.name} lists {token!r} at id {token_id}, past its {m.rows} embedding rows (a ghost token): mergekit's "
+                    "tokenizer merge fails on it; remap_tokenizer.py --mergekit-config fills the row from the models that hold it"
+                )
+    return MergedVocab(
+        source=source,
+        base=base.name,
+        tokens=tuple(out),
+        appended=appended,
+        added_by={m.name: tuple(t for t in out if t in holders[m.name] and t not in holders[base.name]) for m in models if m is not base},
+        fills=fills,
+        ghosts={m.name: tuple(sorted(((t, i) for t, i in m.vocab.items() if i >= m.rows), key=lambda item: item[1])) for m in models},
+        size=round_up(len(out), pad_to_multiple_of),
+        problems=tuple(dict.fromkeys(problems)),
+        unreadable=tuple(unreadable),
+        warnings=tuple(dict.fromkeys(warnings)),
+    )
+
+
+def round_up(value: int, multiple: int | None) -> int:
+    return value if not multiple else -(-value // multiple) * multiple
+
+
 class LogFormatter(logging.Formatter):
     """`warning: ...` and `error: ...` as the one-line errors read; plain text for progress."""
 
@@ -1085,6 +1328,8 @@ def mergekit_config_problems(config: Mapping[str, Any], methods: Mapping[str, tu
         value = config.get(key)
         if value is not None and str(value).removeprefix("torch.") not in MERGEKIT_DTYPES:
             problems.append(f"{key} {value!r} is not one mergekit knows ({', '.join(MERGEKIT_DTYPES)})")
+    if config.get("tokenizer_source") is not None and config.get("tokenizer") is not None:
+        problems.append("tokenizer_source and tokenizer: are both given (mergekit: 'Cannot specify both'); keep one")
     models = config.get("models") if isinstance(config.get("models"), list) else []
     base = model_identity(config["base_model"]) if config.get("base_model") is not None else None
     shared = config.get("parameters") if isinstance(config.get("parameters"), Mapping) else {}
@@ -2234,7 +2479,8 @@ def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckR
     if unchecked:
         summary += f"; {unchecked[0]} not checked (no safetensors)"
         lines.append(f"{unchecked[0]}: not checked (no safetensors)")
-    return CheckResult("weights", "fail" if problems else "ok", summary, {**sides, "not_checked": unchecked}, tuple(lines))
+    details = {**sides, "not_checked": unchecked, "problems": problems}
+    return CheckResult("weights", "fail" if problems else "ok", summary, details, tuple(lines))
 
 
 def architecture_check(base: ModelFacts | None, other: ModelFacts | None, strict: bool, same_layers: bool, lora: str | None) -> CheckResult:
@@ -2290,6 +2536,541 @@ def with_architecture(
 
 
 # ======================================================================================
+# Merges that build their tokenizer: the vocabulary audit (tokenizer_source / tokenizer:)
+# ======================================================================================
+
+
+def model_vocab(name: str, info: TokenizerInfo) -> ModelVocab:
+    """A model's tokens and rows for plan_merged_vocab: rows from the embedding (else
+    config.json's vocab_size, else one per token)."""
+    rows = info.weights.rows if info.weights is not None else None
+    if rows is None:
+        rows = max(info.vocab.values(), default=-1) + 1
+    return ModelVocab(name, info.vocab, {t.content: t.flags() for t in sorted(info.added_tokens, key=lambda t: t.id)}, rows)
+
+
+def merged_chat_template(config: Mapping[str, Any], merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> str | None:
+    """The chat template the merged model gets: the YAML's own (a literal template, or
+    `auto`: the most common of the models'), else that of the tokenizer it takes; None
+    for a template mergekit names (its own files)."""
+    wanted = config.get("chat_template")
+    if isinstance(wanted, str) and "{" in wanted:
+        return wanted
+    if wanted == "auto":
+        templates = [info.chat_template.strip() for info in info_of.values() if info.chat_template]
+        return max(templates, key=templates.count) if templates else None
+    if wanted:
+        return None
+    return info_of[merged.base if merged.source in ("union", "base") else merged.source].chat_template
+
+
+def tokenizer_merge_problems(config: Mapping[str, Any], merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> list[str]:
+    """What still fails when mergekit maps rows by token: ghost tokens it cannot read and
+    bad `tokenizer.tokens` (plan_merged_vocab), special tokens of the merged tokenizer it
+    lacks, a chat template that writes tokens the merged tokenizer lacks."""
+    problems = list(merged.problems + merged.unreadable)
+    out = set(merged.tokens)
+    taken = info_of[merged.base if merged.source in ("union", "base") else merged.source]
+    missing_special = sorted({token for token in taken.special_tokens.values() if token and token not in out})
+    if missing_special:
+        problems.append(f"the merged tokenizer lacks its own special token(s) {', '.join(map(repr, missing_special))} (ghost tokens)")
+    every_added = dict.fromkeys(t.content for info in info_of.values() for t in info.added_tokens)
+    template = merged_chat_template(config, merged, info_of)
+    lacking = [token for token in template_special_tokens(template, every_added) if token not in out]
+    if lacking:
+        problems.append(
+            f"the chat template writes {', '.join(map(repr, lacking[:5]))}, which the merged tokenizer lacks: "
+            "chats would be tokenized as plain text"
+        )
+    return problems
+
+
+def by_token(comparison: Comparison, source: str) -> Comparison:
+    """A comparison under a tokenizer merge: a vocabulary that differs is mapped by token
+    (not a failure), and so are differing row counts and ghost tokens (judged by the
+    vocabulary audit instead); every other check stands."""
+    checks = []
+    for check in comparison.checks:
+        if check.name == "vocab" and check.status == "fail":
+            summary = check.summary.replace("MISMATCH: ", f"differs, mergekit maps the rows by token (tokenizer_source: {source}): ", 1)
+            check = dataclasses.replace(check, status="ok", summary=summary)
+        elif check.name == "weights" and check.status == "fail":
+            problems = [
+                p for p in check.details.get("problems", []) if "ghost token" not in p and not p.startswith("embedding rows differ")
+            ]
+            summary = "; ".join(problems) or f"{check.summary} (mapped by token; ghost tokens: see the merge's tokenizer above)"
+            check = dataclasses.replace(check, status="fail" if problems else "ok", summary=summary)
+        checks.append(check)
+    return dataclasses.replace(comparison, checks=tuple(checks), mapped_by=source)
+
+
+def render_tokenizer_merge(merged: MergedVocab, head: int) -> list[str]:
+    """The vocabulary audit, human-readable: the tokenizer the merge gets, the tokens each
+    model adds, and for each model the rows it lacks and where they come from."""
+    what = {"union": f"the union of {len(merged.fills)} models' tokenizers", "base": f"the base's ({merged.base})"}
+    lines = [
+        f"tokenizer  {what.get(merged.source, f'that of {merged.source}')}: {len(merged.tokens)} tokens"
+        + (f", {merged.size} rows" if merged.size != len(merged.tokens) else "")
+        + "; mergekit maps every model's rows by token"
+    ]
+    for model, added in merged.added_by.items():
+        if added:
+            shown = ", ".join(repr(t) for t in added[:head]) + (f", ... ({len(added)})" if len(added) > head else "")
+            lines.append(f"  {model} adds {len(added)}: {shown}")
+    for model, fills in merged.fills.items():
+        if fills:
+            shown = "; ".join(f"{t!r} <- {fill.describe()}" for t, fill in list(fills.items())[:head])
+            lines.append(f"  {model} lacks {len(fills)}: {shown}" + (" ..." if len(fills) > head else ""))
+    lines += [f"  warning: {text}" for text in merged.warnings[:head]]
+    return lines
+
+
+# ======================================================================================
+# Merge audit (--audit, --plot): what each model contributes, from its weights
+# ======================================================================================
+
+AUDIT_BLOCK_BYTES = 3 * 2**20  # float32 values read and computed at a time, all models together: the CPU cache's share
+AUDIT_WORKERS = 2  # numpy releases the GIL in reads, conversions and BLAS: two tensors at a time
+GRAM_BY_DOTS = 8  # up to this many models, the task vectors' Gram matrix by dot products
+NEAR_DUPLICATE, CONFLICTING = 0.95, -0.3  # task-vector cosines named in the report
+LOW_SHARE, HIGH_SHARE = 0.02, 0.5
+LAYER_OUTLIER = 3.0  # a layer that moved this many times the model's median layer is named
+TOP_TENSORS = 5
+AUDIT_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: file, absolute offset, dtype and shape."""
+
+    file: Path
+    start: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorSums:
+    """One tensor, streamed through every model: the Gram matrix of the models' task
+    vectors (their difference from the reference), and the reference's squared norm."""
+
+    name: str
+    gram: np.ndarray  # (models, models) float64: <d_i, d_j>
+    reference_square: float
+    vocabulary: bool = False
+
+
+@dataclass(frozen=True)
+class ModelAudit:
+    model: str
+    weight: float | None  # None: not in the YAML's models (the base of a task-arithmetic merge)
+    task_vector_norm: float
+    relative_norm: float
+    share: float | None  # None for the reference model itself
+    layers: tuple[float, ...]
+    top_tensors: tuple[tuple[str, float, float], ...]  # (tensor, norm, norm / the reference's)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "weight": self.weight,
+            "task_vector_norm": self.task_vector_norm,
+            "relative_norm": self.relative_norm,
+            "share": self.share,
+            "layers": list(self.layers),
+            "top_tensors": [{"tensor": t, "norm": n, "relative": r} for t, n, r in self.top_tensors],
+        }
+
+
+@dataclass(frozen=True)
+class MergeAudit:
+    reference: str  # the base model, or "mean of the models"
+    models: tuple[ModelAudit, ...]
+    pairs: tuple[tuple[str, str, float], ...]
+    vocabulary: tuple[tuple[str, str, float], ...]  # (model, tensor, task-vector norm), reported apart
+    flags: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+    bytes_read: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "models": [m.to_dict() for m in self.models],
+            "pairs": [{"a": a, "b": b, "cosine": c} for a, b, c in self.pairs],
+            "vocabulary_tensors": [{"model": m, "tensor": t, "norm": n} for m, t, n in self.vocabulary],
+            "flags": list(self.flags),
+            "skipped": list(self.skipped),
+            "bytes_read": self.bytes_read,
+        }
+
+
+def merge_weights(config: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, float]:
+    """Each model's weight in the YAML (`parameters.weight`, else the shared one, else 1): a
+    gradient list by its mean, a per-tensor list ({filter, value}) by the mean of its values."""
+
+    def value(raw: Any) -> float | None:
+        if isinstance(raw, bool):
+            return None
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, list) and raw:
+            values = [value(item.get("value") if isinstance(item, Mapping) else item) for item in raw]
+            numbers = [v for v in values if v is not None]
+            return sum(numbers) / len(numbers) if numbers else None
+        return None
+
+    shared = config.get("parameters") if isinstance(config.get("parameters"), Mapping) else {}
+    default = value(shared.get("weight"))
+    weights: dict[str, float] = {}
+    entries = [e for e in config.get("models") or [] if isinstance(e, Mapping)]
+    entries += [s for slice_ in config.get("slices") or [] if isinstance(slice_, Mapping) for s in slice_.get("sources") or []]
+    for entry in entries:
+        if isinstance(entry, Mapping) and entry.get("model") is not None:
+            parameters = entry.get("parameters") if isinstance(entry.get("parameters"), Mapping) else {}
+            own = value(parameters.get("weight"))
+            weights.setdefault(name_of(entry["model"]), own if own is not None else default if default is not None else 1.0)
+    return weights
+
+
+def layer_of(name: str) -> int | None:
+    match = LAYER_INDEX_RE.search(name)  # the shared block's: group 1 is the prefix, the index follows it
+    return int(name[match.end(1) : match.end() - 1]) if match else None
+
+
+def summarize_audit(names: Sequence[str], weights: Mapping[str, float], sums: Sequence[TensorSums], reference: str | None) -> MergeAudit:
+    """Every figure of the audit from the per-tensor sums (pure). `reference`: the base
+    model's name (its own task vector is zero: it takes no share), None for the mean."""
+    import numpy as np
+
+    body = [s for s in sums if not s.vocabulary]
+    square = np.sum([s.gram.diagonal() for s in body], axis=0) if body else np.zeros(len(names))
+    norms = np.sqrt(square)
+    reference_norm = math.sqrt(sum(s.reference_square for s in body)) or 1.0
+    voices = {n: weights.get(n, 1.0) * float(norms[i]) for i, n in enumerate(names) if n != reference}
+    total_voice = sum(abs(v) for v in voices.values()) or 1.0
+    layer_count = max((layer_of(s.name) for s in body if layer_of(s.name) is not None), default=-1) + 1
+    layer_square = np.zeros((len(names), layer_count))
+    for s in body:
+        layer = layer_of(s.name)
+        if layer is not None:
+            layer_square[:, layer] += s.gram.diagonal()
+    models = []
+    for i, name in enumerate(names):
+        ranked = sorted(body, key=lambda s: -s.gram[i, i])[:TOP_TENSORS] if name != reference else []
+        top = tuple(
+            (s.name, math.sqrt(s.gram[i, i]), math.sqrt(s.gram[i, i] / s.reference_square) if s.reference_square else math.inf)
+            for s in ranked
+        )
+        share = abs(voices[name]) / total_voice if name in voices else None
+        models.append(
+            ModelAudit(
+                name,
+                weights.get(name),
+                float(norms[i]),
+                float(norms[i]) / reference_norm,
+                share,
+                tuple(np.sqrt(layer_square[i]).tolist()),
+                top,
+            )
+        )
+    gram = np.sum([s.gram for s in body], axis=0) if body else np.zeros((len(names), len(names)))
+    pairs = tuple(
+        (names[i], names[j], float(gram[i, j] / (norms[i] * norms[j])) if norms[i] and norms[j] else 0.0)
+        for i, j in itertools.combinations(range(len(names)), 2)
+        if reference not in (names[i], names[j])
+    )
+    vocabulary = tuple((n, s.name, math.sqrt(s.gram[i, i])) for s in sums if s.vocabulary for i, n in enumerate(names) if n != reference)
+    return MergeAudit(
+        "mean of the models" if reference is None else reference, tuple(models), pairs, vocabulary, audit_flags(models, pairs)
+    )
+
+
+def audit_flags(models: Sequence[ModelAudit], pairs: Sequence[tuple[str, str, float]]) -> tuple[str, ...]:
+    """What the human report points at: a model that hardly contributes or dominates,
+    near-duplicate and conflicting pairs, a layer far out of a model's line."""
+    import numpy as np
+
+    flags = []
+    voiced = [m for m in models if m.share is not None]
+    for m in voiced:
+        if m.share is not None and m.share < LOW_SHARE:
+            flags.append(f"{m.model} hardly contributes (share {m.share:.1%}): drop it or raise its weight")
+        if m.share is not None and m.share > HIGH_SHARE and len(voiced) >= 3:
+            flags.append(f"{m.model} dominates the merge (share {m.share:.1%})")
+    for a, b, cosine in pairs:
+        if cosine >= NEAR_DUPLICATE:
+            flags.append(f"{a} and {b} are near-duplicates (task-vector cosine {cosine:.3f}): one of them adds little")
+        elif cosine <= CONFLICTING:
+            flags.append(f"{a} and {b} conflict (task-vector cosine {cosine:.3f}): their changes cancel in a linear merge")
+    for m in voiced:
+        moved = [value for value in m.layers if value > 0]
+        median = float(np.median(moved)) if len(moved) >= 3 else 0.0
+        outliers = [layer for layer, value in enumerate(m.layers) if median and value > LAYER_OUTLIER * median]
+        for run in consecutive_runs(outliers):
+            ratios = [m.layers[layer] / median for layer in run]
+            where = f"layer {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}"
+            low, high = min(ratios), max(ratios)
+            flags.append(f"{m.model}: {where} moved {low:.1f}x" + (f"-{high:.1f}x" if high - low >= 0.05 else "") + " its median layer")
+    return tuple(flags)
+
+
+def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a local safetensors checkpoint, from its headers."""
+    files = local_safetensors_files(directory)
+    if not files:
+        raise CliError(f"{directory}: --audit reads the weights, and there are no safetensors shards here")
+    tensors = {}
+    for file in files:
+        header, data_start = read_safetensors_header(file)
+        for name, entry in header.items():
+            tensors[name] = StoredTensor(file, data_start + entry["data_offsets"][0], entry["dtype"], tuple(entry["shape"]))
+    return tensors
+
+
+def model_weights_dir(resolved: ResolvedSource) -> Path:
+    """A model's directory with its safetensors: local as is; a Hub repo's shards are
+    downloaded into the Hub cache (the merge downloads them anyway)."""
+    if local_safetensors_files(resolved.directory):
+        return resolved.directory
+    if not (looks_like_hub_id(resolved.name) and not Path(resolved.name).exists()):
+        raise CliError(f"{resolved.directory}: --audit reads the weights, and there are no safetensors shards here")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved.name, revision=resolved.revision, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as exc:  # HTTP, offline, gated: one line
+        raise CliError(hub_failure(resolved.name, resolved.revision, exc)) from exc
+
+
+def audit_plan(stored: Sequence[Mapping[str, StoredTensor]], vocabulary: set[str]) -> tuple[list[str], list[str]]:
+    """(the tensors every model holds alike, in the first model's file order; why the
+    others are skipped). Shapes that differ outside the vocabulary are the architecture
+    check's to refuse; vocabulary tensors of different row counts are skipped."""
+    first = stored[0]
+    names, skipped = [], []
+    for name in sorted(first, key=lambda n: (str(first[n].file), first[n].start)):
+        entries = [tensors.get(name) for tensors in stored]
+        if any(entry is None or entry.shape != first[name].shape for entry in entries):
+            skipped.append(f"{name}: " + ("shapes differ" if name in vocabulary else "not in every model"))
+        elif any(entry.dtype not in AUDIT_DTYPES for entry in entries if entry is not None):
+            skipped.append(f"{name}: dtype {', '.join(sorted({e.dtype for e in entries if e is not None}))} is not compared")
+        elif first[name].count:
+            names.append(name)
+    return names, skipped
+
+
+def read_raw(handle: int, tensor: StoredTensor, first: int, count: int, raw: np.ndarray) -> np.ndarray:
+    """The bytes of elements [first, first + count) of a tensor, read with pread into `raw`
+    (not mmap: mapped pages count in RSS, and a file truncated meanwhile is a SIGBUS)."""
+    size = AUDIT_DTYPES[tensor.dtype]
+    view, offset, done = memoryview(raw[: count * size]), tensor.start + first * size, 0
+    while done < len(view):
+        got = os.preadv(handle, [view[done:]], offset + done)
+        if got <= 0:
+            raise CliError(f"{tensor.file}: ended while reading it (truncated meanwhile?); re-download it")
+        done += got
+    return raw[: count * size]
+
+
+def widen(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Raw values as float32 into `out`: bf16 by its bits (the high half of a float32)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        np.left_shift(raw.view(np.uint16), np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, raw.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]), casting="unsafe")
+
+
+def tensor_sums(
+    name: str,
+    stored: Sequence[Mapping[str, StoredTensor]],
+    handles: Sequence[Mapping[Path, int]],
+    reference: int | None,
+    vocabulary: bool,
+    progress: Callable[[int], None],
+) -> TensorSums:
+    """Stream one tensor through every model, a block at a time: each model's slice is read
+    and computed while it is in the CPU cache (AUDIT_BLOCK_BYTES of float32 for all models:
+    2.5x the speed of whole-tensor numpy, which is bound by memory bandwidth)."""
+    import numpy as np
+
+    tensors = [s[name] for s in stored]
+    count, models = tensors[0].count, len(tensors)
+    block = min(count, max(4096, AUDIT_BLOCK_BYTES // (4 * models)))
+    raws = [np.empty(block * AUDIT_DTYPES[t.dtype], dtype=np.uint8) for t in tensors]
+    values = np.empty((models, block), dtype=np.float32)
+    centre = np.empty(block, dtype=np.float32)
+    moving = [k for k in range(models) if k != reference]  # the reference's own task vector is zero
+    gram = np.zeros((models, models))
+    reference_square = 0.0
+    for first in range(0, count, block):
+        check_interrupt()
+        n = min(block, count - first)
+        for k, tensor in enumerate(tensors):
+            widen(read_raw(handles[k][tensor.file], tensor, first, n, raws[k]), tensor.dtype, values[k, :n])
+        middle = np.mean(values[:, :n], axis=0, out=centre[:n]) if reference is None else values[reference, :n]
+        for k in moving:
+            np.subtract(values[k, :n], middle, out=values[k, :n])
+        gram[np.ix_(moving, moving)] += task_vector_gram(
+            values[moving, :n] if len(moving) > GRAM_BY_DOTS else [values[k, :n] for k in moving]
+        )
+        reference_square += float(np.dot(middle, middle))
+        progress(sum(n * AUDIT_DTYPES[t.dtype] for t in tensors))
+    return TensorSums(name, gram, reference_square, vocabulary)
+
+
+def task_vector_gram(rows: Any) -> np.ndarray:
+    """<d_i, d_j> of a chunk's task vectors: a BLAS dot per pair for a few models (a GEMM
+    of a few rows by millions of columns runs at a third of the speed), a GEMM for many."""
+    import numpy as np
+
+    if isinstance(rows, list):
+        gram = np.zeros((len(rows), len(rows)))
+        for i, j in itertools.combinations_with_replacement(range(len(rows)), 2):
+            gram[i, j] = gram[j, i] = float(np.dot(rows[i], rows[j]))
+        return gram
+    return (rows @ rows.T).astype(np.float64)
+
+
+def run_audit(
+    names: Sequence[str], directories: Sequence[Path], vocabulary: Sequence[set[str]], base: str | None, weights: Mapping[str, float]
+) -> MergeAudit:
+    """Read every compared tensor of every model once (AUDIT_WORKERS tensors at a time),
+    with a progress bar by bytes on stderr, and summarize."""
+    stored = [stored_tensors(directory) for directory in directories]
+    vocab_names = set().union(*vocabulary)
+    tensor_names, skipped = audit_plan(stored, vocab_names)
+    total = sum(AUDIT_DTYPES[s[n].dtype] * s[n].count for n in tensor_names for s in stored)
+    reference = list(names).index(base) if base is not None and base in names else None
+    files = [{t.file for t in s.values()} for s in stored]
+    handles = [{file: os.open(file, os.O_RDONLY) for file in model_files} for model_files in files]
+    bar = AuditProgress(total)
+    try:
+        with ThreadPoolExecutor(AUDIT_WORKERS) as pool:
+            sums = list(pool.map(lambda n: tensor_sums(n, stored, handles, reference, n in vocab_names, bar.update), tensor_names))
+    finally:
+        bar.close()
+        for model_handles in handles:
+            for handle in model_handles.values():
+                os.close(handle)
+    audit = summarize_audit(names, weights, sums, names[reference] if reference is not None else None)
+    return dataclasses.replace(audit, skipped=tuple(skipped), bytes_read=total)
+
+
+class AuditProgress:
+    """A tqdm bar by bytes on stderr (a terminal only), updated from the worker threads."""
+
+    def __init__(self, total: int) -> None:
+        self.lock = threading.Lock()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="audit", file=sys.stderr, leave=False)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def vocabulary_tensor_names(info: TokenizerInfo) -> set[str]:
+    """The tensors of a model that hold a row per token (reported apart by the audit)."""
+    weights = info.weights
+    if weights is None or weights.tensors is None or weights.rows is None:
+        return set()
+    return {n for n, (_, shape) in weights.tensors.items() if per_token_name(n) and token_count(shape, weights.rows) == weights.rows}
+
+
+def short_names(names: Sequence[str]) -> dict[str, str]:
+    """Chart labels: each name's last path component, or as many as tell the names apart."""
+    for depth in range(1, 8):
+        short = {name: "/".join(name.rstrip("/").split("/")[-depth:]) for name in names}
+        if len(set(short.values())) == len(set(names)):
+            return short
+    return {name: name for name in names}
+
+
+def consecutive_runs(values: Sequence[int]) -> list[list[int]]:
+    """[1, 2, 3, 7] -> [[1, 2, 3], [7]]."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return runs
+
+
+def render_audit(audit: MergeAudit) -> list[str]:
+    """The audit as the human report shows it."""
+    width = max(len(m.model) for m in audit.models)
+    read = f"{audit.bytes_read / 1e9:.2f} GB" if audit.bytes_read >= 1e9 else f"{audit.bytes_read / 1e6:.1f} MB"
+    lines = ["", f"audit  against {audit.reference} ({read} of weights read)"]
+    lines.append(f"  {'model':<{width}}  {'weight':>6}  {'task vector':>11}  {'relative':>8}  {'share':>6}  most moved tensor (relative)")
+    for m in audit.models:
+        share = f"{m.share:.1%}" if m.share is not None else "base"
+        weight = f"{m.weight:.3g}" if m.weight is not None else "-"
+        top = f"{m.top_tensors[0][0]} ({m.top_tensors[0][2]:.3g})" if m.top_tensors else "-"
+        lines.append(f"  {m.model:<{width}}  {weight:>6}  {m.task_vector_norm:>11.4g}  {m.relative_norm:>8.4f}  {share:>6}  {top}")
+    shown = [p for p in audit.pairs if len(audit.pairs) <= 10 or not CONFLICTING < p[2] < NEAR_DUPLICATE]
+    lines += [f"  cosine  {a}  ~  {b}: {c:+.3f}" for a, b, c in shown]
+    if len(shown) < len(audit.pairs):
+        lines.append(f"  ({len(audit.pairs) - len(shown)} more pairs between {CONFLICTING} and {NEAR_DUPLICATE}: see --json)")
+    lines += [f"  note  {flag}" for flag in audit.flags]
+    if audit.skipped:
+        lines.append(f"  {len(audit.skipped)} tensor(s) not compared, e.g. {audit.skipped[0]}")
+    return lines
+
+
+def write_audit_plot(audit: MergeAudit, path: Path) -> None:
+    """Share per model (bars) and the per-layer task-vector norms (a heatmap, models by
+    layers), labelled with the model names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    voiced = [m for m in audit.models if m.share is not None]
+    short = short_names([m.model for m in audit.models] + [audit.reference])
+    labels = [short[m.model] for m in voiced]
+    figure, (bars, heat) = plt.subplots(1, 2, figsize=(14, 1.5 + 0.5 * len(voiced)), gridspec_kw={"width_ratios": [1, 2]})
+    shares = [100 * (m.share or 0) for m in voiced]
+    bars.barh(labels, shares, color="tab:blue")
+    for row, share in enumerate(shares):
+        bars.annotate(f"{share:.1f} %", (share, row), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlim(0, max(shares, default=0) * 1.2 or 1)
+    bars.set_xlabel("share of the merge (%)")
+    bars.set_title(f"share: weight x task vector, against {short[audit.reference]}")
+    layers = max((len(m.layers) for m in voiced), default=0)
+    grid = [list(m.layers) + [0.0] * (layers - len(m.layers)) for m in voiced]
+    image = heat.imshow(grid, aspect="auto", cmap="viridis")
+    heat.set_yticks(range(len(voiced)), labels=labels)
+    heat.set_xlabel("decoder layer")
+    heat.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    heat.set_title("task-vector norm per layer")
+    figure.colorbar(image, ax=heat, label="||model - reference||")
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as exc:
+        raise CliError(f"--plot {path}: cannot write it ({exc.strerror})") from exc
+    finally:
+        plt.close(figure)
+
+
+# ======================================================================================
 # A comparison and its report
 # ======================================================================================
 
@@ -2315,6 +3096,7 @@ class Comparison:
     other: str
     vocab: VocabDiff
     checks: tuple[CheckResult, ...]
+    mapped_by: str | None = None  # the tokenizer_source of a merge that maps rows by token
 
     @property
     def failed(self) -> bool:
@@ -2329,6 +3111,8 @@ class Comparison:
         """Never "safe" on what was not checked."""
         if self.failed:
             return "MISMATCH: do not merge linearly"
+        if self.mapped_by is not None and not self.vocab.equal:
+            return f"vocabularies differ: mergekit maps the rows by token (tokenizer_source: {self.mapped_by})"
         if self.weights_checked:
             return "identical: safe to merge linearly"
         weights = next(check for check in self.checks if check.name == "weights")
@@ -2344,7 +3128,7 @@ class Comparison:
         return {
             "other": self.other,
             "equal": self.vocab.equal,
-            "verdict": "mismatch" if self.failed else "identical",
+            "verdict": "mismatch" if self.failed else "mapped" if self.mapped_by is not None and not self.vocab.equal else "identical",
             "verdict_text": self.verdict_text(),
             "weights_checked": self.weights_checked,
             "checks": {check.name: check.to_dict() for check in self.checks},
@@ -2368,7 +3152,13 @@ def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int
 
 
 def build_report(
-    ref: TokenizerInfo, comparisons: Sequence[Comparison], *, strict: bool, weights: bool, merge_problems: Sequence[str] | None = None
+    ref: TokenizerInfo,
+    comparisons: Sequence[Comparison],
+    *,
+    strict: bool,
+    weights: bool,
+    merge_problems: Sequence[str] | None = None,
+    merged: MergedVocab | None = None,
 ) -> dict[str, Any]:
     failed = any(c.failed for c in comparisons) or bool(merge_problems)
     report = {
@@ -2389,11 +3179,19 @@ def build_report(
     }
     if merge_problems is not None:
         report["merge"] = {"status": "fail" if merge_problems else "ok", "problems": list(merge_problems)}
+    if merged is not None:
+        audit = merged.to_dict()
+        report.setdefault("merge", {"status": "fail" if merge_problems else "ok", "problems": list(merge_problems or [])})
+        report["merge"] |= {"tokenizer": audit, "union": audit.pop("union"), "fills": audit.pop("fills")}
     return report
 
 
 def render_human(
-    ref: TokenizerInfo, comparisons: Sequence[Comparison], color: bool = False, merge_problems: Sequence[str] | None = None
+    ref: TokenizerInfo,
+    comparisons: Sequence[Comparison],
+    color: bool = False,
+    merge_problems: Sequence[str] | None = None,
+    merged_lines: Sequence[str] = (),
 ) -> str:
     def paint(text: str, status: str) -> str:
         codes = {"ok": "32", "warn": "33", "fail": "31"}
@@ -2402,12 +3200,13 @@ def render_human(
     out: list[str] = [f"REF    {ref.source}  ({ref.model_type}, {len(ref.vocab)} tokens, {ref.convention})"]
     if merge_problems:
         out += [f"merge  {paint('FAIL', 'fail')} {problem}" for problem in merge_problems]
+    out += list(merged_lines)
     if len(comparisons) > 1:
         width = max(len(c.other) for c in comparisons)
         out.append("")
         out.append(f"{'model':<{width}}  {'tokens':>7}  verdict")
         for comparison in comparisons:
-            verdict = "MISMATCH" if comparison.failed else "identical"
+            verdict = "MISMATCH" if comparison.failed else "mapped" if comparison.mapped_by and not comparison.vocab.equal else "identical"
             bad = [check.name for check in comparison.checks if check.status == "fail"]
             note = f" ({', '.join(bad)})" if bad else ""
             out.append(f"{comparison.other:<{width}}  {comparison.vocab.other_size:>7}  {paint(verdict, 'fail' if bad else 'ok')}{note}")
@@ -2480,6 +3279,7 @@ def build_parser() -> argparse.ArgumentParser:
     checks.add_argument(
         *flag("--strict"), action="store_true", help="also fail on special-token, chat-template, encoding and inherited-config differences"
     )
+    add_audit_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument(
         *flag("--json"), action="store_true", help="print one JSON document on stdout instead of the human report (errors too)"
@@ -2497,7 +3297,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    audit = parser.add_argument_group("merge audit (--mergekit-config)")
+    audit.add_argument(
+        *flag("--audit"),
+        action="store_true",
+        help="read every model's weights (once, streamed) and report what each contributes: task-vector norms against "
+        "the base, shares, per-layer norms, cosines between models (needs numpy)",
+    )
+    audit.add_argument(
+        *flag("--plot"),
+        type=Path,
+        metavar="FILE",
+        help="also draw the audit (share per model, per-layer norms) into FILE (.png, .svg, .pdf); implies --audit; "
+        "needs matplotlib: pip install 'merge_tools[plot]'",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_audit_options(args)
     if args.mergekit_config is not None:
         if args.sources:
             raise CliError("give either REF OTHER... or --mergekit-config, not both")
@@ -2522,19 +3340,119 @@ def run(args: argparse.Namespace) -> int:
         if len(sources) < 2:
             raise CliError("need a reference and at least one other tokenizer (or --mergekit-config FILE)")
     resolved = [resolve_tokenizer(source, args.revision) for source in sources]
+    if args.plot is not None:
+        refuse_plot_inside_models(args.plot, resolved)
     infos = read_tokenizer_infos(resolved, args.weights)
     ref = infos[0]
     comparisons = [compare(ref, other, strict=args.strict, head=args.head, weights=args.weights) for other in infos[1:]]
     merge_problems = None
     if args.mergekit_config is not None and args.weights:
         comparisons, merge_problems = with_architecture(config, source_of, sources, infos, comparisons, args.strict)
-    report = build_report(ref, comparisons, strict=args.strict, weights=args.weights, merge_problems=merge_problems)
+    merged = None
+    if args.mergekit_config is not None and tokenizer_merge_settings(config) is not None:
+        merged, comparisons, merge_problems = audit_tokenizer_merge(config, source_of, sources, infos, comparisons, merge_problems)
+    audit = audit_merge(config, source_of, resolved, infos, comparisons) if args.audit else None
+    if audit is not None and args.plot is not None:
+        write_audit_plot(audit, args.plot)
+    report = build_report(ref, comparisons, strict=args.strict, weights=args.weights, merge_problems=merge_problems, merged=merged)
+    if audit is not None:
+        report["audit"] = audit.to_dict()
     if args.json:
         sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     else:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        sys.stdout.write(render_human(ref, comparisons, color=color, merge_problems=merge_problems))
+        lines = render_tokenizer_merge(merged, args.head) if merged is not None else []
+        text = render_human(ref, comparisons, color=color, merge_problems=merge_problems, merged_lines=lines)
+        sys.stdout.write(text + ("\n".join(render_audit(audit)) + "\n" if audit is not None else ""))
     return report["exit_code"]
+
+
+def refuse_plot_inside_models(plot: Path, resolved: Sequence[ResolvedSource]) -> None:
+    """--plot never writes into a model's directory (nor onto one of its files)."""
+    target = plot.resolve()
+    for source in resolved:
+        if target.is_relative_to(source.directory.resolve()):
+            raise CliError(f"--plot {plot}: inside the model directory {source.directory}; write the chart elsewhere")
+
+
+def check_audit_options(args: argparse.Namespace) -> None:
+    """--audit and --plot, checked before anything is read: they need the merge, the
+    weights, numpy (and matplotlib for --plot), and --plot a file outside every model."""
+    args.audit = args.audit or args.plot is not None
+    if not args.audit:
+        return
+    if args.mergekit_config is None:
+        raise CliError("--audit needs --mergekit-config: the models, their weights and the base come from the merge")
+    if not args.weights:
+        raise CliError("--audit reads the weights: drop --no-weights")
+    # the audit's two worker threads each run BLAS dot products: one BLAS thread each, not a pool per call
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    missing = [name for name in ("numpy", *(["matplotlib"] if args.plot is not None else [])) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CliError(f"--{'plot' if 'matplotlib' in missing else 'audit'} needs {' and '.join(missing)}: pip install 'merge_tools[plot]'")
+    if args.plot is not None and (args.plot.is_dir() or not args.plot.resolve().parent.is_dir()):
+        raise CliError(f"--plot {args.plot}: not a file in an existing directory")
+
+
+def merge_names(source_of: Mapping[ModelRef, str], sources: Sequence[str]) -> tuple[list[str], Callable[[Any], str]]:
+    """The name of each source in the reports (the YAML's first spelling of it), and the
+    name of any reference of the YAML (an error for one that is not a model of the merge)."""
+    name_of_path: dict[str, str] = {}
+    for ref, path in source_of.items():
+        name_of_path.setdefault(path, str(ref))
+
+    def name_of(reference: Any) -> str:
+        path = source_of.get(parse_model_reference(reference))
+        if path is None:
+            raise CliError(f"{parse_model_reference(reference)}: named in the merge settings, but not a model of the merge")
+        return name_of_path[path]
+
+    return [name_of_path[path] for path in sources], name_of
+
+
+def audit_merge(
+    config: Mapping[str, Any],
+    source_of: Mapping[ModelRef, str],
+    resolved: Sequence[ResolvedSource],
+    infos: Sequence[TokenizerInfo],
+    comparisons: Sequence[Comparison],
+) -> MergeAudit:
+    """--audit: every model's task vector against the base (or the mean of the models),
+    from its weights. Models the architecture check fails are refused with its message."""
+    for comparison in comparisons:
+        failed = next((c for c in comparison.checks if c.name == "architecture" and c.status == "fail"), None)
+        if failed is not None:
+            raise CliError(f"--audit: {comparison.other}: {failed.summary} (the architecture check); nothing to compare tensor by tensor")
+    names, name_of = merge_names(source_of, [r.source for r in resolved])
+    base = name_of(config["base_model"]) if config.get("base_model") is not None else None
+    directories = [model_weights_dir(r) for r in resolved]
+    return run_audit(names, directories, [vocabulary_tensor_names(i) for i in infos], base, merge_weights(config, name_of))
+
+
+def audit_tokenizer_merge(
+    config: Mapping[str, Any],
+    source_of: Mapping[ModelRef, str],
+    sources: Sequence[str],
+    infos: Sequence[TokenizerInfo],
+    comparisons: Sequence[Comparison],
+    merge_problems: Sequence[str] | None,
+) -> tuple[MergedVocab, list[Comparison], list[str]]:
+    """A merge with tokenizer_source: the vocabulary audit, the comparisons read by token,
+    and the merge problems with what still fails under the tokenizer merge."""
+    settings = tokenizer_merge_settings(config)
+    assert settings is not None
+    source, tokens, pad = settings
+    names, name_of = merge_names(source_of, sources)
+    info_of = dict(zip(names, infos))
+    base = name_of(config["base_model"]) if config.get("base_model") is not None else None
+    source = source if source in ("union", "base") else name_of(source)
+    models = [model_vocab(name, info) for name, info in info_of.items()]
+    merged = plan_merged_vocab(models, base, source, named_tokens(tokens, name_of), pad)
+    if isinstance(config.get("tokenizer"), Mapping) and "chat_template" in config["tokenizer"]:
+        ignored = "tokenizer.chat_template is ignored by mergekit (it reads chat_template: at the top level)"
+        merged = dataclasses.replace(merged, warnings=(*merged.warnings, ignored))
+    problems = list(merge_problems or []) + tokenizer_merge_problems(config, merged, info_of)
+    return merged, [by_token(c, source) for c in comparisons], problems
 
 
 def refuse_configuration(args: argparse.Namespace, problems: Sequence[str]) -> int:

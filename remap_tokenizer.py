@@ -21,19 +21,22 @@ Contents, by feature (each: its frozen dataclasses, then pure functions, then I/
   shared block    identical in compare_tokenizers.py (tests/test_shared.py guards it):
                   errors and signals, Hub and directory sources, strict JSON, tokenizer.json
                   and safetensors header checks, mergekit references, the merge check,
-                  command line scaffolding, token spellings
+                  mergekit's tokenizer merge (plan_merged_vocab), command line scaffolding,
+                  token spellings
   constants       of the remap
   tokenizers in   VocabSpec, reading, spelling, what a tokenizer produces, matching,
                   FVT decompositions
   the plan        RemapPlan: where every output row comes from (pure)
   row math        copies, means, FVT and OMP rows
   checkpoints in  headers, vocabulary tensors (every per-token tensor), rows
-  the donor       rows of a model that has the tokens (--init donor / omp)
+  the donor       rows of a model that has the tokens (--init donor / omp), and of the
+                  models of a tokenizer merge (init mergekit)
   shards out      shard plan, the streaming ShardWriter, verification
   outputs         tokenizer files, configs, other files
   output dir      lock, staging, atomic publish, leftovers of dead runs
   one remap       read inputs -> plan -> report -> write
   alignment       --mergekit-config: plan, remaps, merge.yaml, gate
+  tokenizer merge tokenizer_source (union, base, a model): the merged tokenizer, its rows
   command line    build_parser, options_from_args, run, main
 """
 
@@ -58,6 +61,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -856,6 +860,238 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     return ref.path
 
 
+# ---- merges that build their own tokenizer (tokenizer_source / tokenizer:) ------------
+# mergekit's tokenizer merge (mergekit/tokenizer/build.py and embed.py, 0.1.5): the
+# output tokenizer is the base's (`base`), a model's, or the base's with every other
+# model's tokens appended (`union`); each model's vocabulary rows are then permuted onto
+# it by token, and a row a model lacks comes from `tokenizer.tokens`, else from the one
+# model that holds the token, else from the base, else the mean of the holders (zero
+# when no model holds it).
+
+
+@dataclass(frozen=True)
+class ModelVocab:
+    """One model's tokens as the tokenizer merge reads them: token -> id, its added
+    tokens (content -> the five flags) and the rows its embedding has (ids at or past
+    them are ghost tokens)."""
+
+    name: str
+    vocab: Mapping[str, int]
+    added: Mapping[str, Mapping[str, bool]]
+    rows: int
+
+    @functools.cached_property
+    def held(self) -> dict[str, int]:
+        return {token: token_id for token, token_id in self.vocab.items() if 0 <= token_id < self.rows}
+
+
+@dataclass(frozen=True)
+class RowFill:
+    """Where a row a model lacks comes from: the mean of `models`' rows of `token` (or of
+    their row `token_id`), one model's row when `models` has one entry, zero when none."""
+
+    rule: str  # holder (the one model that has it) | base | mean | zero | tokens (tokenizer.tokens)
+    models: tuple[str, ...] = ()
+    token: str | None = None
+    token_id: int | None = None
+
+    def describe(self) -> str:
+        if not self.models:
+            return "zero"
+        what = self.token if self.token is not None else f"id {self.token_id}" if self.token_id is not None else None
+        of = f" (its row of {what!r})" if what is not None else ""
+        return f"{'mean of ' if len(self.models) > 1 else ''}{', '.join(self.models)}{of}"
+
+
+@dataclass(frozen=True)
+class MergedVocab:
+    """The tokenizer a merge with tokenizer_source gets and, per model, the rows it lacks."""
+
+    source: str  # union | base | a model
+    base: str
+    tokens: tuple[str, ...]  # the output tokenizer's tokens in id order
+    appended: Mapping[str, Mapping[str, bool]]  # tokens appended to the base's tokenizer -> flags
+    added_by: Mapping[str, tuple[str, ...]]  # model -> tokens it brings that the base lacks
+    fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its row comes from
+    ghosts: Mapping[str, tuple[tuple[str, int], ...]]  # model -> tokens at ids past its rows
+    size: int  # rows of the merged model (pad_to_multiple_of applied)
+    problems: tuple[str, ...] = ()  # what makes mergekit refuse the configuration
+    unreadable: tuple[str, ...] = ()  # ghost tokens mergekit fails on (the alignment fills them)
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "base": self.base,
+            "size": self.size,
+            "tokens": len(self.tokens),
+            "union": {"size": len(self.tokens), "added": {m: list(t) for m, t in self.added_by.items()}}
+            if self.source == "union"
+            else None,
+            "fills": {m: {t: fill.describe() for t, fill in fills.items()} for m, fills in self.fills.items()},
+            "ghosts": {m: [{"token": t, "id": i} for t, i in ghosts] for m, ghosts in self.ghosts.items() if ghosts},
+            "problems": list(self.problems + self.unreadable),
+            "warnings": list(self.warnings),
+        }
+
+
+def tokenizer_merge_settings(config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], int | None] | None:
+    """(source, tokens, pad_to_multiple_of) of a merge that builds its tokenizer, None for
+    one that merges rows by index. source: union, base, or the model's reference."""
+    block = config.get("tokenizer")
+    if config.get("tokenizer_source") is None and not isinstance(block, Mapping):
+        return None
+    block = block if isinstance(block, Mapping) else {}
+    source = config.get("tokenizer_source") if config.get("tokenizer_source") is not None else block.get("source", "union")
+    if isinstance(source, str) and source.startswith("model:"):
+        source = source[len("model:") :]
+    source = source if source in ("union", "base") else str(parse_model_reference(source))
+    tokens = {str(token): setting for token, setting in block["tokens"].items()} if isinstance(block.get("tokens"), Mapping) else {}
+    pad = block.get("pad_to_multiple_of")
+    return source, tokens, pad if isinstance(pad, int) and not isinstance(pad, bool) and pad > 0 else None
+
+
+def named_tokens(tokens: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, Any]:
+    """`tokenizer.tokens` with each model reference spelled as name_of(reference) (the
+    name a model has in plan_merged_vocab), so that two spellings of one model agree."""
+    renamed: dict[str, Any] = {}
+    for token, setting in tokens.items():
+        source = setting.get("source") if isinstance(setting, Mapping) else None
+        if isinstance(source, Mapping) and source.get("kind") == "model_token" and source.get("model") is not None:
+            source = {**source, "model": name_of(source["model"])}
+        elif source is not None and not isinstance(source, Mapping):
+            source = name_of(source)
+        renamed[token] = {**setting, "source": source} if isinstance(setting, Mapping) else setting
+    return renamed
+
+
+def merged_tokens(
+    models: Sequence[ModelVocab], base: ModelVocab, source: str, extra: Iterable[str]
+) -> tuple[list[str], dict[str, Mapping[str, bool]]]:
+    """The output tokenizer's tokens in id order and those appended to the base's (with
+    flags), as build_tokenizer orders them: the base's (held) tokens; for a union then
+    every other model's regular tokens, then every added token (first flags win); then
+    the tokens of `tokenizer.tokens`."""
+    if source not in ("union", "base"):
+        chosen = next(m for m in models if m.name == source)
+        tokens = sorted(chosen.vocab, key=chosen.vocab.__getitem__)
+    else:
+        held = base.held
+        tokens = sorted(held, key=held.__getitem__)
+    seen = set(tokens)
+    appended: dict[str, Mapping[str, bool]] = {}
+
+    def append(token: str, flags: Mapping[str, bool]) -> None:
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+            appended[token] = flags
+
+    order = [base, *(m for m in models if m is not base)]
+    if source == "union":
+        added_anywhere = {token for m in order for token in m.added if token in m.held}
+        plain = {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False}
+        for m in order:
+            held = m.held
+            for token in sorted(held, key=held.__getitem__):
+                if token not in added_anywhere:
+                    append(token, plain)
+        for m in order:
+            held = m.held
+            for token in sorted((t for t in m.added if t in held), key=held.__getitem__):
+                append(token, m.added[token])
+    for token in extra:
+        append(token, {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False})
+    return tokens, appended
+
+
+def configured_fill(token: str, setting: Any, by_name: Mapping[str, ModelVocab]) -> RowFill | str:
+    """A `tokenizer.tokens` entry's source as a RowFill, or why mergekit fails on it."""
+    source = setting.get("source") if isinstance(setting, Mapping) else None
+    if isinstance(source, Mapping) and source.get("kind") == "zero":
+        return RowFill("tokens")
+    if isinstance(source, Mapping) and source.get("kind") == "model_token":
+        model = str(parse_model_reference(source.get("model")))
+        if model not in by_name:
+            return f"tokenizer.tokens[{token!r}]: its source {model} is not a model of the merge"
+        if source.get("token_id") is not None:
+            token_id = source["token_id"]
+            if not is_int(token_id) or not 0 <= token_id < by_name[model].rows:
+                return f"tokenizer.tokens[{token!r}]: token_id {token_id!r} is not a row of {model} ({by_name[model].rows} rows)"
+            return RowFill("tokens", (model,), token_id=int(token_id))
+        if source.get("token") not in by_name[model].held:
+            return f"tokenizer.tokens[{token!r}]: {model} has no token {source.get('token')!r}"
+        return RowFill("tokens", (model,), token=str(source["token"]))
+    if source is None:
+        return f"tokenizer.tokens[{token!r}]: no source (mergekit needs source: a model, {{kind: zero}} or {{kind: model_token, ...}})"
+    model = str(parse_model_reference(source))
+    if model not in by_name:
+        return f"tokenizer.tokens[{token!r}]: its source {model} is not a model of the merge"
+    if token not in by_name[model].held:
+        return f"tokenizer.tokens[{token!r}]: its source {model} lacks the token"
+    return RowFill("tokens", (model,))
+
+
+def plan_merged_vocab(
+    models: Sequence[ModelVocab], base_name: str | None, source: str, tokens: Mapping[str, Any], pad_to_multiple_of: int | None
+) -> MergedVocab:
+    """The tokenizer merge of mergekit, decided from the models' vocabularies alone (pure).
+    `base_name`: the base_model (None: the first model). A ghost token of the output's
+    vocabulary is a problem: mergekit indexes its missing row and fails."""
+    base = next((m for m in models if m.name == base_name), models[0])
+    if source not in ("union", "base") and source not in {m.name for m in models}:
+        raise CliError(f"tokenizer source {source} is not a model of the merge")
+    out, appended = merged_tokens(models, base, source, tokens)
+    holders = {m.name: m.held for m in models}
+    problems: list[str] = []
+    unreadable: list[str] = []
+    warnings: list[str] = []
+    shared_fills: dict[str, RowFill] = {}
+    for token in out:
+        setting = tokens.get(token)
+        if setting is not None:
+            fill = configured_fill(token, setting, {m.name: m for m in models})
+            if isinstance(fill, str):
+                problems.append(fill)
+                continue
+        else:
+            owners = tuple(m.name for m in models if token in holders[m.name])
+            if not owners:
+                warnings.append(f"{token!r} is held by no model: its row is zero")
+            fill = RowFill(
+                "holder" if len(owners) == 1 else "zero" if not owners else "base" if base.name in owners else "mean",
+                (base.name,) if len(owners) > 1 and base.name in owners else owners,
+            )
+        shared_fills[token] = fill
+    fills: dict[str, dict[str, RowFill]] = {}
+    forced = {t for t, s in tokens.items() if isinstance(s, Mapping) and s.get("force")}
+    for m in models:
+        fills[m.name] = {t: shared_fills[t] for t in out if t in shared_fills and (t not in holders[m.name] or t in forced)}
+        for token, token_id in sorted(m.vocab.items(), key=lambda item: item[1]):
+            if token_id >= m.rows and token in shared_fills:
+                unreadable.append(
+                    f"{m.name} lists {token!r} at id {token_id}, past its {m.rows} embedding rows (a ghost token): mergekit's "
+                    "tokenizer merge fails on it; remap_tokenizer.py --mergekit-config fills the row from the models that hold it"
+                )
+    return MergedVocab(
+        source=source,
+        base=base.name,
+        tokens=tuple(out),
+        appended=appended,
+        added_by={m.name: tuple(t for t in out if t in holders[m.name] and t not in holders[base.name]) for m in models if m is not base},
+        fills=fills,
+        ghosts={m.name: tuple(sorted(((t, i) for t, i in m.vocab.items() if i >= m.rows), key=lambda item: item[1])) for m in models},
+        size=round_up(len(out), pad_to_multiple_of),
+        problems=tuple(dict.fromkeys(problems)),
+        unreadable=tuple(unreadable),
+        warnings=tuple(dict.fromkeys(warnings)),
+    )
+
+
+def round_up(value: int, multiple: int | None) -> int:
+    return value if not multiple else -(-value // multiple) * multiple
+
+
 class LogFormatter(logging.Formatter):
     """`warning: ...` and `error: ...` as the one-line errors read; plain text for progress."""
 
@@ -1094,6 +1330,8 @@ def mergekit_config_problems(config: Mapping[str, Any], methods: Mapping[str, tu
         value = config.get(key)
         if value is not None and str(value).removeprefix("torch.") not in MERGEKIT_DTYPES:
             problems.append(f"{key} {value!r} is not one mergekit knows ({', '.join(MERGEKIT_DTYPES)})")
+    if config.get("tokenizer_source") is not None and config.get("tokenizer") is not None:
+        problems.append("tokenizer_source and tokenizer: are both given (mergekit: 'Cannot specify both'); keep one")
     models = config.get("models") if isinstance(config.get("models"), list) else []
     base = model_identity(config["base_model"]) if config.get("base_model") is not None else None
     shared = config.get("parameters") if isinstance(config.get("parameters"), Mapping) else {}
@@ -2017,6 +2255,7 @@ class InitContext:
     decompositions: Mapping[str, Sequence[int]]
     donor_of_token: Mapping[str, int]
     unreachable: frozenset[int] = frozenset()  # T's ids that T's tokenizer never produces
+    fill_rules: Mapping[str, str] = field(default_factory=dict)  # init mergekit: T's token -> RowFill.rule
 
     @functools.cached_property
     def src_unk(self) -> int | None:
@@ -2051,16 +2290,19 @@ def plan_remap(
     decompositions: Mapping[str, Sequence[int]] | None = None,
     donor_of_token: Mapping[str, int] | None = None,
     unreachable: frozenset[int] = frozenset(),
+    fill_rules: Mapping[str, str] | None = None,
 ) -> RemapPlan:
     """Decide where every output row comes from (see RemapPlan). Pure: the caller reads
     the tokenizers and, for FVT, encodes the missing tokens' text (`decompositions`); for
     donor and omp, `donor_of_token` maps T's tokens to the donor's rows (tokens the donor
     lacks fall back to FVT, then the mean); `unreachable`: T's ids that T's tokenizer never
-    produces (unreachable_tokens). Three steps: T's tokens, M's tokens T lacks (appended
+    produces (unreachable_tokens); for init mergekit (an alignment of a merge with a
+    tokenizer_source), `fill_rules` names T's tokens whose rows come from the merge's
+    models (RowFill), M's own rows not. Three steps: T's tokens, M's tokens T lacks (appended
     or dropped), padding to the row count."""
-    if init not in INIT_METHODS:
+    if init not in (*INIT_METHODS, "mergekit"):
         raise ValueError(f"unknown init method {init!r}")
-    context = InitContext(init, src, src_rows, decompositions or {}, donor_of_token or {}, unreachable)
+    context = InitContext(init, src, src_rows, decompositions or {}, donor_of_token or {}, unreachable, fill_rules or {})
     rows = RowsBuilder()
     plan_base_rows(rows, base, matches, context)
     out_vocab, appended, dropped, ghosts = plan_source_extras(rows, base, src, src_rows, matches, drop_extra)
@@ -2089,12 +2331,19 @@ def plan_remap(
 
 def plan_base_rows(rows: RowsBuilder, base: VocabSpec, matches: Matches, context: InitContext) -> None:
     """A row for every token of T, at T's id: M's row when M has the token, else M's row
-    of the same role (bos/eos/pad/unk), else the --init rule's."""
+    of the same role (bos/eos/pad/unk), else the --init rule's. Init mergekit: the rows
+    fill_rules names come from the merge's models (forced ones too), no role rows."""
     base_role_of_token = {token: role for role, token in base.roles.items() if token is not None}
     for base_id, token in enumerate(sorted(base.vocab, key=base.vocab.__getitem__)):
         src_id = matches.src_of_base.get(base_id)
+        if context.init == "mergekit" and token in context.fill_rules:
+            rows.donor_rows[rows.add(DONOR_ROW, f"mergekit_{context.fill_rules[token]}")] = base_id
+            continue
         if src_id is not None and src_id < context.src_rows:
             rows.add(src_id, "copied" if src_id == base_id else "moved")
+            continue
+        if context.init == "mergekit":
+            rows.add(ZERO_ROW, "mergekit_zero")
             continue
         role = base_role_of_token.get(token)
         role_src = context.src.vocab.get(context.src.roles.get(role) or "") if role else None
@@ -2191,10 +2440,6 @@ def plan_row_count(
     for _ in range(n_rows - n_tokens):
         rows.add(MEAN_ROW, "padding")
     return n_rows
-
-
-def round_up(value: int, multiple: int | None) -> int:
-    return value if not multiple else -(-value // multiple) * multiple
 
 
 # ======================================================================================
@@ -3060,6 +3305,45 @@ def donor_row_bytes(donor: Donor, role: str, donor_ids: np.ndarray, tensor: Tens
         return np.repeat(mean, len(donor_ids), axis=0)
     raw = donor.read_rows(role, donor_ids)
     return raw if donor_tensor.dtype == tensor.dtype else encode_rows(decode_rows(raw, donor_tensor.dtype), tensor.dtype)
+
+
+def mergekit_rows(plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, opts: RemapOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """role -> (output rows, raw bytes) of the rows init mergekit fills from the merge's
+    models, as mergekit's PermutedVocabulary computes them: one model's row (bit for bit
+    in the same dtype), or the float32 mean of the holders' rows in model order; zero
+    when no model holds the token. A model that lacks a tensor (a bias) is left out."""
+    out_rows = np.array(sorted(plan.donor_rows), dtype=np.int64)
+    if not len(out_rows):
+        return {}
+    token_of_row = {token_id: token for token, token_id in plan.out_vocab.items()}
+    sources_of = {token: sources for token, _, sources in opts.mergekit_fills}
+    wanted = [sources_of.get(token_of_row[int(r)], ()) for r in out_rows]
+    keys = dict.fromkeys((s, rev) for sources in wanted for s, rev, _ in sources)  # the merge's order
+    models = {key: read_donor(*key, opts.trust_remote_code) for key in keys}
+    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for role in ("embed", "head", "bias"):
+        name = getattr(vocab, role)
+        if name is None:
+            continue
+        tensor = ckpt.tensors[name]
+        hidden = (tensor.nbytes // max(1, tensor.shape[0])) // DTYPE_SIZES[tensor.dtype] if len(tensor.shape) > 1 else 1
+        total = np.zeros((len(out_rows), hidden), dtype=np.float32)
+        count = np.zeros(len(out_rows), dtype=np.float32)
+        for key, donor in models.items():  # the order of the models in the merge: mergekit's order of summation
+            if donor.tensor(role) is None:
+                continue
+            picks = [(k, row) for k, sources in enumerate(wanted) for s, rev, row in sources if (s, rev) == key]
+            if not picks:
+                continue
+            positions, ids = (np.array(column, dtype=np.int64) for column in zip(*picks))
+            values = decode_rows(donor.read_rows(role, ids), donor.tensor(role).dtype).reshape(len(ids), -1)
+            if values.shape[1] != hidden:
+                raise CliError(f"{donor.source}: its {role} rows are {values.shape[1]} wide, {opts.src_model}'s {hidden}")
+            total[positions] += values
+            count[positions] += 1
+        mean = total / np.maximum(count, 1)[:, None]
+        result[role] = (out_rows, encode_rows(mean, tensor.dtype))
+    return result
 
 
 # ======================================================================================
@@ -4174,6 +4458,10 @@ class RemapOptions:
     donor_model: str | None = None
     omp_k: int = 64
     chat_template: str = "base"
+    # init mergekit (alignments of a merge with tokenizer_source): T's token -> (RowFill.rule,
+    # the rows to average: (model source, revision, row id) ...), and a hash of those models
+    mergekit_fills: tuple[tuple[str, str, tuple[tuple[str, str | None, int], ...]], ...] = ()
+    mergekit_inputs: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
@@ -4192,6 +4480,8 @@ class RemapOptions:
             "donor_model",
             "omp_k",
             "chat_template",
+            "mergekit_fills",
+            "mergekit_inputs",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -4277,7 +4567,15 @@ def read_inputs(opts: RemapOptions) -> RemapInputs:
     refuse_encoder_decoder(config, ckpt)
     vocab = find_vocab_tensors(ckpt, config, embed_name=opts.embed_name, head_name=opts.head_name, trust_remote_code=opts.trust_remote_code)
     config_rows = config_value(config, "vocab_size")
-    if isinstance(config_rows, int) and config_rows != vocab.rows:
+    if isinstance(config_rows, int) and config_rows != vocab.rows and opts.init == "mergekit":  # mergekit's IndexError: fixed here
+        log.warning(
+            "%s: config.json says vocab_size %s, %s has %s rows (the aligned copy is consistent)",
+            src_dir,
+            config_rows,
+            vocab.embed,
+            vocab.rows,
+        )
+    elif isinstance(config_rows, int) and config_rows != vocab.rows:
         raise CliError(
             f"{src_dir / 'config.json'}: vocab_size {config_rows} disagrees with {vocab.embed}, which has {vocab.rows} rows; "
             f"the tensors are right (transformers cannot load this checkpoint as is): set vocab_size to {vocab.rows}"
@@ -4313,6 +4611,7 @@ def plan_outputs(
         decompositions=decompositions,
         donor_of_token=donor_of_token,
         unreachable=base_unreachable,
+        fill_rules={token: rule for token, rule, _ in opts.mergekit_fills},
     )
     src_eos = as_id_list(src.generation_config.get("eos_token_id", config_value(inputs.config, "eos_token_id")))
     config_ids, generation_ids = output_role_ids(
@@ -4431,6 +4730,8 @@ def write_output(
     given_rows = (
         initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts, planned.donor_unreachable)
         if planned.donor is not None
+        else mergekit_rows(plan, inputs.ckpt, inputs.vocab, opts)
+        if opts.init == "mergekit"
         else {}
     )
     check_free_space(opts.out_dir.parent, shards.total_size)
@@ -4602,6 +4903,7 @@ class ModelView:
     weight_bytes: int
     hidden: int | None = None
     facts: ModelFacts | None = None  # config and tensor headers, for the merge check
+    added: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # added tokens -> flags
 
 
 def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
@@ -4612,11 +4914,13 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
         ckpt = read_checkpoint(directory)
         vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
         facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
+        weight_bytes = sum(t.nbytes for t in ckpt.tensors.values())
         return ModelView(
-            source, revision, directory, tokenizer.spec.vocab, vocab.rows, sum(t.nbytes for t in ckpt.tensors.values()), vocab.hidden, facts
+            source, revision, directory, tokenizer.spec.vocab, vocab.rows, weight_bytes, vocab.hidden, facts, tokenizer.spec.added
         )
     rows = config_value(config, "vocab_size")
-    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows if isinstance(rows, int) else len(tokenizer.spec.vocab), 0)
+    rows = rows if isinstance(rows, int) else len(tokenizer.spec.vocab)
+    return ModelView(source, revision, directory, tokenizer.spec.vocab, rows, 0, added=tokenizer.spec.added)
 
 
 @dataclass(frozen=True)
@@ -4649,14 +4953,18 @@ class AlignmentPlan:
     target: ModelView
     entries: list[dict[str, Any]]
     to_remap: list[tuple[dict[str, Any], ModelView]]
+    merge: TokenizerMerge | None = None  # a merge with tokenizer_source: its tokenizer and rows
 
     def summary(self, config_path: Path) -> dict[str, Any]:
-        return {
+        summary = {
             "schema": "merge_tools.align/1",
             "config": str(config_path),
             "target": {"model": str(self.target_ref), "tokens": len(self.target.vocab), "rows": self.target.rows},
             "models": self.entries,
         }
+        if self.merge is not None:
+            summary["tokenizer_merge"] = self.merge.merged.to_dict()
+        return summary
 
 
 def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
@@ -4666,10 +4974,16 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     plan = plan_alignment(opts)
     summary = plan.summary(opts.config)
     if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
-        for entry, view in plan.to_remap:
-            dry = dataclasses.replace(aligned_remap_options(opts, entry, view, plan), out_dir=None, dry_run=True)
-            record_counts(entry, remap(dry))
+        with tempfile.TemporaryDirectory(prefix="merge_tools-tokenizer-") as scratch:
+            plan = place_merged_tokenizer(plan, Path(scratch)) if plan.merge is not None else plan
+            for entry, view in plan.to_remap:
+                dry = dataclasses.replace(aligned_remap_options(opts, entry, view, plan), out_dir=None, dry_run=True)
+                record_counts(entry, remap(dry))
         return summary, 0
+    if plan.merge is not None:
+        check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in plan.to_remap))
+        plan = place_merged_tokenizer(plan, plan.merge.directory)
+        summary["target"]["model"] = str(plan.merge.directory)
     code = run_remaps(opts, plan)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
     summary["merge_yaml"] = str(merge_yaml)
@@ -4717,8 +5031,9 @@ def mergekit_schema_problems(config: Mapping[str, Any]) -> list[str]:
 
 
 def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
-    """Read the YAML, choose the target, view every model (tokenizer and headers), refuse
-    a merge mergekit would refuse, and name the output of each model to remap."""
+    """Read the YAML, choose the target (or plan the tokenizer a tokenizer_source merge
+    gets), view every model (tokenizer and headers), refuse a merge mergekit would refuse,
+    and name the output of each model to remap."""
     config = read_mergekit_config(opts.config)
     references = [parse_model_reference(r) for r in mergekit_references(config, opts.config)]
     problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
@@ -4732,41 +5047,38 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
                 f"{opts.config}: {ref} applies a LoRA ({ref.lora}); its vocabulary rows cannot be remapped before the LoRA is "
                 "merged: merge it first (e.g. with PEFT's merge_and_unload) and reference the merged model"
             )
-    target_ref = choose_target(opts, config, references)
-    target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
-    target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
     unique: dict[tuple[str, str | None], ModelRef] = {}
     for ref in references:
         unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
     views = {key: view_model(*key, opts.trust_remote_code) for key in unique}
     check_mergeable(config, views, unique, yaml_dir)
+    merge = plan_tokenizer_merge(opts, config, unique, views, yaml_dir) if opts.base_tokenizer is None else None
+    if merge is not None:
+        target_ref, target_source, target = ModelRef(str(merge.directory)), str(merge.directory), merge.view
+    else:
+        target_ref = choose_target(opts, config, references)
+        target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
+        target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
     entries: list[dict[str, Any]] = []
     to_remap = []
-    taken: set[str] = set()
+    taken: set[str] = {MERGED_TOKENIZER_DIR}
     for (source, revision), ref in unique.items():
         view = views[(source, revision)]
-        same = view.vocab == target.vocab and view.rows == target.rows
+        same = view.vocab == target.vocab and view.rows == target.rows and not (merge and merge.fills_of((source, revision)))
         entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
                  "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
         if not same:
             entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
         entries.append(entry)
-    return AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap)
+    return AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge)
 
 
 def choose_target(opts: AlignOptions, config: Mapping[str, Any], references: Sequence[ModelRef]) -> ModelRef:
-    """--base_tokenizer, else the YAML's tokenizer source or base_model, else the first
-    model; a union of vocabularies is not something the alignment builds."""
+    """--base_tokenizer, else base_model, else the first model."""
     if opts.base_tokenizer is not None:
         return ModelRef(opts.base_tokenizer, opts.base_revision)
     chosen = tokenizer_target(config)
-    if chosen is None and (config.get("tokenizer_source") is not None or isinstance(config.get("tokenizer"), Mapping)):
-        source = config.get("tokenizer_source") or config["tokenizer"].get("source")
-        raise CliError(
-            f"{opts.config}: the tokenizer source {source!r} (a union of vocabularies) is not something the alignment builds: "
-            "choose a model as the target (--base_tokenizer T, or tokenizer_source: base / model:NAME)"
-        )
     return parse_model_reference(chosen) if chosen is not None else references[0]
 
 
@@ -4824,6 +5136,8 @@ def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: Mo
     """One model's remap in an alignment: --drop-extra onto the target; by default the
     target's own rows for the tokens the model lacks, when the widths allow."""
     target = plan.target
+    if plan.merge is not None:
+        return plan.merge.remap_options(opts, entry, view)
     init = opts.init or ("donor" if target.weight_bytes and view.hidden == target.hidden else "fvt")
     return RemapOptions(
         src_model=entry["source"], base_tokenizer=plan.target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init,
@@ -4932,7 +5246,9 @@ def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[st
 
     aligned = map_model_references(plan.config, substitute)
     aligned.pop("tokenizer_source", None)
-    aligned.pop("tokenizer", None)
+    block = aligned.pop("tokenizer", None)
+    if isinstance(block, Mapping) and block.get("chat_template") is not None and aligned.get("chat_template") is None:
+        aligned["chat_template"] = block["chat_template"]  # mergekit reads only the top-level key: the user's intent, honoured
     merge_yaml = opts.out_dir / "merge.yaml"
     staged_yaml = merge_yaml.with_name(f".merge.yaml.{os.getpid()}-{os.urandom(3).hex()}.tmp")  # two alignments never share it
     staged_yaml.write_text(
@@ -4972,6 +5288,8 @@ def align_table(summary: Mapping[str, Any]) -> str:
             f"{m['model']:<{width}}  {m['status']:<10} {m.get('copied', '-')!s:>7} "
             f"{m.get('initialised', '-')!s:>11}  {rules:<28} {m['output']}"
         )
+    if summary.get("tokenizer_merge"):
+        lines[1:1] = tokenizer_merge_lines(summary["tokenizer_merge"])
     if "gate" in summary:
         lines.append("")
         lines.append(
@@ -4980,6 +5298,176 @@ def align_table(summary: Mapping[str, Any]) -> str:
             else "gate: FAILED: " + "; ".join(summary["gate"]["problems"])
         )
     return "\n".join(lines)
+
+
+# ======================================================================================
+# Merges that build their tokenizer (tokenizer_source: union, base or a model)
+# ======================================================================================
+
+MERGED_TOKENIZER_DIR = "tokenizer"  # ALIGNED/tokenizer: the tokenizer mergekit's tokenizer merge would build
+
+
+@dataclass(frozen=True)
+class TokenizerMerge:
+    """The tokenizer a tokenizer_source merge gets (plan_merged_vocab), written to
+    `directory`, and what each model's remap onto it needs: the rows mergekit would fill
+    from the other models (init mergekit)."""
+
+    merged: MergedVocab
+    directory: Path
+    source_dir: Path  # the tokenizer it extends: the base's (union, base) or the source model's
+    names: Mapping[tuple[str, str | None], str]  # (source, revision) -> the model's name in `merged`
+    views: Mapping[tuple[str, str | None], ModelView]
+    pad_to_multiple_of: int | None
+    inputs_digest: str  # every model's directory_fingerprint: the filled rows come from all of them
+
+    @functools.cached_property
+    def view(self) -> ModelView:
+        vocab = {token: token_id for token_id, token in enumerate(self.merged.tokens)}
+        return ModelView(str(self.directory), None, self.directory, vocab, self.merged.size, 0)
+
+    def fills_of(self, key: tuple[str, str | None]) -> tuple[tuple[str, str, tuple[tuple[str, str | None, int], ...]], ...]:
+        """RemapOptions.mergekit_fills of one model: each token it lacks (or that is forced),
+        the rule, and the rows to average as (model source, revision, row id)."""
+        key_of_name = {name: k for k, name in self.names.items()}
+        fills = []
+        for token, fill in self.merged.fills[self.names[key]].items():
+            sources = []
+            for model in fill.models:
+                other = key_of_name[model]
+                row = fill.token_id if fill.token_id is not None else self.views[other].vocab[fill.token or token]
+                sources.append((other[0], other[1], row))
+            fills.append((token, fill.rule, tuple(sources)))
+        return tuple(fills)
+
+    def remap_options(self, opts: AlignOptions, entry: Mapping[str, Any], view: ModelView) -> RemapOptions:
+        """A model's remap onto the merged tokenizer: tokens matched by spelling as mergekit
+        matches them, rows it lacks by mergekit's rules (unless --init says otherwise)."""
+        init = opts.init or "mergekit"
+        key = (entry["source"], entry["revision"])
+        return RemapOptions(
+            src_model=entry["source"], base_tokenizer=str(self.directory), out_dir=Path(entry["output"]), drop_extra=True, init=init,
+            match="exact" if init == "mergekit" else opts.match, max_shard_size=opts.max_shard_size,
+            pad_to_multiple_of=self.pad_to_multiple_of, revision=entry["revision"], trust_remote_code=opts.trust_remote_code,
+            show_progress=opts.show_progress, donor_model=opts.donor_model, omp_k=opts.omp_k, chat_template=opts.chat_template,
+            mergekit_fills=self.fills_of(key) if init == "mergekit" else (),
+            mergekit_inputs=self.inputs_digest if init == "mergekit" else None,
+        )  # fmt: skip
+
+
+def plan_tokenizer_merge(
+    opts: AlignOptions,
+    config: Mapping[str, Any],
+    unique: Mapping[tuple[str, str | None], ModelRef],
+    views: Mapping[tuple[str, str | None], ModelView],
+    yaml_dir: Path,
+) -> TokenizerMerge | None:
+    """The tokenizer merge of a configuration with tokenizer_source (None without one):
+    mergekit's union, base or model tokenizer and its rows, planned from the models'
+    tokenizers and row counts. Ghost tokens mergekit would fail on are filled here; a
+    `tokenizer.tokens` mergekit refuses is exit 2."""
+    settings = tokenizer_merge_settings(config)
+    if settings is None:
+        return None
+    source, tokens, pad = settings
+    names = {key: str(ref) for key, ref in unique.items()}
+
+    def name_of(reference: Any) -> str:
+        ref = parse_model_reference(reference)
+        key = (local_or_hub(ref, yaml_dir), ref.revision)
+        if key not in names:
+            raise CliError(f"{opts.config}: {ref} is named in the tokenizer settings but is not a model of the merge")
+        return names[key]
+
+    base = name_of(config["base_model"]) if config.get("base_model") is not None else None
+    source = source if source in ("union", "base") else name_of(source)
+    models = [ModelVocab(names[key], view.vocab, view.added, view.rows) for key, view in views.items()]
+    merged = plan_merged_vocab(models, base, source, named_tokens(tokens, name_of), pad)
+    if merged.problems:
+        raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(merged.problems[:3])}; nothing was remapped")
+    for text in merged.unreadable:
+        log.warning("%s", text.split(": mergekit")[0] + ": its row is filled from the models that hold the token")
+    key_of_name = {name: key for key, name in names.items()}
+    source_dir = views[key_of_name[merged.base if merged.source in ("union", "base") else merged.source]].directory
+    digest = hashlib.sha256("".join(directory_fingerprint(view.directory) for view in views.values()).encode()).hexdigest()
+    return TokenizerMerge(merged, opts.out_dir.resolve() / MERGED_TOKENIZER_DIR, source_dir, names, views, pad, digest)
+
+
+def merged_tokenizer_files(merge: TokenizerMerge) -> dict[str, bytes]:
+    """The files of the merged tokenizer: the tokenizer it extends, without the ghost
+    tokens the merge drops, with the appended tokens as added tokens at their ids (flags
+    kept: what mergekit's add_tokens writes), tokenizer_config.json's added_tokens_decoder
+    to match; special_tokens_map.json and chat templates copied."""
+    source = read_tokenizer(merge.source_dir)
+    position = {token: token_id for token_id, token in enumerate(merge.merged.tokens)}
+    moved = [token for token, token_id in source.spec.vocab.items() if token in position and position[token] != token_id]
+    if moved:
+        raise CliError(f"{merge.source_dir}: its token ids are not contiguous (e.g. {moved[0]!r}); the merged tokenizer cannot extend it")
+    data = json.loads(source.text)
+    dropped = {token for token in source.spec.vocab if token not in position}
+    if dropped:
+        strip_tokens(data, dropped, merge.source_dir)
+    for token, flags in merge.merged.appended.items():
+        data.setdefault("added_tokens", []).append(
+            {"id": position[token], "content": token, **{f: bool(flags[f]) for f in ADDED_TOKEN_FLAGS}}
+        )
+    config = dict(source.tokenizer_config)
+    decoder = {
+        key: value
+        for key, value in (config.get("added_tokens_decoder") or {}).items()
+        if not (isinstance(value, Mapping) and value.get("content") in dropped)
+    }
+    for token, flags in merge.merged.appended.items():
+        decoder[str(position[token])] = {"content": token, **{f: bool(flags[f]) for f in ADDED_TOKEN_FLAGS}}
+    if decoder:
+        config["added_tokens_decoder"] = decoder
+    files = {
+        "tokenizer.json": (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode(),
+        "tokenizer_config.json": (json.dumps(config, ensure_ascii=False, indent=2) + "\n").encode(),
+    }
+    for name in ("special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
+        if (merge.source_dir / name).is_file():
+            files[name] = (merge.source_dir / name).read_bytes()
+    return files
+
+
+def strip_tokens(data: dict[str, Any], dropped: set[str], where: Path) -> None:
+    """Remove ghost tokens from a tokenizer.json (vocabulary, merges, added tokens)."""
+    model = data["model"]
+    if not isinstance(model.get("vocab"), dict):
+        raise CliError(f"{where}: ghost tokens in a {model.get('type')} tokenizer cannot be dropped (only BPE and WordPiece)")
+    model["vocab"] = {token: token_id for token, token_id in model["vocab"].items() if token not in dropped}
+    if isinstance(model.get("merges"), list):
+        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+        model["merges"] = [m for m, p in zip(model["merges"], pairs) if dropped.isdisjoint((*p, "".join(p)))]
+    data["added_tokens"] = [entry for entry in data.get("added_tokens") or [] if entry.get("content") not in dropped]
+
+
+def place_merged_tokenizer(plan: AlignmentPlan, directory: Path) -> AlignmentPlan:
+    """Write the merged tokenizer into `directory` (files rewritten only when they change,
+    so that a finished alignment stays reusable) and point the plan at it."""
+    assert plan.merge is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in merged_tokenizer_files(plan.merge).items():
+        path = directory / name
+        if not path.is_file() or path.read_bytes() != content:
+            staged = path.with_name(f".{name}.{os.getpid()}.tmp")
+            staged.write_bytes(content)
+            os.replace(staged, path)
+    merge = dataclasses.replace(plan.merge, directory=directory)
+    return dataclasses.replace(plan, merge=merge, target_ref=ModelRef(str(directory)), target_source=str(directory), target=merge.view)
+
+
+def tokenizer_merge_lines(merged: Mapping[str, Any], head: int = 10) -> list[str]:
+    """The alignment table's lines on a tokenizer merge: what each model adds, ghost tokens."""
+    lines = [f"tokenizer_source {merged['source']}: {merged['tokens']} tokens, {merged['size']} rows"]
+    for model, added in ((merged.get("union") or {}).get("added") or {}).items():
+        if added:
+            lines.append(f"  {model} adds {len(added)}: {', '.join(map(repr, added[:head]))}" + (" ..." if len(added) > head else ""))
+    for model, ghosts in merged["ghosts"].items():
+        shown = ", ".join(f"{g['token']!r} (id {g['id']})" for g in ghosts[:head])
+        lines.append(f"  {model}: {len(ghosts)} ghost token(s), rows filled from the models that hold them: {shown}")
+    return lines
 
 
 # ======================================================================================

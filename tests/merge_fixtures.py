@@ -51,3 +51,51 @@ def mergekit_linear(inputs: list[torch.Tensor], weights: list[float]) -> torch.T
     for tensor, coefficient in zip(inputs, weight):
         result.addcmul_(tensor.float(), coefficient.reshape(1, 1))
     return result.div_(weight.sum())
+
+
+UNION_TOKENS = {"sib1": ["<tool_call>", "</tool_call>", "<both>"], "sib2": ["<think>", "<both>"]}
+
+
+def build_union_models(root: Path, byte_tok: dict) -> dict[str, Path]:
+    """Fine-tunes that each add their own tokens, as `tokenizer_source: union` merges them:
+    base; sib1 (+ <tool_call>, </tool_call>, <both>); sib2 (+ <think>, not special, and
+    <both>: the two hold it at different ids); ghost (sib1's tokenizer, but only the
+    base's 400 embedding rows: its two tool-call tokens are ghost tokens)."""
+    sib1 = factories.with_tokens(byte_tok, added=UNION_TOKENS["sib1"])
+    sib2 = factories.with_tokens(byte_tok, added=UNION_TOKENS["sib2"])
+    sib2["added_tokens"][-2]["special"] = False
+    return {
+        "base": factories.write_model(root / "base", byte_tok, seed=1, **BYTE_SPECIALS),
+        "sib1": factories.write_model(root / "sib1", sib1, seed=2, **BYTE_SPECIALS),
+        "sib2": factories.write_model(root / "sib2", sib2, seed=3, **BYTE_SPECIALS),
+        "ghost": factories.write_model(
+            root / "ghost", factories.with_tokens(byte_tok, added=UNION_TOKENS["sib1"][:2]), rows=400, seed=4, **BYTE_SPECIALS
+        ),
+    }
+
+
+def union_yaml(path: Path, models: dict[str, Path], names: list[str], method: str = "linear", **extra: object) -> Path:
+    """A merge of `names` (base_model: base) with tokenizer_source: union unless `extra`
+    says otherwise (tokenizer_source=None removes it)."""
+    config: dict[str, object] = {"merge_method": method, "base_model": str(models["base"])}
+    config["models"] = [{"model": str(models[n]), "parameters": {"weight": round(1 / len(names), 4)}} for n in names]
+    config |= {"dtype": "float32", "tokenizer_source": "union", **extra}
+    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}, sort_keys=False))
+    return path
+
+
+def expected_row(
+    weights: dict[str, dict[str, torch.Tensor]], vocabs: dict[str, dict[str, int]], model: str, token: str, tensor: str
+) -> torch.Tensor:
+    """The row mergekit's tokenizer merge gives `model` for `token` (mergekit/tokenizer/
+    embed.py, written out from its rules): its own row; else the one holder's; else the
+    base's; else the mean of the holders'; zero when none holds it. A ghost id is not
+    held. `weights`: the models' tensors by name (factories.tensors)."""
+    rows = {n: w["model.embed_tokens.weight"].shape[0] for n, w in weights.items()}
+    holders = [n for n in weights if vocabs[n].get(token, rows[n]) < rows[n]]
+    if model in holders:
+        return weights[model][tensor][vocabs[model][token]]
+    chosen = ["base"] if "base" in holders else holders
+    if not chosen:
+        return torch.zeros_like(weights[model][tensor][0])
+    return sum(weights[n][tensor][vocabs[n][token]] for n in chosen) / len(chosen)

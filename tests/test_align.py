@@ -86,9 +86,14 @@ def test_slices_and_union_tokenizer(tmp_path: Path, models: dict[str, Path], cap
         )
     )
     aligned = tmp_path / "aligned"
-    # a union tokenizer is not something the alignment builds: never silently dropped
-    code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", aligned)
-    assert code == 2 and "the tokenizer source 'union'" in err and "choose a model as the target" in err and not aligned.exists()
+    # the union is built (tests/test_union.py): both models get its 402 tokens
+    code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "union", "--json")
+    assert code == 0, err
+    assert json.loads(out)["target"] == {"model": str((tmp_path / "union" / "tokenizer").resolve()), "tokens": 402, "rows": 402}
+    assert yaml.safe_load((tmp_path / "union" / "merge.yaml").read_text())["slices"][0]["sources"][0]["model"] == str(
+        (tmp_path / "union" / "base").resolve()
+    )
+    # --base-tokenizer still chooses the target
     code, out, err = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--base-tokenizer", models["base"])
     assert code == 0, err
     merged = yaml.safe_load((aligned / "merge.yaml").read_text())
@@ -103,7 +108,9 @@ def test_target_from_tokenizer_source_and_override(tmp_path: Path, models: dict[
     )
     code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "a", "--dry-run", "--json")
     summary = json.loads(out)
-    assert code == 0 and summary["target"]["model"] == str(models["chat"]) and summary["target"]["tokens"] == 402
+    # the target is the chat model's tokenizer, written to ALIGNED/tokenizer as mergekit's tokenizer merge would build it
+    assert code == 0 and summary["target"]["model"] == str((tmp_path / "a" / "tokenizer").resolve()) and summary["target"]["tokens"] == 402
+    assert summary["tokenizer_merge"]["source"] == str(models["chat"])
     assert [m["status"] for m in summary["models"]] == ["to remap", "identical"]
     assert not (tmp_path / "a").exists()
     code, out, _ = run(

@@ -73,3 +73,28 @@ def test_merge_fidelity_demo_tiny(tmp_path: Path) -> None:
     out = run("benchmarks/merge_fidelity.py", "--demo", "--steps", "3", "--init", "fvt", "donor", "--workdir", str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| donor")]
     assert len(rows) == 2 and all("| 0.0 % |" in row for row in rows)
+
+
+@pytest.mark.e2e
+def test_union_fidelity_tiny(tmp_path: Path) -> None:
+    pytest.importorskip("mergekit")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import factories
+
+    base = factories.write_model(
+        tmp_path / "base", factories.byte_level_bpe(), arch="llama_tied", shard_size="1GB", **factories.BYTE_SPECIALS
+    )
+    out = run("benchmarks/union_fidelity.py", "--model", str(base), "--workdir", str(tmp_path / "w"), "--dtypes", "float32", "--seeds")
+    lines = {line.split(" | ")[0]: line for line in out.splitlines() if line.startswith("| base + 3")}
+    assert "| yes |" in lines["| base + 3 siblings, float32"]
+    assert (
+        "exit 1 (KeyError" in lines["| base + 3 siblings + ghost, float32"]
+        and "exit 0 + exit 0" in lines["| base + 3 siblings + ghost, float32"]
+    )
+
+
+def test_bench_audit_tiny(tmp_path: Path) -> None:
+    argv = ["--layers", "1", "2", "--hidden", "64", "--intermediate", "128", "--vocab", "1000", "--workdir", str(tmp_path)]
+    out = run("benchmarks/bench_audit.py", *argv)
+    rows = [line for line in out.splitlines() if line.startswith("| 3 × ")]
+    assert len(rows) == 2 and "warm page cache" in out

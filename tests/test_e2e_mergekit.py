@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 
 import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
-from merge_fixtures import build_models, linear_yaml, mergekit_linear, tensors
+from merge_fixtures import build_models, build_union_models, linear_yaml, mergekit_linear, tensors, union_yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
@@ -247,3 +248,58 @@ def test_an_out_dir_mergekit_would_misread_is_refused_before_writing(tmp_path: P
         aligned = tmp_path / f"aligned{marker}v2"
         code, _, err = factories.call_main(rt.main, capsys, "--mergekit-config", config, "--out_dir", aligned)
         assert code == 2 and f"contains '{marker}'" in err and not aligned.exists(), err
+
+
+@pytest.fixture(scope="module")
+def union_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_union_models(tmp_path_factory.mktemp("union"), factories.byte_level_bpe())
+
+
+UNION_TEXT = "Call <tool_call>get(x)</tool_call> then <think>plan</think><both> the quick brown fox"
+
+
+def same_model_by_token(theirs: Path, ours: Path) -> None:
+    """Two merged models hold the same tokens, the same row for each (float32 rounding:
+    a mean of three rows may be summed in another order) and tokenize text alike."""
+    their_tok, our_tok = (transformers.AutoTokenizer.from_pretrained(p) for p in (theirs, ours))
+    their_vocab, our_vocab = their_tok.get_vocab(), our_tok.get_vocab()
+    assert set(their_vocab) == set(our_vocab)
+    their_rows, our_rows = tensors(theirs), tensors(ours)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        order = sorted(their_vocab)
+        a = their_rows[name][[their_vocab[t] for t in order]]
+        b = our_rows[name][[our_vocab[t] for t in order]]
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (name, (a - b).abs().max())
+    for text in (UNION_TEXT, "plain text, no new tokens at all"):
+        assert their_tok.tokenize(text) == our_tok.tokenize(text)
+
+
+UNION_CASES = {
+    "union-linear": (["base", "sib1", "sib2"], "linear", {}),
+    "tokens-and-padding-task-arithmetic": (
+        ["sib1", "sib2"],
+        "task_arithmetic",
+        {
+            "tokenizer_source": None,
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 64, "tokens": {"<both>": {"source": {"kind": "zero"}}}},
+        },
+    ),
+    "a-model": (["base", "sib1", "sib2"], "linear", {"tokenizer_source": "SIB2"}),
+}
+
+
+@pytest.mark.parametrize("case", list(UNION_CASES))
+def test_aligned_then_plain_merge_equals_mergekits_tokenizer_merge(
+    tmp_path: Path, union_models: dict[str, Path], capsys, case: str
+) -> None:
+    names, method, extra = UNION_CASES[case]
+    extra = json.loads(json.dumps(extra).replace("SIB2", str(union_models["sib2"])))
+    config = union_yaml(tmp_path / "merge.yaml", union_models, names, method, **extra)
+    assert ct.main(["--mergekit-config", str(config)]) == 0, capsys.readouterr().out
+    theirs = mergekit(config, tmp_path / "theirs")
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    assert rt.main(["--mergekit-config", str(config), "--out_dir", str(tmp_path / "aligned")]) == 0
+    capsys.readouterr()
+    ours = mergekit(tmp_path / "aligned" / "merge.yaml", tmp_path / "ours")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    same_model_by_token(tmp_path / "theirs", tmp_path / "ours")

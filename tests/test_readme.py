@@ -16,7 +16,17 @@ README_JA = (ROOT / "README.ja.md").read_text(encoding="utf-8")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z_-]+")
 # flags of other programs the README shows: mergekit-yaml, init_quality.py
 # mergekit-yaml, benchmarks (init_quality.py, transplant.py, bench_remap.py), ruff
-OTHER_PROGRAMS = {"--copy-tokenizer", "--model", "--tokenizer", "--demo", "--check", "--text", "--skip-surgeon-omp", "--skip-naive"}
+OTHER_PROGRAMS = {
+    "--copy-tokenizer",
+    "--model",
+    "--tokenizer",
+    "--demo",
+    "--check",
+    "--text",
+    "--skip-surgeon-omp",
+    "--skip-naive",
+    "--cold",
+}
 
 
 def help_text(parser_module) -> str:
@@ -36,6 +46,9 @@ def test_every_documented_flag_exists() -> None:
         [sys.executable, "benchmarks/transplant.py", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
     assert all(flag in transplant_help for flag in ("--a", "--b", "--text", "--skip-surgeon-omp"))
+    for script, flags in (("bench_audit.py", ("--cold",)), ("audit_demo.py", ("--model",)), ("union_fidelity.py", ("--model",))):
+        script_help = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert all(flag in script_help for flag in flags), script
 
 
 def test_every_flag_of_the_tools_is_documented() -> None:

@@ -1,0 +1,261 @@
+"""Merges with tokenizer_source (union, base, a model): the gate's vocabulary audit, and
+the alignment that builds the merged tokenizer and fills rows by mergekit's rules. The
+same merges run through the real mergekit in test_e2e_mergekit.py."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import compare_tokenizers as ct
+import factories
+import remap_tokenizer as rt
+from merge_fixtures import UNION_TOKENS, build_union_models, expected_row, union_yaml
+
+align = functools.partial(factories.call_main, rt.main)
+gate = functools.partial(factories.call_main, ct.main)
+TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_union_models(tmp_path_factory.mktemp("union"), factories.byte_level_bpe())
+
+
+def vocab_of(directory: Path) -> dict[str, int]:
+    return factories.vocab_of(json.loads((directory / "tokenizer.json").read_text()))
+
+
+# ---- the plan (pure) ---------------------------------------------------------------------
+
+
+EXTRA = [f"<x{i}>" for i in range(8)]
+
+
+@st.composite
+def merges(draw: st.DrawFn) -> tuple[list[ct.ModelVocab], str]:
+    """2-4 models over 6 shared tokens, each adding some of EXTRA (added tokens, in its
+    own order) and maybe losing its last rows (ghost tokens)."""
+    count = draw(st.integers(2, 4))
+    models = []
+    for index in range(count):
+        extra = draw(st.lists(st.sampled_from(EXTRA), unique=True, max_size=5))
+        vocab = {f"t{i}": i for i in range(6)} | {token: 6 + j for j, token in enumerate(extra)}
+        rows = len(vocab) - draw(st.integers(0, min(2, len(extra))))
+        flags = {"special": draw(st.booleans()), "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
+        models.append(ct.ModelVocab(f"m{index}", vocab, {token: flags for token in extra}, rows))
+    return models, draw(st.sampled_from([m.name for m in models]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(merges())
+def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ct.ModelVocab], str]) -> None:
+    models, base_name = case
+    merged = ct.plan_merged_vocab(models, base_name, "union", {}, None)
+    held = {m.name: {t for t, i in m.vocab.items() if i < m.rows} for m in models}
+    # the base's tokens keep their ids; every token some model holds is in; nothing else
+    assert list(merged.tokens[:6]) == [f"t{i}" for i in range(6)]
+    assert len(set(merged.tokens)) == len(merged.tokens) == merged.size
+    assert set(merged.tokens) == set().union(*held.values())
+    for m in models:
+        assert set(merged.fills[m.name]) == set(merged.tokens) - held[m.name]
+        for token, fill in merged.fills[m.name].items():
+            holders = tuple(n.name for n in models if token in held[n.name])
+            assert fill.models == ((base_name,) if base_name in holders else holders)
+            assert fill.rule == ("holder" if len(holders) == 1 else "base" if base_name in holders else "mean")
+        ghosts = {t for t, i in m.vocab.items() if i >= m.rows}
+        assert {t for t, _ in merged.ghosts[m.name]} == ghosts
+        # a ghost of one model that another model holds is what mergekit fails on
+        assert sum(f"{m.name} lists" in text for text in merged.unreadable) == len(ghosts & set(merged.tokens))
+
+
+def test_union_order_flags_and_tokens_settings() -> None:
+    plain = {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False}
+    special = dict(plain, special=True, normalized=False)
+    base = ct.ModelVocab("base", {"a": 0, "b": 1}, {}, 2)
+    one = ct.ModelVocab("one", {"a": 0, "b": 1, "<s1>": 2, "c": 3}, {"<s1>": special}, 4)
+    two = ct.ModelVocab("two", {"a": 0, "b": 1, "<s1>": 2, "<s2>": 3}, {"<s1>": plain, "<s2>": plain}, 4)
+    merged = ct.plan_merged_vocab([one, base, two], "base", "union", {}, 4)
+    # regular tokens of every model first, then added tokens (first flags win), padded to 4
+    assert merged.tokens == ("a", "b", "c", "<s1>", "<s2>") and merged.size == 8
+    assert merged.appended == {"c": plain, "<s1>": special, "<s2>": plain}
+    assert merged.fills["base"]["<s1>"] == ct.RowFill("mean", ("one", "two"))
+    assert merged.fills["two"]["c"] == ct.RowFill("holder", ("one",))
+    tokens = {
+        "<s1>": {"source": "two", "force": True},
+        "<new>": {"source": {"kind": "model_token", "model": "one", "token": "c"}},
+        "<s2>": {"source": {"kind": "zero"}},
+    }
+    merged = ct.plan_merged_vocab([base, one, two], None, "union", tokens, None)
+    assert merged.tokens[-1] == "<new>" and merged.base == "base"
+    assert merged.fills["two"]["<s1>"] == ct.RowFill("tokens", ("two",))  # forced: even the holder takes it
+    assert merged.fills["base"]["<new>"] == ct.RowFill("tokens", ("one",), token="c")
+    assert merged.fills["one"]["<s2>"] == ct.RowFill("tokens") and merged.fills["one"]["<s2>"].describe() == "zero"
+    bad = ct.plan_merged_vocab([base, one], None, "union", {"<s1>": {"source": "base"}, "x": {"force": True}}, None)
+    assert any("its source base lacks the token" in p for p in bad.problems) and any("no source" in p for p in bad.problems)
+    # base / a model: that tokenizer, nothing appended
+    assert ct.plan_merged_vocab([base, one], None, "base", {}, None).tokens == ("a", "b")
+    assert ct.plan_merged_vocab([base, one], None, "one", {}, None).tokens == ("a", "b", "<s1>", "c")
+
+
+# ---- the gate ------------------------------------------------------------------------------
+
+
+def test_the_gate_passes_a_union_merge_and_audits_it(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "sib1", "sib2"])
+    code, out, err = gate(capsys, "--mergekit-config", config, "--json")
+    assert code == 0, out + err
+    merge = json.loads(out)["merge"]
+    sib1, sib2, base = (str(models[n]) for n in ("sib1", "sib2", "base"))
+    assert merge["union"] == {"size": 404, "added": {sib1: UNION_TOKENS["sib1"], sib2: ["<both>", "<think>"]}}
+    assert merge["fills"][base] == {"<tool_call>": sib1, "</tool_call>": sib1, "<both>": f"mean of {sib1}, {sib2}", "<think>": sib2}
+    assert merge["fills"][sib1] == {"<think>": sib2} and merge["status"] == "ok"
+    assert [c["verdict"] for c in json.loads(out)["comparisons"]] == ["mapped", "mapped"]
+    code, out, _ = gate(capsys, "--mergekit-config", config)
+    assert code == 0 and "mergekit maps the rows by token (tokenizer_source: union)" in out and "MISMATCH" not in out
+    assert f"{base} lacks 4: '<tool_call>' <- {sib1}" in out
+    # the same merge by index (no tokenizer_source) still fails
+    plain = union_yaml(tmp_path / "plain.yaml", models, ["base", "sib1", "sib2"], tokenizer_source=None)
+    assert gate(capsys, "--mergekit-config", plain)[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "names", "message"),
+    [
+        ({}, ["base", "sib1", "ghost"], "lists '<tool_call>' at id 400, past its 400 embedding rows (a ghost token)"),
+        ({"tokenizer_source": "base", "chat_template": "{% for m in messages %}<tool_call>{{ m }}{% endfor %}"}, ["base", "sib1"],
+         "the chat template writes '<tool_call>', which the merged tokenizer lacks"),
+        ({"tokenizer_source": None, "tokenizer": {"tokens": {"<think>": {"source": "SIB1"}}}}, ["base", "sib1", "sib2"],
+         "its source SIB1 lacks the token"),
+    ],
+)  # fmt: skip
+def test_the_gate_fails_what_mergekit_fails_on(tmp_path: Path, models: dict[str, Path], capsys, extra, names, message) -> None:
+    extra = json.loads(json.dumps(extra).replace("SIB1", str(models["sib1"])))
+    config = union_yaml(tmp_path / "merge.yaml", models, names, **extra)
+    code, out, err = gate(capsys, "--mergekit-config", config)
+    assert code == 1 and message.replace("SIB1", str(models["sib1"])) in out, out + err
+    assert "merge  FAIL" in out
+
+
+def test_both_tokenizer_settings_are_refused_from_the_yaml_alone(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        "merge_method: linear\nmodels: [{model: nowhere/a, parameters: {weight: 1}}]\ntokenizer_source: union\ntokenizer: {}\n"
+    )
+    code, out, _ = gate(capsys, "--mergekit-config", config)
+    assert code == 1 and "Cannot specify both" in out and "no model was read" in out
+
+
+# ---- the alignment -------------------------------------------------------------------------
+
+
+def check_rows(aligned: Path, models: dict[str, Path], names: list[str], summary: dict) -> None:
+    """Every aligned model's row of every token is the one mergekit's merge would use."""
+    union = vocab_of(aligned / "tokenizer")
+    vocabs = {n: vocab_of(models[n]) for n in names}
+    weights = {n: factories.tensors(models[n]) for n in names}
+    for entry in summary["models"]:
+        name = Path(entry["source"]).name
+        out = factories.tensors(Path(entry["output"]))
+        assert vocab_of(Path(entry["output"])) == union
+        for tensor in TENSORS:
+            for token, token_id in union.items():
+                assert torch.equal(out[tensor][token_id], expected_row(weights, vocabs, name, token, tensor)), (name, token)
+
+
+def test_the_alignment_builds_the_union(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    names = ["base", "sib1", "sib2"]
+    config = union_yaml(tmp_path / "merge.yaml", models, names)
+    aligned = tmp_path / "aligned"
+    code, out, err = align(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["gate"]["ok"] and summary["tokenizer_merge"]["union"]["size"] == 404
+    assert [m["init_rules"] for m in summary["models"]] == [
+        {"mergekit_holder": 3, "mergekit_mean": 1},
+        {"mergekit_holder": 1},
+        {"mergekit_holder": 2},
+    ]
+    check_rows(aligned, models, names, summary)
+    # the union tokenizer: transformers loads it, each new token is one token, flags kept
+    tokenizer = transformers.AutoTokenizer.from_pretrained(aligned / "tokenizer")
+    ids = tokenizer("a<tool_call>b<think>c<both>", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.convert_ids_to_tokens(i) for i in ids if i >= 400] == ["<tool_call>", "<think>", "<both>"]
+    assert tokenizer.added_tokens_decoder[403].special is False and tokenizer.added_tokens_decoder[400].special is True
+    merged_yaml = yaml.safe_load((aligned / "merge.yaml").read_text())
+    assert "tokenizer_source" not in merged_yaml and merged_yaml["base_model"] == str((aligned / "base").resolve())
+    assert gate(capsys, "--mergekit-config", aligned / "merge.yaml")[0] == 0
+    # a rerun reuses every remap; a changed sib2 redoes the models whose rows come from it
+    assert [m["status"] for m in json.loads(align(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")[1])["models"]] == [
+        "reused"
+    ] * 3
+
+
+def test_changed_donor_models_invalidate_reuse(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    models = build_union_models(tmp_path / "models", byte_tok)
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "sib1", "sib2"])
+    aligned = tmp_path / "aligned"
+    assert align(capsys, "--mergekit-config", config, "--out_dir", aligned)[0] == 0
+    sib2 = json.loads((models["sib2"] / "tokenizer.json").read_text())
+    factories.write_model(models["sib2"], sib2, seed=9, **factories.BYTE_SPECIALS)  # new weights, same tokens
+    code, out, _ = align(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0 and [m["status"] for m in json.loads(out)["models"]] == ["remapped"] * 3
+    check_rows(aligned, models, ["base", "sib1", "sib2"], json.loads(out))
+
+
+def test_ghost_tokens_are_filled_and_named(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    names = ["base", "sib1", "ghost"]
+    config = union_yaml(tmp_path / "merge.yaml", models, names)
+    aligned = tmp_path / "aligned"
+    code, out, err = align(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["tokenizer_merge"]["ghosts"] == {
+        str(models["ghost"]): [{"token": "<tool_call>", "id": 400}, {"token": "</tool_call>", "id": 401}]
+    }
+    assert "ghost" in err and "its row is filled from the models that hold the token" in err
+    check_rows(aligned, models, names, summary)
+    code, out, _ = align(capsys, "--mergekit-config", config, "--out_dir", aligned)
+    assert "2 ghost token(s), rows filled from the models that hold them: '<tool_call>' (id 400)" in out
+
+
+def test_tokens_settings_and_padding(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    sib1, sib2 = str(models["sib1"]), str(models["sib2"])
+    tokenizer = {
+        "source": "union",
+        "pad_to_multiple_of": 64,
+        "chat_template": "{% for m in messages %}<think>{{ m.content }}{% endfor %}",  # mergekit ignores it here
+        "tokens": {
+            "<both>": {"source": {"kind": "zero"}},
+            "<new>": {"source": {"kind": "model_token", "model": sib1, "token": "<tool_call>"}},
+            "<|begin_of_text|>": {"source": sib2, "force": True},
+        },
+    }
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "sib1", "sib2"], tokenizer_source=None, tokenizer=tokenizer)
+    aligned = tmp_path / "aligned"
+    code, out, err = align(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
+    assert code == 0, err
+    union = vocab_of(aligned / "tokenizer")
+    weights = {n: factories.tensors(models[n]) for n in ("base", "sib1", "sib2")}
+    for entry in json.loads(out)["models"]:
+        out_rows = factories.tensors(Path(entry["output"]))["model.embed_tokens.weight"]
+        assert out_rows.shape[0] == 448  # 405 tokens, padded to 64
+        assert torch.equal(out_rows[union["<new>"]], weights["sib1"]["model.embed_tokens.weight"][400])
+        assert torch.equal(out_rows[union["<|begin_of_text|>"]], weights["sib2"]["model.embed_tokens.weight"][0])
+        if Path(entry["source"]).name == "base":
+            assert not out_rows[union["<both>"]].any()
+        assert json.loads((Path(entry["output"]) / "config.json").read_text())["vocab_size"] == 448
+    # the template the user wrote under tokenizer: reaches mergekit at the top level; the gate says mergekit ignores it there
+    assert yaml.safe_load((aligned / "merge.yaml").read_text())["chat_template"] == tokenizer["chat_template"]
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--json")
+    assert code == 0 and any(
+        "tokenizer.chat_template is ignored by mergekit" in w for w in json.loads(out)["merge"]["tokenizer"]["warnings"]
+    )
