@@ -2567,13 +2567,15 @@ def merged_chat_template(config: Mapping[str, Any], merged: MergedVocab, info_of
 def tokenizer_merge_problems(config: Mapping[str, Any], merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> list[str]:
     """What still fails when mergekit maps rows by token: ghost tokens it cannot read and
     bad `tokenizer.tokens` (plan_merged_vocab), special tokens of the merged tokenizer it
-    lacks, a chat template that writes tokens the merged tokenizer lacks."""
+    lacks, config.json ids past the merged rows, a chat template that writes tokens the
+    merged tokenizer lacks."""
     problems = list(merged.problems + merged.unreadable)
     out = set(merged.tokens)
     taken = info_of[merged.base if merged.source in ("union", "base") else merged.source]
     missing_special = sorted({token for token in taken.special_tokens.values() if token and token not in out})
     if missing_special:
         problems.append(f"the merged tokenizer lacks its own special token(s) {', '.join(map(repr, missing_special))} (ghost tokens)")
+    problems += merged_config_ids(merged, info_of[merged.base], taken)[0]
     every_added = dict.fromkeys(t.content for info in info_of.values() for t in info.added_tokens)
     template = merged_chat_template(config, merged, info_of)
     lacking = [token for token in template_special_tokens(template, every_added) if token not in out]
@@ -2583,6 +2585,30 @@ def tokenizer_merge_problems(config: Mapping[str, Any], merged: MergedVocab, inf
             "chats would be tokenized as plain text"
         )
     return problems
+
+
+def merged_config_ids(merged: MergedVocab, base: TokenizerInfo, taken: TokenizerInfo) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the base's config.json, which mergekit keeps with the merged
+    vocabulary: a bos/eos/pad id past the merged rows fails; one that names neither the
+    base's token at that id nor the merged tokenizer's token of that role (`taken`: the
+    tokenizer the merge takes, which may order its ids otherwise) is a warning."""
+    problems, warnings = [], []
+    token_of_id = {token_id: token for token, token_id in base.vocab.items()}
+    for role, value in base.config_ids.items():
+        for token_id in value if isinstance(value, list) else [value]:
+            if not is_int(token_id):
+                continue
+            if token_id >= merged.size:
+                problems.append(f"the merged config's {role}_token_id {token_id} is past the merged vocabulary's {merged.size} rows")
+            elif token_id < len(merged.tokens) and merged.tokens[token_id] not in (
+                token_of_id.get(token_id),
+                taken.special_tokens.get(role),
+            ):
+                warnings.append(
+                    f"the merged config's {role}_token_id {token_id} is {merged.tokens[token_id]!r} in the merged tokenizer, "
+                    f"{token_of_id.get(token_id)!r} in the base's (mergekit keeps the base's config.json)"
+                )
+    return problems, warnings
 
 
 def by_token(comparison: Comparison, source: str) -> Comparison:
@@ -2832,18 +2858,20 @@ def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
 
 
 def model_weights_dir(resolved: ResolvedSource) -> Path:
-    """A model's directory with its safetensors: local as is; a Hub repo's shards are
-    downloaded into the Hub cache (the merge downloads them anyway)."""
-    if local_safetensors_files(resolved.directory):
+    """A model's directory with its safetensors: local as is; for a Hub repo, the shards its
+    index names (else model.safetensors), downloaded from the commit the gate read into the
+    Hub cache (the merge downloads them anyway; no other weight format)."""
+    hub = looks_like_hub_id(resolved.name) and not Path(resolved.name).exists()
+    if local_safetensors_files(resolved.directory, cached=hub):
         return resolved.directory
-    if not (looks_like_hub_id(resolved.name) and not Path(resolved.name).exists()):
+    if not hub:
         raise CliError(f"{resolved.directory}: --audit reads the weights, and there are no safetensors shards here")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(resolved.name, revision=resolved.revision, allow_patterns=["*.safetensors", "*.json"]))
-    except Exception as exc:  # HTTP, offline, gated: one line
-        raise CliError(hub_failure(resolved.name, resolved.revision, exc)) from exc
+    index = resolved.directory / SAFETENSORS_INDEX
+    shards = sorted(set(read_weight_index(index, shards_present=False).values())) if index.is_file() else ["model.safetensors"]
+    directory = resolve_source(resolved.name, resolved.directory.name, [*shards, *CONFIG_FILES])  # the snapshot's commit
+    if not local_safetensors_files(directory, cached=True):
+        raise CliError(f"{resolved.name}: --audit reads the weights, and the repo has no safetensors shards")
+    return directory
 
 
 def audit_plan(stored: Sequence[Mapping[str, StoredTensor]], vocabulary: set[str]) -> tuple[list[str], list[str]]:
@@ -3451,6 +3479,8 @@ def audit_tokenizer_merge(
     if isinstance(config.get("tokenizer"), Mapping) and "chat_template" in config["tokenizer"]:
         ignored = "tokenizer.chat_template is ignored by mergekit (it reads chat_template: at the top level)"
         merged = dataclasses.replace(merged, warnings=(*merged.warnings, ignored))
+    taken = info_of[merged.base if merged.source in ("union", "base") else merged.source]
+    merged = dataclasses.replace(merged, warnings=(*merged.warnings, *merged_config_ids(merged, info_of[merged.base], taken)[1]))
     problems = list(merge_problems or []) + tokenizer_merge_problems(config, merged, info_of)
     return merged, [by_token(c, source) for c in comparisons], problems
 

@@ -436,3 +436,22 @@ def test_a_second_gate_run_with_the_same_cache_passes(hub: HubServer, hf_home: P
     assert json.loads(first.stdout)["exit_code"] == json.loads(second.stdout)["exit_code"] == 0
     for run in (first, second):  # offline too, the rows were checked (from the headers the first run read)
         assert json.loads(run.stdout)["comparisons"][0]["checks"]["weights"]["status"] == "ok", run.stderr
+
+
+def test_the_audit_downloads_the_shards_and_nothing_else(tmp_path: Path, hub: HubServer, hf_home: Path, repos: dict[str, Path]) -> None:
+    config = tmp_path / "merge.yaml"
+    models = [{"model": "org/thinker", "parameters": {"weight": 1.0}}]
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "org/model", "dtype": "float32", "models": models}))
+    result = ok(cli("compare_tokenizers.py", "--mergekit-config", config, "--audit", "--json", hub=hub, hf_home=hf_home), code=1)
+    audit = json.loads(result.stdout)["audit"]  # the gate fails (the vocabularies differ); the audit is there all the same
+    assert [m["model"] for m in audit["models"]] == ["org/model", "org/thinker"] and audit["models"][1]["task_vector_norm"] > 0
+    assert any("shapes differ" in s for s in audit["skipped"])  # thinker's embedding has two more rows
+    fetched = fetched_files(hub, "org/model")
+    shards = set(json.loads((repos["model"] / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert {f for f in fetched if f.endswith(".safetensors")} == shards
+    assert not fetched & set(NOT_NEEDED)
+    # offline, from the cache, the same figures
+    again = ok(
+        cli("compare_tokenizers.py", "--mergekit-config", config, "--audit", "--json", hub=None, hf_home=hf_home, offline=True), code=1
+    )
+    assert json.loads(again.stdout)["audit"] == audit

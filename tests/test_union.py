@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,33 @@ def test_tokens_settings_and_padding(tmp_path: Path, models: dict[str, Path], ca
     assert code == 0 and any(
         "tokenizer.chat_template is ignored by mergekit" in w for w in json.loads(out)["merge"]["tokenizer"]["warnings"]
     )
+
+
+def test_a_source_tokenizer_that_moves_the_bases_special_tokens_is_named(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """mergekit keeps the base's config.json: with another model's tokenizer as the source,
+    an eos_token_id that names neither the base's token nor the merged tokenizer's eos is
+    named (a warning: which ids a config lists is the model's own business)."""
+    shuffled = factories.permuted(factories.byte_level_bpe(), seed=5)
+    moved = factories.write_model(tmp_path / "moved", shuffled, seed=6, **factories.BYTE_SPECIALS)
+    config = union_yaml(tmp_path / "merge.yaml", models | {"moved": moved}, ["base", "moved"], tokenizer_source=str(moved))
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--json")
+    warnings = json.loads(out)["merge"]["tokenizer"]["warnings"]
+    assert code == 0 and any("the merged config's eos_token_id 1 is" in w and "'<|end_of_text|>' in the base's" in w for w in warnings)
+
+
+def test_a_config_vocab_size_past_the_embedding_is_aligned_too(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """ "tokenizer says 131072, tensor has 131070" with config.json saying 131072 as well:
+    mergekit's union fails with an IndexError; the alignment warns and fills the rows."""
+    ghost = tmp_path / "ghost"
+    shutil.copytree(models["ghost"], ghost)
+    config_json = json.loads((ghost / "config.json").read_text())
+    (ghost / "config.json").write_text(json.dumps(config_json | {"vocab_size": 402}))
+    config = union_yaml(tmp_path / "merge.yaml", models | {"ghost": ghost}, ["base", "sib1", "ghost"])
+    code, out, err = align(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned", "--json")
+    assert code == 0, err
+    assert "config.json says vocab_size 402, model.embed_tokens.weight has 400 rows" in err
+    assert json.loads((tmp_path / "aligned" / "ghost" / "config.json").read_text())["vocab_size"] == 403  # the union
+    assert json.loads(out)["tokenizer_merge"]["ghosts"][str(ghost)] == [
+        {"token": "<tool_call>", "id": 400},
+        {"token": "</tool_call>", "id": 401},
+    ]
