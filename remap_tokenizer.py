@@ -825,25 +825,6 @@ def mergekit_references(config: Any, where: object = "the mergekit configuration
     return ([base] if base is not None else []) + found
 
 
-def tokenizer_target(config: Mapping[str, Any]) -> Any | None:
-    """The model whose tokenizer the merge uses: `tokenizer_source: model:X` or X,
-    `tokenizer.source`, `base` (the base_model), else base_model; None for `union`."""
-    for value in (
-        config.get("tokenizer_source"),
-        (config.get("tokenizer") or {}).get("source") if isinstance(config.get("tokenizer"), Mapping) else None,
-    ):
-        if value is None:
-            continue
-        if value == "base":
-            return config.get("base_model")
-        if value == "union" or not isinstance(value, str):
-            return None
-        if isinstance(value, str) and value.startswith("model:"):
-            return value[len("model:") :]
-        return value
-    return config.get("base_model")
-
-
 def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
     """A model path as mergekit resolves it: against the working directory (else a Hub
     repo id). A relative path found only next to the YAML is an error, which says how to
@@ -5078,8 +5059,7 @@ def choose_target(opts: AlignOptions, config: Mapping[str, Any], references: Seq
     """--base_tokenizer, else base_model, else the first model."""
     if opts.base_tokenizer is not None:
         return ModelRef(opts.base_tokenizer, opts.base_revision)
-    chosen = tokenizer_target(config)
-    return parse_model_reference(chosen) if chosen is not None else references[0]
+    return parse_model_reference(config["base_model"]) if config.get("base_model") is not None else references[0]
 
 
 def check_mergeable(

@@ -168,16 +168,17 @@ def test_map_model_references_keeps_every_other_key() -> None:
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ({"base_model": "b"}, "b"),
-        ({"base_model": "b", "tokenizer_source": "base"}, "b"),
-        ({"base_model": "b", "tokenizer_source": "union"}, None),
-        ({"base_model": "b", "tokenizer_source": "model:x"}, "x"),
-        ({"base_model": "b", "tokenizer": {"source": "y"}}, "y"),
-        ({"models": []}, None),
+        ({"base_model": "b"}, None),
+        ({"base_model": "b", "tokenizer_source": "base"}, ("base", {}, None)),
+        ({"base_model": "b", "tokenizer_source": "union"}, ("union", {}, None)),
+        ({"base_model": "b", "tokenizer_source": "model:x"}, ("x", {}, None)),
+        ({"base_model": "b", "tokenizer": {"source": "y@rev", "pad_to_multiple_of": 8}}, ("y@rev", {}, 8)),
+        ({"tokenizer": {"tokens": {1: {"force": True}}, "pad_to_multiple_of": "8"}}, ("union", {"1": {"force": True}}, None)),
     ],
 )
-def test_tokenizer_target(config: dict, expected: str | None) -> None:
-    assert rt.tokenizer_target(config) == expected
+def test_tokenizer_merge_settings(config: dict, expected: tuple | None) -> None:
+    """(source, tokens, pad_to_multiple_of) as mergekit reads them: `tokenizer:` defaults to union."""
+    assert rt.tokenizer_merge_settings(config) == expected
 
 
 def test_aligned_names_are_readable_and_unique() -> None:
