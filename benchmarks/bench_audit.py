@@ -11,7 +11,8 @@ first as base_model, then measures, per size:
   cat     cat of every shard of every model to /dev/null (what reading the files costs)
   audit   compare_tokenizers.py --mergekit-config merge.yaml --audit --json
 
-wall time and peak RSS (summed over the process tree, sampled every 10 ms). Warm: the
+wall time and peak RSS (summed over the process tree, sampled every 10 ms), the median of
+--repeat rounds that alternate the two (a shared virtual disk's speed wanders). Warm: the
 files are in the page cache for both (the machine has the RAM); --cold drops the page cache
 before each run (needs root: /proc/sys/vm/drop_caches). It is a benchmark, not a test: the
 test suite runs it at a tiny size.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32_000, help="regular tokens (256 special tokens are added)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/merge_tools_bench_audit"))
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = []
@@ -71,15 +74,21 @@ def main() -> None:
         shards = sorted(str(p) for d in directories for p in d.glob("*.safetensors"))
         size = sum(Path(p).stat().st_size for p in shards)
         row = {"layers": layers, "gb_per_model": size / args.models / 1e9, "models": args.models}
-        for name, command in (
-            ("cat", ["sh", "-c", 'cat "$@" > /dev/null', "cat", *shards]),
-            ("audit", [sys.executable, str(ROOT / "compare_tokenizers.py"), "--mergekit-config", str(config), "--audit", "--json"]),
-        ):
-            if args.cold:
-                drop_caches()
-            else:  # warm: read once first, so that both runs find the files in the page cache
-                subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *shards], check=True)
-            row[name] = bench_remap.measure(command)
+        commands = {
+            "cat": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *shards],
+            "audit": [sys.executable, str(ROOT / "compare_tokenizers.py"), "--mergekit-config", str(config), "--audit", "--json"],
+        }
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
+        for _ in range(args.repeat):  # alternating, so that both see the same disk weather
+            for name, command in commands.items():
+                if args.cold:
+                    drop_caches()
+                else:  # warm: read once first, so that both runs find the files in the page cache
+                    subprocess.run(commands["cat"], check=True)
+                runs[name].append(bench_remap.measure(command))
+        for name, measured in runs.items():
+            row[name] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+            row[name]["walls"] = [round(m["wall"], 2) for m in measured]
         results.append(row)
         print(json.dumps(row), file=sys.stderr)
     print(f"{bench_remap.machine()}; {'cold' if args.cold else 'warm'} page cache")
@@ -89,7 +98,7 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| models × size | cat: wall | audit: wall | × cat | audit: peak RSS |", "|---|---:|---:|---:|---:|"]
+    lines = ["| models × size | cat: wall (median) | audit: wall (median) | × cat | audit: peak RSS |", "|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(
             f"| {r['models']} × {r['gb_per_model']:.2f} GB ({r['layers']} layers) | {r['cat']['wall']:.1f} s | "

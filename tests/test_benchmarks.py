@@ -94,7 +94,7 @@ def test_union_fidelity_tiny(tmp_path: Path) -> None:
 
 
 def test_bench_audit_tiny(tmp_path: Path) -> None:
-    argv = ["--layers", "1", "2", "--hidden", "64", "--intermediate", "128", "--vocab", "1000", "--workdir", str(tmp_path)]
+    argv = ["--layers", "1", "2", "--hidden", "64", "--intermediate", "128", "--vocab", "1000", "--workdir", str(tmp_path), "--repeat", "1"]
     out = run("benchmarks/bench_audit.py", *argv)
     rows = [line for line in out.splitlines() if line.startswith("| 3 × ")]
     assert len(rows) == 2 and "warm page cache" in out
