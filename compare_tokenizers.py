@@ -3224,7 +3224,8 @@ def render_human(
         out.append(f"OTHER  {comparison.other}")
         verdict = comparison.verdict_text()
         if merge_problems and not comparison.failed:  # never "safe to merge" under a failing merge check
-            verdict = verdict.replace("identical: safe to merge linearly", "identical (but the merge fails: see merge above)")
+            verdict = verdict.replace("identical: safe to merge linearly", "identical")
+            verdict += " (but the merge fails: see merge above)"
         out.append(f"verdict  {paint(verdict, 'fail' if comparison.failed else 'ok' if comparison.weights_checked else 'warn')}")
         for check in comparison.checks:
             label = paint(f"{STATUS_LABEL[check.status]:<4}", check.status)

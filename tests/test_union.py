@@ -143,7 +143,7 @@ def test_the_gate_fails_what_mergekit_fails_on(tmp_path: Path, models: dict[str,
     config = union_yaml(tmp_path / "merge.yaml", models, names, **extra)
     code, out, err = gate(capsys, "--mergekit-config", config)
     assert code == 1 and message.replace("SIB1", str(models["sib1"])) in out, out + err
-    assert "merge  FAIL" in out
+    assert "merge  FAIL" in out and "(but the merge fails: see merge above)" in out and "safe to merge" not in out
 
 
 def test_both_tokenizer_settings_are_refused_from_the_yaml_alone(tmp_path: Path, capsys) -> None:
