@@ -889,7 +889,7 @@ class MergedVocab:
     source: str  # union | base | a model
     base: str
     tokens: tuple[str, ...]  # the output tokenizer's tokens in id order
-    appended: Mapping[str, Mapping[str, bool]]  # tokens appended to the base's tokenizer -> flags
+    appended: Mapping[str, Mapping[str, bool]]  # tokens the merged tokenizer adds as added tokens -> flags
     added_by: Mapping[str, tuple[str, ...]]  # model -> tokens it brings that the base lacks
     fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its row comes from
     ghosts: Mapping[str, tuple[tuple[str, int], ...]]  # model -> tokens at ids past its rows
@@ -947,10 +947,11 @@ def named_tokens(tokens: Mapping[str, Any], name_of: Callable[[Any], str]) -> di
 def merged_tokens(
     models: Sequence[ModelVocab], base: ModelVocab, source: str, extra: Iterable[str]
 ) -> tuple[list[str], dict[str, Mapping[str, bool]]]:
-    """The output tokenizer's tokens in id order and those appended to the base's (with
+    """The output tokenizer's tokens in id order and those it adds as added tokens (with
     flags), as build_tokenizer orders them: the base's (held) tokens; for a union then
-    every other model's regular tokens, then every added token (first flags win); then
-    the tokens of `tokenizer.tokens`."""
+    every other model's regular tokens, then every added token (first flags win; one the
+    base holds as a regular token becomes an added token at its id, as transformers'
+    add_tokens makes it); then the tokens of `tokenizer.tokens`."""
     if source not in ("union", "base"):
         chosen = next(m for m in models if m.name == source)
         tokens = sorted(chosen.vocab, key=chosen.vocab.__getitem__)
@@ -978,6 +979,8 @@ def merged_tokens(
         for m in order:
             held = m.held
             for token in sorted((t for t in m.added if t in held), key=held.__getitem__):
+                if token in base.held and token not in base.added:
+                    appended.setdefault(token, m.added[token])
                 append(token, m.added[token])
     for token in extra:
         append(token, {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False})

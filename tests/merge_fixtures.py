@@ -60,7 +60,8 @@ def build_union_models(root: Path, byte_tok: dict) -> dict[str, Path]:
     """Fine-tunes that each add their own tokens, as `tokenizer_source: union` merges them:
     base; sib1 (+ <tool_call>, </tool_call>, <both>); sib2 (+ <think>, not special, and
     <both>: the two hold it at different ids); ghost (sib1's tokenizer, but only the
-    base's 400 embedding rows: its two tool-call tokens are ghost tokens)."""
+    base's 400 embedding rows: its two tool-call tokens are ghost tokens); regular (the
+    base's tokenizer with <think> as a regular token)."""
     sib1 = factories.with_tokens(byte_tok, added=UNION_TOKENS["sib1"])
     sib2 = factories.with_tokens(byte_tok, added=UNION_TOKENS["sib2"])
     sib2["added_tokens"][-2]["special"] = False
@@ -70,14 +71,15 @@ def build_union_models(root: Path, byte_tok: dict) -> dict[str, Path]:
         "sib2": factories.write_model(root / "sib2", sib2, seed=3, **BYTE_SPECIALS),
         "ghost": factories.write_model(
             root / "ghost", factories.with_tokens(byte_tok, added=UNION_TOKENS["sib1"][:2]), rows=400, seed=4, **BYTE_SPECIALS
-        ),
+        ),  # a base that has <think> as a regular token (its BPE never produces it), which sib2 adds as an added token
+        "regular": factories.write_model(root / "regular", factories.with_tokens(byte_tok, regular=["<think>"]), seed=5, **BYTE_SPECIALS),
     }
 
 
-def union_yaml(path: Path, models: dict[str, Path], names: list[str], method: str = "linear", **extra: object) -> Path:
-    """A merge of `names` (base_model: base) with tokenizer_source: union unless `extra`
+def union_yaml(path: Path, models: dict[str, Path], names: list[str], method: str = "linear", base: str = "base", **extra: object) -> Path:
+    """A merge of `names` (base_model: `base`) with tokenizer_source: union unless `extra`
     says otherwise (tokenizer_source=None removes it)."""
-    config: dict[str, object] = {"merge_method": method, "base_model": str(models["base"])}
+    config: dict[str, object] = {"merge_method": method, "base_model": str(models[base])}
     config["models"] = [{"model": str(models[n]), "parameters": {"weight": round(1 / len(names), 4)}} for n in names]
     config |= {"dtype": "float32", "tokenizer_source": "union", **extra}
     path.write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}, sort_keys=False))

@@ -285,6 +285,8 @@ UNION_CASES = {
         },
     ),
     "a-model": (["base", "sib1", "sib2"], "linear", {"tokenizer_source": "SIB2"}),
+    # the base's regular <think> becomes an added token in mergekit's union (transformers' add_tokens)
+    "regular-then-added": (["regular", "sib2"], "linear", {"base": "regular"}),
 }
 
 

@@ -102,6 +102,9 @@ def test_union_order_flags_and_tokens_settings() -> None:
     assert merged.fills["one"]["<s2>"] == ct.RowFill("tokens") and merged.fills["one"]["<s2>"].describe() == "zero"
     bad = ct.plan_merged_vocab([base, one], None, "union", {"<s1>": {"source": "base"}, "x": {"force": True}}, None)
     assert any("its source base lacks the token" in p for p in bad.problems) and any("no source" in p for p in bad.problems)
+    # a token the base holds as a regular one and another model as an added one: added at the base's id
+    promoted = ct.plan_merged_vocab([base, ct.ModelVocab("three", {"a": 0, "b": 1}, {"b": special}, 2)], "base", "union", {}, None)
+    assert promoted.tokens == ("a", "b") and promoted.appended == {"b": special}
     # base / a model: that tokenizer, nothing appended
     assert ct.plan_merged_vocab([base, one], None, "base", {}, None).tokens == ("a", "b")
     assert ct.plan_merged_vocab([base, one], None, "one", {}, None).tokens == ("a", "b", "<s1>", "c")
@@ -290,3 +293,15 @@ def test_a_config_vocab_size_past_the_embedding_is_aligned_too(tmp_path: Path, m
         {"token": "<tool_call>", "id": 400},
         {"token": "</tool_call>", "id": 401},
     ]
+
+
+def test_a_base_regular_token_another_model_adds_becomes_an_added_token(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """As mergekit's union re-registers it (transformers' add_tokens), so that text holding
+    it is split alike (checked against mergekit itself in test_e2e_mergekit.py)."""
+    config = union_yaml(tmp_path / "merge.yaml", models, ["regular", "sib2"], base="regular")
+    assert align(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned")[0] == 0
+    tokenizer_json = json.loads((tmp_path / "aligned" / "tokenizer" / "tokenizer.json").read_text())
+    think = vocab_of(models["regular"])["<think>"]
+    assert {e["content"]: e["id"] for e in tokenizer_json["added_tokens"]}["<think>"] == think
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "aligned" / "tokenizer")
+    assert "<think>" in tokenizer.tokenize("a<think>b")
