@@ -898,6 +898,11 @@ class MergedVocab:
     unreadable: tuple[str, ...] = ()  # ghost tokens mergekit fails on (the alignment fills them)
     warnings: tuple[str, ...] = ()
 
+    @property
+    def tokenizer_model(self) -> str:
+        """The model whose tokenizer the merged one extends: the base (union, base) or the source."""
+        return self.base if self.source in ("union", "base") else self.source
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -2159,7 +2164,9 @@ def diff_vocab(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> VocabDiff
     )
 
 
-def vocab_check(diff: VocabDiff, ref: TokenizerInfo, other: TokenizerInfo) -> CheckResult:
+def vocab_check(diff: VocabDiff, ref: TokenizerInfo, other: TokenizerInfo, mapped_by: str | None = None) -> CheckResult:
+    """`mapped_by`: the tokenizer_source of a merge that maps rows by token, where a
+    vocabulary that differs is reported, not a failure."""
     if diff.equal:
         summary = f"identical: {diff.ref_size} tokens, every token the same id"
     else:
@@ -2180,7 +2187,9 @@ def vocab_check(diff: VocabDiff, ref: TokenizerInfo, other: TokenizerInfo) -> Ch
         if entries:
             lines.append(f"{title}, {len(entries)} of {count}:")
             lines += [f"  {i:>8}  {show_token(t, info.convention, info.byte_fallback)}" for t, i in entries]
-    return CheckResult("vocab", "ok" if diff.equal else "fail", summary, diff.to_dict(), tuple(lines))
+    if mapped_by is not None and not diff.equal:
+        summary = summary.replace("MISMATCH: ", f"differs, mergekit maps the rows by token (tokenizer_source: {mapped_by}): ", 1)
+    return CheckResult("vocab", "ok" if diff.equal or mapped_by is not None else "fail", summary, diff.to_dict(), tuple(lines))
 
 
 # ======================================================================================
@@ -2419,7 +2428,10 @@ def describe_weights(info: TokenizerInfo, head: int) -> dict[str, Any]:
     }
 
 
-def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckResult:
+def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int, mapped_by: str | None = None) -> CheckResult:
+    """Rows, padding and ghost tokens of both sides. `mapped_by` (a tokenizer_source merge):
+    ghost tokens and differing row counts are mapped by token (the vocabulary audit judges
+    them), not a failure; stale per-token tensors still are."""
     sides = {
         label: describe_weights(info, head)
         for label, info in (("ref", ref), ("other", other))
@@ -2440,6 +2452,7 @@ def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckR
     ]
     if ref.weights is not None and other.weights is not None and ref.weights.rows != other.weights.rows:
         problems.append(f"embedding rows differ: {ref.weights.rows} vs {other.weights.rows}")
+    mapped = len(problems) if mapped_by is not None else 0  # the first `mapped` problems are mapped by token
     for label, info in (("ref", ref), ("other", other)):
         if label in sides and info.weights is not None and info.weights.rows is not None:
             shapes = {name: shape for name, (_, shape) in (info.weights.tensors or {}).items()}
@@ -2463,8 +2476,12 @@ def weights_check(ref: TokenizerInfo, other: TokenizerInfo, head: int) -> CheckR
     if unchecked:
         summary += f"; {unchecked[0]} not checked (no safetensors)"
         lines.append(f"{unchecked[0]}: not checked (no safetensors)")
-    details = {**sides, "not_checked": unchecked, "problems": problems}
-    return CheckResult("weights", "fail" if problems else "ok", summary, details, tuple(lines))
+    failing = problems[mapped:]
+    if mapped and not failing:
+        summary += " (mapped by token; ghost tokens: see the merge's tokenizer above)"
+    elif mapped:
+        summary = "; ".join(failing)
+    return CheckResult("weights", "fail" if failing else "ok", summary, {**sides, "not_checked": unchecked}, tuple(lines))
 
 
 def architecture_check(base: ModelFacts | None, other: ModelFacts | None, strict: bool, same_layers: bool, lora: str | None) -> CheckResult:
@@ -2545,21 +2562,20 @@ def merged_chat_template(config: Mapping[str, Any], merged: MergedVocab, info_of
         return max(templates, key=templates.count) if templates else None
     if wanted:
         return None
-    return info_of[merged.base if merged.source in ("union", "base") else merged.source].chat_template
+    return info_of[merged.tokenizer_model].chat_template
 
 
 def tokenizer_merge_problems(config: Mapping[str, Any], merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> list[str]:
     """What still fails when mergekit maps rows by token: ghost tokens it cannot read and
     bad `tokenizer.tokens` (plan_merged_vocab), special tokens of the merged tokenizer it
-    lacks, config.json ids past the merged rows, a chat template that writes tokens the
-    merged tokenizer lacks."""
+    lacks, a chat template that writes tokens the merged tokenizer lacks (config.json ids:
+    merged_config_ids)."""
     problems = list(merged.problems + merged.unreadable)
     out = set(merged.tokens)
-    taken = info_of[merged.base if merged.source in ("union", "base") else merged.source]
+    taken = info_of[merged.tokenizer_model]
     missing_special = sorted({token for token in taken.special_tokens.values() if token and token not in out})
     if missing_special:
         problems.append(f"the merged tokenizer lacks its own special token(s) {', '.join(map(repr, missing_special))} (ghost tokens)")
-    problems += merged_config_ids(merged, info_of[merged.base], taken)[0]
     every_added = dict.fromkeys(t.content for info in info_of.values() for t in info.added_tokens)
     template = merged_chat_template(config, merged, info_of)
     lacking = [token for token in template_special_tokens(template, every_added) if token not in out]
@@ -2595,25 +2611,6 @@ def merged_config_ids(merged: MergedVocab, base: TokenizerInfo, taken: Tokenizer
     return problems, warnings
 
 
-def by_token(comparison: Comparison, source: str) -> Comparison:
-    """A comparison under a tokenizer merge: a vocabulary that differs is mapped by token
-    (not a failure), and so are differing row counts and ghost tokens (judged by the
-    vocabulary audit instead); every other check stands."""
-    checks = []
-    for check in comparison.checks:
-        if check.name == "vocab" and check.status == "fail":
-            summary = check.summary.replace("MISMATCH: ", f"differs, mergekit maps the rows by token (tokenizer_source: {source}): ", 1)
-            check = dataclasses.replace(check, status="ok", summary=summary)
-        elif check.name == "weights" and check.status == "fail":
-            problems = [
-                p for p in check.details.get("problems", []) if "ghost token" not in p and not p.startswith("embedding rows differ")
-            ]
-            summary = "; ".join(problems) or f"{check.summary} (mapped by token; ghost tokens: see the merge's tokenizer above)"
-            check = dataclasses.replace(check, status="fail" if problems else "ok", summary=summary)
-        checks.append(check)
-    return dataclasses.replace(comparison, checks=tuple(checks), mapped_by=source)
-
-
 def render_tokenizer_merge(merged: MergedVocab, head: int) -> list[str]:
     """The vocabulary audit, human-readable: the tokenizer the merge gets, the tokens each
     model adds, and for each model the rows it lacks and where they come from."""
@@ -2646,7 +2643,7 @@ NEAR_DUPLICATE, CONFLICTING = 0.95, -0.3  # task-vector cosines named in the rep
 LOW_SHARE, HIGH_SHARE = 0.02, 0.5
 LAYER_OUTLIER = 3.0  # a layer that moved this many times the model's median layer is named
 TOP_TENSORS = 5
-AUDIT_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+AUDIT_DTYPES = ("BF16", "F16", "F32", "F64")  # widened to float32 (sizes: DTYPE_SIZES)
 
 
 @dataclass(frozen=True)
@@ -2878,7 +2875,7 @@ def audit_plan(stored: Sequence[Mapping[str, StoredTensor]], vocabulary: set[str
 def read_raw(handle: int, tensor: StoredTensor, first: int, count: int, raw: np.ndarray) -> np.ndarray:
     """The bytes of elements [first, first + count) of a tensor, read with pread into `raw`
     (not mmap: mapped pages count in RSS, and a file truncated meanwhile is a SIGBUS)."""
-    size = AUDIT_DTYPES[tensor.dtype]
+    size = DTYPE_SIZES[tensor.dtype]
     view, offset, done = memoryview(raw[: count * size]), tensor.start + first * size, 0
     while done < len(view):
         got = os.preadv(handle, [view[done:]], offset + done)
@@ -2914,7 +2911,7 @@ def tensor_sums(
     tensors = [s[name] for s in stored]
     count, models = tensors[0].count, len(tensors)
     block = min(count, max(4096, AUDIT_BLOCK_BYTES // (4 * models)))
-    raws = [np.empty(block * AUDIT_DTYPES[t.dtype], dtype=np.uint8) for t in tensors]
+    raws = [np.empty(block * DTYPE_SIZES[t.dtype], dtype=np.uint8) for t in tensors]
     values = np.empty((models, block), dtype=np.float32)
     centre = np.empty(block, dtype=np.float32)
     moving = [k for k in range(models) if k != reference]  # the reference's own task vector is zero
@@ -2932,7 +2929,7 @@ def tensor_sums(
             values[moving, :n] if len(moving) > GRAM_BY_DOTS else [values[k, :n] for k in moving]
         )
         reference_square += float(np.dot(middle, middle))
-        progress(sum(n * AUDIT_DTYPES[t.dtype] for t in tensors))
+        progress(sum(n * DTYPE_SIZES[t.dtype] for t in tensors))
     return TensorSums(name, gram, reference_square, vocabulary)
 
 
@@ -2957,7 +2954,7 @@ def run_audit(
     stored = [stored_tensors(directory) for directory in directories]
     vocab_names = set().union(*vocabulary)
     tensor_names, skipped = audit_plan(stored, vocab_names)
-    total = sum(AUDIT_DTYPES[s[n].dtype] * s[n].count for n in tensor_names for s in stored)
+    total = sum(DTYPE_SIZES[s[n].dtype] * s[n].count for n in tensor_names for s in stored)
     reference = list(names).index(base) if base is not None and base in names else None
     files = [{t.file for t in s.values()} for s in stored]
     handles = [{file: os.open(file, os.O_RDONLY) for file in model_files} for model_files in files]
@@ -3147,20 +3144,24 @@ class Comparison:
         }
 
 
-def compare(ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int, weights: bool = True) -> Comparison:
+def compare(
+    ref: TokenizerInfo, other: TokenizerInfo, *, strict: bool, head: int, weights: bool = True, mapped_by: str | None = None
+) -> Comparison:
+    """Every check of OTHER against REF; `mapped_by`: the tokenizer_source of a merge
+    that maps rows by token (vocab_check, weights_check)."""
     diff = diff_vocab(ref, other, head)
     checks = [
-        vocab_check(diff, ref, other),
+        vocab_check(diff, ref, other, mapped_by),
         special_tokens_check(ref, other, strict),
         chat_template_check(ref, other, strict),
         encoding_check(ref, other, strict),
     ]
     checks.append(
-        weights_check(ref, other, head)
+        weights_check(ref, other, head, mapped_by)
         if weights
         else CheckResult("weights", "skipped", "not checked: --no-weights", {"not_checked": ["REF", "OTHER"]})
     )
-    return Comparison(ref.source, other.source, diff, tuple(checks))
+    return Comparison(ref.source, other.source, diff, tuple(checks), mapped_by)
 
 
 def build_report(
@@ -3357,13 +3358,15 @@ def run(args: argparse.Namespace) -> int:
         refuse_plot_inside_models(args.plot, resolved)
     infos = read_tokenizer_infos(resolved, args.weights)
     ref = infos[0]
-    comparisons = [compare(ref, other, strict=args.strict, head=args.head, weights=args.weights) for other in infos[1:]]
+    settings = tokenizer_merge_settings(config) if args.mergekit_config is not None else None
+    mapped_by = settings[0] if settings is not None else None
+    comparisons = [compare(ref, o, strict=args.strict, head=args.head, weights=args.weights, mapped_by=mapped_by) for o in infos[1:]]
     merge_problems = None
     if args.mergekit_config is not None and args.weights:
         comparisons, merge_problems = with_architecture(config, source_of, sources, infos, comparisons, args.strict)
     merged = None
-    if args.mergekit_config is not None and tokenizer_merge_settings(config) is not None:
-        merged, comparisons, merge_problems = audit_tokenizer_merge(config, source_of, sources, infos, comparisons, merge_problems)
+    if settings is not None:
+        merged, merge_problems = audit_tokenizer_merge(config, source_of, sources, infos, merge_problems)
     audit = audit_merge(config, source_of, resolved, infos, comparisons) if args.audit else None
     if audit is not None and args.plot is not None:
         write_audit_plot(audit, args.plot)
@@ -3447,11 +3450,10 @@ def audit_tokenizer_merge(
     source_of: Mapping[ModelRef, str],
     sources: Sequence[str],
     infos: Sequence[TokenizerInfo],
-    comparisons: Sequence[Comparison],
     merge_problems: Sequence[str] | None,
-) -> tuple[MergedVocab, list[Comparison], list[str]]:
-    """A merge with tokenizer_source: the vocabulary audit, the comparisons read by token,
-    and the merge problems with what still fails under the tokenizer merge."""
+) -> tuple[MergedVocab, list[str]]:
+    """A merge with tokenizer_source: the vocabulary audit, and the merge problems with
+    what still fails under the tokenizer merge."""
     settings = tokenizer_merge_settings(config)
     assert settings is not None
     source, tokens, pad = settings
@@ -3464,10 +3466,9 @@ def audit_tokenizer_merge(
     if isinstance(config.get("tokenizer"), Mapping) and "chat_template" in config["tokenizer"]:
         ignored = "tokenizer.chat_template is ignored by mergekit (it reads chat_template: at the top level)"
         merged = dataclasses.replace(merged, warnings=(*merged.warnings, ignored))
-    taken = info_of[merged.base if merged.source in ("union", "base") else merged.source]
-    merged = dataclasses.replace(merged, warnings=(*merged.warnings, *merged_config_ids(merged, info_of[merged.base], taken)[1]))
-    problems = list(merge_problems or []) + tokenizer_merge_problems(config, merged, info_of)
-    return merged, [by_token(c, source) for c in comparisons], problems
+    id_problems, id_warnings = merged_config_ids(merged, info_of[merged.base], info_of[merged.tokenizer_model])
+    merged = dataclasses.replace(merged, warnings=(*merged.warnings, *id_warnings))
+    return merged, list(merge_problems or []) + tokenizer_merge_problems(config, merged, info_of) + id_problems
 
 
 def refuse_configuration(args: argparse.Namespace, problems: Sequence[str]) -> int:

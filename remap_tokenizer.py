@@ -900,6 +900,11 @@ class MergedVocab:
     unreadable: tuple[str, ...] = ()  # ghost tokens mergekit fails on (the alignment fills them)
     warnings: tuple[str, ...] = ()
 
+    @property
+    def tokenizer_model(self) -> str:
+        """The model whose tokenizer the merged one extends: the base (union, base) or the source."""
+        return self.base if self.source in ("union", "base") else self.source
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -5048,7 +5053,9 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     taken: set[str] = {MERGED_TOKENIZER_DIR}
     for (source, revision), ref in unique.items():
         view = views[(source, revision)]
-        same = view.vocab == target.vocab and view.rows == target.rows and not (merge and merge.fills_of((source, revision)))
+        same = (
+            view.vocab == target.vocab and view.rows == target.rows and not (merge and merge.merged.fills[merge.names[(source, revision)]])
+        )
         entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
                  "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
         if not same:
@@ -5371,7 +5378,7 @@ def plan_tokenizer_merge(
     for text in merged.unreadable:
         log.warning("%s", text.split(": mergekit")[0] + ": its row is filled from the models that hold the token")
     key_of_name = {name: key for key, name in names.items()}
-    source_dir = views[key_of_name[merged.base if merged.source in ("union", "base") else merged.source]].directory
+    source_dir = views[key_of_name[merged.tokenizer_model]].directory
     digest = hashlib.sha256("".join(directory_fingerprint(view.directory) for view in views.values()).encode()).hexdigest()
     return TokenizerMerge(merged, opts.out_dir.resolve() / MERGED_TOKENIZER_DIR, source_dir, names, views, pad, digest)
 
