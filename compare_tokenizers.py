@@ -851,13 +851,17 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
 @dataclass(frozen=True)
 class ModelVocab:
     """One model's tokens as the tokenizer merge reads them: token -> id, its added
-    tokens (content -> the five flags) and the rows its embedding has (ids at or past
-    them are ghost tokens)."""
+    tokens (content -> the five flags) and the rows mergekit reads (ids at or past them
+    are ghost tokens): the embedding's, or config.json's vocab_size where that is smaller
+    (`embedding_rows` then keeps the embedding's own count). `merged` False: a
+    tokenizer_source that is not a model of the merge (its tokens, none of its rows)."""
 
     name: str
     vocab: Mapping[str, int]
     added: Mapping[str, Mapping[str, bool]]
     rows: int
+    merged: bool = True
+    embedding_rows: int | None = None
 
     @functools.cached_property
     def held(self) -> dict[str, int]:
@@ -877,26 +881,36 @@ class RowFill:
     def describe(self) -> str:
         if not self.models:
             return "zero"
-        what = self.token if self.token is not None else f"id {self.token_id}" if self.token_id is not None else None
-        of = f" (its row of {what!r})" if what is not None else ""
+        of = (
+            f" (its row of {self.token!r})"
+            if self.token is not None
+            else f" (its row {self.token_id})"
+            if self.token_id is not None
+            else ""
+        )
         return f"{'mean of ' if len(self.models) > 1 else ''}{', '.join(self.models)}{of}"
 
 
 @dataclass(frozen=True)
 class MergedVocab:
-    """The tokenizer a merge with tokenizer_source gets and, per model, the rows it lacks."""
+    """The tokenizer a merge with tokenizer_source gets and, per model, the rows it lacks:
+    `fills` for the input embedding, `output_fills` for lm_head (they differ where mergekit
+    takes the two from different models: slices, the first and the last)."""
 
     source: str  # union | base | a model
-    base: str
+    base: str  # the model whose tokenizer a union or `base` extends (base_model, else the first model)
     tokens: tuple[str, ...]  # the output tokenizer's tokens in id order
     appended: Mapping[str, Mapping[str, bool]]  # tokens the merged tokenizer adds as added tokens -> flags
     added_by: Mapping[str, tuple[str, ...]]  # model -> tokens it brings that the base lacks
-    fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its row comes from
+    fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its input embedding row comes from
     ghosts: Mapping[str, tuple[tuple[str, int], ...]]  # model -> tokens at ids past its rows
     size: int  # rows of the merged model (pad_to_multiple_of applied)
     problems: tuple[str, ...] = ()  # what makes mergekit refuse the configuration
     unreadable: tuple[str, ...] = ()  # ghost tokens mergekit fails on (the alignment fills them)
     warnings: tuple[str, ...] = ()
+    output_fills: Mapping[str, Mapping[str, RowFill]] = field(default_factory=dict)  # model -> token -> its lm_head row's source
+    row_base: str | None = None  # the base_model whose row a token several models hold takes (None: their mean)
+    changes: tuple[str, ...] = ()  # what the merged tokenizer changes against the base's own (the gate fills it)
 
     @property
     def tokenizer_model(self) -> str:
@@ -913,9 +927,13 @@ class MergedVocab:
             if self.source == "union"
             else None,
             "fills": {m: {t: fill.describe() for t, fill in fills.items()} for m, fills in self.fills.items()},
+            "output_fills": {
+                m: {t: fill.describe() for t, fill in fills.items()} for m, fills in self.output_fills.items() if fills != self.fills.get(m)
+            },
             "ghosts": {m: [{"token": t, "id": i} for t, i in ghosts] for m, ghosts in self.ghosts.items() if ghosts},
             "problems": list(self.problems + self.unreadable),
             "warnings": list(self.warnings),
+            "changes": list(self.changes),
         }
 
 
@@ -935,27 +953,61 @@ def tokenizer_merge_settings(config: Mapping[str, Any]) -> tuple[str, Mapping[st
     return source, tokens, pad if isinstance(pad, int) and not isinstance(pad, bool) and pad > 0 else None
 
 
+def vocabulary_groups(config: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, tuple[str, ...]]:
+    """The models mergekit reads each vocabulary tensor from, in its order (mergekit/plan.py):
+    with models:, every model then the base_model (if not listed); with slices:, the input
+    embedding from the first slice's sources, lm_head from the last slice's. Each tensor's
+    rows a model lacks come from the models of its group. {} : every model, for both."""
+    slices = config.get("slices")
+    if not isinstance(slices, list) or not slices or config.get("models"):
+        return {}
+
+    def sources(slice_: Any) -> tuple[str, ...]:
+        entries = slice_.get("sources") if isinstance(slice_, Mapping) else None
+        return tuple(dict.fromkeys(name_of(s["model"]) for s in entries or [] if isinstance(s, Mapping) and s.get("model") is not None))
+
+    return {"embed": sources(slices[0]), "head": sources(slices[-1])}
+
+
 def named_tokens(tokens: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, Any]:
     """`tokenizer.tokens` with each model reference spelled as name_of(reference) (the
-    name a model has in plan_merged_vocab), so that two spellings of one model agree."""
+    name a model has in plan_merged_vocab), so that two spellings of one model agree; one
+    that names no model of the merge stays as written (mergekit fails on it only where it
+    needs the row: plan_merged_vocab says when)."""
+
+    def spelled(reference: Any) -> str:
+        try:
+            return name_of(reference)
+        except CliError:
+            return str(parse_model_reference(reference))
+
     renamed: dict[str, Any] = {}
     for token, setting in tokens.items():
         source = setting.get("source") if isinstance(setting, Mapping) else None
         if isinstance(source, Mapping) and source.get("kind") == "model_token" and source.get("model") is not None:
-            source = {**source, "model": name_of(source["model"])}
+            source = {**source, "model": spelled(source["model"])}
         elif source is not None and not isinstance(source, Mapping):
-            source = name_of(source)
+            source = spelled(source)
         renamed[token] = {**setting, "source": source} if isinstance(setting, Mapping) else setting
     return renamed
 
 
+PLAIN_FLAGS = {
+    "special": False,
+    "normalized": True,
+    "lstrip": False,
+    "rstrip": False,
+    "single_word": False,
+}  # transformers' add_tokens("x")
+
+
 def merged_tokens(
     models: Sequence[ModelVocab], base: ModelVocab, source: str, extra: Iterable[str]
-) -> tuple[list[str], dict[str, Mapping[str, bool]]]:
-    """The output tokenizer's tokens in id order and those it adds as added tokens (with
-    flags), as build_tokenizer orders them: the base's (held) tokens; for a union then
-    every other model's regular tokens, then every added token (first flags win; one the
-    base holds as a regular token becomes an added token at its id, as transformers'
+) -> tuple[list[str], dict[str, Mapping[str, bool]], list[str]]:
+    """The output tokenizer's tokens in id order, those it adds as added tokens (with
+    flags), and warnings, as build_tokenizer orders them: the base's (held) tokens; for a
+    union then every other model's regular tokens, then every added token (first flags win;
+    one the base holds as a regular token becomes an added token at its id, as transformers'
     add_tokens makes it); then the tokens of `tokenizer.tokens`."""
     if source not in ("union", "base"):
         chosen = next(m for m in models if m.name == source)
@@ -965,6 +1017,7 @@ def merged_tokens(
         tokens = sorted(held, key=held.__getitem__)
     seen = set(tokens)
     appended: dict[str, Mapping[str, bool]] = {}
+    warnings: list[str] = []
 
     def append(token: str, flags: Mapping[str, bool]) -> None:
         if token not in seen:
@@ -972,28 +1025,35 @@ def merged_tokens(
             tokens.append(token)
             appended[token] = flags
 
-    order = [base, *(m for m in models if m is not base)]
+    order = [base, *(m for m in models if m is not base and m.merged)]
     if source == "union":
         added_anywhere = {token for m in order for token in m.added if token in m.held}
-        plain = {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False}
         for m in order:
             held = m.held
             for token in sorted(held, key=held.__getitem__):
                 if token not in added_anywhere:
-                    append(token, plain)
+                    append(token, PLAIN_FLAGS)
+        first: dict[str, str] = {}
         for m in order:
             held = m.held
             for token in sorted((t for t in m.added if t in held), key=held.__getitem__):
                 if token in base.held and token not in base.added:
                     appended.setdefault(token, m.added[token])
                 append(token, m.added[token])
+                if token in first and dict(m.added[token]) != dict(appended.get(token, m.added[token])) and first[token] != base.name:
+                    warnings.append(
+                        f"{token!r} is added by {first[token]} and {m.name} with different flags: mergekit keeps the flags of the "
+                        f"model it reads first, which changes from run to run (it iterates a set); the alignment takes {first[token]}'s"
+                    )
+                first.setdefault(token, m.name)
     for token in extra:
-        append(token, {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False})
-    return tokens, appended
+        append(token, PLAIN_FLAGS)
+    return tokens, appended, warnings
 
 
 def configured_fill(token: str, setting: Any, by_name: Mapping[str, ModelVocab]) -> RowFill | str:
-    """A `tokenizer.tokens` entry's source as a RowFill, or why mergekit fails on it."""
+    """A `tokenizer.tokens` entry's source as a RowFill, or why mergekit fails on it
+    (`by_name`: the models mergekit reads the tensor from)."""
     source = setting.get("source") if isinstance(setting, Mapping) else None
     if isinstance(source, Mapping) and source.get("kind") == "zero":
         return RowFill("tokens")
@@ -1019,60 +1079,145 @@ def configured_fill(token: str, setting: Any, by_name: Mapping[str, ModelVocab])
     return RowFill("tokens", (model,))
 
 
-def plan_merged_vocab(
-    models: Sequence[ModelVocab], base_name: str | None, source: str, tokens: Mapping[str, Any], pad_to_multiple_of: int | None
-) -> MergedVocab:
-    """The tokenizer merge of mergekit, decided from the models' vocabularies alone (pure).
-    `base_name`: the base_model (None: the first model). A ghost token of the output's
-    vocabulary is a problem: mergekit indexes its missing row and fails."""
-    base = next((m for m in models if m.name == base_name), models[0])
-    if source not in ("union", "base") and source not in {m.name for m in models}:
-        raise CliError(f"tokenizer source {source} is not a model of the merge")
-    out, appended = merged_tokens(models, base, source, tokens)
-    holders = {m.name: m.held for m in models}
-    problems: list[str] = []
-    unreadable: list[str] = []
-    warnings: list[str] = []
-    shared_fills: dict[str, RowFill] = {}
+@dataclass(frozen=True)
+class FillTable:
+    """The rows of one vocabulary tensor that mergekit fills (plan_merged_vocab), for the
+    models it reads the tensor from."""
+
+    fills: dict[str, dict[str, RowFill]]
+    problems: list[str]
+    warnings: list[str]
+
+
+def fill_table(out: Sequence[str], members: Sequence[ModelVocab], row_base: str | None, tokens: Mapping[str, Any], where: str) -> FillTable:
+    """PermutedVocabulary's choice for every token some member lacks (or a forced one): a
+    `tokenizer.tokens` source; else the one member that holds it, the base's row, the mean
+    of the holders' in member order, or zero. A `tokenizer.tokens` entry is evaluated only
+    where mergekit evaluates it."""
+    held = {m.name: m.held for m in members}
+    by_name = {m.name: m for m in members}
+    forced = {t for t, s in tokens.items() if isinstance(s, Mapping) and s.get("force")}
+    shared: dict[str, RowFill] = {}
+    problems, warnings = [], []
     for token in out:
+        owners = tuple(m.name for m in members if token in held[m.name])
         setting = tokens.get(token)
+        if len(owners) == len(members) and token not in forced:
+            continue
         if setting is not None:
-            fill = configured_fill(token, setting, {m.name: m for m in models})
+            fill = configured_fill(token, setting, by_name)
             if isinstance(fill, str):
                 problems.append(fill)
                 continue
         else:
-            owners = tuple(m.name for m in models if token in holders[m.name])
             if not owners:
-                warnings.append(f"{token!r} is held by no model: its row is zero")
-            fill = RowFill(
-                "holder" if len(owners) == 1 else "zero" if not owners else "base" if base.name in owners else "mean",
-                (base.name,) if len(owners) > 1 and base.name in owners else owners,
-            )
-        shared_fills[token] = fill
-    fills: dict[str, dict[str, RowFill]] = {}
-    forced = {t for t, s in tokens.items() if isinstance(s, Mapping) and s.get("force")}
-    for m in models:
-        fills[m.name] = {t: shared_fills[t] for t in out if t in shared_fills and (t not in holders[m.name] or t in forced)}
-        for token, token_id in sorted(m.vocab.items(), key=lambda item: item[1]):
-            if token_id >= m.rows and token in shared_fills:
-                unreadable.append(
-                    f"{m.name} lists {token!r} at id {token_id}, past its {m.rows} embedding rows (a ghost token): mergekit's "
-                    "tokenizer merge fails on it; remap_tokenizer.py --mergekit-config fills the row from the models that hold it"
-                )
+                warnings.append(f"{token!r} is held by no model{where}: its row is zero")
+            rule = "holder" if len(owners) == 1 else "zero" if not owners else "base" if row_base in owners else "mean"
+            fill = RowFill(rule, (row_base,) if rule == "base" and row_base is not None else owners)
+        shared[token] = fill
+    fills = {m.name: {t: f for t, f in shared.items() if t not in held[m.name] or t in forced} for m in members}
+    return FillTable(fills, problems, warnings)
+
+
+def plan_merged_vocab(
+    models: Sequence[ModelVocab],
+    base_name: str | None,
+    source: str,
+    tokens: Mapping[str, Any],
+    pad_to_multiple_of: int | None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> MergedVocab:
+    """The tokenizer merge of mergekit, decided from the models' vocabularies alone (pure).
+    `base_name`: the base_model (None: the union extends the first model's tokenizer, and a
+    token several models hold takes the mean of their rows). `groups`: vocabulary_groups.
+    A ghost token of the output's vocabulary in any model but the one whose tokenizer the
+    merge extends (mergekit strips its ghosts) is a problem: mergekit fails on it."""
+    merging = [m for m in models if m.merged]
+    base = next((m for m in merging if m.name == base_name), merging[0])
+    if source not in ("union", "base") and source not in {m.name for m in models}:
+        raise CliError(f"tokenizer source {source} is neither a model of the merge nor read")
+    out, appended, warnings = merged_tokens(models, base, source, tokens)
+    row_base = base.name if base_name is not None else None
+    problems: list[str] = []
+    tables: dict[str, dict[str, dict[str, RowFill]]] = {}
+    for role in ("embed", "head"):
+        names = list((groups or {}).get(role) or [m.name for m in merging])
+        members = sorted((m for m in merging if m.name in names), key=lambda m: names.index(m.name))
+        where = f" that mergekit takes the {'input embedding' if role == 'embed' else 'lm_head'} from" if groups else ""
+        table = fill_table(out, members, row_base if row_base in names else None, tokens, where)
+        # a model outside the group: mergekit never reads this tensor of it; the merge's rows will do
+        everyone = fill_table(out, merging, row_base, tokens, "") if len(members) < len(merging) else table
+        tables[role] = {m.name: table.fills.get(m.name, everyone.fills[m.name]) for m in merging}
+        problems += table.problems
+        warnings += table.warnings
+    read = {name for group in (groups or {}).values() for name in group} or {m.name for m in merging}
+    output = set(out)
+    unreadable = [
+        ghost_problem(m, token, token_id)
+        for m in merging
+        if m is not base and m.name in read
+        for token, token_id in sorted(m.vocab.items(), key=lambda item: item[1])
+        if token_id >= m.rows and token in output
+    ]
     return MergedVocab(
         source=source,
         base=base.name,
         tokens=tuple(out),
         appended=appended,
-        added_by={m.name: tuple(t for t in out if t in holders[m.name] and t not in holders[base.name]) for m in models if m is not base},
-        fills=fills,
-        ghosts={m.name: tuple(sorted(((t, i) for t, i in m.vocab.items() if i >= m.rows), key=lambda item: item[1])) for m in models},
+        added_by={m.name: tuple(t for t in out if t in m.held and t not in base.held) for m in merging if m is not base},
+        fills=tables["embed"],
+        ghosts={m.name: tuple(sorted(((t, i) for t, i in m.vocab.items() if i >= m.rows), key=lambda item: item[1])) for m in merging},
         size=round_up(len(out), pad_to_multiple_of),
         problems=tuple(dict.fromkeys(problems)),
         unreadable=tuple(unreadable),
         warnings=tuple(dict.fromkeys(warnings)),
+        output_fills=tables["head"],
+        row_base=row_base,
     )
+
+
+def ghost_problem(model: ModelVocab, token: str, token_id: int) -> str:
+    """Why mergekit's tokenizer merge fails on a model that lists `token` past its rows."""
+    fix = "remap_tokenizer.py --mergekit-config fills the row from the models that hold it"
+    if model.embedding_rows is not None and model.embedding_rows > model.rows:
+        return (
+            f"{model.name}'s config.json says vocab_size {model.rows}, below its {model.embedding_rows} embedding rows: mergekit's "
+            f"tokenizer merge fails on {token!r} (id {token_id}; KeyError); {fix} and writes a consistent config.json"
+        )
+    return (
+        f"{model.name} lists {token!r} at id {token_id}, past its {model.rows} embedding rows (a ghost token): "
+        f"mergekit's tokenizer merge fails on it; {fix}"
+    )
+
+
+def merged_tokenizer_json(document: Mapping[str, Any], merged: MergedVocab, where: object) -> dict[str, Any]:
+    """The merged tokenizer's tokenizer.json: `document` (that of merged.tokenizer_model)
+    without the tokens the merge drops (its ghost tokens), with the appended tokens as added
+    tokens at their ids, flags kept (what mergekit's add_tokens makes of them)."""
+    position = {token: token_id for token_id, token in enumerate(merged.tokens)}
+    vocab = vocab_from_json(document, where)
+    moved = next((token for token, token_id in vocab.items() if token in position and position[token] != token_id), None)
+    if moved is not None:
+        raise CliError(f"{where}: its token ids are not contiguous (e.g. {moved!r}); the merged tokenizer cannot extend it")
+    data = {**document, "model": dict(document["model"]), "added_tokens": list(document.get("added_tokens") or [])}
+    dropped = {token for token in vocab if token not in position}
+    if dropped:
+        strip_tokens(data, dropped, where)
+    for token, flags in merged.appended.items():
+        data["added_tokens"].append({"id": position[token], "content": token, **{f: bool(flags[f]) for f in ADDED_TOKEN_FLAGS}})
+    return data
+
+
+def strip_tokens(data: dict[str, Any], dropped: set[str], where: object) -> None:
+    """Remove ghost tokens from a tokenizer.json (vocabulary, merges, added tokens)."""
+    model = data["model"]
+    if not isinstance(model.get("vocab"), dict):
+        raise CliError(f"{where}: ghost tokens in a {model.get('type')} tokenizer cannot be dropped (only BPE and WordPiece)")
+    model["vocab"] = {token: token_id for token, token_id in model["vocab"].items() if token not in dropped}
+    if isinstance(model.get("merges"), list):
+        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+        model["merges"] = [m for m, p in zip(model["merges"], pairs) if dropped.isdisjoint((*p, "".join(p)))]
+    data["added_tokens"] = [entry for entry in data.get("added_tokens") or [] if entry.get("content") not in dropped]
 
 
 def round_up(value: int, multiple: int | None) -> int:
@@ -1368,18 +1513,19 @@ class ModelFacts:
         return text[key] if isinstance(text, Mapping) and key in text and key not in self.config else self.config.get(key)
 
     def layers(self) -> int | None:
-        if self.tensors:
-            found = {int(m.group(2)) for name in self.tensors for m in [LAYER_RE.search(name)] if m}
-            if found:
-                return max(found) + 1
+        """The layer count mergekit iterates: config.json's (else the tensors' highest layer + 1)."""
         value = self.value("num_hidden_layers") or self.value("n_layer")
-        return value if is_int(value) else None
+        if is_int(value):
+            return value
+        found = {int(m.group(2)) for name in self.tensors or () for m in [LAYER_RE.search(name)] if m}
+        return max(found) + 1 if found else None
 
 
-def layer_template(tensors: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensors with the layer index taken out (`model.layers.N.mlp...` -> `model.layers.*.mlp...`), vocabulary tensors left out."""
+def layer_template(tensors: Mapping[str, tuple[str, tuple[int, ...]]], keep_index: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensors with the layer index taken out (`model.layers.N.mlp...` -> `model.layers.*.mlp...`;
+    `keep_index`: left in), vocabulary tensors left out."""
     vocab = INPUT_EMBEDDING_SUFFIXES + OUTPUT_EMBEDDING_SUFFIXES + tuple(s.replace(".weight", ".bias") for s in OUTPUT_EMBEDDING_SUFFIXES)
-    return {LAYER_INDEX_RE.sub(r"\1*.", name): info for name, info in tensors.items() if not name.endswith(vocab)}
+    return {name if keep_index else LAYER_INDEX_RE.sub(r"\1*.", name): info for name, info in tensors.items() if not name.endswith(vocab)}
 
 
 def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layers: bool) -> list[tuple[str, str]]:
@@ -1404,10 +1550,14 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             )
         )
     if base.tensors is not None and other.tensors is not None:
-        ours, theirs = layer_template(base.tensors), layer_template(other.tensors)
-        missing = sorted(set(ours) ^ set(theirs))
+        # the same layers of both are merged (models:): every tensor of every layer must be in both; slices: by layer template
+        ours, theirs = (layer_template(t, keep_index=same_layers) for t in (base.tensors, other.tensors))
+        missing = sorted(set(ours) ^ set(theirs), key=lambda name: (name not in theirs, name))
         if missing:
-            found.append(("fail", f"{len(missing)} tensor name(s) only in one of the two, e.g. {', '.join(missing[:3])}"))
+            shown = ", ".join(f"{name} ({'only OTHER' if name in theirs else 'only the base'})" for name in missing[:3])
+            found.append(
+                ("fail", f"{len(missing)} tensor name(s) only in one of the two (mergekit: 'required but not present'), e.g. {shown}")
+            )
         shapes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][1] != theirs[name][1]]
         if shapes:
             found.append(
@@ -1744,6 +1894,7 @@ class TokenizerInfo:
     chat_template: str | None
     fingerprint_ids: tuple[int, ...]
     weights: WeightsInfo | None = None
+    document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # tokenizer.json, for a tokenizer merge
 
     @property
     def fingerprint(self) -> str:
@@ -1872,6 +2023,7 @@ def read_tokenizer_info(
         generation_ids=read_role_ids(read_optional_json(directory / "generation_config.json")),
         chat_template=read_chat_template(directory, tokenizer_config),
         fingerprint_ids=fingerprint(),
+        document=tokenizer_json,
         weights=read_weights_info(directory, resolved.name, resolved.revision, config) if weights else None,
     )
 
@@ -2541,13 +2693,18 @@ def with_architecture(
 # ======================================================================================
 
 
-def model_vocab(name: str, info: TokenizerInfo) -> ModelVocab:
+def model_vocab(name: str, info: TokenizerInfo, merged: bool = True) -> ModelVocab:
     """A model's tokens and rows for plan_merged_vocab: rows from the embedding (else
-    config.json's vocab_size, else one per token)."""
-    rows = info.weights.rows if info.weights is not None else None
-    if rows is None:
-        rows = max(info.vocab.values(), default=-1) + 1
-    return ModelVocab(name, info.vocab, {t.content: t.flags() for t in sorted(info.added_tokens, key=lambda t: t.id)}, rows)
+    config.json's vocab_size, else one per token); config.json's vocab_size where it is
+    below the embedding's (mergekit reads that). `merged` False: a tokenizer_source that is
+    no model of the merge: all its tokens, no rows."""
+    weights = info.weights
+    added = {t.content: t.flags() for t in sorted(info.added_tokens, key=lambda t: t.id)}
+    rows = weights.rows if weights is not None and merged else None
+    config_rows = weights.config_vocab_size if weights is not None else None
+    if merged and weights is not None and weights.embed_rows is not None and is_int(config_rows) and 0 <= config_rows < weights.embed_rows:
+        return ModelVocab(name, info.vocab, added, config_rows, embedding_rows=weights.embed_rows)
+    return ModelVocab(name, info.vocab, added, rows if rows is not None else max(info.vocab.values(), default=-1) + 1, merged)
 
 
 def merged_chat_template(config: Mapping[str, Any], merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> str | None:
@@ -2625,9 +2782,14 @@ def render_tokenizer_merge(merged: MergedVocab, head: int) -> list[str]:
             shown = ", ".join(repr(t) for t in added[:head]) + (f", ... ({len(added)})" if len(added) > head else "")
             lines.append(f"  {model} adds {len(added)}: {shown}")
     for model, fills in merged.fills.items():
-        if fills:
-            shown = "; ".join(f"{t!r} <- {fill.describe()}" for t, fill in list(fills.items())[:head])
-            lines.append(f"  {model} lacks {len(fills)}: {shown}" + (" ..." if len(fills) > head else ""))
+        output = merged.output_fills.get(model, fills)
+        for label, table in (("lacks", fills), ("lacks in lm_head", output if output != fills else {})):
+            if table:
+                shown = "; ".join(f"{t!r} <- {fill.describe()}" for t, fill in list(table.items())[:head])
+                lines.append(f"  {model} {label} {len(table)}: {shown}" + (" ..." if len(table) > head else ""))
+    if merged.row_base is None and any(fill.rule == "mean" for fills in merged.fills.values() for fill in fills.values()):
+        lines.append("  no base_model: a token several models hold takes the mean of their rows")
+    lines += [f"  changes: {text}" for text in merged.changes[:head]]
     lines += [f"  warning: {text}" for text in merged.warnings[:head]]
     return lines
 
@@ -3366,7 +3528,8 @@ def run(args: argparse.Namespace) -> int:
         comparisons, merge_problems = with_architecture(config, source_of, sources, infos, comparisons, args.strict)
     merged = None
     if settings is not None:
-        merged, merge_problems = audit_tokenizer_merge(config, source_of, sources, infos, merge_problems)
+        outside = tokenizer_source_outside(config, source_of, args.mergekit_config.resolve().parent, args.revision)
+        merged, merge_problems = audit_tokenizer_merge(config, source_of, sources, infos, merge_problems, args.strict, outside)
     audit = audit_merge(config, source_of, resolved, infos, comparisons) if args.audit else None
     if audit is not None and args.plot is not None:
         write_audit_plot(audit, args.plot)
@@ -3451,24 +3614,133 @@ def audit_tokenizer_merge(
     sources: Sequence[str],
     infos: Sequence[TokenizerInfo],
     merge_problems: Sequence[str] | None,
+    strict: bool,
+    outside: tuple[str, TokenizerInfo] | None = None,
 ) -> tuple[MergedVocab, list[str]]:
     """A merge with tokenizer_source: the vocabulary audit, and the merge problems with
-    what still fails under the tokenizer merge."""
+    what still fails under the tokenizer merge. `outside`: a tokenizer_source that is no
+    model of the merge (its name and tokenizer)."""
     settings = tokenizer_merge_settings(config)
     assert settings is not None
     source, tokens, pad = settings
     names, name_of = merge_names(source_of, sources)
     info_of = dict(zip(names, infos))
     base = name_of(config["base_model"]) if config.get("base_model") is not None else None
-    source = source if source in ("union", "base") else name_of(source)
     models = [model_vocab(name, info) for name, info in info_of.items()]
-    merged = plan_merged_vocab(models, base, source, named_tokens(tokens, name_of), pad)
+    if outside is not None:
+        source, info_of[outside[0]] = outside
+        models.append(model_vocab(outside[0], outside[1], merged=False))
+    elif source not in ("union", "base"):
+        source = name_of(source)
+    merged = plan_merged_vocab(models, base, source, named_tokens(tokens, name_of), pad, vocabulary_groups(config, name_of))
     if isinstance(config.get("tokenizer"), Mapping) and "chat_template" in config["tokenizer"]:
         ignored = "tokenizer.chat_template is ignored by mergekit (it reads chat_template: at the top level)"
         merged = dataclasses.replace(merged, warnings=(*merged.warnings, ignored))
     id_problems, id_warnings = merged_config_ids(merged, info_of[merged.base], info_of[merged.tokenizer_model])
-    merged = dataclasses.replace(merged, warnings=(*merged.warnings, *id_warnings))
-    return merged, list(merge_problems or []) + tokenizer_merge_problems(config, merged, info_of) + id_problems
+    split = merged_split_difference(merged, info_of) if not merged.problems else None
+    merged = dataclasses.replace(
+        merged,
+        warnings=(*merged.warnings, *id_warnings, *([split] if split and not strict else [])),
+        changes=tuple(tokenizer_changes(merged, info_of)),
+    )
+    problems = tokenizer_merge_problems(config, merged, info_of) + id_problems + ([split] if split and strict else [])
+    return merged, list(merge_problems or []) + problems
+
+
+def tokenizer_source_outside(
+    config: Mapping[str, Any], source_of: Mapping[ModelRef, str], yaml_dir: Path, revision: str | None
+) -> tuple[str, TokenizerInfo] | None:
+    """A tokenizer_source that is no model of the merge (mergekit takes its tokens and none
+    of its rows), read like the models' tokenizers; None for union, base or a model."""
+    settings = tokenizer_merge_settings(config)
+    if settings is None or settings[0] in ("union", "base"):
+        return None
+    ref = parse_model_reference(settings[0])
+    local = local_or_hub(ref, yaml_dir)
+    source = f"{local}@{ref.revision}" if ref.revision else local
+    if ref in source_of or source in source_of.values():
+        return None
+    return str(ref), read_tokenizer_infos([resolve_tokenizer(source, revision)], weights=False)[0]
+
+
+def tokenizer_changes(merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> list[str]:
+    """What the merged tokenizer changes against the base's own, which the merged model
+    gets even where no row moves: tokens that become added tokens, another model's chat
+    template and special tokens, a tokenizer of another family folded in."""
+    base, taken = info_of[merged.base], info_of[merged.tokenizer_model]
+    base_added = {t.content for t in base.added_tokens}
+    changes = [
+        f"{token!r} becomes an added token ({'special' if flags.get('special') else 'not special'}) at id {merged.tokens.index(token)}, "
+        "as another model adds it: text holding it is split around it"
+        for token, flags in merged.appended.items()
+        if token in base.vocab and token not in base_added
+    ]
+    if taken is not base:
+        if taken.chat_template != base.chat_template:
+            changes.append(f"the chat template is {merged.tokenizer_model}'s, not the base's")
+        for role in SPECIAL_ROLES:
+            theirs, ours = taken.special_tokens.get(role), base.special_tokens.get(role)
+            if theirs != ours:
+                changes.append(f"{role} token {theirs!r} ({merged.tokenizer_model}'s), the base's is {ours!r}")
+    for model, added in merged.added_by.items():
+        regular = [t for t in added if merged.appended.get(t) == PLAIN_FLAGS]
+        if len(regular) > len(info_of[model].vocab) // 2:  # most of its tokens are not the base's: another family
+            changes.append(
+                f"{len(regular)} regular tokens of {model} become added tokens, which split text before the tokenizer's own rules: "
+                f"a tokenizer of another family; transplant {model} onto the base's tokenizer instead (remap_tokenizer.py --src_model "
+                f"{model} --base_tokenizer {merged.base} --drop-extra) and merge without tokenizer_source"
+            )
+    return changes
+
+
+def merged_split_difference(merged: MergedVocab, info_of: Mapping[str, TokenizerInfo]) -> str | None:
+    """How the merged tokenizer splits the fingerprint sample differently from the base's
+    (the first stretch of text, both ways), or None when it splits it alike."""
+    base, taken = info_of[merged.base], info_of[merged.tokenizer_model]
+    if not taken.document:
+        return None
+    where = Path(taken.path)
+    document = merged_tokenizer_json(taken.document, merged, where)
+    ids = encode_fingerprint(document, normalized_merges(document["model"]), json.dumps(document).encode(), where)
+    base_token = {token_id: token for token, token_id in base.vocab.items()}
+    ours = [merged.tokens[i] for i in ids]
+    theirs = [base_token[i] for i in base.fingerprint_ids]
+    if ours == theirs:
+        return None
+    literal = {t.content for t in base.added_tokens}
+    text, old, new = first_split_difference(theirs, ours, base, literal, literal | set(merged.appended))
+    return (
+        f"the merged tokenizer splits text unlike the base's: {text!r} becomes {'|'.join(map(escape_text, new))} "
+        f"(the base: {'|'.join(map(escape_text, old))}); models trained on the base's splits see new ones"
+    )
+
+
+def first_split_difference(
+    old: Sequence[str], new: Sequence[str], info: TokenizerInfo, old_literal: set[str], new_literal: set[str]
+) -> tuple[str, list[str], list[str]]:
+    """(the text, its pieces in `old`, in `new`) of the first stretch two encodings of one
+    text split differently: from the first differing token to the next boundary both share.
+    Tokens in `*_literal` (added tokens) stand for their content, the others for their bytes."""
+
+    def spans(tokens: Sequence[str], literal: set[str]) -> list[tuple[int, int, bytes, str]]:
+        position, out = 0, []
+        for token in tokens:
+            data = token.encode() if token in literal else token_bytes(token, info.convention, info.byte_fallback)
+            out.append((position, position + len(data), data, token))
+            position += len(data)
+        return out
+
+    a, b = spans(old, old_literal), spans(new, new_literal)
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x[3] != y[3]), min(len(a), len(b)))
+    start = a[first][0] if first < len(a) else b[first][0] if first < len(b) else 0
+    shared = {span[1] for span in a} & {span[1] for span in b}
+    text = b"".join(span[2] for span in a)
+    end = min((e for e in shared if e > start), default=max(a[-1][1] if a else 0, b[-1][1] if b else 0))
+    word = max((e for e in shared | {0} if e <= start and (e == 0 or text[e : e + 1].isspace() or text[e - 1 : e].isspace())), default=0)
+    start = word if start - word <= 40 else start  # from the start of the word it is in
+    old_pieces = [span for span in a if start <= span[0] < end]
+    text = b"".join(span[2] for span in old_pieces).decode("utf-8", "replace")
+    return text, [span[3] for span in old_pieces], [span[3] for span in b if start <= span[0] < end]
 
 
 def refuse_configuration(args: argparse.Namespace, problems: Sequence[str]) -> int:

@@ -853,13 +853,17 @@ def local_or_hub(ref: ModelRef, yaml_dir: Path) -> str:
 @dataclass(frozen=True)
 class ModelVocab:
     """One model's tokens as the tokenizer merge reads them: token -> id, its added
-    tokens (content -> the five flags) and the rows its embedding has (ids at or past
-    them are ghost tokens)."""
+    tokens (content -> the five flags) and the rows mergekit reads (ids at or past them
+    are ghost tokens): the embedding's, or config.json's vocab_size where that is smaller
+    (`embedding_rows` then keeps the embedding's own count). `merged` False: a
+    tokenizer_source that is not a model of the merge (its tokens, none of its rows)."""
 
     name: str
     vocab: Mapping[str, int]
     added: Mapping[str, Mapping[str, bool]]
     rows: int
+    merged: bool = True
+    embedding_rows: int | None = None
 
     @functools.cached_property
     def held(self) -> dict[str, int]:
@@ -879,26 +883,36 @@ class RowFill:
     def describe(self) -> str:
         if not self.models:
             return "zero"
-        what = self.token if self.token is not None else f"id {self.token_id}" if self.token_id is not None else None
-        of = f" (its row of {what!r})" if what is not None else ""
+        of = (
+            f" (its row of {self.token!r})"
+            if self.token is not None
+            else f" (its row {self.token_id})"
+            if self.token_id is not None
+            else ""
+        )
         return f"{'mean of ' if len(self.models) > 1 else ''}{', '.join(self.models)}{of}"
 
 
 @dataclass(frozen=True)
 class MergedVocab:
-    """The tokenizer a merge with tokenizer_source gets and, per model, the rows it lacks."""
+    """The tokenizer a merge with tokenizer_source gets and, per model, the rows it lacks:
+    `fills` for the input embedding, `output_fills` for lm_head (they differ where mergekit
+    takes the two from different models: slices, the first and the last)."""
 
     source: str  # union | base | a model
-    base: str
+    base: str  # the model whose tokenizer a union or `base` extends (base_model, else the first model)
     tokens: tuple[str, ...]  # the output tokenizer's tokens in id order
     appended: Mapping[str, Mapping[str, bool]]  # tokens the merged tokenizer adds as added tokens -> flags
     added_by: Mapping[str, tuple[str, ...]]  # model -> tokens it brings that the base lacks
-    fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its row comes from
+    fills: Mapping[str, Mapping[str, RowFill]]  # model -> token -> where its input embedding row comes from
     ghosts: Mapping[str, tuple[tuple[str, int], ...]]  # model -> tokens at ids past its rows
     size: int  # rows of the merged model (pad_to_multiple_of applied)
     problems: tuple[str, ...] = ()  # what makes mergekit refuse the configuration
     unreadable: tuple[str, ...] = ()  # ghost tokens mergekit fails on (the alignment fills them)
     warnings: tuple[str, ...] = ()
+    output_fills: Mapping[str, Mapping[str, RowFill]] = field(default_factory=dict)  # model -> token -> its lm_head row's source
+    row_base: str | None = None  # the base_model whose row a token several models hold takes (None: their mean)
+    changes: tuple[str, ...] = ()  # what the merged tokenizer changes against the base's own (the gate fills it)
 
     @property
     def tokenizer_model(self) -> str:
@@ -915,9 +929,13 @@ class MergedVocab:
             if self.source == "union"
             else None,
             "fills": {m: {t: fill.describe() for t, fill in fills.items()} for m, fills in self.fills.items()},
+            "output_fills": {
+                m: {t: fill.describe() for t, fill in fills.items()} for m, fills in self.output_fills.items() if fills != self.fills.get(m)
+            },
             "ghosts": {m: [{"token": t, "id": i} for t, i in ghosts] for m, ghosts in self.ghosts.items() if ghosts},
             "problems": list(self.problems + self.unreadable),
             "warnings": list(self.warnings),
+            "changes": list(self.changes),
         }
 
 
@@ -937,27 +955,61 @@ def tokenizer_merge_settings(config: Mapping[str, Any]) -> tuple[str, Mapping[st
     return source, tokens, pad if isinstance(pad, int) and not isinstance(pad, bool) and pad > 0 else None
 
 
+def vocabulary_groups(config: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, tuple[str, ...]]:
+    """The models mergekit reads each vocabulary tensor from, in its order (mergekit/plan.py):
+    with models:, every model then the base_model (if not listed); with slices:, the input
+    embedding from the first slice's sources, lm_head from the last slice's. Each tensor's
+    rows a model lacks come from the models of its group. {} : every model, for both."""
+    slices = config.get("slices")
+    if not isinstance(slices, list) or not slices or config.get("models"):
+        return {}
+
+    def sources(slice_: Any) -> tuple[str, ...]:
+        entries = slice_.get("sources") if isinstance(slice_, Mapping) else None
+        return tuple(dict.fromkeys(name_of(s["model"]) for s in entries or [] if isinstance(s, Mapping) and s.get("model") is not None))
+
+    return {"embed": sources(slices[0]), "head": sources(slices[-1])}
+
+
 def named_tokens(tokens: Mapping[str, Any], name_of: Callable[[Any], str]) -> dict[str, Any]:
     """`tokenizer.tokens` with each model reference spelled as name_of(reference) (the
-    name a model has in plan_merged_vocab), so that two spellings of one model agree."""
+    name a model has in plan_merged_vocab), so that two spellings of one model agree; one
+    that names no model of the merge stays as written (mergekit fails on it only where it
+    needs the row: plan_merged_vocab says when)."""
+
+    def spelled(reference: Any) -> str:
+        try:
+            return name_of(reference)
+        except CliError:
+            return str(parse_model_reference(reference))
+
     renamed: dict[str, Any] = {}
     for token, setting in tokens.items():
         source = setting.get("source") if isinstance(setting, Mapping) else None
         if isinstance(source, Mapping) and source.get("kind") == "model_token" and source.get("model") is not None:
-            source = {**source, "model": name_of(source["model"])}
+            source = {**source, "model": spelled(source["model"])}
         elif source is not None and not isinstance(source, Mapping):
-            source = name_of(source)
+            source = spelled(source)
         renamed[token] = {**setting, "source": source} if isinstance(setting, Mapping) else setting
     return renamed
 
 
+PLAIN_FLAGS = {
+    "special": False,
+    "normalized": True,
+    "lstrip": False,
+    "rstrip": False,
+    "single_word": False,
+}  # transformers' add_tokens("x")
+
+
 def merged_tokens(
     models: Sequence[ModelVocab], base: ModelVocab, source: str, extra: Iterable[str]
-) -> tuple[list[str], dict[str, Mapping[str, bool]]]:
-    """The output tokenizer's tokens in id order and those it adds as added tokens (with
-    flags), as build_tokenizer orders them: the base's (held) tokens; for a union then
-    every other model's regular tokens, then every added token (first flags win; one the
-    base holds as a regular token becomes an added token at its id, as transformers'
+) -> tuple[list[str], dict[str, Mapping[str, bool]], list[str]]:
+    """The output tokenizer's tokens in id order, those it adds as added tokens (with
+    flags), and warnings, as build_tokenizer orders them: the base's (held) tokens; for a
+    union then every other model's regular tokens, then every added token (first flags win;
+    one the base holds as a regular token becomes an added token at its id, as transformers'
     add_tokens makes it); then the tokens of `tokenizer.tokens`."""
     if source not in ("union", "base"):
         chosen = next(m for m in models if m.name == source)
@@ -967,6 +1019,7 @@ def merged_tokens(
         tokens = sorted(held, key=held.__getitem__)
     seen = set(tokens)
     appended: dict[str, Mapping[str, bool]] = {}
+    warnings: list[str] = []
 
     def append(token: str, flags: Mapping[str, bool]) -> None:
         if token not in seen:
@@ -974,28 +1027,35 @@ def merged_tokens(
             tokens.append(token)
             appended[token] = flags
 
-    order = [base, *(m for m in models if m is not base)]
+    order = [base, *(m for m in models if m is not base and m.merged)]
     if source == "union":
         added_anywhere = {token for m in order for token in m.added if token in m.held}
-        plain = {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False}
         for m in order:
             held = m.held
             for token in sorted(held, key=held.__getitem__):
                 if token not in added_anywhere:
-                    append(token, plain)
+                    append(token, PLAIN_FLAGS)
+        first: dict[str, str] = {}
         for m in order:
             held = m.held
             for token in sorted((t for t in m.added if t in held), key=held.__getitem__):
                 if token in base.held and token not in base.added:
                     appended.setdefault(token, m.added[token])
                 append(token, m.added[token])
+                if token in first and dict(m.added[token]) != dict(appended.get(token, m.added[token])) and first[token] != base.name:
+                    warnings.append(
+                        f"{token!r} is added by {first[token]} and {m.name} with different flags: mergekit keeps the flags of the "
+                        f"model it reads first, which changes from run to run (it iterates a set); the alignment takes {first[token]}'s"
+                    )
+                first.setdefault(token, m.name)
     for token in extra:
-        append(token, {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False})
-    return tokens, appended
+        append(token, PLAIN_FLAGS)
+    return tokens, appended, warnings
 
 
 def configured_fill(token: str, setting: Any, by_name: Mapping[str, ModelVocab]) -> RowFill | str:
-    """A `tokenizer.tokens` entry's source as a RowFill, or why mergekit fails on it."""
+    """A `tokenizer.tokens` entry's source as a RowFill, or why mergekit fails on it
+    (`by_name`: the models mergekit reads the tensor from)."""
     source = setting.get("source") if isinstance(setting, Mapping) else None
     if isinstance(source, Mapping) and source.get("kind") == "zero":
         return RowFill("tokens")
@@ -1021,60 +1081,145 @@ def configured_fill(token: str, setting: Any, by_name: Mapping[str, ModelVocab])
     return RowFill("tokens", (model,))
 
 
-def plan_merged_vocab(
-    models: Sequence[ModelVocab], base_name: str | None, source: str, tokens: Mapping[str, Any], pad_to_multiple_of: int | None
-) -> MergedVocab:
-    """The tokenizer merge of mergekit, decided from the models' vocabularies alone (pure).
-    `base_name`: the base_model (None: the first model). A ghost token of the output's
-    vocabulary is a problem: mergekit indexes its missing row and fails."""
-    base = next((m for m in models if m.name == base_name), models[0])
-    if source not in ("union", "base") and source not in {m.name for m in models}:
-        raise CliError(f"tokenizer source {source} is not a model of the merge")
-    out, appended = merged_tokens(models, base, source, tokens)
-    holders = {m.name: m.held for m in models}
-    problems: list[str] = []
-    unreadable: list[str] = []
-    warnings: list[str] = []
-    shared_fills: dict[str, RowFill] = {}
+@dataclass(frozen=True)
+class FillTable:
+    """The rows of one vocabulary tensor that mergekit fills (plan_merged_vocab), for the
+    models it reads the tensor from."""
+
+    fills: dict[str, dict[str, RowFill]]
+    problems: list[str]
+    warnings: list[str]
+
+
+def fill_table(out: Sequence[str], members: Sequence[ModelVocab], row_base: str | None, tokens: Mapping[str, Any], where: str) -> FillTable:
+    """PermutedVocabulary's choice for every token some member lacks (or a forced one): a
+    `tokenizer.tokens` source; else the one member that holds it, the base's row, the mean
+    of the holders' in member order, or zero. A `tokenizer.tokens` entry is evaluated only
+    where mergekit evaluates it."""
+    held = {m.name: m.held for m in members}
+    by_name = {m.name: m for m in members}
+    forced = {t for t, s in tokens.items() if isinstance(s, Mapping) and s.get("force")}
+    shared: dict[str, RowFill] = {}
+    problems, warnings = [], []
     for token in out:
+        owners = tuple(m.name for m in members if token in held[m.name])
         setting = tokens.get(token)
+        if len(owners) == len(members) and token not in forced:
+            continue
         if setting is not None:
-            fill = configured_fill(token, setting, {m.name: m for m in models})
+            fill = configured_fill(token, setting, by_name)
             if isinstance(fill, str):
                 problems.append(fill)
                 continue
         else:
-            owners = tuple(m.name for m in models if token in holders[m.name])
             if not owners:
-                warnings.append(f"{token!r} is held by no model: its row is zero")
-            fill = RowFill(
-                "holder" if len(owners) == 1 else "zero" if not owners else "base" if base.name in owners else "mean",
-                (base.name,) if len(owners) > 1 and base.name in owners else owners,
-            )
-        shared_fills[token] = fill
-    fills: dict[str, dict[str, RowFill]] = {}
-    forced = {t for t, s in tokens.items() if isinstance(s, Mapping) and s.get("force")}
-    for m in models:
-        fills[m.name] = {t: shared_fills[t] for t in out if t in shared_fills and (t not in holders[m.name] or t in forced)}
-        for token, token_id in sorted(m.vocab.items(), key=lambda item: item[1]):
-            if token_id >= m.rows and token in shared_fills:
-                unreadable.append(
-                    f"{m.name} lists {token!r} at id {token_id}, past its {m.rows} embedding rows (a ghost token): mergekit's "
-                    "tokenizer merge fails on it; remap_tokenizer.py --mergekit-config fills the row from the models that hold it"
-                )
+                warnings.append(f"{token!r} is held by no model{where}: its row is zero")
+            rule = "holder" if len(owners) == 1 else "zero" if not owners else "base" if row_base in owners else "mean"
+            fill = RowFill(rule, (row_base,) if rule == "base" and row_base is not None else owners)
+        shared[token] = fill
+    fills = {m.name: {t: f for t, f in shared.items() if t not in held[m.name] or t in forced} for m in members}
+    return FillTable(fills, problems, warnings)
+
+
+def plan_merged_vocab(
+    models: Sequence[ModelVocab],
+    base_name: str | None,
+    source: str,
+    tokens: Mapping[str, Any],
+    pad_to_multiple_of: int | None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> MergedVocab:
+    """The tokenizer merge of mergekit, decided from the models' vocabularies alone (pure).
+    `base_name`: the base_model (None: the union extends the first model's tokenizer, and a
+    token several models hold takes the mean of their rows). `groups`: vocabulary_groups.
+    A ghost token of the output's vocabulary in any model but the one whose tokenizer the
+    merge extends (mergekit strips its ghosts) is a problem: mergekit fails on it."""
+    merging = [m for m in models if m.merged]
+    base = next((m for m in merging if m.name == base_name), merging[0])
+    if source not in ("union", "base") and source not in {m.name for m in models}:
+        raise CliError(f"tokenizer source {source} is neither a model of the merge nor read")
+    out, appended, warnings = merged_tokens(models, base, source, tokens)
+    row_base = base.name if base_name is not None else None
+    problems: list[str] = []
+    tables: dict[str, dict[str, dict[str, RowFill]]] = {}
+    for role in ("embed", "head"):
+        names = list((groups or {}).get(role) or [m.name for m in merging])
+        members = sorted((m for m in merging if m.name in names), key=lambda m: names.index(m.name))
+        where = f" that mergekit takes the {'input embedding' if role == 'embed' else 'lm_head'} from" if groups else ""
+        table = fill_table(out, members, row_base if row_base in names else None, tokens, where)
+        # a model outside the group: mergekit never reads this tensor of it; the merge's rows will do
+        everyone = fill_table(out, merging, row_base, tokens, "") if len(members) < len(merging) else table
+        tables[role] = {m.name: table.fills.get(m.name, everyone.fills[m.name]) for m in merging}
+        problems += table.problems
+        warnings += table.warnings
+    read = {name for group in (groups or {}).values() for name in group} or {m.name for m in merging}
+    output = set(out)
+    unreadable = [
+        ghost_problem(m, token, token_id)
+        for m in merging
+        if m is not base and m.name in read
+        for token, token_id in sorted(m.vocab.items(), key=lambda item: item[1])
+        if token_id >= m.rows and token in output
+    ]
     return MergedVocab(
         source=source,
         base=base.name,
         tokens=tuple(out),
         appended=appended,
-        added_by={m.name: tuple(t for t in out if t in holders[m.name] and t not in holders[base.name]) for m in models if m is not base},
-        fills=fills,
-        ghosts={m.name: tuple(sorted(((t, i) for t, i in m.vocab.items() if i >= m.rows), key=lambda item: item[1])) for m in models},
+        added_by={m.name: tuple(t for t in out if t in m.held and t not in base.held) for m in merging if m is not base},
+        fills=tables["embed"],
+        ghosts={m.name: tuple(sorted(((t, i) for t, i in m.vocab.items() if i >= m.rows), key=lambda item: item[1])) for m in merging},
         size=round_up(len(out), pad_to_multiple_of),
         problems=tuple(dict.fromkeys(problems)),
         unreadable=tuple(unreadable),
         warnings=tuple(dict.fromkeys(warnings)),
+        output_fills=tables["head"],
+        row_base=row_base,
     )
+
+
+def ghost_problem(model: ModelVocab, token: str, token_id: int) -> str:
+    """Why mergekit's tokenizer merge fails on a model that lists `token` past its rows."""
+    fix = "remap_tokenizer.py --mergekit-config fills the row from the models that hold it"
+    if model.embedding_rows is not None and model.embedding_rows > model.rows:
+        return (
+            f"{model.name}'s config.json says vocab_size {model.rows}, below its {model.embedding_rows} embedding rows: mergekit's "
+            f"tokenizer merge fails on {token!r} (id {token_id}; KeyError); {fix} and writes a consistent config.json"
+        )
+    return (
+        f"{model.name} lists {token!r} at id {token_id}, past its {model.rows} embedding rows (a ghost token): "
+        f"mergekit's tokenizer merge fails on it; {fix}"
+    )
+
+
+def merged_tokenizer_json(document: Mapping[str, Any], merged: MergedVocab, where: object) -> dict[str, Any]:
+    """The merged tokenizer's tokenizer.json: `document` (that of merged.tokenizer_model)
+    without the tokens the merge drops (its ghost tokens), with the appended tokens as added
+    tokens at their ids, flags kept (what mergekit's add_tokens makes of them)."""
+    position = {token: token_id for token_id, token in enumerate(merged.tokens)}
+    vocab = vocab_from_json(document, where)
+    moved = next((token for token, token_id in vocab.items() if token in position and position[token] != token_id), None)
+    if moved is not None:
+        raise CliError(f"{where}: its token ids are not contiguous (e.g. {moved!r}); the merged tokenizer cannot extend it")
+    data = {**document, "model": dict(document["model"]), "added_tokens": list(document.get("added_tokens") or [])}
+    dropped = {token for token in vocab if token not in position}
+    if dropped:
+        strip_tokens(data, dropped, where)
+    for token, flags in merged.appended.items():
+        data["added_tokens"].append({"id": position[token], "content": token, **{f: bool(flags[f]) for f in ADDED_TOKEN_FLAGS}})
+    return data
+
+
+def strip_tokens(data: dict[str, Any], dropped: set[str], where: object) -> None:
+    """Remove ghost tokens from a tokenizer.json (vocabulary, merges, added tokens)."""
+    model = data["model"]
+    if not isinstance(model.get("vocab"), dict):
+        raise CliError(f"{where}: ghost tokens in a {model.get('type')} tokenizer cannot be dropped (only BPE and WordPiece)")
+    model["vocab"] = {token: token_id for token, token_id in model["vocab"].items() if token not in dropped}
+    if isinstance(model.get("merges"), list):
+        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+        model["merges"] = [m for m, p in zip(model["merges"], pairs) if dropped.isdisjoint((*p, "".join(p)))]
+    data["added_tokens"] = [entry for entry in data.get("added_tokens") or [] if entry.get("content") not in dropped]
 
 
 def round_up(value: int, multiple: int | None) -> int:
@@ -1370,18 +1515,19 @@ class ModelFacts:
         return text[key] if isinstance(text, Mapping) and key in text and key not in self.config else self.config.get(key)
 
     def layers(self) -> int | None:
-        if self.tensors:
-            found = {int(m.group(2)) for name in self.tensors for m in [LAYER_RE.search(name)] if m}
-            if found:
-                return max(found) + 1
+        """The layer count mergekit iterates: config.json's (else the tensors' highest layer + 1)."""
         value = self.value("num_hidden_layers") or self.value("n_layer")
-        return value if is_int(value) else None
+        if is_int(value):
+            return value
+        found = {int(m.group(2)) for name in self.tensors or () for m in [LAYER_RE.search(name)] if m}
+        return max(found) + 1 if found else None
 
 
-def layer_template(tensors: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensors with the layer index taken out (`model.layers.N.mlp...` -> `model.layers.*.mlp...`), vocabulary tensors left out."""
+def layer_template(tensors: Mapping[str, tuple[str, tuple[int, ...]]], keep_index: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensors with the layer index taken out (`model.layers.N.mlp...` -> `model.layers.*.mlp...`;
+    `keep_index`: left in), vocabulary tensors left out."""
     vocab = INPUT_EMBEDDING_SUFFIXES + OUTPUT_EMBEDDING_SUFFIXES + tuple(s.replace(".weight", ".bias") for s in OUTPUT_EMBEDDING_SUFFIXES)
-    return {LAYER_INDEX_RE.sub(r"\1*.", name): info for name, info in tensors.items() if not name.endswith(vocab)}
+    return {name if keep_index else LAYER_INDEX_RE.sub(r"\1*.", name): info for name, info in tensors.items() if not name.endswith(vocab)}
 
 
 def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layers: bool) -> list[tuple[str, str]]:
@@ -1406,10 +1552,14 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             )
         )
     if base.tensors is not None and other.tensors is not None:
-        ours, theirs = layer_template(base.tensors), layer_template(other.tensors)
-        missing = sorted(set(ours) ^ set(theirs))
+        # the same layers of both are merged (models:): every tensor of every layer must be in both; slices: by layer template
+        ours, theirs = (layer_template(t, keep_index=same_layers) for t in (base.tensors, other.tensors))
+        missing = sorted(set(ours) ^ set(theirs), key=lambda name: (name not in theirs, name))
         if missing:
-            found.append(("fail", f"{len(missing)} tensor name(s) only in one of the two, e.g. {', '.join(missing[:3])}"))
+            shown = ", ".join(f"{name} ({'only OTHER' if name in theirs else 'only the base'})" for name in missing[:3])
+            found.append(
+                ("fail", f"{len(missing)} tensor name(s) only in one of the two (mergekit: 'required but not present'), e.g. {shown}")
+            )
         shapes = [name for name in sorted(set(ours) & set(theirs)) if ours[name][1] != theirs[name][1]]
         if shapes:
             found.append(
@@ -2296,7 +2446,8 @@ def plan_remap(
     plan_base_rows(rows, base, matches, context)
     out_vocab, appended, dropped, ghosts = plan_source_extras(rows, base, src, src_rows, matches, drop_extra)
     warnings = [f"{len(ghosts)} source token(s) have ids beyond the embedding's {src_rows} rows (ghost tokens)"] if ghosts else []
-    n_rows = plan_row_count(rows, len(base.vocab), drop_extra, base_config_vocab_size, pad_to_multiple_of, warnings)
+    padding = DONOR_ROW if init == "mergekit" else MEAN_ROW
+    n_rows = plan_row_count(rows, len(base.vocab), drop_extra, base_config_vocab_size, pad_to_multiple_of, warnings, padding)
     return RemapPlan(
         mode="drop" if drop_extra else "append",
         init=init,
@@ -2413,9 +2564,11 @@ def plan_row_count(
     base_config_vocab_size: int | None,
     pad_to_multiple_of: int | None,
     warnings: list[str],
+    padding_source: int = MEAN_ROW,
 ) -> int:
     """The output's row count (T's config.json vocab_size with --drop-extra, rounded up to
-    --pad-to-multiple-of); padding rows get the mean row."""
+    --pad-to-multiple-of); padding rows get the mean row (init mergekit: DONOR_ROW, the mean
+    of the merged rows that mergekit_rows computes)."""
     n_tokens = len(rows.source)
     target = n_tokens
     if drop_extra and base_config_vocab_size is not None:
@@ -2427,7 +2580,7 @@ def plan_row_count(
         target = max(base_config_vocab_size, n_base)
     n_rows = round_up(target, pad_to_multiple_of)
     for _ in range(n_rows - n_tokens):
-        rows.add(MEAN_ROW, "padding")
+        rows.add(padding_source, "padding")
     return n_rows
 
 
@@ -2751,6 +2904,7 @@ class TensorEntry:
     file: Path | None = None  # the source file (safetensors or .bin)
     start: int = 0  # absolute byte offset of the data in a safetensors file
     vocab_role: str | None = None  # embed | head | bias: rows are rebuilt from the plan
+    source: str | None = None  # the source tensor whose rows it takes, when not its own (a tied model's new lm_head)
 
 
 @dataclass(frozen=True)
@@ -3299,40 +3453,77 @@ def donor_row_bytes(donor: Donor, role: str, donor_ids: np.ndarray, tensor: Tens
 def mergekit_rows(plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, opts: RemapOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """role -> (output rows, raw bytes) of the rows init mergekit fills from the merge's
     models, as mergekit's PermutedVocabulary computes them: one model's row (bit for bit
-    in the same dtype), or the float32 mean of the holders' rows in model order; zero
-    when no model holds the token. A model that lacks a tensor (a bias) is left out."""
-    out_rows = np.array(sorted(plan.donor_rows), dtype=np.int64)
-    if not len(out_rows):
+    in the same dtype), or the float32 mean of the holders' rows in the merge's order; zero
+    when no model holds the token; padding rows the mean of the model's rows over the merged
+    vocabulary. The input embedding's rows come from the fills' input rows, lm_head's (and a
+    tied model's new lm_head: opts.untie_head) from their output rows. A model that lacks a
+    tensor (a bias) is left out."""
+    filled = np.array(sorted(plan.donor_rows), dtype=np.int64)
+    padding = np.array([row for row, rule in enumerate(plan.row_rule) if rule == "padding"], dtype=np.int64)
+    if not len(filled) and not len(padding):
         return {}
     token_of_row = {token_id: token for token, token_id in plan.out_vocab.items()}
-    sources_of = {token: sources for token, _, sources in opts.mergekit_fills}
-    wanted = [sources_of.get(token_of_row[int(r)], ()) for r in out_rows]
-    keys = dict.fromkeys((s, rev) for sources in wanted for s, rev, _ in sources)  # the merge's order
+    fills = {token: (embed, head) for token, _, embed, head in opts.mergekit_fills}
+    keys = dict.fromkeys((s, rev) for embed, head in fills.values() for s, rev, _ in (*embed, *head))  # the merge's order
     models = {key: read_donor(*key, opts.trust_remote_code) for key in keys}
     result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for role in ("embed", "head", "bias"):
-        name = getattr(vocab, role)
-        if name is None:
-            continue
-        tensor = ckpt.tensors[name]
-        hidden = (tensor.nbytes // max(1, tensor.shape[0])) // DTYPE_SIZES[tensor.dtype] if len(tensor.shape) > 1 else 1
-        total = np.zeros((len(out_rows), hidden), dtype=np.float32)
-        count = np.zeros(len(out_rows), dtype=np.float32)
-        for key, donor in models.items():  # the order of the models in the merge: mergekit's order of summation
-            if donor.tensor(role) is None:
-                continue
-            picks = [(k, row) for k, sources in enumerate(wanted) for s, rev, row in sources if (s, rev) == key]
-            if not picks:
-                continue
-            positions, ids = (np.array(column, dtype=np.int64) for column in zip(*picks))
-            values = decode_rows(donor.read_rows(role, ids), donor.tensor(role).dtype).reshape(len(ids), -1)
-            if values.shape[1] != hidden:
-                raise CliError(f"{donor.source}: its {role} rows are {values.shape[1]} wide, {opts.src_model}'s {hidden}")
-            total[positions] += values
-            count[positions] += 1
-        mean = total / np.maximum(count, 1)[:, None]
-        result[role] = (out_rows, encode_rows(mean, tensor.dtype))
+    for role, tensor in vocabulary_roles(ckpt, vocab, opts.untie_head):
+        wanted = [fills.get(token_of_row[int(r)], ((), ()))[0 if role == "embed" else 1] for r in filled]
+        values = filled_row_values(models, role, wanted, tensor, opts.src_model)
+        rows, data = filled, encode_rows(values, tensor.dtype)
+        if len(padding):
+            mean = merged_rows_mean(read_matrix(ckpt, tensor, plan.src_rows), tensor.dtype, plan, filled, values)
+            rows = np.concatenate((filled, padding))
+            data = np.concatenate((data, np.repeat(encode_rows(mean[None, :], tensor.dtype), len(padding), axis=0)))
+        order = np.argsort(rows, kind="stable")
+        result[role] = (rows[order], data[order])
     return result
+
+
+def vocabulary_roles(ckpt: Checkpoint, vocab: VocabTensors, untie_head: str | None) -> list[tuple[str, TensorEntry]]:
+    """(role, the source tensor whose dtype and row width the role's output rows take): a
+    tied model's new lm_head takes its embedding's."""
+    roles = [("embed", ckpt.tensors[vocab.embed])]
+    if vocab.head is not None or untie_head is not None:
+        roles.append(("head", ckpt.tensors[vocab.head or vocab.embed]))
+    if vocab.bias is not None:
+        roles.append(("bias", ckpt.tensors[vocab.bias]))
+    return roles
+
+
+def filled_row_values(
+    models: Mapping[tuple[str, str | None], Donor], role: str, wanted: Sequence[RowSources], tensor: TensorEntry, where: str
+) -> np.ndarray:
+    """(rows, width) float32: each filled row the mean of its sources' rows of `role`, summed
+    in the merge's order of the models; zero without a source."""
+    hidden = (tensor.nbytes // max(1, tensor.shape[0])) // DTYPE_SIZES[tensor.dtype] if len(tensor.shape) > 1 else 1
+    total = np.zeros((len(wanted), hidden), dtype=np.float32)
+    count = np.zeros(len(wanted), dtype=np.float32)
+    for key, donor in models.items():  # the order of the models in the merge: mergekit's order of summation
+        if donor.tensor(role) is None:
+            continue
+        picks = [(k, row) for k, sources in enumerate(wanted) for s, rev, row in sources if (s, rev) == key]
+        if not picks:
+            continue
+        positions, ids = (np.array(column, dtype=np.int64) for column in zip(*picks))
+        values = decode_rows(donor.read_rows(role, ids), donor.tensor(role).dtype).reshape(len(ids), -1)
+        if values.shape[1] != hidden:
+            raise CliError(f"{donor.source}: its {role} rows are {values.shape[1]} wide, {where}'s {hidden}")
+        total[positions] += values
+        count[positions] += 1
+    return total / np.maximum(count, 1)[:, None]
+
+
+def merged_rows_mean(matrix: np.ndarray, dtype: str, plan: RemapPlan, filled: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The mean of a model's rows over the merged vocabulary (its copied rows and the filled
+    ones; zero rows count): mergekit's padding row."""
+    tokens = len(plan.out_vocab)
+    sources = np.asarray(plan.row_source[:tokens], dtype=np.int64)
+    copied = sources[sources >= 0]
+    total = values[filled < tokens].sum(axis=0, dtype=np.float64)
+    if len(copied):
+        total = total + mean_of_rows(matrix, dtype, copied) * len(copied)
+    return total / max(1, tokens)
 
 
 # ======================================================================================
@@ -3406,10 +3597,13 @@ def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, st
     return len(text).to_bytes(8, "little") + text
 
 
-def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[TensorEntry]:
+def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int, untie_head: str | None = None) -> list[TensorEntry]:
     """Every output tensor; vocabulary tensors (with their new row count) first, then the
     rest in source order: the shards that hold the vocabulary take longest to write (rows
-    built, then read back and checked), so they start first."""
+    built, then read back and checked), so they start first. `untie_head`: a tied model
+    gets an lm_head of that name, built from its embedding's rows, for mergekit to read; its
+    config still says tied, as the model's did (transformers then ties it, as before, and so
+    does the merged model when this model gives the merge its config)."""
     roles = {vocab.embed: "embed", vocab.head: "head", vocab.bias: "bias", **dict.fromkeys(vocab.extra, "rows")}
     entries = []
     for name, tensor in ckpt.tensors.items():
@@ -3419,6 +3613,10 @@ def output_entries(ckpt: Checkpoint, vocab: VocabTensors, n_rows: int) -> list[T
             shape = (1, n_rows) if vocab_axis_last(tensor.shape, vocab.rows) else (n_rows, *tensor.shape[1:])
             tensor = dataclasses.replace(tensor, shape=shape, nbytes=n_rows * row_bytes, vocab_role=role)
         entries.append(tensor)
+        if name == vocab.embed and vocab.head is None and untie_head is not None:
+            if untie_head in ckpt.tensors:
+                raise CliError(f"{ckpt.directory}: cannot untie its embeddings: it already holds a tensor {untie_head}")
+            entries.append(dataclasses.replace(tensor, name=untie_head, vocab_role="head", source=name))
     return sorted(entries, key=lambda entry: entry.vocab_role is None)
 
 
@@ -3733,7 +3931,10 @@ def write_vocab_tensor(
     """Write a vocabulary tensor's rows in output order, chunk by chunk; returns the
     source matrix (memory-mapped) for the read-back check."""
     ctx = RowContext(
-        read_matrix(ckpt, ckpt.tensors[entry.name], plan.src_rows), entry.dtype, min(plan.src_rows, len(src_token_of_id)), given
+        read_matrix(ckpt, ckpt.tensors[entry.source or entry.name], plan.src_rows),
+        entry.dtype,
+        min(plan.src_rows, len(src_token_of_id)),
+        given,
     )
     if entry.dtype in FLOAT_DTYPES:
         warn_nonfinite(ctx, entry.name, src_token_of_id)
@@ -4425,6 +4626,10 @@ def read_owner(path: Path) -> dict[str, Any] | None:
 # ======================================================================================
 
 
+RowSources = tuple[tuple[str, str | None, int], ...]  # the rows a filled row averages: (model source, revision, row id)
+MergekitFill = tuple[str, str, RowSources, RowSources]  # (token, RowFill.rule, input rows, output rows)
+
+
 @dataclass(frozen=True)
 class RemapOptions:
     src_model: str
@@ -4448,9 +4653,11 @@ class RemapOptions:
     omp_k: int = 64
     chat_template: str = "base"
     # init mergekit (alignments of a merge with tokenizer_source): T's token -> (RowFill.rule,
-    # the rows to average: (model source, revision, row id) ...), and a hash of those models
-    mergekit_fills: tuple[tuple[str, str, tuple[tuple[str, str | None, int], ...]], ...] = ()
+    # the rows to average for the input and for the output embedding), a hash of those models,
+    # and the lm_head a tied model's copy gets when its output rows differ from its input rows
+    mergekit_fills: tuple[MergekitFill, ...] = ()
     mergekit_inputs: str | None = None
+    untie_head: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
@@ -4471,6 +4678,7 @@ class RemapOptions:
             "chat_template",
             "mergekit_fills",
             "mergekit_inputs",
+            "untie_head",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -4546,7 +4754,11 @@ def read_inputs(opts: RemapOptions) -> RemapInputs:
         raise CliError(f"--src_model {opts.src_model}: expected a model directory or repo id, got a file")
     base_dir = base_path if base_path.is_dir() else base_path.parent
     if opts.out_dir is not None:
-        check_out_dir(opts.out_dir, {"source model": src_dir, "base tokenizer": base_dir}, opts.overwrite)
+        protected = {"source model": src_dir, "base tokenizer": base_dir}
+        donor = Path(split_revision(opts.donor_model)[0]).expanduser() if opts.donor_model is not None else None
+        if donor is not None and donor.exists():
+            protected["donor model"] = donor
+        check_out_dir(opts.out_dir, protected, opts.overwrite)
     elif not opts.dry_run:
         raise CliError("--out_dir is required (or --dry-run to see the plan)")
     if not (src_dir / "config.json").is_file():
@@ -4600,7 +4812,7 @@ def plan_outputs(
         decompositions=decompositions,
         donor_of_token=donor_of_token,
         unreachable=base_unreachable,
-        fill_rules={token: rule for token, rule, _ in opts.mergekit_fills},
+        fill_rules={token: rule for token, rule, _, _ in opts.mergekit_fills},
     )
     src_eos = as_id_list(src.generation_config.get("eos_token_id", config_value(inputs.config, "eos_token_id")))
     config_ids, generation_ids = output_role_ids(
@@ -4612,7 +4824,7 @@ def plan_outputs(
         plan,
     )
     token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id, base)
-    shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows), opts.max_shard_size)
+    shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head), opts.max_shard_size)
     donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
     donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
     return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable)
@@ -4893,6 +5105,15 @@ class ModelView:
     hidden: int | None = None
     facts: ModelFacts | None = None  # config and tensor headers, for the merge check
     added: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # added tokens -> flags
+    head_name: str | None = None  # the output embedding (None: tied, or no weights)
+
+    def merge_vocab(self, name: str, merged: bool = True) -> ModelVocab:
+        """The model as the tokenizer merge reads it: the rows mergekit takes as held are
+        config.json's vocab_size where that is below the embedding's."""
+        config_rows = config_value(self.facts.config, "vocab_size") if self.facts is not None else None
+        if merged and is_int(config_rows) and 0 <= config_rows < self.rows:
+            return ModelVocab(name, self.vocab, self.added, config_rows, embedding_rows=self.rows)
+        return ModelVocab(name, self.vocab, self.added, self.rows if merged else len(self.vocab), merged)
 
 
 def view_model(source: str, revision: str | None, trust_remote_code: bool) -> ModelView:
@@ -4905,8 +5126,9 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
         facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
         weight_bytes = sum(t.nbytes for t in ckpt.tensors.values())
         return ModelView(
-            source, revision, directory, tokenizer.spec.vocab, vocab.rows, weight_bytes, vocab.hidden, facts, tokenizer.spec.added
-        )
+            source, revision, directory, tokenizer.spec.vocab, vocab.rows, weight_bytes, vocab.hidden, facts, tokenizer.spec.added,
+            vocab.head,
+        )  # fmt: skip
     rows = config_value(config, "vocab_size")
     rows = rows if isinstance(rows, int) else len(tokenizer.spec.vocab)
     return ModelView(source, revision, directory, tokenizer.spec.vocab, rows, 0, added=tokenizer.spec.added)
@@ -4975,6 +5197,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         summary["target"]["model"] = str(plan.merge.directory)
     code = run_remaps(opts, plan)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
+    remove_stale_outputs(opts.out_dir, plan)
     summary["merge_yaml"] = str(merge_yaml)
     summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
     failures = (
@@ -5048,9 +5271,12 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
         target_ref = choose_target(opts, config, references)
         target_source = local_or_hub(target_ref, yaml_dir) if opts.base_tokenizer is None else target_ref.path
         target = view_model(target_source, target_ref.revision, opts.trust_remote_code)
+    inputs = alignment_inputs(opts, views, merge, None if merge is not None else target)
     entries: list[dict[str, Any]] = []
     to_remap = []
-    taken: set[str] = {MERGED_TOKENIZER_DIR}
+    out_dir = opts.out_dir.resolve()
+    taken = {MERGED_TOKENIZER_DIR, *(path.name for path in inputs if path.parent == out_dir)}
+    carriers = tokenizer_carriers(config, unique, yaml_dir) if merge is not None else set()
     for (source, revision), ref in unique.items():
         view = views[(source, revision)]
         same = (
@@ -5058,11 +5284,89 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
         )
         entry = {"model": str(ref), "source": source, "revision": revision, "status": "identical" if same else "to remap",
                  "rows": view.rows, "vocab_size": len(view.vocab), "output": source}  # fmt: skip
+        if same and merge is not None and (source, revision) in carriers and not same_tokenizer_files(view.directory, merge.files):
+            same, entry["status"], entry["reason"] = False, "to remap", "carries the merged tokenizer"
         if not same:
             entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
         entries.append(entry)
-    return AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge)
+    plan = AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge)
+    refuse_writing_inputs(opts, inputs, plan)
+    return plan
+
+
+def alignment_inputs(
+    opts: AlignOptions, views: Mapping[tuple[str, str | None], ModelView], merge: TokenizerMerge | None, target: ModelView | None
+) -> dict[Path, str]:
+    """Every local file and folder an alignment reads (resolved -> what it is): the YAML,
+    every model, the target tokenizer, the donor, the tokenizer a merge extends."""
+    inputs = {opts.config.resolve(): f"the merge configuration {opts.config}"}
+    for (source, _), view in views.items():
+        inputs.setdefault(view.directory.resolve(), f"the model {source}")
+    if target is not None:
+        inputs.setdefault(target.directory.resolve(), f"the target tokenizer {target.source}")
+    if merge is not None:
+        inputs.setdefault(merge.source_dir.resolve(), f"the tokenizer source {merge.source_dir}")
+    if opts.donor_model is not None and Path(split_revision(opts.donor_model)[0]).expanduser().exists():
+        inputs.setdefault(Path(split_revision(opts.donor_model)[0]).expanduser().resolve(), f"the donor model {opts.donor_model}")
+    return inputs
+
+
+def refuse_writing_inputs(opts: AlignOptions, inputs: Mapping[Path, str], plan: AlignmentPlan) -> None:
+    """No byte of an alignment lands on an input: --out_dir is not inside one, and no path
+    it writes (merge.yaml, tokenizer/, each aligned model) is, holds or lies inside one.
+    Checked before anything is written."""
+    out_dir = opts.out_dir.resolve()
+    for path, what in inputs.items():
+        if path.is_dir() and (out_dir == path or path in out_dir.parents):
+            where = "is" if out_dir == path else "is inside"
+            raise CliError(f"--out_dir {opts.out_dir} {where} {what} ({path}), an input; choose a directory outside it")
+    outputs = {out_dir / "merge.yaml": "the aligned merge.yaml", **{Path(e["output"]): "an aligned model" for e, _ in plan.to_remap}}
+    if plan.merge is not None:
+        outputs[out_dir / MERGED_TOKENIZER_DIR] = "the merged tokenizer"
+    for output, written in outputs.items():
+        target = output.resolve()
+        for path, what in inputs.items():
+            if target == path or path in target.parents or target in path.parents:
+                relation = "is" if target == path else "would be written inside" if path in target.parents else "holds"
+                raise CliError(
+                    f"{output} ({written}) {relation} {what}, an input of the alignment; nothing was written: choose another --out_dir"
+                )
+
+
+def tokenizer_carriers(
+    config: Mapping[str, Any], unique: Mapping[tuple[str, str | None], ModelRef], yaml_dir: Path
+) -> set[tuple[str, str | None]]:
+    """The models whose tokenizer `mergekit-yaml --copy-tokenizer` may copy into the merged
+    model: the base_model; without one, any model (it takes the first of a Python set)."""
+    if config.get("base_model") is None:
+        return set(unique)
+    ref = parse_model_reference(config["base_model"])
+    return {(local_or_hub(ref, yaml_dir), ref.revision)}
+
+
+TOKENIZER_COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def same_tokenizer_files(directory: Path, files: Mapping[str, bytes]) -> bool:
+    """Whether mergekit's --copy-tokenizer, copying from `directory`, gives the fast
+    tokenizer `files` hold: the same files, JSON compared as data."""
+    for name in TOKENIZER_COPIED:
+        path = directory / name
+        ours, theirs = (path.read_bytes() if path.is_file() else None), files.get(name)
+        if ours is None or theirs is None:
+            if ours is not theirs:
+                return False
+        elif ours != theirs and (not name.endswith(".json") or parse_json(ours, path) != parse_json(theirs, name)):
+            return False
+    return True
 
 
 def choose_target(opts: AlignOptions, config: Mapping[str, Any], references: Sequence[ModelRef]) -> ModelRef:
@@ -5250,6 +5554,30 @@ def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[st
     return aligned, merge_yaml
 
 
+ALIGNMENT_MANIFEST = ".merge_tools-alignment.json"  # in ALIGNED: the folders this tool wrote there
+
+
+def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan) -> None:
+    """Remove what an earlier alignment into the same folder wrote and the new merge.yaml no
+    longer names (a model dropped from the YAML, the tokenizer of a former union): only
+    folders the manifest lists and that still hold this tool's output, never an input."""
+    manifest = out_dir / ALIGNMENT_MANIFEST
+    previous = read_optional_json(manifest).get("outputs") if manifest.is_file() else []
+    current = [Path(e["output"]).name for e in plan.entries if e["status"] in ("remapped", "reused", "failed")]
+    current += [MERGED_TOKENIZER_DIR] if plan.merge is not None else []
+    inputs = {Path(e["source"]).resolve() for e in plan.entries}
+    for name in previous if isinstance(previous, list) else []:
+        stale = out_dir / str(name)
+        if name in current or "/" in str(name) or stale.is_symlink() or not stale.is_dir() or stale.resolve() in inputs:
+            continue
+        if name == MERGED_TOKENIZER_DIR or (stale / REPORT_NAME).is_file():
+            log.info("removing %s: written by an earlier alignment, the new merge.yaml no longer uses it", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    staged = manifest.with_name(f"{ALIGNMENT_MANIFEST}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps({"outputs": current}) + "\n", encoding="utf-8")
+    os.replace(staged, manifest)
+
+
 def check_aligned_models(config: Mapping[str, Any], yaml_dir: Path, target: ModelView, trust_remote_code: bool) -> list[str]:
     """What compare_tokenizers.py --weights would object to in the aligned configuration."""
     problems = []
@@ -5316,31 +5644,55 @@ class TokenizerMerge:
         vocab = {token: token_id for token_id, token in enumerate(self.merged.tokens)}
         return ModelView(str(self.directory), None, self.directory, vocab, self.merged.size, 0)
 
-    def fills_of(self, key: tuple[str, str | None]) -> tuple[tuple[str, str, tuple[tuple[str, str | None, int], ...]], ...]:
+    @functools.cached_property
+    def files(self) -> dict[str, bytes]:
+        """The merged tokenizer's files (merged_tokenizer_files)."""
+        return merged_tokenizer_files(self)
+
+    def fills_of(self, key: tuple[str, str | None]) -> tuple[MergekitFill, ...]:
         """RemapOptions.mergekit_fills of one model: each token it lacks (or that is forced),
-        the rule, and the rows to average as (model source, revision, row id)."""
+        the rule, and the rows to average for its input embedding and for its lm_head, as
+        (model source, revision, row id)."""
         key_of_name = {name: k for k, name in self.names.items()}
-        fills = []
-        for token, fill in self.merged.fills[self.names[key]].items():
+        name = self.names[key]
+
+        def rows_of(token: str, fill: RowFill) -> tuple[tuple[str, str | None, int], ...]:
             sources = []
             for model in fill.models:
                 other = key_of_name[model]
                 row = fill.token_id if fill.token_id is not None else self.views[other].vocab[fill.token or token]
                 sources.append((other[0], other[1], row))
-            fills.append((token, fill.rule, tuple(sources)))
-        return tuple(fills)
+            return tuple(sources)
+
+        output = self.merged.output_fills.get(name, {})
+        return tuple(
+            (token, fill.rule, rows_of(token, fill), rows_of(token, output.get(token, fill)))
+            for token, fill in self.merged.fills[name].items()
+        )
+
+    def untied_head(self, key: tuple[str, str | None], fills: Sequence[MergekitFill]) -> str | None:
+        """For a model with tied embeddings whose filled output rows mergekit takes from an
+        untied model's lm_head (or from other models than its input rows), the name of the
+        lm_head its aligned copy gets; None when its copy stays tied."""
+        view = self.views[key]
+        if view.head_name is not None or view.facts is None:
+            return None
+        untied = {k: v.head_name for k, v in self.views.items() if v.head_name is not None}
+        differs = any(embed != head or any((source, revision) in untied for source, revision, _ in head) for _, _, embed, head in fills)
+        return next(iter(untied.values()), "lm_head.weight") if differs else None
 
     def remap_options(self, opts: AlignOptions, entry: Mapping[str, Any], view: ModelView) -> RemapOptions:
         """A model's remap onto the merged tokenizer: tokens matched by spelling as mergekit
         matches them, rows it lacks by mergekit's rules (unless --init says otherwise)."""
         init = opts.init or "mergekit"
         key = (entry["source"], entry["revision"])
+        fills = self.fills_of(key)
         return RemapOptions(
             src_model=entry["source"], base_tokenizer=str(self.directory), out_dir=Path(entry["output"]), drop_extra=True, init=init,
             match="exact" if init == "mergekit" else opts.match, max_shard_size=opts.max_shard_size,
             pad_to_multiple_of=self.pad_to_multiple_of, revision=entry["revision"], trust_remote_code=opts.trust_remote_code,
             show_progress=opts.show_progress, donor_model=opts.donor_model, omp_k=opts.omp_k, chat_template=opts.chat_template,
-            mergekit_fills=self.fills_of(key) if init == "mergekit" else (),
+            mergekit_fills=fills if init == "mergekit" else (), untie_head=self.untied_head(key, fills) if init == "mergekit" else None,
             mergekit_inputs=self.inputs_digest if init == "mergekit" else None,
         )  # fmt: skip
 
@@ -5370,13 +5722,20 @@ def plan_tokenizer_merge(
         return names[key]
 
     base = name_of(config["base_model"]) if config.get("base_model") is not None else None
-    source = source if source in ("union", "base") else name_of(source)
-    models = [ModelVocab(names[key], view.vocab, view.added, view.rows) for key, view in views.items()]
-    merged = plan_merged_vocab(models, base, source, named_tokens(tokens, name_of), pad)
+    models = [view.merge_vocab(names[key]) for key, view in views.items()]
+    views = dict(views)
+    if source not in ("union", "base"):
+        ref = parse_model_reference(source)
+        key = (local_or_hub(ref, yaml_dir), ref.revision)
+        if key not in names:  # a tokenizer that is no model of the merge: mergekit takes its tokens, none of its rows
+            names[key], views[key] = str(ref), view_model(*key, opts.trust_remote_code)
+            models.append(views[key].merge_vocab(names[key], merged=False))
+        source = names[key]
+    merged = plan_merged_vocab(models, base, source, named_tokens(tokens, name_of), pad, vocabulary_groups(config, name_of))
     if merged.problems:
         raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(merged.problems[:3])}; nothing was remapped")
     for text in merged.unreadable:
-        log.warning("%s", text.split(": mergekit")[0] + ": its row is filled from the models that hold the token")
+        log.warning("%s", text.split("; remap_tokenizer.py")[0] + "; its row is filled from the models that hold the token")
     key_of_name = {name: key for key, name in names.items()}
     source_dir = views[key_of_name[merged.tokenizer_model]].directory
     digest = hashlib.sha256("".join(directory_fingerprint(view.directory) for view in views.values()).encode()).hexdigest()
@@ -5390,17 +5749,8 @@ def merged_tokenizer_files(merge: TokenizerMerge) -> dict[str, bytes]:
     to match; special_tokens_map.json and chat templates copied."""
     source = read_tokenizer(merge.source_dir)
     position = {token: token_id for token_id, token in enumerate(merge.merged.tokens)}
-    moved = [token for token, token_id in source.spec.vocab.items() if token in position and position[token] != token_id]
-    if moved:
-        raise CliError(f"{merge.source_dir}: its token ids are not contiguous (e.g. {moved[0]!r}); the merged tokenizer cannot extend it")
-    data = json.loads(source.text)
+    data = merged_tokenizer_json(source.tokenizer_json, merge.merged, merge.source_dir)
     dropped = {token for token in source.spec.vocab if token not in position}
-    if dropped:
-        strip_tokens(data, dropped, merge.source_dir)
-    for token, flags in merge.merged.appended.items():
-        data.setdefault("added_tokens", []).append(
-            {"id": position[token], "content": token, **{f: bool(flags[f]) for f in ADDED_TOKEN_FLAGS}}
-        )
     config = dict(source.tokenizer_config)
     decoder = {
         key: value
@@ -5421,24 +5771,12 @@ def merged_tokenizer_files(merge: TokenizerMerge) -> dict[str, bytes]:
     return files
 
 
-def strip_tokens(data: dict[str, Any], dropped: set[str], where: Path) -> None:
-    """Remove ghost tokens from a tokenizer.json (vocabulary, merges, added tokens)."""
-    model = data["model"]
-    if not isinstance(model.get("vocab"), dict):
-        raise CliError(f"{where}: ghost tokens in a {model.get('type')} tokenizer cannot be dropped (only BPE and WordPiece)")
-    model["vocab"] = {token: token_id for token, token_id in model["vocab"].items() if token not in dropped}
-    if isinstance(model.get("merges"), list):
-        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-        model["merges"] = [m for m, p in zip(model["merges"], pairs) if dropped.isdisjoint((*p, "".join(p)))]
-    data["added_tokens"] = [entry for entry in data.get("added_tokens") or [] if entry.get("content") not in dropped]
-
-
 def place_merged_tokenizer(plan: AlignmentPlan, directory: Path) -> AlignmentPlan:
     """Write the merged tokenizer into `directory` (files rewritten only when they change,
     so that a finished alignment stays reusable) and point the plan at it."""
     assert plan.merge is not None
     directory.mkdir(parents=True, exist_ok=True)
-    for name, content in merged_tokenizer_files(plan.merge).items():
+    for name, content in plan.merge.files.items():
         path = directory / name
         if not path.is_file() or path.read_bytes() != content:
             staged = path.with_name(f".{name}.{os.getpid()}.tmp")

@@ -206,3 +206,80 @@ def test_a_changed_model_is_remapped_again_not_reused(tmp_path: Path, models: di
     assert code == 0 and json.loads(out)["models"][1]["status"] == "remapped"
     name = next(name for name in state if not name.endswith(("embed_tokens.weight", "lm_head.weight")))
     assert torch.equal(tensors(aligned / "chat")[name], state[name])
+
+
+# ---- inputs are never written ------------------------------------------------------------
+
+
+def snapshot(*paths: Path) -> dict[str, object]:
+    """Bytes of every file under each path (a file or a folder), to prove nothing changed."""
+    return {str(p): factories.tree_digest(p) if p.is_dir() else p.read_bytes() for p in paths}
+
+
+def test_out_dir_in_the_yamls_folder_never_replaces_the_yaml(tmp_path: Path, models: dict[str, Path], monkeypatch, capsys) -> None:
+    """`--out_dir .` next to merge.yaml: ALIGNED/merge.yaml would be the user's own file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = linear_yaml(work / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)])
+    before = snapshot(config)
+    monkeypatch.chdir(work)
+    code, _, err = run(capsys, "--mergekit-config", "merge.yaml", "--out_dir", ".")
+    assert code == 2 and "the aligned merge.yaml) is the merge configuration" in err and "nothing was written" in err, err
+    assert snapshot(config) == before and sorted(p.name for p in work.iterdir()) == ["merge.yaml"]
+
+
+@pytest.mark.parametrize("where", ["equal", "inside"])
+@pytest.mark.parametrize("union", [False, True])
+def test_out_dir_at_or_inside_a_model_writes_nothing(tmp_path: Path, models: dict[str, Path], capsys, where: str, union: bool) -> None:
+    extra = {"tokenizer_source": "union"} if union else {}
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)], **extra)
+    before = snapshot(models["chat"], models["base"], config)
+    out_dir = models["chat"] if where == "equal" else models["chat"] / "aligned"
+    code, _, err = run(capsys, "--mergekit-config", config, "--out_dir", out_dir)
+    assert code == 2 and f"{'is' if where == 'equal' else 'is inside'} the model {models['chat']}" in err, err
+    assert snapshot(models["chat"], models["base"], config) == before
+
+
+def test_a_second_stage_into_the_same_folder_keeps_its_inputs(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    """The models of the YAML are ALIGNED/* of a first alignment, aligned again into ALIGNED:
+    the new outputs take other names, and the inputs are never written, renamed or removed."""
+    from merge_fixtures import build_union_models, union_yaml
+
+    union = build_union_models(tmp_path / "models", byte_tok)
+    aligned = tmp_path / "aligned"
+    first = union_yaml(tmp_path / "first.yaml", union, ["base", "sib1", "sib2"])
+    assert run(capsys, "--mergekit-config", first, "--out_dir", aligned)[0] == 0
+    new = factories.write_model(tmp_path / "new", factories.with_tokens(byte_tok, added=["<new>"]), seed=7, **factories.BYTE_SPECIALS)
+    stage = {"base": aligned / "base", "sib1": aligned / "sib1", "new": new}
+    second = union_yaml(tmp_path / "second.yaml", stage, ["base", "sib1", "new"])
+    before = snapshot(aligned / "base", aligned / "sib1", second)
+    code, out, err = run(capsys, "--mergekit-config", second, "--out_dir", aligned, "--json")
+    assert code == 0, err
+    assert snapshot(aligned / "base", aligned / "sib1", second) == before
+    outputs = {Path(m["output"]).name for m in json.loads(out)["models"]}
+    assert outputs == {"base-2", "sib1-2", "new"}
+    merged = yaml.safe_load((aligned / "merge.yaml").read_text())
+    assert {Path(m["model"]).name for m in merged["models"]} == outputs
+
+
+def test_a_changed_yaml_removes_only_the_outputs_it_no_longer_uses(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    aligned = tmp_path / "aligned"
+    both = linear_yaml(tmp_path / "both.yaml", models["base"], [(models["base"], 0.4), (models["chat"], 0.3), (models["padded"], 0.3)])
+    assert run(capsys, "--mergekit-config", both, "--out_dir", aligned)[0] == 0
+    (aligned / "mine").mkdir()  # the user's own folder: never removed
+    union = linear_yaml(tmp_path / "one.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)], tokenizer_source="union")
+    assert run(capsys, "--mergekit-config", union, "--out_dir", aligned)[0] == 0
+    assert (aligned / "tokenizer").is_dir() and not (aligned / "padded").exists() and (aligned / "mine").is_dir()
+    one = linear_yaml(tmp_path / "one.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)])
+    code, _, err = run(capsys, "--mergekit-config", one, "--out_dir", aligned)
+    assert code == 0 and not (aligned / "tokenizer").exists() and (aligned / "chat").is_dir(), err
+    assert sorted(p.name for p in aligned.iterdir() if not p.name.startswith(".")) == ["chat", "merge.yaml", "mine"]
+
+
+def test_a_single_remap_never_writes_into_its_donor(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    before = snapshot(models["base"])
+    code, _, err = run(
+        capsys, "--src_model", models["chat"], "--base_tokenizer", models["padded"], "--out_dir", models["base"],
+        "--overwrite", "--init", "donor", "--donor-model", models["base"], "--drop-extra",
+    )  # fmt: skip
+    assert code == 2 and "donor model directory" in err and snapshot(models["base"]) == before, err

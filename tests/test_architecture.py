@@ -29,6 +29,10 @@ CASES = {
     "slice past the layers": ({}, "llama", "slice [0, 3]", "merge", 1),
     "slices of unequal length": ({}, "llama", "slices 2 and 1", "merge", 1),
     "passthrough grows the depth": ({}, "llama", "passthrough", "ok", 0),
+    # layer 1 of the sibling lacks a tensor layer 0 has: the layer template alone hides it
+    "a tensor missing in one layer": ({"_drop": "model.layers.1.mlp.down_proj.weight"}, "llama", "models", "fail", 1),
+    # layer 1 saved as layer 5: the config's 2 layers are not all there
+    "a layer renumbered": ({"_renumber": ("model.layers.1.", "model.layers.5.")}, "llama", "models", "fail", 1),
 }
 
 
@@ -42,7 +46,26 @@ def sibling(tmp_path: Path, byte_tok: dict, overrides: dict) -> Path:
         return factories.write_model(
             tmp_path / "sibling", byte_tok, seed=2, arch="llama_tied", config_overrides={"num_hidden_layers": 2}, **BYTE_SPECIALS
         )
-    return factories.write_model(tmp_path / "sibling", byte_tok, seed=2, config_overrides=overrides, **BYTE_SPECIALS)
+    edits = {key: overrides[key] for key in ("_drop", "_renumber") if key in overrides}
+    overrides = {key: value for key, value in overrides.items() if key not in edits}
+    directory = factories.write_model(tmp_path / "sibling", byte_tok, seed=2, config_overrides=overrides, **BYTE_SPECIALS)
+    return edit_tensors(directory, **edits) if edits else directory
+
+
+def edit_tensors(directory: Path, _drop: str | None = None, _renumber: tuple[str, str] | None = None) -> Path:
+    """A checkpoint saved with a tensor missing, or a layer's tensors under another number
+    (shards and index rewritten with the safetensors library, as a broken export would)."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted({*index["weight_map"].values()}):
+        state = load_file(directory / shard)
+        state = {(name.replace(*_renumber) if _renumber else name): value for name, value in state.items() if name != _drop}
+        save_file(state, directory / shard, metadata={"format": "pt"})
+    weight_map = {(name.replace(*_renumber) if _renumber else name): file for name, file in index["weight_map"].items() if name != _drop}
+    index_path.write_text(json.dumps({**index, "weight_map": weight_map}))
+    return directory
 
 
 def merge_config(shape: str, base: Path, other: Path) -> dict:

@@ -255,25 +255,36 @@ def union_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_union_models(tmp_path_factory.mktemp("union"), factories.byte_level_bpe())
 
 
-UNION_TEXT = "Call <tool_call>get(x)</tool_call> then <think>plan</think><both> the quick brown fox"
+UNION_TEXT = "Call <tool_call>get(x)</tool_call> then <think>plan</think><both> the quick brown fox, a<think>b"
 
 
 def same_model_by_token(theirs: Path, ours: Path) -> None:
     """Two merged models hold the same tokens, the same row for each (float32 rounding:
-    a mean of three rows may be summed in another order) and tokenize text alike."""
+    a mean of three rows may be summed in another order), the same padding rows, tokenize
+    text alike, and have the same chat template, special tokens and tying."""
     their_tok, our_tok = (transformers.AutoTokenizer.from_pretrained(p) for p in (theirs, ours))
     their_vocab, our_vocab = their_tok.get_vocab(), our_tok.get_vocab()
     assert set(their_vocab) == set(our_vocab)
     their_rows, our_rows = tensors(theirs), tensors(ours)
+    assert set(their_rows) == set(our_rows)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name not in their_rows:
+            continue
         order = sorted(their_vocab)
         a = their_rows[name][[their_vocab[t] for t in order]]
         b = our_rows[name][[our_vocab[t] for t in order]]
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (name, (a - b).abs().max())
+        padding = len(their_vocab)
+        assert torch.allclose(their_rows[name][padding:], our_rows[name][padding:], rtol=1e-5, atol=1e-6), (name, "padding rows")
     for text in (UNION_TEXT, "plain text, no new tokens at all"):
         assert their_tok.tokenize(text) == our_tok.tokenize(text)
+    assert their_tok.chat_template == our_tok.chat_template
+    assert (their_tok.bos_token, their_tok.eos_token) == (our_tok.bos_token, our_tok.eos_token)
+    their_config, our_config = (json.loads((p / "config.json").read_text()) for p in (theirs, ours))
+    assert their_config.get("tie_word_embeddings") == our_config.get("tie_word_embeddings")
 
 
+UNEVALUATED = {"kind": "model_token", "model": "SIB1", "token": "<think>"}  # SIB1 lacks <think>: mergekit never reads it
 UNION_CASES = {
     "union-linear": (["base", "sib1", "sib2"], "linear", {}),
     "tokens-and-padding-task-arithmetic": (
@@ -287,7 +298,27 @@ UNION_CASES = {
     "a-model": (["base", "sib1", "sib2"], "linear", {"tokenizer_source": "SIB2"}),
     # the base's regular <think> becomes an added token in mergekit's union (transformers' add_tokens)
     "regular-then-added": (["regular", "sib2"], "linear", {"base": "regular"}),
-}
+    # ... also where no row moves: the merge still gets the merged tokenizer
+    "regular-then-added-same-rows": (["regular", "regular_added"], "linear", {"base": "regular"}),
+    "a-model-with-its-own-template": (["base", "templated"], "linear", {"tokenizer_source": "TEMPLATED"}),
+    # no base_model: a token several models hold takes the mean of their rows
+    "no-base": (["sib1", "sib2", "base"], "linear", {"base": None}),
+    # tied and untied models: a tied model's output rows come from the holder's lm_head
+    "tied-base": (["tied", "sib1"], "linear", {"base": "tied"}),
+    "tied-sibling": (["sib2", "tied"], "linear", {"base": "sib2"}),
+    # passthrough slices: each vocabulary tensor from its own slice's model, zero where it lacks a token
+    "passthrough-slices": (["base", "sib1"], "passthrough", {"base": None, "slices": [["base", [0, 1]], ["sib1", [1, 2]]]}),
+    # what mergekit merges although the gate used to refuse it
+    "source-outside-the-merge": (["base", "sib1"], "linear", {"tokenizer_source": "SIB2"}),
+    "ghosts-in-the-base": (["ghost", "sib1"], "linear", {"base": "ghost"}),
+    "an-unevaluated-tokens-entry": (
+        ["base", "sib1"],
+        "linear",
+        {"tokenizer_source": None, "tokenizer": {"tokens": {"<|begin_of_text|>": {"source": UNEVALUATED}}}},
+    ),
+    # a regular token without a merge: both split "brown" anew (the gate warns)
+    "split": (["base", "split"], "linear", {}),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(UNION_CASES))
@@ -295,13 +326,57 @@ def test_aligned_then_plain_merge_equals_mergekits_tokenizer_merge(
     tmp_path: Path, union_models: dict[str, Path], capsys, case: str
 ) -> None:
     names, method, extra = UNION_CASES[case]
-    extra = json.loads(json.dumps(extra).replace("SIB2", str(union_models["sib2"])))
-    config = union_yaml(tmp_path / "merge.yaml", union_models, names, method, **extra)
-    assert ct.main(["--mergekit-config", str(config)]) == 0, capsys.readouterr().out
+    paths = {"SIB1": union_models["sib1"], "SIB2": union_models["sib2"], "TEMPLATED": union_models["templated"]}
+    text = json.dumps(extra)
+    for key, path in paths.items():
+        text = text.replace(key, str(path))
+    config = union_yaml(tmp_path / "merge.yaml", union_models, names, method, **json.loads(text))
+    code, out, err = factories.call_main(ct.main, capsys, "--mergekit-config", config, "--json")
+    assert code == 0, out + err
     theirs = mergekit(config, tmp_path / "theirs")
     assert theirs.returncode == 0, theirs.stderr[-3000:]
-    assert rt.main(["--mergekit-config", str(config), "--out_dir", str(tmp_path / "aligned")]) == 0
-    capsys.readouterr()
+    if method in ("linear", "passthrough"):  # the gate's fill table predicts every row mergekit writes
+        predicted_rows_are_mergekits(json.loads(out)["merge"], yaml.safe_load(config.read_text()), tmp_path / "theirs")
+    code, out, err = factories.call_main(rt.main, capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned")
+    assert code == 0, err
     ours = mergekit(tmp_path / "aligned" / "merge.yaml", tmp_path / "ours")
     assert ours.returncode == 0, ours.stderr[-3000:]
     same_model_by_token(tmp_path / "theirs", tmp_path / "ours")
+
+
+def predicted_rows_are_mergekits(gate: dict, config: dict, merged: Path) -> None:
+    """Every model's row of every token as the gate's fill table says (its own, or `mean of
+    A, B`, `A`, `A (its row of 'x')`, `zero`), merged as mergekit's linear method (or taken
+    from the slice's model by passthrough), equals the row mergekit wrote."""
+    merged_vocab = transformers.AutoTokenizer.from_pretrained(merged).get_vocab()
+    out = tensors(merged)
+    names = [m["model"] for m in config.get("models") or []]
+    names = names or [s["sources"][0]["model"] for s in config["slices"]]
+    vocabs = {n: factories.vocab_of(json.loads((Path(n) / "tokenizer.json").read_text())) for n in names}
+    weights = {n: tensors(Path(n)) for n in names}
+
+    def row(model: str, token: str, tensor: str, fills: dict) -> torch.Tensor:
+        own = weights[model]
+        width = own["model.embed_tokens.weight"].shape[1]
+        described = fills.get(model, {}).get(token)
+        if described is None:
+            return (own.get(tensor, own["model.embed_tokens.weight"]))[vocabs[model][token]]
+        if described == "zero":
+            return torch.zeros(width)
+        sources = described.removeprefix("mean of ").split(" (its row")[0].split(", ")
+        of = described.split("(its row of '")[1][:-2] if "(its row of '" in described else token
+        rows = [weights[s].get(tensor, weights[s]["model.embed_tokens.weight"])[vocabs[s][of]] for s in sources]
+        return sum(rows[1:], rows[0]) / len(rows)
+
+    output_fills = {**gate["fills"], **gate["tokenizer"]["output_fills"]}
+    for tensor, fills in (("model.embed_tokens.weight", gate["fills"]), ("lm_head.weight", output_fills)):
+        if tensor not in out:
+            continue
+        for token, token_id in merged_vocab.items():
+            if config.get("slices"):
+                source = config["slices"][0 if tensor.startswith("model.") else -1]["sources"][0]["model"]
+                expected = row(source, token, tensor, fills)
+            else:
+                weight = [m["parameters"]["weight"] for m in config["models"]]
+                expected = mergekit_linear([row(n, token, tensor, fills)[None] for n in names], weight)[0]
+            assert torch.allclose(out[tensor][token_id], expected, rtol=1e-5, atol=1e-6), (tensor, token)

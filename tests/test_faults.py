@@ -150,7 +150,7 @@ def test_model_paths_ending_in_dot_dot_or_dot_stay_inside_aligned(tmp_path: Path
         k: v for k, v in before.items() if not k.startswith("aligned/")
     }
     assert after["aligned/previous/remap_report.json"] == before["aligned/previous/remap_report.json"]
-    assert sorted(p.name for p in aligned.iterdir()) == ["chat", "merge.yaml", "previous"]
+    assert sorted(p.name for p in aligned.iterdir()) == [rt.ALIGNMENT_MANIFEST, "chat", "merge.yaml", "previous"]
     assert_complete(aligned / "chat")
 
 

@@ -53,12 +53,12 @@ def merges(draw: st.DrawFn) -> tuple[list[ct.ModelVocab], str]:
         rows = len(vocab) - draw(st.integers(0, min(2, len(extra))))
         flags = {"special": draw(st.booleans()), "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
         models.append(ct.ModelVocab(f"m{index}", vocab, {token: flags for token in extra}, rows))
-    return models, draw(st.sampled_from([m.name for m in models]))
+    return models, draw(st.sampled_from([m.name for m in models] + [None]))
 
 
 @settings(max_examples=200, deadline=None)
 @given(merges())
-def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ct.ModelVocab], str]) -> None:
+def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ct.ModelVocab], str | None]) -> None:
     models, base_name = case
     merged = ct.plan_merged_vocab(models, base_name, "union", {}, None)
     held = {m.name: {t for t, i in m.vocab.items() if i < m.rows} for m in models}
@@ -66,16 +66,21 @@ def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ct.ModelVocab],
     assert list(merged.tokens[:6]) == [f"t{i}" for i in range(6)]
     assert len(set(merged.tokens)) == len(merged.tokens) == merged.size
     assert set(merged.tokens) == set().union(*held.values())
+    assert merged.base == (base_name or models[0].name) and merged.row_base == base_name
     for m in models:
         assert set(merged.fills[m.name]) == set(merged.tokens) - held[m.name]
+        assert merged.output_fills[m.name] == merged.fills[m.name]  # models: one group for both tensors
         for token, fill in merged.fills[m.name].items():
             holders = tuple(n.name for n in models if token in held[n.name])
+            # with a base_model its row wins; without one, mergekit averages every holder
             assert fill.models == ((base_name,) if base_name in holders else holders)
             assert fill.rule == ("holder" if len(holders) == 1 else "base" if base_name in holders else "mean")
         ghosts = {t for t, i in m.vocab.items() if i >= m.rows}
         assert {t for t, _ in merged.ghosts[m.name]} == ghosts
-        # a ghost of one model that another model holds is what mergekit fails on
-        assert sum(f"{m.name} lists" in text for text in merged.unreadable) == len(ghosts & set(merged.tokens))
+        # a ghost of one model that another model holds is what mergekit fails on; the base's own
+        # ghosts mergekit strips from the tokenizer the union extends
+        failing = len(ghosts & set(merged.tokens)) if m.name != merged.base else 0
+        assert sum(f"{m.name} lists" in text for text in merged.unreadable) == failing
 
 
 def test_union_order_flags_and_tokens_settings() -> None:
@@ -305,3 +310,113 @@ def test_a_base_regular_token_another_model_adds_becomes_an_added_token(tmp_path
     assert {e["content"]: e["id"] for e in tokenizer_json["added_tokens"]}["<think>"] == think
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "aligned" / "tokenizer")
     assert "<think>" in tokenizer.tokenize("a<think>b")
+
+
+# ---- what mergekit does, predicted (issue 28) ------------------------------------------------
+
+
+def gate_json(capsys, config: Path, *extra: str) -> tuple[int, dict]:
+    code, out, err = gate(capsys, "--mergekit-config", config, "--json", *extra)
+    return code, json.loads(out)
+
+
+def test_without_a_base_model_shared_tokens_take_the_mean(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = union_yaml(tmp_path / "merge.yaml", models, ["sib1", "sib2", "base"], base=None)
+    code, report = gate_json(capsys, config)
+    sib1, sib2 = str(models["sib1"]), str(models["sib2"])
+    assert code == 0 and report["merge"]["fills"][str(models["base"])]["<both>"] == f"mean of {sib1}, {sib2}"
+    assert "no base_model: a token several models hold takes the mean of their rows" in gate(capsys, "--mergekit-config", config)[1]
+
+
+def test_a_config_vocab_size_below_the_rows_fails_as_mergekit_does(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """mergekit reads config.json's vocab_size: tokens past it are ghosts, and its union fails
+    with a KeyError on one another model holds; the alignment writes a consistent copy."""
+    low = tmp_path / "low"
+    shutil.copytree(models["sib1"], low)
+    (low / "config.json").write_text(json.dumps(json.loads((low / "config.json").read_text()) | {"vocab_size": 401}))
+    config = union_yaml(tmp_path / "merge.yaml", models | {"low": low}, ["base", "sib1", "low"])
+    code, out, _ = gate(capsys, "--mergekit-config", config)
+    assert code == 1 and f"{low}'s config.json says vocab_size 401, below its 403 embedding rows" in out, out
+    assert "KeyError" in out and "remap_tokenizer.py --mergekit-config fills the row" in out
+    code, out, err = align(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned", "--json")
+    assert code == 0 and json.loads((tmp_path / "aligned" / "low" / "config.json").read_text())["vocab_size"] == 403, err
+
+
+@pytest.mark.parametrize(
+    ("names", "extra"),
+    [
+        (["base", "sib1"], {"tokenizer_source": "SIB2"}),  # a tokenizer_source that is no model of the merge
+        (["ghost", "sib1"], {"base": "ghost"}),  # ghost tokens in the base: mergekit strips them
+        (["base", "sib1"], {"tokenizer_source": None, "tokenizer": {"tokens": {"<|begin_of_text|>": {"source": "SIB2"}}}}),
+    ],
+)
+def test_what_mergekit_merges_is_not_refused(tmp_path: Path, models: dict[str, Path], capsys, names, extra) -> None:
+    extra = json.loads(json.dumps(extra).replace("SIB2", str(models["sib2"])))
+    config = union_yaml(tmp_path / "merge.yaml", models, names, **extra)
+    code, report = gate_json(capsys, config)
+    assert code == 0 and report["merge"]["status"] == "ok", report["merge"]
+    assert align(capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned")[0] == 0
+
+
+def test_a_tokenizer_source_outside_the_merge_gives_zero_rows(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "sib1"], tokenizer_source=str(models["sib2"]))
+    code, report = gate_json(capsys, config)
+    assert report["merge"]["fills"][str(models["base"])] == {"<think>": "zero", "<both>": str(models["sib1"])}
+    assert any("'<think>' is held by no model: its row is zero" in w for w in report["merge"]["tokenizer"]["warnings"])
+
+
+def test_the_gate_names_what_the_merged_tokenizer_changes(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """The vocabularies agree and no row moves, but the merged model gets another tokenizer."""
+    config = union_yaml(tmp_path / "merge.yaml", models, ["regular", "regular_added"], base="regular")
+    code, report = gate_json(capsys, config)
+    assert code == 0 and report["merge"]["tokenizer"]["changes"] == [
+        "'<think>' becomes an added token (special) at id 400, as another model adds it: text holding it is split around it"
+    ]
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "templated"], tokenizer_source=str(models["templated"]))
+    code, out, _ = gate(capsys, "--mergekit-config", config)
+    templated = models["templated"]
+    assert code == 0 and f"changes: the chat template is {templated}'s, not the base's" in out
+    assert f"changes: eos token '<|begin_of_text|>' ({templated}'s), the base's is '<|end_of_text|>'" in out
+
+
+def test_a_union_that_splits_text_anew_is_named(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    """A regular token no merge makes becomes an added token of the union: it splits words
+    that hold it, in the merged model only (checked against mergekit in test_e2e_mergekit)."""
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "split"])
+    code, report = gate_json(capsys, config)
+    warning = next(w for w in report["merge"]["tokenizer"]["warnings"] if "splits text unlike the base's" in w)
+    assert code == 0 and "' brown' becomes Ġb|r|own (the base: Ġb|row|n)" in warning, warning
+    code, report = gate_json(capsys, config, "--strict")
+    assert code == 1 and any("splits text unlike the base's" in p for p in report["merge"]["problems"])
+
+
+def test_a_tokenizer_of_another_family_is_pointed_to_a_transplant(tmp_path: Path, models: dict[str, Path], sp_tok: dict, capsys) -> None:
+    other = factories.write_model(tmp_path / "llama2", sp_tok, seed=4, **factories.SP_SPECIALS)
+    config = union_yaml(tmp_path / "merge.yaml", models | {"other": other}, ["base", "other"])
+    code, report = gate_json(capsys, config)
+    changes = report["merge"]["tokenizer"]["changes"]
+    assert any(f"regular tokens of {other} become added tokens" in c and "--drop-extra" in c for c in changes), changes
+    assert any("splits text unlike the base's" in w for w in report["merge"]["tokenizer"]["warnings"])
+
+
+def test_passthrough_slices_take_each_vocabulary_tensor_from_its_slice(tmp_path: Path, models: dict[str, Path], capsys) -> None:
+    slices = [["base", [0, 1]], ["sib1", [1, 2]]]
+    config = union_yaml(tmp_path / "merge.yaml", models, ["base", "sib1"], "passthrough", base=None, slices=slices)
+    code, report = gate_json(capsys, config)
+    base, sib1 = str(models["base"]), str(models["sib1"])
+    assert code == 0 and report["merge"]["fills"][base] == dict.fromkeys(UNION_TOKENS["sib1"], "zero")
+    assert report["merge"]["tokenizer"]["output_fills"] == {base: dict.fromkeys(UNION_TOKENS["sib1"], sib1)}
+    assert any("held by no model that mergekit takes the input embedding from" in w for w in report["merge"]["tokenizer"]["warnings"])
+
+
+def test_flags_that_differ_between_siblings_are_named(tmp_path: Path, byte_tok: dict, models: dict[str, Path], capsys) -> None:
+    flagged = factories.with_tokens(byte_tok, added=["<tool_call>"], special=False)
+    other = factories.write_model(tmp_path / "other", flagged, seed=5, **factories.BYTE_SPECIALS)
+    config = union_yaml(tmp_path / "merge.yaml", models | {"other": other}, ["base", "sib1", "other"])
+    warnings = gate_json(capsys, config)[1]["merge"]["tokenizer"]["warnings"]
+    assert any("'<tool_call>' is added by" in w and "different flags" in w for w in warnings), warnings
+
+
+def test_row_fills_say_where_a_token_id_row_comes_from() -> None:
+    assert ct.RowFill("tokens", ("m",), token_id=5).describe() == "m (its row 5)"
+    assert ct.RowFill("tokens", ("m",), token="id 5").describe() == "m (its row of 'id 5')"
