@@ -47,6 +47,7 @@ import functools
 import gc
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -2831,6 +2832,8 @@ class TensorSums:
     gram: np.ndarray  # (models, models) float64: <d_i, d_j>
     reference_square: float
     vocabulary: bool = False
+    nonfinite: tuple[int, ...] = ()  # models whose values of it hold a NaN or an infinity (figures leave it out)
+    overflow: bool = False  # finite values whose squares overflow float32 sums (figures leave it out)
 
 
 @dataclass(frozen=True)
@@ -2864,6 +2867,8 @@ class MergeAudit:
     flags: tuple[str, ...]
     skipped: tuple[str, ...] = ()
     bytes_read: int = 0
+    problems: tuple[str, ...] = ()  # broken models (NaN or infinite weights): the merge check fails
+    notes: tuple[str, ...] = ()  # what the figures mean here (the reference, passthrough, LoRAs left out)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -2872,6 +2877,8 @@ class MergeAudit:
             "pairs": [{"a": a, "b": b, "cosine": c} for a, b, c in self.pairs],
             "vocabulary_tensors": [{"model": m, "tensor": t, "norm": n} for m, t, n in self.vocabulary],
             "flags": list(self.flags),
+            "notes": list(self.notes),
+            "problems": list(self.problems),
             "skipped": list(self.skipped),
             "bytes_read": self.bytes_read,
         }
@@ -2910,11 +2917,23 @@ def layer_of(name: str) -> int | None:
     return int(name[match.end(1) : match.end() - 1]) if match else None
 
 
-def summarize_audit(names: Sequence[str], weights: Mapping[str, float], sums: Sequence[TensorSums], reference: str | None) -> MergeAudit:
+def summarize_audit(
+    names: Sequence[str], weights: Mapping[str, float], sums: Sequence[TensorSums], reference: str | None, conclusions: bool = True
+) -> MergeAudit:
     """Every figure of the audit from the per-tensor sums (pure). `reference`: the base
-    model's name (its own task vector is zero: it takes no share), None for the mean."""
+    model's name (its own task vector is zero: it takes no share), None for the mean.
+    Tensors with NaN or infinite values are left out of every figure and named as
+    problems. `conclusions` False: no notes on shares and pairs (a reference that cannot
+    support them, a merge that averages nothing); a layer out of its model's line still is."""
     import numpy as np
 
+    problems = tuple(
+        f"{names[k]}: {s.name} holds NaN or infinite values: a broken model (a merge spreads them into the result)"
+        for s in sums
+        for k in s.nonfinite
+    )
+    skipped = tuple(f"{s.name}: its values overflow float32 sums" for s in sums if s.overflow)
+    sums = [s for s in sums if not s.nonfinite and not s.overflow]
     body = [s for s in sums if not s.vocabulary]
     square = np.sum([s.gram.diagonal() for s in body], axis=0) if body else np.zeros(len(names))
     norms = np.sqrt(square)
@@ -2931,8 +2950,7 @@ def summarize_audit(names: Sequence[str], weights: Mapping[str, float], sums: Se
     for i, name in enumerate(names):
         ranked = sorted(body, key=lambda s: -s.gram[i, i])[:TOP_TENSORS] if name != reference else []
         top = tuple(
-            (s.name, math.sqrt(s.gram[i, i]), math.sqrt(s.gram[i, i] / s.reference_square) if s.reference_square else math.inf)
-            for s in ranked
+            (s.name, math.sqrt(s.gram[i, i]), math.sqrt(s.gram[i, i] / s.reference_square) if s.reference_square else None) for s in ranked
         )
         share = abs(voices[name]) / total_voice if name in voices else None
         models.append(
@@ -2953,24 +2971,28 @@ def summarize_audit(names: Sequence[str], weights: Mapping[str, float], sums: Se
         if reference not in (names[i], names[j])
     )
     vocabulary = tuple((n, s.name, math.sqrt(s.gram[i, i])) for s in sums if s.vocabulary for i, n in enumerate(names) if n != reference)
+    flags = audit_flags(models, pairs, conclusions)
+    if any(relative is None for m in models for _, _, relative in m.top_tensors):
+        flags += ("a tensor that is all zeros in the reference has no relative change (null)",)
     return MergeAudit(
-        "mean of the models" if reference is None else reference, tuple(models), pairs, vocabulary, audit_flags(models, pairs)
+        "mean of the models" if reference is None else reference, tuple(models), pairs, vocabulary, flags, skipped, problems=problems
     )
 
 
-def audit_flags(models: Sequence[ModelAudit], pairs: Sequence[tuple[str, str, float]]) -> tuple[str, ...]:
+def audit_flags(models: Sequence[ModelAudit], pairs: Sequence[tuple[str, str, float]], conclusions: bool = True) -> tuple[str, ...]:
     """What the human report points at: a model that hardly contributes or dominates,
-    near-duplicate and conflicting pairs, a layer far out of a model's line."""
+    near-duplicate and conflicting pairs (only with `conclusions`), a layer far out of a
+    model's line."""
     import numpy as np
 
     flags = []
     voiced = [m for m in models if m.share is not None]
-    for m in voiced:
+    for m in voiced if conclusions else ():
         if m.share is not None and m.share < LOW_SHARE:
             flags.append(f"{m.model} hardly contributes (share {m.share:.1%}): drop it or raise its weight")
         if m.share is not None and m.share > HIGH_SHARE and len(voiced) >= 3:
             flags.append(f"{m.model} dominates the merge (share {m.share:.1%})")
-    for a, b, cosine in pairs:
+    for a, b, cosine in pairs if conclusions else ():
         if cosine >= NEAR_DUPLICATE:
             flags.append(f"{a} and {b} are near-duplicates (task-vector cosine {cosine:.3f}): one of them adds little")
         elif cosine <= CONFLICTING:
@@ -3023,6 +3045,8 @@ def audit_plan(stored: Sequence[Mapping[str, StoredTensor]], vocabulary: set[str
     check's to refuse; vocabulary tensors of different row counts are skipped."""
     first = stored[0]
     names, skipped = [], []
+    elsewhere = dict.fromkeys(name for tensors in stored[1:] for name in tensors if name not in first)
+    skipped += [f"{name}: not in every model" for name in elsewhere]
     for name in sorted(first, key=lambda n: (str(first[n].file), first[n].start)):
         entries = [tensors.get(name) for tensors in stored]
         if any(entry is None or entry.shape != first[name].shape for entry in entries):
@@ -3079,20 +3103,41 @@ def tensor_sums(
     moving = [k for k in range(models) if k != reference]  # the reference's own task vector is zero
     gram = np.zeros((models, models))
     reference_square = 0.0
-    for first in range(0, count, block):
-        check_interrupt()
-        n = min(block, count - first)
-        for k, tensor in enumerate(tensors):
-            widen(read_raw(handles[k][tensor.file], tensor, first, n, raws[k]), tensor.dtype, values[k, :n])
-        middle = np.mean(values[:, :n], axis=0, out=centre[:n]) if reference is None else values[reference, :n]
-        for k in moving:
-            np.subtract(values[k, :n], middle, out=values[k, :n])
-        gram[np.ix_(moving, moving)] += task_vector_gram(
-            values[moving, :n] if len(moving) > GRAM_BY_DOTS else [values[k, :n] for k in moving]
-        )
-        reference_square += float(np.dot(middle, middle))
-        progress(sum(n * DTYPE_SIZES[t.dtype] for t in tensors))
-    return TensorSums(name, gram, reference_square, vocabulary)
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN and infinite weights: found below, named by the audit
+        for first in range(0, count, block):
+            check_interrupt()
+            n = min(block, count - first)
+            for k, tensor in enumerate(tensors):
+                widen(read_raw(handles[k][tensor.file], tensor, first, n, raws[k]), tensor.dtype, values[k, :n])
+            middle = np.mean(values[:, :n], axis=0, out=centre[:n]) if reference is None else values[reference, :n]
+            for k in moving:
+                np.subtract(values[k, :n], middle, out=values[k, :n])
+            gram[np.ix_(moving, moving)] += task_vector_gram(
+                values[moving, :n] if len(moving) > GRAM_BY_DOTS else [values[k, :n] for k in moving]
+            )
+            reference_square += float(np.dot(middle, middle))
+            progress(sum(n * DTYPE_SIZES[t.dtype] for t in tensors))
+    if np.isfinite(gram).all() and math.isfinite(reference_square):
+        return TensorSums(name, gram, reference_square, vocabulary)
+    broken = nonfinite_models(tensors, handles, raws, values[0])  # rare: read it again to name the models
+    return TensorSums(name, np.zeros_like(gram), 0.0, vocabulary, nonfinite=broken, overflow=not broken)
+
+
+def nonfinite_models(
+    tensors: Sequence[StoredTensor], handles: Sequence[Mapping[Path, int]], raws: Sequence[np.ndarray], buffer: np.ndarray
+) -> tuple[int, ...]:
+    """The models whose values of one tensor hold a NaN or an infinity."""
+    import numpy as np
+
+    broken = []
+    for k, tensor in enumerate(tensors):
+        for first in range(0, tensor.count, len(buffer)):
+            n = min(len(buffer), tensor.count - first)
+            widen(read_raw(handles[k][tensor.file], tensor, first, n, raws[k]), tensor.dtype, buffer[:n])
+            if not np.isfinite(buffer[:n]).all():
+                broken.append(k)
+                break
+    return tuple(broken)
 
 
 def task_vector_gram(rows: Any) -> np.ndarray:
@@ -3109,10 +3154,15 @@ def task_vector_gram(rows: Any) -> np.ndarray:
 
 
 def run_audit(
-    names: Sequence[str], directories: Sequence[Path], vocabulary: Sequence[set[str]], base: str | None, weights: Mapping[str, float]
+    names: Sequence[str],
+    directories: Sequence[Path],
+    vocabulary: Sequence[set[str]],
+    base: str | None,
+    weights: Mapping[str, float],
+    conclusions: bool = True,
 ) -> MergeAudit:
     """Read every compared tensor of every model once (AUDIT_WORKERS tensors at a time),
-    with a progress bar by bytes on stderr, and summarize."""
+    with a progress bar by bytes on stderr, and summarize (summarize_audit)."""
     stored = [stored_tensors(directory) for directory in directories]
     vocab_names = set().union(*vocabulary)
     tensor_names, skipped = audit_plan(stored, vocab_names)
@@ -3129,8 +3179,8 @@ def run_audit(
         for model_handles in handles:
             for handle in model_handles.values():
                 os.close(handle)
-    audit = summarize_audit(names, weights, sums, names[reference] if reference is not None else None)
-    return dataclasses.replace(audit, skipped=tuple(skipped), bytes_read=total)
+    audit = summarize_audit(names, weights, sums, names[reference] if reference is not None else None, conclusions)
+    return dataclasses.replace(audit, skipped=(*skipped, *audit.skipped), bytes_read=total)
 
 
 class AuditProgress:
@@ -3191,13 +3241,15 @@ def render_audit(audit: MergeAudit) -> list[str]:
     for m in audit.models:
         share = f"{m.share:.1%}" if m.share is not None else "base"
         weight = f"{m.weight:.3g}" if m.weight is not None else "-"
-        top = f"{m.top_tensors[0][0]} ({m.top_tensors[0][2]:.3g})" if m.top_tensors else "-"
+        relative = m.top_tensors[0][2] if m.top_tensors else None
+        top = f"{m.top_tensors[0][0]} ({'-' if relative is None else f'{relative:.3g}'})" if m.top_tensors else "-"
         lines.append(f"  {m.model:<{width}}  {weight:>6}  {m.task_vector_norm:>11.4g}  {m.relative_norm:>8.4f}  {share:>6}  {top}")
     shown = [p for p in audit.pairs if len(audit.pairs) <= 10 or not CONFLICTING < p[2] < NEAR_DUPLICATE]
     lines += [f"  cosine  {a}  ~  {b}: {c:+.3f}" for a, b, c in shown]
     if len(shown) < len(audit.pairs):
         lines.append(f"  ({len(audit.pairs) - len(shown)} more pairs between {CONFLICTING} and {NEAR_DUPLICATE}: see --json)")
-    lines += [f"  note  {flag}" for flag in audit.flags]
+    lines += [f"  note  {flag}" for flag in (*audit.notes, *audit.flags)]
+    lines += [f"  FAIL  {problem}" for problem in audit.problems]
     if audit.skipped:
         lines.append(f"  {len(audit.skipped)} tensor(s) not compared, e.g. {audit.skipped[0]}")
     return lines
@@ -3233,12 +3285,16 @@ def write_audit_plot(audit: MergeAudit, path: Path) -> None:
     heat.set_title("task-vector norm per layer")
     figure.colorbar(image, ax=heat, label="||model - reference||")
     figure.tight_layout()
+    chart = io.BytesIO()
     try:
-        figure.savefig(path, dpi=110)
-    except OSError as exc:
-        raise CliError(f"--plot {path}: cannot write it ({exc.strerror})") from exc
+        figure.savefig(chart, dpi=110, format=path.suffix.lower().lstrip("."))
     finally:
         plt.close(figure)
+    try:
+        with path.open("wb") as handle:  # written here, where a full disk is an error (savefig to a path hides some)
+            handle.write(chart.getvalue())
+    except OSError as exc:
+        raise CliError(f"--plot {path}: cannot write it ({exc.strerror})") from exc
 
 
 # ======================================================================================
@@ -3482,6 +3538,12 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "the base, shares, per-layer norms, cosines between models (needs numpy)",
     )
     audit.add_argument(
+        *flag("--audit-base"),
+        metavar="MODEL",
+        help="the model task vectors are measured from (default: the merge's base_model; without one, the mean of the models, "
+        "which supports no conclusion on shares and pairs): e.g. the model the fine-tunes started from; implies --audit",
+    )
+    audit.add_argument(
         *flag("--plot"),
         type=Path,
         metavar="FILE",
@@ -3516,8 +3578,9 @@ def run(args: argparse.Namespace) -> int:
         if len(sources) < 2:
             raise CliError("need a reference and at least one other tokenizer (or --mergekit-config FILE)")
     resolved = [resolve_tokenizer(source, args.revision) for source in sources]
+    audit_base = resolve_tokenizer(args.audit_base, args.revision) if args.audit_base is not None else None
     if args.plot is not None:
-        refuse_plot_inside_models(args.plot, resolved)
+        refuse_plot_inside_models(args.plot, [*resolved, *([audit_base] if audit_base else [])])
     infos = read_tokenizer_infos(resolved, args.weights)
     ref = infos[0]
     settings = tokenizer_merge_settings(config) if args.mergekit_config is not None else None
@@ -3530,20 +3593,34 @@ def run(args: argparse.Namespace) -> int:
     if settings is not None:
         outside = tokenizer_source_outside(config, source_of, args.mergekit_config.resolve().parent, args.revision)
         merged, merge_problems = audit_tokenizer_merge(config, source_of, sources, infos, merge_problems, args.strict, outside)
-    audit = audit_merge(config, source_of, resolved, infos, comparisons) if args.audit else None
-    if audit is not None and args.plot is not None:
-        write_audit_plot(audit, args.plot)
+    audit = audit_merge(config, source_of, resolved, infos, comparisons, audit_base) if args.audit else None
+    if audit is not None:
+        merge_problems = [*(merge_problems or []), *audit.problems]
+        if args.plot is not None:
+            write_audit_plot(audit, args.plot)
     report = build_report(ref, comparisons, strict=args.strict, weights=args.weights, merge_problems=merge_problems, merged=merged)
     if audit is not None:
         report["audit"] = audit.to_dict()
     if args.json:
-        sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(json.dumps(strict_json(report), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     else:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         lines = render_tokenizer_merge(merged, args.head) if merged is not None else []
         text = render_human(ref, comparisons, color=color, merge_problems=merge_problems, merged_lines=lines)
         sys.stdout.write(text + ("\n".join(render_audit(audit)) + "\n" if audit is not None else ""))
     return report["exit_code"]
+
+
+def strict_json(data: Any) -> Any:
+    """`data` with every NaN or infinity as null: --json is JSON every reader takes (a
+    figure that is undefined is null, and the audit's notes say why)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, Mapping):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
 
 
 def refuse_plot_inside_models(plot: Path, resolved: Sequence[ResolvedSource]) -> None:
@@ -3557,7 +3634,7 @@ def refuse_plot_inside_models(plot: Path, resolved: Sequence[ResolvedSource]) ->
 def check_audit_options(args: argparse.Namespace) -> None:
     """--audit and --plot, checked before anything is read: they need the merge, the
     weights, numpy (and matplotlib for --plot), and --plot a file outside every model."""
-    args.audit = args.audit or args.plot is not None
+    args.audit = args.audit or args.plot is not None or args.audit_base is not None
     if not args.audit:
         return
     if args.mergekit_config is None:
@@ -3569,8 +3646,23 @@ def check_audit_options(args: argparse.Namespace) -> None:
     missing = [name for name in ("numpy", *(["matplotlib"] if args.plot is not None else [])) if importlib.util.find_spec(name) is None]
     if missing:
         raise CliError(f"--{'plot' if 'matplotlib' in missing else 'audit'} needs {' and '.join(missing)}: pip install 'merge_tools[plot]'")
-    if args.plot is not None and (args.plot.is_dir() or not args.plot.resolve().parent.is_dir()):
-        raise CliError(f"--plot {args.plot}: not a file in an existing directory")
+    if args.plot is not None:
+        check_plot_path(args.plot)
+
+
+def check_plot_path(plot: Path) -> None:
+    """--plot names a new or regular file in an existing directory, with a format matplotlib writes."""
+    if plot.is_dir() or not plot.resolve().parent.is_dir():
+        raise CliError(f"--plot {plot}: not a file in an existing directory")
+    if plot.exists() and not plot.is_file():
+        raise CliError(f"--plot {plot}: exists and is not a regular file; name a file")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if plot.suffix.lower().lstrip(".") not in formats:
+        raise CliError(
+            f"--plot {plot}: matplotlib writes no {plot.suffix or 'extension-less'} files (it writes .{', .'.join(sorted(formats))})"
+        )
 
 
 def merge_names(source_of: Mapping[ModelRef, str], sources: Sequence[str]) -> tuple[list[str], Callable[[Any], str]]:
@@ -3595,17 +3687,44 @@ def audit_merge(
     resolved: Sequence[ResolvedSource],
     infos: Sequence[TokenizerInfo],
     comparisons: Sequence[Comparison],
+    audit_base: ResolvedSource | None = None,
 ) -> MergeAudit:
-    """--audit: every model's task vector against the base (or the mean of the models),
-    from its weights. Models the architecture check fails are refused with its message."""
+    """--audit: every model's task vector against the reference, from its weights: the
+    base_model, or `audit_base` (--audit-base), else the mean of the models (then no
+    conclusion on shares or pairs is drawn). Models the architecture check fails are
+    refused with its message; a model with a LoRA is left out (the audit reads weights
+    without it)."""
     for comparison in comparisons:
         failed = next((c for c in comparison.checks if c.name == "architecture" and c.status == "fail"), None)
         if failed is not None:
             raise CliError(f"--audit: {comparison.other}: {failed.summary} (the architecture check); nothing to compare tensor by tensor")
     names, name_of = merge_names(source_of, [r.source for r in resolved])
+    lora = {name_of(str(ref)): ref.lora for ref in source_of if ref.lora}
+    kept = [(name, r, info) for name, r, info in zip(names, resolved, infos) if name not in lora]
+    notes = [f"{name} is not audited: the LoRA {adapter} is applied to it in the merge, not here" for name, adapter in lora.items()]
     base = name_of(config["base_model"]) if config.get("base_model") is not None else None
-    directories = [model_weights_dir(r) for r in resolved]
-    return run_audit(names, directories, [vocabulary_tensor_names(i) for i in infos], base, merge_weights(config, name_of))
+    if base in lora:
+        notes.append(f"the base_model applies a LoRA ({lora[base]}): the reference is not the base; pass --audit-base MODEL")
+        base = None
+    if audit_base is not None:
+        base = next((name for name, r, _ in kept if r.directory.resolve() == audit_base.directory.resolve()), None)
+        if base is None:
+            base = audit_base.source
+            kept.append((base, audit_base, read_tokenizer_infos([audit_base], weights=True)[0]))
+    conclusions = base is not None and str(config.get("merge_method", "")).lower() != "passthrough"
+    if base is None:
+        notes.append(
+            "no base_model: task vectors are measured from the mean of the models, so shares and cosines say how the models "
+            "differ from each other, not what each adds or whether their changes agree; pass --audit-base MODEL (the model "
+            "they were fine-tuned from) for that"
+        )
+    elif not conclusions:
+        notes.append("passthrough stacks layers and averages nothing: the figures describe the models, not the merge")
+    directories = [model_weights_dir(r) for _, r, _ in kept]
+    weights = {name: weight for name, weight in merge_weights(config, name_of).items() if name not in lora}
+    vocabulary = [vocabulary_tensor_names(info) for _, _, info in kept]
+    audit = run_audit([name for name, _, _ in kept], directories, vocabulary, base, weights, conclusions)
+    return dataclasses.replace(audit, notes=tuple(notes))
 
 
 def audit_tokenizer_merge(

@@ -237,3 +237,114 @@ def test_the_audit_never_imports_torch(merge: dict, tmp_path: Path) -> None:
     )
     assert result.stderr.strip().splitlines()[-1] == "False 0", result.stderr[-2000:]
     assert json.loads(result.stdout)["audit"]["models"]
+
+
+# ---- what the audit may conclude, and broken models (issue 28) -----------------------------
+
+
+def strict_loads(text: str) -> dict:
+    """JSON as strict readers take it: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in --json output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_infinite_weights_fail_the_merge_check(merge: dict, tmp_path: Path, capsys) -> None:
+    root, base = tmp_path / "broken", merge["root"] / "base"
+    start = {name: tensor.clone() for name, tensor in merge["tensors"]["d"].items()}
+    start["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    start["model.layers.2.mlp.up_proj.weight"][3, 1] = float("inf")
+    variant(base, root / "d", [0.0] * LAYERS, seed=0, start=start)
+    shutil.copytree(merge["root"] / "a", root / "a")
+    shutil.copytree(base, root / "base")
+    config = write_yaml(root, tmp_path / "merge.yaml", {"a": 0.5, "d": 0.5})
+    code, out, err = gate(capsys, "--mergekit-config", config, "--audit", "--json")
+    report = strict_loads(out)
+    assert code == 1 and report["merge"]["status"] == "fail" and "RuntimeWarning" not in err, err
+    named = [p for p in report["merge"]["problems"] if str(root / "d") in p]
+    assert any("model.layers.1.mlp.up_proj.weight holds NaN or infinite values" in p for p in named), named
+    assert any("model.layers.2.mlp.up_proj.weight" in p for p in named)
+    figures = [m["share"] for m in report["audit"]["models"]] + [m["task_vector_norm"] for m in report["audit"]["models"]]
+    assert all(f is None or math.isfinite(f) for f in figures)
+    code, text, _ = gate(capsys, "--mergekit-config", config, "--audit")
+    assert code == 1 and "nan%" not in text and " nan " not in text and "FAIL  " in text
+
+
+def test_a_reference_of_zeros_has_no_relative_change(merge: dict, tmp_path: Path, capsys) -> None:
+    root, base = tmp_path / "zeros", merge["root"] / "base"
+    zeroed = {name: tensor.clone() for name, tensor in merge["tensors"]["base"].items()}
+    zeroed["model.layers.0.mlp.up_proj.weight"].zero_()
+    variant(base, root / "base", [0.0] * LAYERS, seed=0, start=zeroed)
+    shutil.copytree(merge["root"] / "a", root / "a")
+    config = write_yaml(root, tmp_path / "merge.yaml", {"a": 1.0})
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--audit", "--json")
+    audit = strict_loads(out)["audit"]
+    relative = [t["relative"] for m in audit["models"] for t in m["top_tensors"] if t["tensor"] == "model.layers.0.mlp.up_proj.weight"]
+    assert code == 0 and relative == [None] and any("no relative change (null)" in f for f in audit["flags"])
+
+
+def test_without_a_base_no_conclusion_is_drawn_from_the_mean(merge: dict, tmp_path: Path, capsys) -> None:
+    """Against the mean of two models every cosine is -1: no 'conflict' from that; with
+    --audit-base the figures are the base case's."""
+    weights = {"a": 0.5, "d": 0.5}
+    config = write_yaml(merge["root"], tmp_path / "merge.yaml", weights, base=None)
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--audit", "--json")
+    audit = json.loads(out)["audit"]
+    assert code == 0 and audit["pairs"][0]["cosine"] == pytest.approx(-1.0, abs=1e-6)
+    assert not any(word in f for f in audit["flags"] for word in ("conflict", "near-duplicates", "contributes", "dominates"))
+    assert any("no base_model: task vectors are measured from the mean" in n for n in audit["notes"])
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--audit-base", merge["root"] / "base", "--json")
+    audit = json.loads(out)["audit"]
+    assert code == 0 and audit["reference"] == str(merge["root"] / "base") and audit["notes"] == []
+    want = expected(merge["tensors"], weights, "base")
+    for model in audit["models"]:
+        name = Path(model["model"]).name
+        assert close(model["task_vector_norm"], want["norm"][name]) and (model["share"] is None) == (name == "base")
+
+
+def test_passthrough_draws_no_averaging_conclusion(merge: dict, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "merge.yaml"
+    slices = [{"sources": [{"model": str(merge["root"] / n), "layer_range": r}]} for n, r in (("base", [0, 2]), ("a", [2, 4]))]
+    config.write_text(yaml.safe_dump({"merge_method": "passthrough", "base_model": str(merge["root"] / "base"), "slices": slices}))
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--audit", "--json")
+    audit = json.loads(out)["audit"]
+    assert code == 0 and not any("contributes" in f or "dominates" in f for f in audit["flags"])
+    assert any("passthrough stacks layers and averages nothing" in n for n in audit["notes"])
+
+
+def test_models_with_a_lora_are_not_audited(merge: dict, tmp_path: Path, capsys) -> None:
+    root = merge["root"]
+    config = tmp_path / "merge.yaml"
+    models = [
+        {"model": f"{root / 'a'}+some/adapter", "parameters": {"weight": 0.5}},
+        {"model": str(root / "d"), "parameters": {"weight": 0.5}},
+    ]
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(root / "base"), "models": models}))
+    code, out, _ = gate(capsys, "--mergekit-config", config, "--audit", "--json")
+    audit = json.loads(out)["audit"]
+    assert code == 0 and [Path(m["model"]).name for m in audit["models"]] == ["base", "d"]
+    assert any("is not audited: the LoRA some/adapter is applied to it" in n for n in audit["notes"])
+    config.write_text(
+        yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": f"{root / 'base'}+some/adapter", "models": models[1:]})
+    )
+    audit = json.loads(gate(capsys, "--mergekit-config", config, "--audit", "--json")[1])["audit"]
+    assert audit["reference"] == "mean of the models" and any("the base_model applies a LoRA" in n for n in audit["notes"])
+
+
+def test_tensors_the_first_model_lacks_are_named(merge: dict, tmp_path: Path, capsys) -> None:
+    root = tmp_path / "extra"
+    start = {**merge["tensors"]["d"], "model.extra_head.weight": torch.ones(3, 3)}
+    variant(merge["root"] / "base", root / "d", [0.0] * LAYERS, seed=0, start=start)
+    stored = [ct.stored_tensors(merge["root"] / "base"), ct.stored_tensors(root / "d")]
+    assert ct.audit_plan(stored, set())[1] == ["model.extra_head.weight: not in every model"]
+
+
+@pytest.mark.parametrize(("plot", "message"), [("chart.unknown", "matplotlib writes no .unknown files"), ("/dev/full", "")])
+def test_plot_paths_are_checked_or_written_for_real(merge: dict, tmp_path: Path, capsys, plot: str, message: str) -> None:
+    pytest.importorskip("matplotlib")
+    config = write_yaml(merge["root"], tmp_path / "merge.yaml", merge["weights"])
+    target = tmp_path / plot if not plot.startswith("/") else Path(plot)
+    code, out, err = gate(capsys, "--mergekit-config", config, "--plot", target)
+    assert code == 2 and out == "" and (message or "exists and is not a regular file") in err, err
