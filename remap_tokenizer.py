@@ -4022,6 +4022,51 @@ def warn_nonfinite(ctx: RowContext, name: str, src_token_of_id: Mapping[int, str
         )
 
 
+@dataclass
+class ShardJobs:
+    """What every shard's writer needs, and every writer opened (each closed at the end,
+    whatever happens)."""
+
+    out: Path
+    ckpt: Checkpoint
+    plan: RemapPlan
+    src_token_of_id: Mapping[int, str]
+    given_rows: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    progress: Any
+    stop: threading.Event = field(default_factory=threading.Event)
+    writers: list[ShardWriter] = field(default_factory=list)
+
+    def write_shard(self, file: str, entries: Sequence[TensorEntry]) -> tuple[ShardWriter, int]:
+        """One shard, streamed; its vocabulary tensors read back: (its writer, copied rows checked)."""
+        writer = ShardWriter(self.out / file, entries, self.progress, self.stop)
+        self.writers.append(writer)
+        written: list[tuple[int, np.ndarray, str]] = []  # vocabulary tensors, to read back
+        for entry in entries:
+            if entry.vocab_role is None and self.ckpt.kind == "safetensors":
+                writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
+            elif entry.vocab_role is None:
+                writer.write(self.ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(torch_uint8()).numpy())
+            else:
+                start, given = writer.position, self.given_rows.get(entry.vocab_role or "")
+                matrix = write_vocab_tensor(writer, self.ckpt, entry, self.plan, self.src_token_of_id, given)
+                written.append((start, matrix, entry.name))
+        writer.finish()
+        return writer, sum(verify_copied_rows(self.out / file, start, matrix, self.plan, name) for start, matrix, name in written)
+
+
+def raise_first_failure(futures: Iterable[Future[Any]]) -> None:
+    """Wait for every future, and raise the first exception as soon as one has one (a stop
+    signal, checked meanwhile, too)."""
+    futures = list(futures)
+    while wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION).not_done:
+        check_interrupt()
+        if any(future.done() and future.exception() for future in futures):
+            break
+    failed = next((future.exception() for future in futures if future.done() and future.exception()), None)
+    if failed is not None:
+        raise failed
+
+
 def write_shards(
     out: Path,
     ckpt: Checkpoint,
@@ -4036,53 +4081,28 @@ def write_shards(
     work release the GIL), vocabulary shards first since they take longest. Each
     vocabulary tensor is read back once written and every copied row compared bit for bit
     with its source row (SelfCheckError). The first error stops every writer."""
-    progress = progress_bar(shard_plan.total_size, show_progress)
-    stop = threading.Event()
-    writers: list[ShardWriter] = []  # every file opened, closed at the end whatever happens
-
-    def write_shard(file: str, entries: Sequence[TensorEntry]) -> tuple[ShardWriter, int]:
-        writer = ShardWriter(out / file, entries, progress, stop)
-        writers.append(writer)
-        written: list[tuple[int, np.ndarray, str]] = []  # vocabulary tensors, to read back
-        for entry in entries:
-            if entry.vocab_role is None and ckpt.kind == "safetensors":
-                writer.copy_range(Path(entry.file or ""), entry.start, entry.nbytes)
-            elif entry.vocab_role is None:
-                writer.write(ckpt.bin_tensors[entry.name].contiguous().reshape(-1).view(torch_uint8()).numpy())
-            else:
-                start = writer.position
-                given = (given_rows or {}).get(entry.vocab_role or "")
-                written.append((start, write_vocab_tensor(writer, ckpt, entry, plan, src_token_of_id, given), entry.name))
-        writer.finish()
-        return writer, sum(verify_copied_rows(out / file, start, matrix, plan, name) for start, matrix, name in written)
-
+    jobs = ShardJobs(out, ckpt, plan, src_token_of_id, given_rows or {}, progress_bar(shard_plan.total_size, show_progress))
     pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(shard_plan.files), MAX_WRITER_THREADS)), thread_name_prefix="shard")
     try:
         # a stop raised inside submit() can leave a thread started but unknown to the pool,
         # never joined, that creates a shard after the staging directory is removed
         with deferred_signals():
-            futures = {file: pool.submit(write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
-        while wait(futures.values(), timeout=0.2, return_when=FIRST_EXCEPTION).not_done:
-            check_interrupt()
-            if any(future.done() and future.exception() for future in futures.values()):
-                break
-        failed = next((future.exception() for future in futures.values() if future.done() and future.exception()), None)
-        if failed is not None:
-            raise failed
+            futures = {file: pool.submit(jobs.write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
+        raise_first_failure(futures.values())
         results = {file: future.result() for file, future in futures.items()}
         # fsync last, all at once: a writer thread waiting for the disk would leave its core idle
         with deferred_signals():
             syncing = pool.map(lambda result: result[0].sync_and_close(), results.values())
         digests = dict(zip(results, syncing))
     except BaseException:
-        stop.set()
+        jobs.stop.set()
         raise
     finally:
         with deferred_signals():  # every writer thread has ended before the caller removes `out`
             pool.shutdown(wait=True, cancel_futures=True)
-            for writer in writers:
+            for writer in jobs.writers:
                 writer.close()
-            progress.close()
+            jobs.progress.close()
     return digests, sum(verified for _, verified in results.values())
 
 

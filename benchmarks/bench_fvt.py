@@ -20,8 +20,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import remap_tokenizer as rt  # noqa: E402
 import synthetic  # noqa: E402
+from merge_tools.remap.matching import match_tokens  # noqa: E402
+from merge_tools.remap.plan import plan_remap  # noqa: E402
+from merge_tools.remap.row_math import ROW_CHUNK_BYTES, build_rows, encode_rows, mean_of_rows, nonfinite_rows  # noqa: E402
+from merge_tools.remap.tokenizers_in import fvt_decompositions, read_tokenizer, token_texts  # noqa: E402
 
 
 def main() -> None:
@@ -35,24 +38,24 @@ def main() -> None:
 
     src_dir = synthetic.write_tokenizer_dir(args.workdir / "src", synthetic.synthetic_tokenizer(regular=args.tokens, seed=10))
     base_dir = synthetic.write_tokenizer_dir(args.workdir / "base", synthetic.synthetic_tokenizer(regular=args.tokens, seed=20))
-    src = rt.read_tokenizer(src_dir)
-    base = rt.read_tokenizer(base_dir)
+    src = read_tokenizer(src_dir)
+    base = read_tokenizer(base_dir)
     missing = [t for t in base.spec.vocab if t not in src.spec.vocab and t not in base.spec.added][: args.missing]
     started = time.perf_counter()
-    decompositions = rt.fvt_decompositions(rt.token_texts(missing, base.spec), src)
+    decompositions = fvt_decompositions(token_texts(missing, base.spec), src)
     encode_seconds = time.perf_counter() - started
-    matches = rt.match_tokens(base.spec, src.spec, "exact")
-    plan = rt.plan_remap(
+    matches = match_tokens(base.spec, src.spec, "exact")
+    plan = plan_remap(
         base.spec, src.spec, src_rows=len(src.spec), matches=matches, drop_extra=True, init="fvt", decompositions=decompositions
     )
     rng = np.random.default_rng(0)
-    matrix = rt.encode_rows(rng.standard_normal((len(src.spec), args.hidden), dtype=np.float32), "BF16")
-    finite = ~rt.nonfinite_rows(matrix, "BF16")
-    mean = rt.encode_rows(rt.mean_of_rows(matrix, "BF16", np.arange(len(matrix)))[None, :], "BF16")[0]
+    matrix = encode_rows(rng.standard_normal((len(src.spec), args.hidden), dtype=np.float32), "BF16")
+    finite = ~nonfinite_rows(matrix, "BF16")
+    mean = encode_rows(mean_of_rows(matrix, "BF16", np.arange(len(matrix)))[None, :], "BF16")[0]
     started = time.perf_counter()
-    step = max(1, rt.ROW_CHUNK_BYTES // matrix.shape[1])
+    step = max(1, ROW_CHUNK_BYTES // matrix.shape[1])
     for start in range(0, plan.n_rows, step):
-        rt.build_rows(matrix, "BF16", plan, start, min(plan.n_rows, start + step), lambda: mean, finite)
+        build_rows(matrix, "BF16", plan, start, min(plan.n_rows, start + step), lambda: mean, finite)
     rows_seconds = (time.perf_counter() - started) * 2  # the same work for embed_tokens and lm_head
     counts = plan.rule_counts()
     parts = sum(len(p) for p in plan.fvt_parts.values()) / max(1, len(plan.fvt_parts))

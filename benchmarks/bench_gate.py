@@ -28,22 +28,24 @@ sys.path.insert(0, str(HERE))
 
 import synthetic  # noqa: E402
 from bench_remap import llama_tensors  # noqa: E402
+from merge_tools.common.sources import SAFETENSORS_INDEX  # noqa: E402
+from merge_tools.remap.checkpoints import TensorEntry  # noqa: E402
+from merge_tools.remap.shards import plan_shards, safetensors_header  # noqa: E402
 
 
 def sparse_checkpoint(directory: Path, tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int, config: dict) -> None:
     """safetensors shards whose data parts are holes: headers exact, files full size."""
     sys.path.insert(0, str(ROOT))
-    import remap_tokenizer as rt
 
-    entries = [rt.TensorEntry(name, "BF16", shape, 2 * int(__import__("math").prod(shape))) for name, shape in tensors]
-    plan = rt.plan_shards(entries, shard_bytes)
+    entries = [TensorEntry(name, "BF16", shape, 2 * int(__import__("math").prod(shape))) for name, shape in tensors]
+    plan = plan_shards(entries, shard_bytes)
     for file, shard in zip(plan.files, plan.tensors):
-        header = rt.safetensors_header(shard, {"format": "pt"})
+        header = safetensors_header(shard, {"format": "pt"})
         with open(directory / file, "wb") as handle:
             handle.write(header)
             handle.truncate(len(header) + sum(e.nbytes for e in shard))
     if len(plan.files) > 1:
-        (directory / rt.SAFETENSORS_INDEX).write_text(
+        (directory / SAFETENSORS_INDEX).write_text(
             json.dumps({"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()})
         )
     (directory / "config.json").write_text(json.dumps(config))

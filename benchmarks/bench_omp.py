@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import remap_tokenizer as rt  # noqa: E402
+from merge_tools.remap.omp import omp_coefficients  # noqa: E402
+from merge_tools.remap.row_math import combine_rows, encode_rows  # noqa: E402
 
 
 def main() -> None:
@@ -39,14 +40,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     atoms = torch.randn(args.shared, args.hidden, generator=generator)
     targets = torch.randn(args.missing, args.hidden, generator=generator)
-    model_rows = rt.encode_rows(np.random.default_rng(0).standard_normal((args.shared, args.model_hidden), dtype=np.float32), "BF16")
+    model_rows = encode_rows(np.random.default_rng(0).standard_normal((args.shared, args.model_hidden), dtype=np.float32), "BF16")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    indices, coefficients = rt.omp_coefficients(targets, atoms, args.k, device=device)
+    indices, coefficients = omp_coefficients(targets, atoms, args.k, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
     coded = time.perf_counter()
-    rows = rt.combine_rows(model_rows, "BF16", indices.numpy(), coefficients)
+    rows = combine_rows(model_rows, "BF16", indices.numpy(), coefficients)
     combined = time.perf_counter()
     result = {
         "missing": args.missing,

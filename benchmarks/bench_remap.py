@@ -38,6 +38,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import synthetic  # noqa: E402
+from merge_tools.remap.checkpoints import TensorEntry  # noqa: E402
+from merge_tools.remap.shards import parse_size, plan_shards, safetensors_header  # noqa: E402
 
 
 def llama_tensors(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -67,20 +69,19 @@ def write_checkpoint(
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    import remap_tokenizer as rt
 
     vocab = len(tokenizer_json["model"]["vocab"]) + len(tokenizer_json["added_tokens"])
     heads, kv_heads = 16, 4
     shapes = llama_tensors(layers, hidden, intermediate, heads, kv_heads, vocab)
-    entries = [rt.TensorEntry(name, "BF16", shape, int(np.prod(shape)) * 2) for name, shape in shapes]
-    plan = rt.plan_shards(entries, shard_bytes)
+    entries = [TensorEntry(name, "BF16", shape, int(np.prod(shape)) * 2) for name, shape in shapes]
+    plan = plan_shards(entries, shard_bytes)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     block = (rng.standard_normal(2**22, dtype=np.float32) * 0.02).view(np.uint32) >> 16
     block = block.astype(np.uint16).view(np.uint8)  # 8 MB of bf16 values, repeated
     for file, shard in zip(plan.files, plan.tensors):
         with open(directory / file, "wb") as handle:
-            handle.write(rt.safetensors_header(shard, {"format": "pt"}))
+            handle.write(safetensors_header(shard, {"format": "pt"}))
             for entry in shard:
                 remaining = entry.nbytes
                 while remaining:
@@ -202,7 +203,6 @@ def main() -> None:
     if args.tiny:
         args.layers, args.hidden, args.intermediate, args.vocab, args.shard_size = [1, 2], 64, 128, 2000, "300KB"
     sys.path.insert(0, str(ROOT))
-    import remap_tokenizer as rt
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -214,7 +214,7 @@ def main() -> None:
     results = []
     for layers in args.layers:
         src = args.workdir / f"src-{layers}"
-        size = write_checkpoint(src, tokenizer, layers, args.hidden, args.intermediate, rt.parse_size(args.shard_size))
+        size = write_checkpoint(src, tokenizer, layers, args.hidden, args.intermediate, parse_size(args.shard_size))
         subprocess.run(["sync"], check=True)
         out = args.workdir / "out"
         remap = [

@@ -30,7 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import remap_tokenizer as rt  # noqa: E402
+from merge_tools.common.errors import CliError  # noqa: E402
+from merge_tools.remap.checkpoints import resolve_model  # noqa: E402
+from merge_tools.remap.matching import MATCH_MODES  # noqa: E402
+from merge_tools.remap.options import RemapOptions  # noqa: E402
+from merge_tools.remap.plan import INIT_METHODS  # noqa: E402
+from merge_tools.remap.remap import remap  # noqa: E402
 
 
 def nll(model_dir: Path, tokenizer_dir: Path, text: str, max_length: int) -> tuple[float, int]:
@@ -83,12 +88,12 @@ def evaluate(
     omp_k: int = 64,
 ) -> list[dict]:
     n_bytes = len(text.encode())
-    model_dir = rt.resolve_model(model, None)
+    model_dir = resolve_model(model, None)
     results = [row("original (own tokenizer)", "-", "-", "-", "-", *nll(model_dir, model_dir, text, max_length), n_bytes)]
     for match in matches:
         for init in inits:
             out = workdir / f"{init}-{match}"
-            options = rt.RemapOptions(
+            options = RemapOptions(
                 src_model=model,
                 base_tokenizer=tokenizer,
                 out_dir=out,
@@ -100,8 +105,8 @@ def evaluate(
                 omp_k=omp_k,
             )
             try:
-                report = rt.remap(options)
-            except rt.CliError as exc:  # e.g. donor rows of another width
+                report = remap(options)
+            except CliError as exc:  # e.g. donor rows of another width
                 print(f"  {init:>5} {match:>5}: skipped ({exc})", file=sys.stderr, flush=True)
                 continue
             counts = report["plan"]["counts"]
@@ -197,8 +202,8 @@ def main() -> None:
     parser.add_argument("--omp-k", type=int, default=64)
     parser.add_argument("--text", type=Path, default=HERE / "sample_text.txt")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/merge_tools_init_quality"))
-    parser.add_argument("--init", nargs="+", choices=rt.INIT_METHODS, help="default: fvt mean unk zero, and omp donor with --donor")
-    parser.add_argument("--match", nargs="+", default=["exact", "bytes"], choices=rt.MATCH_MODES)
+    parser.add_argument("--init", nargs="+", choices=INIT_METHODS, help="default: fvt mean unk zero, and omp donor with --donor")
+    parser.add_argument("--match", nargs="+", default=["exact", "bytes"], choices=MATCH_MODES)
     parser.add_argument("--max-length", type=int, default=128, help="evaluation window in tokens")
     parser.add_argument("--demo", action="store_true", help="train a tiny model offline and use it")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the --demo model")

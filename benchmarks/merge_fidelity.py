@@ -35,7 +35,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import remap_tokenizer as rt  # noqa: E402
+from merge_tools.common.tokenizer_files import read_chat_template, special_token_content, template_special_tokens  # noqa: E402
+from merge_tools.common.vocab_tensors import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING_SUFFIXES  # noqa: E402
+from merge_tools.remap.alignment import align_mergekit  # noqa: E402
+from merge_tools.remap.checkpoints import resolve_model  # noqa: E402
+from merge_tools.remap.options import AlignOptions  # noqa: E402
+from merge_tools.remap.tokenizers_in import read_tokenizer  # noqa: E402
 
 INITS = ("fvt", "mean", "donor", "omp")
 
@@ -50,9 +55,9 @@ def load_tensors(directory: Path) -> dict:
 
 
 def chat_tokens(model: Path) -> list[str]:
-    tokenizer = rt.read_tokenizer(model)
-    template = rt.read_chat_template(model, tokenizer.tokenizer_config)
-    return rt.template_special_tokens(template, tokenizer.spec.added)
+    tokenizer = read_tokenizer(model)
+    template = read_chat_template(model, tokenizer.tokenizer_config)
+    return template_special_tokens(template, tokenizer.spec.added)
 
 
 def make_sibling(base: Path, out: Path, tokens: list[str], noise: float, seed: int = 0) -> None:
@@ -62,7 +67,7 @@ def make_sibling(base: Path, out: Path, tokens: list[str], noise: float, seed: i
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    tokenizer = rt.read_tokenizer(base)
+    tokenizer = read_tokenizer(base)
     data = copy.deepcopy(dict(tokenizer.tokenizer_json))
     removed_ids = sorted(tokenizer.spec.vocab[token] for token in tokens)
     keep = [i for i in range(len(tokenizer.spec.vocab)) if i not in set(removed_ids)]
@@ -80,9 +85,9 @@ def make_sibling(base: Path, out: Path, tokens: list[str], noise: float, seed: i
     }
     for key in ("additional_special_tokens", "extra_special_tokens"):
         if isinstance(config.get(key), list):
-            config[key] = [t for t in config[key] if rt.special_token_content(t) not in tokens]
+            config[key] = [t for t in config[key] if special_token_content(t) not in tokens]
     for role in ("bos", "eos", "pad", "unk"):
-        if rt.special_token_content(config.get(f"{role}_token")) in tokens:
+        if special_token_content(config.get(f"{role}_token")) in tokens:
             config.pop(f"{role}_token")
     (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1), encoding="utf-8")
     generator = torch.Generator().manual_seed(seed)
@@ -94,7 +99,7 @@ def make_sibling(base: Path, out: Path, tokens: list[str], noise: float, seed: i
         if (
             values.dim() >= 1
             and values.shape[0] == tokenizer.config.get("vocab_size")
-            and name.endswith(rt.INPUT_EMBEDDING_SUFFIXES + rt.OUTPUT_EMBEDDING_SUFFIXES)
+            and name.endswith(INPUT_EMBEDDING_SUFFIXES + OUTPUT_EMBEDDING_SUFFIXES)
         ):
             values = values[keep]
         tensors[name] = values.to(tensor.dtype).contiguous()
@@ -122,7 +127,7 @@ def merge(config: dict, workdir: Path, name: str) -> Path:
 
 def row_error(merged: Path, base: Path, ids: list[int]) -> float:
     merged_t, base_t = load_tensors(merged), load_tensors(base)
-    names = [n for n in base_t if n.endswith(rt.INPUT_EMBEDDING_SUFFIXES + rt.OUTPUT_EMBEDDING_SUFFIXES)]
+    names = [n for n in base_t if n.endswith(INPUT_EMBEDDING_SUFFIXES + OUTPUT_EMBEDDING_SUFFIXES)]
     diff = sum(float((merged_t[n][ids].float() - base_t[n][ids].float()).norm() ** 2) for n in names)
     norm = sum(float(base_t[n][ids].float().norm() ** 2) for n in names)
     return math.sqrt(diff / norm)
@@ -162,7 +167,7 @@ def formatted_text(model: Path, text: str) -> str:
 def run(base: Path, tokens: list[str], text: str, workdir: Path, inits: list[str], noise: float) -> list[dict]:
     sibling = workdir / "sibling"
     make_sibling(base, sibling, tokens, noise)
-    ids = [rt.read_tokenizer(base).spec.vocab[token] for token in tokens]
+    ids = [read_tokenizer(base).spec.vocab[token] for token in tokens]
     chat = formatted_text(base, text)
     results = [{"init": "-", "method": "base alone", "row_error": 0.0, "bits_per_byte": bits_per_byte(base, chat)}]
     for init in inits:
@@ -178,7 +183,7 @@ def run(base: Path, tokens: list[str], text: str, workdir: Path, inits: list[str
             import yaml
 
             source.write_text(yaml.safe_dump(config, sort_keys=False))
-            summary, code = rt.align_mergekit(rt.AlignOptions(config=source, out_dir=aligned, init=init, overwrite=True))
+            summary, code = align_mergekit(AlignOptions(config=source, out_dir=aligned, init=init, overwrite=True))
             assert code == 0, summary
             merged = merge(yaml.safe_load((aligned / "merge.yaml").read_text()), workdir, f"{init}-{method}")
             results.append(
@@ -261,7 +266,7 @@ def main() -> None:
     if args.demo:
         base, tokens = build_demo(args.workdir, text, args.steps)
     elif args.model:
-        base = rt.resolve_model(args.model, None)
+        base = resolve_model(args.model, None)
         tokens = args.tokens or chat_tokens(base)
     else:
         parser.error("give --model M, or --demo")

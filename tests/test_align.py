@@ -14,6 +14,9 @@ import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from merge_fixtures import build_models, linear_yaml, tensors
+from merge_tools.common.mergekit_config import ModelRef, map_model_references, mergekit_references
+from merge_tools.common.tokenizer_merge import tokenizer_merge_settings
+from merge_tools.remap.alignment import aligned_name
 
 
 @pytest.fixture
@@ -154,7 +157,7 @@ def test_map_model_references_keeps_every_other_key() -> None:
         "parameters": {"normalize": True},
         "modules": {"text": {"slices": [{"sources": [{"model": "y", "layer_range": [0, 4]}], "base_model": "b"}]}},
     }
-    mapped = rt.map_model_references(config, lambda r: r.upper())
+    mapped = map_model_references(config, lambda r: r.upper())
     assert mapped == {
         "merge_method": "ties",
         "base_model": "B",
@@ -162,7 +165,7 @@ def test_map_model_references_keeps_every_other_key() -> None:
         "parameters": {"normalize": True},
         "modules": {"text": {"slices": [{"sources": [{"model": "Y", "layer_range": [0, 4]}], "base_model": "B"}]}},
     }
-    assert rt.mergekit_references(config) == ["b", "x", "b", "y", "b"]
+    assert mergekit_references(config) == ["b", "x", "b", "y", "b"]
 
 
 @pytest.mark.parametrize(
@@ -178,15 +181,15 @@ def test_map_model_references_keeps_every_other_key() -> None:
 )
 def test_tokenizer_merge_settings(config: dict, expected: tuple | None) -> None:
     """(source, tokens, pad_to_multiple_of) as mergekit reads them: `tokenizer:` defaults to union."""
-    assert rt.tokenizer_merge_settings(config) == expected
+    assert tokenizer_merge_settings(config) == expected
 
 
 def test_aligned_names_are_readable_and_unique() -> None:
     taken: set[str] = set()
-    assert rt.aligned_name(rt.ModelRef("org/model"), taken) == "org--model"
-    assert rt.aligned_name(rt.ModelRef("org/model", "v2"), taken) == "org--model-v2"
-    assert rt.aligned_name(rt.ModelRef("/models/a/"), taken) == "a"
-    assert rt.aligned_name(rt.ModelRef("/other/a"), taken) == "a-2"
+    assert aligned_name(ModelRef("org/model"), taken) == "org--model"
+    assert aligned_name(ModelRef("org/model", "v2"), taken) == "org--model-v2"
+    assert aligned_name(ModelRef("/models/a/"), taken) == "a"
+    assert aligned_name(ModelRef("/other/a"), taken) == "a-2"
 
 
 def test_a_changed_model_is_remapped_again_not_reused(tmp_path: Path, models: dict[str, Path], capsys) -> None:

@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 
 import compare_tokenizers as ct
 import factories
+from merge_tools.gate.audit import TensorSums, layer_of, summarize_audit
+from merge_tools.gate.audit_reading import audit_plan, stored_tensors
 
 gate = functools.partial(factories.call_main, ct.main)
 LAYERS = 4
@@ -37,7 +39,7 @@ def variant(base: Path, out: Path, scales: list[float], seed: int, dtype: torch.
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, tensor in (start or factories.tensors(base)).items():
-        layer = ct.layer_of(name)
+        layer = layer_of(name)
         scale = scales[layer] if layer is not None else scales[0]
         tensors[name] = (tensor.double() + torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
     out.mkdir(parents=True)
@@ -82,7 +84,7 @@ def expected(tensors: dict[str, dict], weights: dict[str, float], base: str | No
     voiced = [n for n in names if n != base]
     total = sum(weights[n] * norm[n] for n in voiced)
     layers = {
-        n: [math.sqrt(sum(float((d**2).sum()) for t, d in delta[n].items() if ct.layer_of(t) == i)) for i in range(LAYERS)] for n in names
+        n: [math.sqrt(sum(float((d**2).sum()) for t, d in delta[n].items() if layer_of(t) == i)) for i in range(LAYERS)] for n in names
     }
     cosine = {
         (a, b): sum(float((delta[a][t] * delta[b][t]).sum()) for t in body) / (norm[a] * norm[b])
@@ -207,8 +209,8 @@ def test_summarize_audit_from_sums(models: int, tensors: int, with_base: bool, r
     if with_base:
         for d in deltas.values():
             d[0] = 0
-    sums = [ct.TensorSums(name, d @ d.T, float(generator.uniform(1, 5))) for name, d in deltas.items()]
-    audit = ct.summarize_audit(names, weights, sums, "m0" if with_base else None)
+    sums = [TensorSums(name, d @ d.T, float(generator.uniform(1, 5))) for name, d in deltas.items()]
+    audit = summarize_audit(names, weights, sums, "m0" if with_base else None)
     flat = np.concatenate(list(deltas.values()), axis=1)
     norms = np.linalg.norm(flat, axis=1)
     voiced = names[1:] if with_base else names
@@ -337,8 +339,8 @@ def test_tensors_the_first_model_lacks_are_named(merge: dict, tmp_path: Path, ca
     root = tmp_path / "extra"
     start = {**merge["tensors"]["d"], "model.extra_head.weight": torch.ones(3, 3)}
     variant(merge["root"] / "base", root / "d", [0.0] * LAYERS, seed=0, start=start)
-    stored = [ct.stored_tensors(merge["root"] / "base"), ct.stored_tensors(root / "d")]
-    assert ct.audit_plan(stored, set())[1] == ["model.extra_head.weight: not in every model"]
+    stored = [stored_tensors(merge["root"] / "base"), stored_tensors(root / "d")]
+    assert audit_plan(stored, set())[1] == ["model.extra_head.weight: not in every model"]
 
 
 @pytest.mark.parametrize(("plot", "message"), [("chart.unknown", "matplotlib writes no .unknown files"), ("/dev/full", "")])

@@ -21,6 +21,7 @@ import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
+from merge_tools.remap.config_outputs import REPORT_NAME
 
 shutil_usage = namedtuple("shutil_usage", "total used free")
 
@@ -445,7 +446,7 @@ def test_unknown_architecture_names_the_overrides(capsys, model: Path, base: Pat
     )
     out = tmp_path / "out"
     assert rt.main([str(a) for a in remap_args(model, base, out, "--embed-name", "net.tok_emb.w", "--head-name", "net.out_proj.w")]) == 0
-    assert json.loads((out / rt.REPORT_NAME).read_text())["vocab_tensors"]["how"] == "override"
+    assert json.loads((out / REPORT_NAME).read_text())["vocab_tensors"]["how"] == "override"
 
 
 def test_embedding_and_head_with_different_rows(capsys, byte_tok: dict, base: Path, tmp_path: Path) -> None:
@@ -540,7 +541,7 @@ def test_remote_code_is_never_run(capsys, model: Path, base: Path, tmp_path: Pat
 
 
 def test_disk_full_while_writing(capsys, model: Path, base: Path, tmp_path: Path, monkeypatch) -> None:
-    real = rt.write_all
+    real = rt.write_all  # the flat script's: the one patched below and run by rt.main
     calls = {"n": 0}
 
     def full(fd: int, data: memoryview, offset: int) -> None:
@@ -561,7 +562,7 @@ def test_disk_full_while_writing(capsys, model: Path, base: Path, tmp_path: Path
 
 
 def test_keyboard_interrupt_half_way(capsys, model: Path, base: Path, tmp_path: Path, monkeypatch) -> None:
-    real = rt.ShardWriter.copy_range
+    real = rt.ShardWriter.copy_range  # the flat script's: the one patched below and run by rt.main
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):

@@ -15,6 +15,11 @@ import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
+from merge_tools import __version__
+from merge_tools.common.cli import quoted
+from merge_tools.common.logs import LogFormatter
+from merge_tools.gate.vocab_check import show_token
+from merge_tools.remap.config_outputs import REPORT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -78,7 +83,7 @@ def test_a_transplant_says_so(tmp_path: Path, models: dict[str, Path], capsys) -
     )
     assert code == 0
     assert "warning: mostly initialised (" in err and "this is a tokenizer transplant, expect a large quality loss" in err
-    report = json.loads((tmp_path / "out" / rt.REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert any("tokenizer transplant" in w for w in report["plan"]["warnings"])
     assert len(report["plan"]["initialised"]) == report["plan"]["counts"]["initialised"] > 50  # every one, not the first 50
 
@@ -129,14 +134,14 @@ def test_both_spellings_did_you_mean_version_and_help_groups(tmp_path: Path, mod
         "--max_shard_size",
         "50KB",
     )
-    assert code == 0 and json.loads((tmp_path / "out" / rt.REPORT_NAME).read_text())["options"]["drop_extra"] is True
+    assert code == 0 and json.loads((tmp_path / "out" / REPORT_NAME).read_text())["options"]["drop_extra"] is True
     code, _, err = call(capsys, rt, "--src_model", models["chat"], "--base_tokenizer", models["base"], "--drop-extr")
     assert code == 2 and "(did you mean --drop-extra?)" in err
     code, _, err = call(capsys, ct, models["base"], models["chat"], "--wieghts")
     assert code == 2 and "(did you mean --weights?)" in err
     for name in ("remap_tokenizer.py", "compare_tokenizers.py"):
         version = script(name, "--version")
-        assert version.returncode == 0 and version.stdout == f"{name} {rt.__version__}\n"
+        assert version.returncode == 0 and version.stdout == f"{name} {__version__}\n"
         help_text = script(name, "--help").stdout
         assert help_text.startswith(f"usage: {name} ") and "examples:" in help_text and "inputs:" in help_text and "behaviour:" in help_text
     help_text = script("remap_tokenizer.py", "--help").stdout
@@ -156,11 +161,11 @@ def test_gguf_inputs_are_named(tmp_path: Path, models: dict[str, Path], capsys) 
 
 
 def test_one_log_format_and_one_quoting_style(tmp_path: Path, byte_tok: dict, capsys) -> None:
-    assert rt.quoted("'") == "'\\''" and rt.quoted("a\x04b") == "'a\\x04b'" and ct.show_token("\x04") == "'\\x04'"
-    assert ct.show_token("Ġ\x90", "plain") == "'Ġ\\x90'"
-    assert ct.show_token("Ã", "byte_level") == "'Ã' (\"\\xc3\")"  # a byte that is not UTF-8: one backslash, as everywhere
+    assert quoted("'") == "'\\''" and quoted("a\x04b") == "'a\\x04b'" and show_token("\x04") == "'\\x04'"
+    assert show_token("Ġ\x90", "plain") == "'Ġ\\x90'"
+    assert show_token("Ã", "byte_level") == "'Ã' (\"\\xc3\")"  # a byte that is not UTF-8: one backslash, as everywhere
     record = __import__("logging").LogRecord("x", 30, __file__, 1, "careful", None, None)
-    assert rt.LogFormatter("%(message)s").format(record) == "warning: careful" == ct.LogFormatter("%(message)s").format(record)
+    assert LogFormatter("%(message)s").format(record) == "warning: careful" == LogFormatter("%(message)s").format(record)
 
 
 def test_output_directories_get_normal_permissions(tmp_path: Path, models: dict[str, Path]) -> None:

@@ -14,8 +14,17 @@ from hypothesis import strategies as st
 
 import compare_tokenizers as ct
 import factories
-import remap_tokenizer as rt
 from factories import BYTE_SPECIALS, SP_SPECIALS
+from merge_tools.common.errors import CliError
+from merge_tools.common.mergekit_config import ModelRef, mergekit_references, parse_model_reference
+from merge_tools.common.spellings import bytes_to_unicode, token_bytes
+from merge_tools.common.tokenizer_files import detect_convention, library_added_token_ids, read_vocabulary, vocab_from_json
+from merge_tools.gate import fingerprint
+from merge_tools.gate.comparison import dedupe
+from merge_tools.gate.fingerprint import FINGERPRINT_SAMPLE, build_library_tokenizer, encode_fingerprint
+from merge_tools.gate.reading import TokenizerInfo, normalized_merges
+from merge_tools.gate.report import JSON_SCHEMA_ID
+from merge_tools.gate.vocab_check import diff_vocab, in_byte_level_alphabet, show_token, tokens_as_bytes
 
 run = functools.partial(factories.call_main, ct.main)
 
@@ -196,7 +205,7 @@ def test_json_agrees_with_the_human_report(tmp_path: Path, tok_dir: Path, byte_t
     code_human, out_human, _ = run(capsys, tok_dir, other, "--head", "2")
     report = json.loads(out_json)
     assert code_json == code_human == report["exit_code"] == 1
-    assert report["schema"] == ct.JSON_SCHEMA_ID and report["equal"] is False
+    assert report["schema"] == JSON_SCHEMA_ID and report["equal"] is False
     vocab = report["comparisons"][0]["checks"]["vocab"]
     counts = vocab["counts"]
     assert counts["only_in_ref"] == 1 and counts["only_in_other"] == 2
@@ -304,33 +313,31 @@ def test_mergekit_config_errors(tmp_path: Path, capsys) -> None:
     ],
 )
 def test_token_bytes(token: str, convention: str, byte_fallback: bool, expected: bytes) -> None:
-    assert ct.token_bytes(token, convention, byte_fallback) == expected
+    assert token_bytes(token, convention, byte_fallback) == expected
 
 
-@given(
-    st.lists(st.text(alphabet=st.sampled_from(sorted(ct.bytes_to_unicode().values()) + ["x", "é", "\n", "日"]), max_size=6), max_size=30)
-)
+@given(st.lists(st.text(alphabet=st.sampled_from(sorted(bytes_to_unicode().values()) + ["x", "é", "\n", "日"]), max_size=6), max_size=30))
 @settings(max_examples=200, deadline=None)
 def test_tokens_as_bytes_matches_token_by_token(tokens: list[str]) -> None:
-    assert ct.tokens_as_bytes(tokens, "byte_level", False) == [ct.token_bytes(t, "byte_level", False) for t in tokens]
+    assert tokens_as_bytes(tokens, "byte_level", False) == [token_bytes(t, "byte_level", False) for t in tokens]
 
 
 @given(st.text(max_size=20))
 def test_byte_level_alphabet_check(text: str) -> None:
-    alphabet = set(ct.bytes_to_unicode().values())
-    assert ct.in_byte_level_alphabet(text) == all(char in alphabet for char in text)
+    alphabet = set(bytes_to_unicode().values())
+    assert in_byte_level_alphabet(text) == all(char in alphabet for char in text)
 
 
 def test_show_token_escapes_control_characters() -> None:
-    assert ct.show_token("Ċ", "byte_level") == "'Ċ' (\"\\n\")"
-    assert ct.show_token("a\tb\x00") == "'a\\tb\\x00'"
-    assert ct.show_token("\u200b") == "'\\u200b'"
+    assert show_token("Ċ", "byte_level") == "'Ċ' (\"\\n\")"
+    assert show_token("a\tb\x00") == "'a\\tb\\x00'"
+    assert show_token("\u200b") == "'\\u200b'"
 
 
 def test_detect_convention(byte_tok: dict, sp_tok: dict) -> None:
-    assert ct.detect_convention(byte_tok) == "byte_level"
-    assert ct.detect_convention(sp_tok) == "metaspace"
-    assert ct.detect_convention({"pre_tokenizer": {"type": "Whitespace"}}) == "plain"
+    assert detect_convention(byte_tok) == "byte_level"
+    assert detect_convention(sp_tok) == "metaspace"
+    assert detect_convention({"pre_tokenizer": {"type": "Whitespace"}}) == "plain"
 
 
 @pytest.mark.parametrize(
@@ -344,7 +351,7 @@ def test_detect_convention(byte_tok: dict, sp_tok: dict) -> None:
     ],
 )
 def test_parse_model_reference(reference: object, expected: tuple) -> None:
-    assert ct.parse_model_reference(reference) == ct.ModelRef(*expected)
+    assert parse_model_reference(reference) == ModelRef(*expected)
 
 
 def test_mergekit_models_reads_every_place_a_model_can_be() -> None:
@@ -354,7 +361,7 @@ def test_mergekit_models_reads_every_place_a_model_can_be() -> None:
         "slices": [{"sources": [{"model": "b", "layer_range": [0, 1]}], "base_model": "c"}],
         "modules": {"text": {"models": [{"model": "d"}]}},
     }
-    assert ct.dedupe(ct.mergekit_references(config)) == ["base", "a", "b", "c", "d"]
+    assert dedupe(mergekit_references(config)) == ["base", "a", "b", "c", "d"]
 
 
 @pytest.mark.parametrize(
@@ -368,8 +375,8 @@ def test_mergekit_models_reads_every_place_a_model_can_be() -> None:
 def test_vocab_from_json_refuses_ambiguous_vocabularies(byte_tok: dict, mutate, message: str) -> None:
     data = copy.deepcopy(byte_tok)
     mutate(data)
-    with pytest.raises(ct.CliError, match=message):
-        ct.vocab_from_json(data, Path("tokenizer.json"))
+    with pytest.raises(CliError, match=message):
+        vocab_from_json(data, Path("tokenizer.json"))
 
 
 def test_library_renumbering_of_added_tokens_is_refused(tmp_path: Path, tok_dir: Path, byte_tok: dict, capsys) -> None:
@@ -391,8 +398,8 @@ def test_library_renumbering_of_added_tokens_is_refused(tmp_path: Path, tok_dir:
 # ------------------------------------------------------------------ fast paths agree with the slow truth
 
 
-def info_of(vocab: dict[str, int]) -> ct.TokenizerInfo:
-    return ct.TokenizerInfo(
+def info_of(vocab: dict[str, int]) -> TokenizerInfo:
+    return TokenizerInfo(
         source="t",
         path="t",
         vocab=vocab,
@@ -430,7 +437,7 @@ def test_diff_vocab_agrees_with_a_plain_reading_of_the_definition(pair: tuple[di
     moved = sorted((ref[t], t, other[t]) for t in ref if t in other and ref[t] != other[t])
     only_ref = sorted((ref[t], t) for t in ref if t not in other)
     only_other = sorted((other[t], t) for t in other if t not in ref)
-    diff = ct.diff_vocab(info_of(ref), info_of(other), head)
+    diff = diff_vocab(info_of(ref), info_of(other), head)
     assert (diff.moved_count, diff.only_in_ref_count, diff.only_in_other_count) == (len(moved), len(only_ref), len(only_other))
     assert diff.moved == tuple((t, a, b) for a, t, b in moved[:head])
     assert diff.only_in_ref == tuple((t, i) for i, t in only_ref[:head])
@@ -468,13 +475,13 @@ def test_added_token_ids_are_the_ones_the_tokenizers_library_gives(
     ]
     document = {"version": "1.0", "added_tokens": entries, "model": {"type": "BPE", "vocab": model_vocab, "merges": []}}
     library = {token.content: token_id for token_id, token in Tokenizer.from_str(json.dumps(document)).get_added_tokens_decoder().items()}
-    predicted = ct.library_added_token_ids(model_vocab, len(model_vocab), entries)
-    assert rt.library_added_token_ids(model_vocab, len(model_vocab), entries) == predicted  # the two scripts' copies
+    predicted = library_added_token_ids(model_vocab, len(model_vocab), entries)
+    assert library_added_token_ids(model_vocab, len(model_vocab), entries) == predicted  # the two scripts' copies
     if set(model_vocab.values()) == set(range(len(model_vocab))):
         assert predicted == library
     else:  # tokenizers versions number added tokens differently here (0.22 and 0.23 do): both tools refuse such a file
-        with pytest.raises(ct.CliError):
-            ct.read_vocabulary(document, Path("tokenizer.json"))
+        with pytest.raises(CliError):
+            read_vocabulary(document, Path("tokenizer.json"))
 
 
 def full_library_ids(tokenizer_json: dict, text: str) -> list[int]:
@@ -486,15 +493,15 @@ def full_library_ids(tokenizer_json: dict, text: str) -> list[int]:
 def fingerprint_of(tokenizer_json: dict, text: str, monkeypatch: pytest.MonkeyPatch) -> tuple[tuple[int, ...], list[int]]:
     """(ids, sizes of the tokenizer.json texts the library was asked to build)."""
     built: list[int] = []
-    build = ct.build_library_tokenizer
+    build = build_library_tokenizer
 
     def recording(document: str, where: Path) -> object:
         built.append(len(document))
         return build(document, where)
 
-    monkeypatch.setattr(ct, "build_library_tokenizer", recording)
+    monkeypatch.setattr(fingerprint, "build_library_tokenizer", recording)  # encode_fingerprint reads it there
     raw = json.dumps(tokenizer_json).encode()
-    ids = ct.encode_fingerprint(tokenizer_json, ct.normalized_merges(tokenizer_json["model"]), raw, Path("tokenizer.json"), sample=text)
+    ids = encode_fingerprint(tokenizer_json, normalized_merges(tokenizer_json["model"]), raw, Path("tokenizer.json"), sample=text)
     monkeypatch.undo()
     return ids, built
 
@@ -539,8 +546,8 @@ TEXTS = st.lists(
 @pytest.mark.parametrize("kind", FINGERPRINT_TOKENIZERS)
 def test_fingerprint_builds_only_what_the_sample_reaches_and_encodes_it_the_same(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer_json = FINGERPRINT_TOKENIZERS[kind]()
-    ids, built = fingerprint_of(tokenizer_json, ct.FINGERPRINT_SAMPLE, monkeypatch)
-    assert list(ids) == full_library_ids(tokenizer_json, ct.FINGERPRINT_SAMPLE)
+    ids, built = fingerprint_of(tokenizer_json, FINGERPRINT_SAMPLE, monkeypatch)
+    assert list(ids) == full_library_ids(tokenizer_json, FINGERPRINT_SAMPLE)
     assert len(built) == 2 and max(built) < len(json.dumps(tokenizer_json)), "the whole tokenizer was built"
 
     @given(TEXTS)
@@ -556,8 +563,8 @@ def test_fingerprint_of_a_sample_holding_an_added_token_builds_the_whole_tokeniz
     # Added tokens split the text before the normalizer and pre-tokenizer see it, so the
     # sample's words are no longer known in advance.
     tokenizer_json = factories.with_tokens(byte_tok, added=["quick brown"], special=False)
-    ids, built = fingerprint_of(tokenizer_json, ct.FINGERPRINT_SAMPLE, monkeypatch)
-    assert list(ids) == full_library_ids(tokenizer_json, ct.FINGERPRINT_SAMPLE)
+    ids, built = fingerprint_of(tokenizer_json, FINGERPRINT_SAMPLE, monkeypatch)
+    assert list(ids) == full_library_ids(tokenizer_json, FINGERPRINT_SAMPLE)
     assert tokenizer_json["added_tokens"][-1]["id"] in ids
     assert built[-1] == len(json.dumps(tokenizer_json))
 
@@ -575,5 +582,5 @@ def test_a_merge_of_an_unknown_token_is_refused(tmp_path: Path, tok_dir: Path, b
 
 def test_nfc_and_nfd_look_alikes_are_told_apart() -> None:
     composed, decomposed = "caf\u00e9", "cafe\u0301"  # both print as café
-    assert ct.show_token(composed) == "'café'"
-    assert ct.show_token(decomposed).endswith("[not NFC: U+0063 U+0061 U+0066 U+0065 U+0301]")
+    assert show_token(composed) == "'café'"
+    assert show_token(decomposed).endswith("[not NFC: U+0063 U+0061 U+0066 U+0065 U+0301]")

@@ -14,6 +14,8 @@ import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
 from merge_fixtures import tensors
+from merge_tools.remap.config_outputs import REPORT_NAME
+from merge_tools.remap.omp import omp_coefficients
 
 THINK = ["<think>", "</think>"]
 
@@ -46,7 +48,7 @@ def test_donor_rows_are_the_donors_bit_for_bit(tmp_path: Path, byte_tok: dict, c
     for name in vocab_names:
         assert torch.equal(written[name][think_ids], donor[name][think_ids]), name
         assert torch.equal(written[name][:400], source[name][:400]), name  # every other row is M's
-    report = json.loads((out / rt.REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
     assert report["plan"]["init_rules"] == {"donor": 2} and report["donor"]["tokens_matched"] == 402
 
 
@@ -72,7 +74,7 @@ def test_tokens_the_donor_lacks_fall_back_to_fvt(tmp_path: Path, byte_tok: dict,
         donor,
     )
     assert code == 0, err
-    report = json.loads((out / rt.REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
     assert report["plan"]["init_rules"] == {"donor": 2, "donor_fallback_fvt": 1}
     fvt = next(item for item in report["plan"]["initialised"] if item["rule"] == "donor_fallback_fvt")
     assert fvt["token"] == head + tail and fvt["from"] == [head, tail]
@@ -121,17 +123,17 @@ def test_omp_applies_the_donors_sparse_code_to_ms_rows(tmp_path: Path, byte_tok:
         for row, (ids, weights) in support.items():
             expected = sum(w * source[name][i].double() for i, w in zip(ids, weights))
             assert torch.allclose(written[name][row].double(), expected, rtol=1e-5, atol=1e-5), name
-    assert json.loads((out / rt.REPORT_NAME).read_text())["plan"]["init_rules"] == {"omp": 2}
+    assert json.loads((out / REPORT_NAME).read_text())["plan"]["init_rules"] == {"omp": 2}
 
 
 def test_omp_k_is_bounded_by_the_shared_tokens_and_the_width() -> None:
     atoms = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     targets = atoms[:2] * 2 + atoms[2:4]
-    indices, coefficients = rt.omp_coefficients(targets, atoms, 64, device="cpu")
+    indices, coefficients = omp_coefficients(targets, atoms, 64, device="cpu")
     assert indices.shape == (2, 5) and coefficients.shape == (2, 5)  # k = min(64, 5 shared, 16 wide)
     reconstructed = np.einsum("nk,nkh->nh", coefficients.numpy(), atoms[indices.numpy()].astype(np.float64))
     assert np.allclose(reconstructed, targets, atol=1e-5)
-    indices, _ = rt.omp_coefficients(np.ones((3, 4), np.float32), np.eye(4, dtype=np.float32), 64, device="cpu")
+    indices, _ = omp_coefficients(np.ones((3, 4), np.float32), np.eye(4, dtype=np.float32), 64, device="cpu")
     assert indices.shape == (3, 4)  # never more atoms than the width
 
 
@@ -155,7 +157,7 @@ def test_chat_template_source_in_append_mode_renders_to_appended_ids(tmp_path: P
     appended = {
         token: out_id
         for token, _, out_id in (
-            (a["token"], a["source_id"], a["id"]) for a in json.loads((out / rt.REPORT_NAME).read_text())["plan"]["appended"]
+            (a["token"], a["source_id"], a["id"]) for a in json.loads((out / REPORT_NAME).read_text())["plan"]["appended"]
         )
     }
     assert ids[0] == appended["<|im_start|>"] and appended["<|im_end|>"] in ids

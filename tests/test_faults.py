@@ -22,6 +22,11 @@ import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
+from merge_tools.common.mergekit_config import ModelRef
+from merge_tools.remap.alignment import aligned_name
+from merge_tools.remap.alignment_dir import ALIGNMENT_MANIFEST
+from merge_tools.remap.config_outputs import REPORT_NAME
+from merge_tools.remap.output_dir import OWNER_FILE, process_started
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -86,10 +91,10 @@ def wait_until_loaded(pid: int, library: str, timeout: float = 60) -> None:
 
 
 def assert_complete(out: Path) -> None:
-    report = json.loads((out / rt.REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
     assert report["self_check"]["ok"]
     files = {p.name for p in out.iterdir()}
-    assert set(report["files"]) | {rt.REPORT_NAME} == files
+    assert set(report["files"]) | {REPORT_NAME} == files
 
 
 # ---------------------------------------------------------------- names of aligned outputs
@@ -115,10 +120,10 @@ def assert_complete(out: Path) -> None:
 )
 def test_aligned_names_are_one_plain_component(path: str) -> None:
     taken: set[str] = set()
-    name = rt.aligned_name(rt.ModelRef(path), taken)
+    name = aligned_name(ModelRef(path), taken)
     assert name not in ("", ".", "..") and "/" not in name and not name.startswith(".") and len(name.encode()) <= 120
-    assert rt.aligned_name(rt.ModelRef(path), taken) != name  # unique
-    assert rt.aligned_name(rt.ModelRef(path.upper()), {n.upper() for n in taken}) not in {n.upper() for n in taken}
+    assert aligned_name(ModelRef(path), taken) != name  # unique
+    assert aligned_name(ModelRef(path.upper()), {n.upper() for n in taken}) not in {n.upper() for n in taken}
 
 
 def test_model_paths_ending_in_dot_dot_or_dot_stay_inside_aligned(tmp_path: Path, models: dict[str, Path], capsys) -> None:
@@ -126,7 +131,7 @@ def test_model_paths_ending_in_dot_dot_or_dot_stay_inside_aligned(tmp_path: Path
     aligned = work / "aligned"
     previous = aligned / "previous"
     previous.mkdir(parents=True)
-    (previous / rt.REPORT_NAME).write_text("{}")  # an earlier output of this tool: replaceable
+    (previous / REPORT_NAME).write_text("{}")  # an earlier output of this tool: replaceable
     (work / "precious.txt").write_text("the parent of ALIGNED must not change")
     before = listing_digest(work)
     config = tmp_path / "merge.yaml"
@@ -150,7 +155,7 @@ def test_model_paths_ending_in_dot_dot_or_dot_stay_inside_aligned(tmp_path: Path
         k: v for k, v in before.items() if not k.startswith("aligned/")
     }
     assert after["aligned/previous/remap_report.json"] == before["aligned/previous/remap_report.json"]
-    assert sorted(p.name for p in aligned.iterdir()) == [rt.ALIGNMENT_MANIFEST, "chat", "merge.yaml", "previous"]
+    assert sorted(p.name for p in aligned.iterdir()) == [ALIGNMENT_MANIFEST, "chat", "merge.yaml", "previous"]
     assert_complete(aligned / "chat")
 
 
@@ -185,11 +190,11 @@ def test_overwrite_swaps_atomically(tmp_path: Path, models: dict[str, Path], cap
     out = tmp_path / "out"
     assert run_remap(capsys, models, out)[0] == 0
     exchanged = []
-    real = rt.rename_atomic
+    real = rt.rename_atomic  # the flat script's: the one patched below and run by rt.main
     # a spy, not a fake: the real renameat2 runs; it only records which flag the publish used
     monkeypatch.setattr(rt, "rename_atomic", lambda a, b, *, exchange: exchanged.append(exchange) or real(a, b, exchange=exchange))
     assert run_remap(capsys, models, out, "--overwrite", "--init", "zero")[0] == 0
-    assert exchanged == [True] and json.loads((out / rt.REPORT_NAME).read_text())["options"]["init"] == "zero"
+    assert exchanged == [True] and json.loads((out / REPORT_NAME).read_text())["options"]["init"] == "zero"
     assert beside(out) == []
 
 
@@ -233,17 +238,17 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path: Path, mod
     stale.mkdir()
     (stale / "model-00001-of-00009.safetensors").write_bytes(b"partial")
     ours = {"tool": "remap_tokenizer.py", "out_dir": str(out)}
-    (stale / rt.OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "started": "1", **ours}))
+    (stale / OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "started": "1", **ours}))
     unmarked = tmp_path / ".out.tmp-dead02"  # no owner file of this tool: maybe the user's own, never deleted
     unmarked.mkdir()
     (unmarked / "notes.txt").write_text("mine")
     alive = tmp_path / ".out.tmp-live01"  # a live process (on a file system where flock does not reach it): kept
     alive.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (alive / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": rt.process_started(sleeper.pid), **ours}))
+    (alive / OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": process_started(sleeper.pid), **ours}))
     reused_pid = tmp_path / ".out.tmp-dead04"  # its pid now belongs to another process
     reused_pid.mkdir()
-    (reused_pid / rt.OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": "0", **ours}))
+    (reused_pid / OWNER_FILE).write_text(json.dumps({"pid": sleeper.pid, "started": "0", **ours}))
     other = tmp_path / ".other.tmp-dead03"  # another output's: not touched
     other.mkdir()
     try:

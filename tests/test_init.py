@@ -13,6 +13,8 @@ from tokenizers import Tokenizer
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS, SP_SPECIALS, report_of, tensors
+from merge_tools.common.spellings import token_bytes
+from merge_tools.remap.tokenizers_in import model_only_tokenizer, read_tokenizer
 
 remap = functools.partial(factories.call_main, rt.main)
 
@@ -135,8 +137,8 @@ def test_byte_level_source_onto_sentencepiece_base_decomposes_by_bytes(tmp_path:
     fvt = [i for i in report["plan"]["initialised"] if i["rule"] == "fvt"]
     assert any(len(i["from"]) >= 2 for i in fvt)
     for item in fvt:  # every decomposition spells exactly the base token's bytes
-        spelled = b"".join(rt.token_bytes(t, "byte_level", False) for t in item["from"])
-        assert spelled == rt.token_bytes(item["token"], "metaspace", True), item
+        spelled = b"".join(token_bytes(t, "byte_level", False) for t in item["from"])
+        assert spelled == token_bytes(item["token"], "metaspace", True), item
     # the role rows: base <s>/</s> take the source's bos/eos rows
     assert by_token["<s>"]["rule"] == "role:bos" and by_token["</s>"]["rule"] == "role:eos"
 
@@ -146,10 +148,10 @@ def test_byte_level_source_onto_sentencepiece_base_decomposes_by_bytes(tmp_path:
     [("▁the", "metaspace", False), ("Ġthe", "byte_level", False), ("<0x20>", "metaspace", True)],
 )
 def test_conventions_resolve_to_the_same_bytes(token: str, convention: str, fallback: bool) -> None:
-    data = rt.token_bytes(token, convention, fallback)
+    data = token_bytes(token, convention, fallback)
     assert data in (b" the", b" ")
     if token == "<0x20>":
-        assert data + rt.token_bytes("the", "metaspace", True) == b" the"
+        assert data + token_bytes("the", "metaspace", True) == b" the"
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "byte-level, ignore_merges", "SentencePiece-style"])
@@ -162,7 +164,7 @@ def test_fvt_model_built_for_the_texts_encodes_them_as_the_whole_model_does(tmp_
         "byte-level, ignore_merges": lambda: factories.byte_level_bpe(ignore_merges=True),
         "SentencePiece-style": lambda: factories.metaspace_bpe(),
     }[kind]()
-    src = rt.read_tokenizer(factories.write_tokenizer(tmp_path / "src", tokenizer_json))
+    src = read_tokenizer(factories.write_tokenizer(tmp_path / "src", tokenizer_json))
     whole = Tokenizer.from_str(src.text)
     whole.normalizer, whole.pre_tokenizer, whole.post_processor = None, None, None
     vocab = sorted(tokenizer_json["model"]["vocab"])
@@ -176,7 +178,7 @@ def test_fvt_model_built_for_the_texts_encodes_them_as_the_whole_model_does(tmp_
     @given(texts)
     @settings(max_examples=100, deadline=None)
     def same_ids(batch: list[str]) -> None:
-        pruned = rt.model_only_tokenizer(src, batch)
+        pruned = model_only_tokenizer(src, batch)
         if not any(added["content"] in text for added in tokenizer_json["added_tokens"] for text in batch):
             assert pruned.get_vocab_size() < len(vocab)
         assert [e.ids for e in pruned.encode_batch(batch, add_special_tokens=False)] == [

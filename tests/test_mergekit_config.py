@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
+from merge_tools.common.mergekit_config import MERGEKIT_DTYPES, MERGEKIT_METHODS, installed_mergekit_methods, mergekit_config_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def problems(config: dict) -> list[str]:
-    return ct.mergekit_config_problems(config, ct.MERGEKIT_METHODS)
+    return mergekit_config_problems(config, MERGEKIT_METHODS)
 
 
 def weighted(*models: str, weight: float = 0.5) -> list[dict]:
@@ -96,8 +96,8 @@ def test_the_alignment_refuses_what_mergekit_would(tmp_path: Path, byte_tok: dic
 @pytest.mark.e2e
 def test_the_table_is_the_installed_mergekit() -> None:
     pytest.importorskip("mergekit")
-    assert rt.installed_mergekit_methods() == rt.MERGEKIT_METHODS
+    assert installed_mergekit_methods() == MERGEKIT_METHODS
     import torch
     from mergekit.common import dtype_from_name
 
-    assert all(isinstance(dtype_from_name(name), torch.dtype) for name in rt.MERGEKIT_DTYPES)
+    assert all(isinstance(dtype_from_name(name), torch.dtype) for name in MERGEKIT_DTYPES)

@@ -21,6 +21,23 @@ from safetensors.torch import load_file
 
 import compare_tokenizers as ct
 import remap_tokenizer as rt
+from merge_tools.common.errors import CliError
+from merge_tools.common.safetensors_files import DTYPE_SIZES, check_safetensors_header, read_safetensors_header
+from merge_tools.common.sources import file_in_model_dir, select_weight_files
+from merge_tools.common.spellings import token_bytes
+from merge_tools.common.tokenizer_files import detect_convention
+from merge_tools.common.tokenizer_merge import round_up
+from merge_tools.remap import shard_writer
+from merge_tools.remap.checkpoints import TensorEntry
+from merge_tools.remap.config_outputs import output_role_ids, patch_config
+from merge_tools.remap.matching import Matches, effective_match_mode, match_tokens
+from merge_tools.remap.plan import FVT_ROW, INIT_METHODS, MEAN_ROW, ZERO_ROW, RemapPlan, plan_remap
+from merge_tools.remap.progress import NoProgress
+from merge_tools.remap.row_math import FLOAT_DTYPES, build_rows, decode_rows, encode_rows, nonfinite_rows
+from merge_tools.remap.shard_writer import ShardWriter, WriterState, direct_io, write_all
+from merge_tools.remap.shards import parse_size, plan_shards
+from merge_tools.remap.tokenizer_outputs import patch_tokenizer_json
+from merge_tools.remap.tokenizers_in import VocabSpec, spell_bytes, utf8_pieces
 
 UNIVERSE = [f"t{i}" for i in range(40)] + ["<s>", "</s>", "<unk>", "<|im_start|>"]
 ADDED = {"<s>", "</s>", "<unk>", "<|im_start|>"}
@@ -28,14 +45,14 @@ FLAGS = {"special": True, "normalized": False, "lstrip": False, "rstrip": False,
 
 
 @st.composite
-def vocab_specs(draw: st.DrawFn, min_size: int = 1) -> rt.VocabSpec:
+def vocab_specs(draw: st.DrawFn, min_size: int = 1) -> VocabSpec:
     tokens = draw(st.lists(st.sampled_from(UNIVERSE), min_size=min_size, max_size=len(UNIVERSE), unique=True))
     ids = draw(st.permutations(range(len(tokens))))
     vocab = dict(zip(tokens, ids))
     roles = {
         role: (token if token in vocab else None) for role, token in (("bos", "<s>"), ("eos", "</s>"), ("pad", None), ("unk", "<unk>"))
     }
-    return rt.VocabSpec(vocab, {t: FLAGS for t in tokens if t in ADDED}, roles)
+    return VocabSpec(vocab, {t: FLAGS for t in tokens if t in ADDED}, roles)
 
 
 @given(
@@ -43,7 +60,7 @@ def vocab_specs(draw: st.DrawFn, min_size: int = 1) -> rt.VocabSpec:
     src=vocab_specs(),
     extra_rows=st.integers(-5, 8),
     drop=st.booleans(),
-    init=st.sampled_from(rt.INIT_METHODS),
+    init=st.sampled_from(INIT_METHODS),
     base_config_extra=st.one_of(st.none(), st.integers(-3, 10)),
     pad=st.one_of(st.none(), st.integers(1, 16)),
 )
@@ -51,9 +68,9 @@ def vocab_specs(draw: st.DrawFn, min_size: int = 1) -> rt.VocabSpec:
 def test_plan_invariants(base, src, extra_rows, drop, init, base_config_extra, pad) -> None:
     src_rows = max(0, len(src) + extra_rows)
     base_config = None if base_config_extra is None else len(base) + base_config_extra
-    matches = rt.match_tokens(base, src, "exact")
+    matches = match_tokens(base, src, "exact")
     decompositions = {t: (src.vocab[t],) for t in base.vocab if t in src.vocab}
-    plan = rt.plan_remap(
+    plan = plan_remap(
         base,
         src,
         src_rows=src_rows,
@@ -84,17 +101,17 @@ def test_plan_invariants(base, src, extra_rows, drop, init, base_config_extra, p
     assert len(copied_from) == len(set(copied_from))
     if drop:
         expected = max(len(base), base_config) if base_config is not None else len(base)
-        assert plan.n_rows == rt.round_up(expected, pad)
+        assert plan.n_rows == round_up(expected, pad)
         assert set(plan.out_vocab) == set(base.vocab)
         assert {t for t, _, _ in plan.dropped} == {t for t, i in src.vocab.items() if t not in base.vocab and i < src_rows}
     else:
         # append mode: every real source row appears exactly once
         assert set(copied_from) == real_src
-        assert plan.n_rows == rt.round_up(len(base) + len(plan.appended), pad)
+        assert plan.n_rows == round_up(len(base) + len(plan.appended), pad)
     assert {i for _, i in plan.src_ghosts} == {i for i in src.vocab.values() if i >= src_rows}
     for row, source in enumerate(plan.row_source):
-        assert source >= 0 and source < src_rows or source in (rt.MEAN_ROW, rt.ZERO_ROW, rt.FVT_ROW)
-        if source == rt.FVT_ROW:
+        assert source >= 0 and source < src_rows or source in (MEAN_ROW, ZERO_ROW, FVT_ROW)
+        if source == FVT_ROW:
             assert plan.fvt_parts[row] and all(0 <= i < src_rows for i in plan.fvt_parts[row])
     json.dumps(plan.to_dict({i: t for t, i in src.vocab.items()}))
 
@@ -104,7 +121,7 @@ def test_plan_invariants(base, src, extra_rows, drop, init, base_config_extra, p
 def test_patched_tokenizer_vocabulary_equals_the_plan(base, src) -> None:
     from tokenizers import Tokenizer
 
-    plan = rt.plan_remap(base, src, src_rows=len(src), matches=rt.match_tokens(base, src, "exact"), drop_extra=False, init="mean")
+    plan = plan_remap(base, src, src_rows=len(src), matches=match_tokens(base, src, "exact"), drop_extra=False, init="mean")
     base_json = {
         "version": "1.0",
         "added_tokens": [{"id": i, "content": t, **FLAGS} for t, i in sorted(base.vocab.items(), key=lambda x: x[1]) if t in ADDED],
@@ -114,30 +131,30 @@ def test_patched_tokenizer_vocabulary_equals_the_plan(base, src) -> None:
         "decoder": None,
         "model": {"type": "BPE", "vocab": dict(base.vocab), "merges": []},
     }
-    patched = rt.patch_tokenizer_json(base_json, plan, {t: FLAGS for t in src.added})
+    patched = patch_tokenizer_json(base_json, plan, {t: FLAGS for t in src.added})
     assert Tokenizer.from_str(json.dumps(patched)).get_vocab(with_added_tokens=True) == dict(plan.out_vocab)
 
 
-def spec(tokens: list[str], convention: str, byte_fallback: bool = False, added: tuple[str, ...] = ()) -> rt.VocabSpec:
-    return rt.VocabSpec({t: i for i, t in enumerate(tokens)}, {a: FLAGS for a in added}, {}, convention, byte_fallback)
+def spec(tokens: list[str], convention: str, byte_fallback: bool = False, added: tuple[str, ...] = ()) -> VocabSpec:
+    return VocabSpec({t: i for i, t in enumerate(tokens)}, {a: FLAGS for a in added}, {}, convention, byte_fallback)
 
 
 def test_bytes_matching_across_conventions() -> None:
     base = spec(["<s>", "Ġthe", "the", "Ċ", "Ġ"], "byte_level", added=("<s>",))
     src = spec(["<unk>", "<s>", "<0x20>", "<0x0A>", "▁the", "the", "▁"], "metaspace", byte_fallback=True, added=("<unk>", "<s>"))
-    matches = rt.match_tokens(base, src, "bytes")
+    matches = match_tokens(base, src, "bytes")
     assert matches.src_of_base == {0: 1, 1: 4, 2: 5, 3: 3, 4: 6}
     # `<0x20>` and `▁` both stand for b" ": the regular token keeps the match
     assert matches.collisions == ({"side": "source", "bytes": " ", "kept": "▁", "kept_id": 6, "dropped": "<0x20>", "dropped_id": 2},)
-    assert rt.match_tokens(base, src, "exact").src_of_base == {0: 1, 2: 5}
-    assert rt.effective_match_mode("auto", base, src) == "bytes"
-    assert rt.effective_match_mode("auto", base, base) == "exact"
+    assert match_tokens(base, src, "exact").src_of_base == {0: 1, 2: 5}
+    assert effective_match_mode("auto", base, src) == "bytes"
+    assert effective_match_mode("auto", base, base) == "exact"
 
 
 def test_collision_losers_are_not_appended() -> None:
     base = spec(["a"], "byte_level")
     src = spec(["<0x20>", "▁", "a"], "metaspace", byte_fallback=True)
-    plan = rt.plan_remap(base, src, src_rows=3, matches=rt.match_tokens(base, src, "bytes"), drop_extra=False, init="mean")
+    plan = plan_remap(base, src, src_rows=3, matches=match_tokens(base, src, "bytes"), drop_extra=False, init="mean")
     assert [(t, s) for t, s, _ in plan.appended] == [("Ġ", 1)]
     assert plan.dropped == (("<0x20>", 0, "same bytes as the token the source tokenizer produces for them"),)
 
@@ -153,20 +170,20 @@ def test_collision_losers_are_not_appended() -> None:
     ],
 )
 def test_spell_bytes(data: bytes, convention: str, fallback: bool, expected: str | None) -> None:
-    assert rt.spell_bytes(data, convention, fallback) == expected
+    assert spell_bytes(data, convention, fallback) == expected
 
 
 @given(st.binary(max_size=12))
 def test_spelling_round_trips_through_token_bytes(data: bytes) -> None:
     for convention, fallback in (("byte_level", False), ("metaspace", True), ("plain", False), ("wordpiece", False)):
-        spelled = rt.spell_bytes(data, convention, fallback)
+        spelled = spell_bytes(data, convention, fallback)
         if spelled is not None:
-            assert rt.token_bytes(spelled, convention, fallback) == data
+            assert token_bytes(spelled, convention, fallback) == data
 
 
 @given(st.binary(max_size=16))
 def test_utf8_pieces_cover_the_bytes(data: bytes) -> None:
-    rebuilt = b"".join(text.encode() if text is not None else bytes([byte]) for text, byte in rt.utf8_pieces(data))
+    rebuilt = b"".join(text.encode() if text is not None else bytes([byte]) for text, byte in utf8_pieces(data))
     assert rebuilt == data
 
 
@@ -178,19 +195,19 @@ def test_utf8_pieces_cover_the_bytes(data: bytes) -> None:
     [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("1234", 1234), ("30kb", 30_000)],
 )
 def test_parse_size(text: str, value: int) -> None:
-    assert rt.parse_size(text) == value
+    assert parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "five", "5XB", "-1GB", "0", "5 G B"])
 def test_parse_size_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
-        rt.parse_size(text)
+        parse_size(text)
 
 
 @given(st.lists(st.integers(0, 100), max_size=30), st.integers(1, 150))
 def test_plan_shards(sizes: list[int], limit: int) -> None:
-    entries = [rt.TensorEntry(f"t{i}", "U8", (n,), n) for i, n in enumerate(sizes)]
-    plan = rt.plan_shards(entries, limit)
+    entries = [TensorEntry(f"t{i}", "U8", (n,), n) for i, n in enumerate(sizes)]
+    plan = plan_shards(entries, limit)
     assert [e for shard in plan.tensors for e in shard] == entries
     assert len(plan.files) == len(plan.tensors) == (len(set(plan.files)))
     for shard in plan.tensors:
@@ -226,7 +243,7 @@ def tensor_sets(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     for name in names:
         dtype = draw(st.sampled_from(sorted(TORCH_DTYPES)))
         shape = draw(st.lists(st.integers(0, 5), max_size=3))
-        raw = draw(st.binary(min_size=int(np.prod(shape)) * rt.DTYPE_SIZES[dtype], max_size=int(np.prod(shape)) * rt.DTYPE_SIZES[dtype]))
+        raw = draw(st.binary(min_size=int(np.prod(shape)) * DTYPE_SIZES[dtype], max_size=int(np.prod(shape)) * DTYPE_SIZES[dtype]))
         result[name] = (
             torch.frombuffer(bytearray(raw) or bytearray(1), dtype=torch.uint8)[: len(raw)].view(TORCH_DTYPES[dtype]).reshape(shape)
         )
@@ -243,7 +260,7 @@ def test_streamed_safetensors_round_trip_through_the_library(
     directory = tmp_path_factory.mktemp("st")
     direct = direct and supports_direct_io(directory)
     entries = [
-        rt.TensorEntry(name, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape), t.numel() * t.element_size())
+        TensorEntry(name, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors.items()
     ]
     # half the tensors are copied from a file, half go through write()
@@ -254,8 +271,11 @@ def test_streamed_safetensors_round_trip_through_the_library(
     for name, blob in blobs.items():
         offsets[name], position = position, position + len(blob)
     path = directory / "x.safetensors"
-    with mock.patch.object(rt, "COPY_CHUNK_BYTES", chunk), mock.patch.object(rt, "direct_io", lambda fd: direct and DIRECT_IO(fd)):
-        writer = rt.ShardWriter(path, entries, rt.NoProgress())
+    with (
+        mock.patch.object(shard_writer, "COPY_CHUNK_BYTES", chunk),
+        mock.patch.object(shard_writer, "direct_io", lambda fd: direct and DIRECT_IO(fd)),
+    ):
+        writer = ShardWriter(path, entries, NoProgress())
         for i, entry in enumerate(entries):
             if i % 2:
                 writer.copy_range(source, offsets[entry.name], entry.nbytes)
@@ -271,11 +291,11 @@ def test_streamed_safetensors_round_trip_through_the_library(
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
         assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
-    header, _ = rt.read_safetensors_header(path)
+    header, _ = read_safetensors_header(path)
     assert set(header) == set(tensors)
 
 
-DIRECT_IO = rt.direct_io
+DIRECT_IO = direct_io
 
 
 def supports_direct_io(directory: Path) -> bool:
@@ -287,7 +307,7 @@ def supports_direct_io(directory: Path) -> bool:
 
 def test_writer_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_path: Path, monkeypatch) -> None:
     # Some file systems take the O_DIRECT flag and then refuse the writes (EINVAL).
-    real, refused = rt.write_all, []
+    real, refused = write_all, []
 
     def picky(fd: int, data: memoryview, offset: int) -> None:
         if os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL):
@@ -298,11 +318,11 @@ def test_writer_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_
 
     if not supports_direct_io(tmp_path):
         pytest.skip(f"{tmp_path}: the file system has no O_DIRECT")
-    monkeypatch.setattr(rt, "write_all", picky)
-    monkeypatch.setattr(rt, "COPY_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(shard_writer, "write_all", picky)  # the module ShardWriter reads them from
+    monkeypatch.setattr(shard_writer, "COPY_CHUNK_BYTES", 4096)
     payload = bytes(range(256)) * 40
-    entry = rt.TensorEntry("t", "U8", (len(payload),), len(payload))
-    writer = rt.ShardWriter(tmp_path / "x.safetensors", [entry], rt.NoProgress())
+    entry = TensorEntry("t", "U8", (len(payload),), len(payload))
+    writer = ShardWriter(tmp_path / "x.safetensors", [entry], NoProgress())
     assert writer.direct
     writer.write(payload)
     writer.finish()
@@ -314,15 +334,15 @@ def test_writer_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_
 
 def test_header_validation_rejects_overlaps_and_truncation() -> None:
     good = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]}}
-    assert rt.check_safetensors_header(good, 12, "x") == good
-    with pytest.raises(rt.CliError, match="overlaps"):
-        rt.check_safetensors_header({**good, "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}, 12, "x")
-    with pytest.raises(rt.CliError, match="truncated"):
-        rt.check_safetensors_header(good, 10, "x")
-    with pytest.raises(rt.CliError, match="extra bytes"):
-        rt.check_safetensors_header(good, 16, "x")
-    with pytest.raises(rt.CliError, match="takes 8 bytes"):
-        rt.check_safetensors_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 6]}}, 6, "x")
+    assert check_safetensors_header(good, 12, "x") == good
+    with pytest.raises(CliError, match="overlaps"):
+        check_safetensors_header({**good, "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}, 12, "x")
+    with pytest.raises(CliError, match="truncated"):
+        check_safetensors_header(good, 10, "x")
+    with pytest.raises(CliError, match="extra bytes"):
+        check_safetensors_header(good, 16, "x")
+    with pytest.raises(CliError, match="takes 8 bytes"):
+        check_safetensors_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 6]}}, 6, "x")
     for bad, message in (
         ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}, "unknown dtype 'Q4'"),
         ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
@@ -333,8 +353,8 @@ def test_header_validation_rejects_overlaps_and_truncation() -> None:
         ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "invalid data_offsets"),
         ("F32", "not an object"),
     ):
-        with pytest.raises(rt.CliError, match=message):
-            rt.check_safetensors_header({"a": bad}, 8, "x")
+        with pytest.raises(CliError, match=message):
+            check_safetensors_header({"a": bad}, 8, "x")
 
 
 HEADER_ENTRY = st.fixed_dictionaries(
@@ -363,13 +383,13 @@ def test_header_checks_accept_exactly_what_the_safetensors_library_opens(tmp_pat
     except Exception:  # the library refuses the file
         library = None
     try:
-        ours = sorted(rt.read_safetensors_header(path)[0])
-    except rt.CliError:
+        ours = sorted(read_safetensors_header(path)[0])
+    except CliError:
         ours = None
     assert ours == library, (header, data_size)
     try:
-        compared = sorted(ct.read_safetensors_header(path)[0])
-    except ct.CliError:
+        compared = sorted(read_safetensors_header(path)[0])
+    except CliError:
         compared = None
     assert compared == ours
 
@@ -380,32 +400,32 @@ def test_header_checks_accept_exactly_what_the_safetensors_library_opens(tmp_pat
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=64))
 def test_bf16_rounding_matches_torch(values: list[float]) -> None:
     array = np.array(values, dtype=np.float32)[None, :]
-    ours = rt.encode_rows(array, "BF16").view(np.uint16)
+    ours = encode_rows(array, "BF16").view(np.uint16)
     theirs = torch.from_numpy(array).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     finite = np.isfinite(array)
     assert np.array_equal(ours[finite], theirs[finite])
-    assert np.array_equal(np.isnan(rt.decode_rows(rt.encode_rows(array, "BF16"), "BF16")), np.isnan(array))
+    assert np.array_equal(np.isnan(decode_rows(encode_rows(array, "BF16"), "BF16")), np.isnan(array))
 
 
-@pytest.mark.parametrize("dtype", rt.FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_nonfinite_rows_and_codecs(dtype: str) -> None:
     values = np.array([[1.0, 2.0], [np.nan, 0.0], [0.0, -np.inf], [3.5, -1.25]], dtype=np.float64)
-    raw = rt.encode_rows(values, dtype)
-    assert rt.nonfinite_rows(raw, dtype).tolist() == [False, True, True, False]
-    decoded = rt.decode_rows(raw, dtype)
+    raw = encode_rows(values, dtype)
+    assert nonfinite_rows(raw, dtype).tolist() == [False, True, True, False]
+    decoded = decode_rows(raw, dtype)
     assert decoded[0].tolist() == [1.0, 2.0] and decoded[3].tolist() == [3.5, -1.25]
 
 
 def test_build_rows_fvt_mean_zero_and_nan_exclusion() -> None:
     src_values = np.array([[1.0, 2.0], [3.0, 6.0], [np.nan, 1.0], [10.0, 10.0]], dtype=np.float32)
-    src = rt.encode_rows(src_values, "F32")
-    plan = rt.RemapPlan(
+    src = encode_rows(src_values, "F32")
+    plan = RemapPlan(
         mode="drop",
         init="fvt",
         n_rows=5,
         n_base=5,
         src_rows=4,
-        row_source=(1, rt.FVT_ROW, rt.FVT_ROW, rt.ZERO_ROW, rt.MEAN_ROW),
+        row_source=(1, FVT_ROW, FVT_ROW, ZERO_ROW, MEAN_ROW),
         row_rule=("moved", "fvt", "fvt", "zero", "padding"),
         fvt_parts={1: (0, 1), 2: (2,)},
         out_vocab={},
@@ -413,21 +433,21 @@ def test_build_rows_fvt_mean_zero_and_nan_exclusion() -> None:
         dropped=(),
         src_ghosts=(),
         src_padding_rows=0,
-        matches=rt.Matches("exact", {}),
+        matches=Matches("exact", {}),
     )
-    finite = ~rt.nonfinite_rows(src, "F32")
-    mean = rt.encode_rows(np.array([[14 / 3, 6.0]]), "F32")[0]
-    rows = rt.decode_rows(rt.build_rows(src, "F32", plan, 0, 5, lambda: mean, finite), "F32")
+    finite = ~nonfinite_rows(src, "F32")
+    mean = encode_rows(np.array([[14 / 3, 6.0]]), "F32")[0]
+    rows = decode_rows(build_rows(src, "F32", plan, 0, 5, lambda: mean, finite), "F32")
     assert rows[0].tolist() == [3.0, 6.0]
     assert rows[1].tolist() == [2.0, 4.0]  # mean of rows 0 and 1
-    assert rows[2].tolist() == rt.decode_rows(mean[None, :], "F32")[0].tolist()  # only part is NaN: the mean row
+    assert rows[2].tolist() == decode_rows(mean[None, :], "F32")[0].tolist()  # only part is NaN: the mean row
     assert rows[3].tolist() == [0.0, 0.0]
     assert not np.isnan(rows).any()
-    assert rt.decode_rows(rt.build_rows(src, "F32", plan, 1, 3, lambda: mean, finite), "F32").tolist() == rows[1:3].tolist()
+    assert decode_rows(build_rows(src, "F32", plan, 1, 3, lambda: mean, finite), "F32").tolist() == rows[1:3].tolist()
 
 
 def test_output_role_ids_prefer_base_configs_and_add_source_eos_in_append_mode() -> None:
-    plan = rt.RemapPlan(
+    plan = RemapPlan(
         mode="append",
         init="fvt",
         n_rows=12,
@@ -441,22 +461,20 @@ def test_output_role_ids_prefer_base_configs_and_add_source_eos_in_append_mode()
         dropped=(),
         src_ghosts=(),
         src_padding_rows=0,
-        matches=rt.Matches("exact", {}),
+        matches=Matches("exact", {}),
     )
-    config_ids, generation_ids = rt.output_role_ids(
+    config_ids, generation_ids = output_role_ids(
         {"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {"eos_token_id": [1, 2]}, {}, ["<|im_end|>"], plan
     )
     assert config_ids == {"bos": 0, "eos": [1, 2], "pad": None}
     assert generation_ids["eos"] == [1, 2, 11]
     drop = plan.__class__(**{**plan.__dict__, "mode": "drop"})
-    assert (
-        rt.output_role_ids({"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {}, {}, ["<|im_end|>"], drop)[1]["eos"] == 1
-    )
+    assert output_role_ids({"bos": "<s>", "eos": "</s>", "pad": None}, {"<s>": 0, "</s>": 1}, {}, {}, ["<|im_end|>"], drop)[1]["eos"] == 1
 
 
 def test_patch_config_keeps_everything_else() -> None:
     config = {"vocab_size": 10, "eos_token_id": 5, "hidden_size": 8, "tie_word_embeddings": True}
-    assert rt.patch_config(config, 12, {"bos": 0, "eos": 1, "pad": None}) == {
+    assert patch_config(config, 12, {"bos": 0, "eos": 1, "pad": None}) == {
         "vocab_size": 12,
         "eos_token_id": 1,
         "bos_token_id": 0,
@@ -464,20 +482,20 @@ def test_patch_config_keeps_everything_else() -> None:
         "tie_word_embeddings": True,
     }
     nested = {"text_config": {"vocab_size": 10}, "model_type": "gemma3"}
-    assert rt.patch_config(nested, 12, {})["text_config"]["vocab_size"] == 12
+    assert patch_config(nested, 12, {})["text_config"]["vocab_size"] == 12
 
 
 def test_select_weight_files() -> None:
-    assert rt.select_weight_files(["model.safetensors.index.json", "model-00001-of-00002.safetensors", "consolidated.safetensors"]) == (
+    assert select_weight_files(["model.safetensors.index.json", "model-00001-of-00002.safetensors", "consolidated.safetensors"]) == (
         "safetensors",
         ["model.safetensors.index.json"],
     )
-    assert rt.select_weight_files(["model.safetensors", "consolidated.safetensors", "pytorch_model.bin"]) == (
+    assert select_weight_files(["model.safetensors", "consolidated.safetensors", "pytorch_model.bin"]) == (
         "safetensors",
         ["model.safetensors"],
     )
-    assert rt.select_weight_files(["pytorch_model.bin", "original/consolidated.00.pth"]) == ("bin", ["pytorch_model.bin"])
-    assert rt.select_weight_files(["README.md"]) == ("none", [])
+    assert select_weight_files(["pytorch_model.bin", "original/consolidated.00.pth"]) == ("bin", ["pytorch_model.bin"])
+    assert select_weight_files(["README.md"]) == ("none", [])
 
 
 @pytest.mark.parametrize("module", [rt, ct], ids=["remap", "compare"])
@@ -493,14 +511,14 @@ def test_a_plain_name_is_kept_even_when_its_symlink_leads_elsewhere(tmp_path: Pa
     elsewhere.write_bytes(b"x")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.safetensors").symlink_to(elsewhere)
-    path = rt.file_in_model_dir(tmp_path / "model", "model.safetensors", tmp_path)
+    path = file_in_model_dir(tmp_path / "model", "model.safetensors", tmp_path)
     assert path == tmp_path / "model" / "model.safetensors" and path.read_bytes() == b"x"
 
 
 def test_the_shard_writer_checks_its_state(tmp_path: Path) -> None:
-    entry = rt.TensorEntry("x", "U8", (4,), 4)
-    writer = rt.ShardWriter(tmp_path / "x.safetensors", [entry], rt.NoProgress())
-    assert writer.state is rt.WriterState.WRITING
+    entry = TensorEntry("x", "U8", (4,), 4)
+    writer = ShardWriter(tmp_path / "x.safetensors", [entry], NoProgress())
+    assert writer.state is WriterState.WRITING
     with pytest.raises(RuntimeError, match=r"sync_and_close\(\) on x.safetensors while writing, expected finished"):
         writer.sync_and_close()
     writer.write(b"abcd")
@@ -508,7 +526,7 @@ def test_the_shard_writer_checks_its_state(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"write\(\) on x.safetensors while finished"):
         writer.write(b"e")
     writer.sync_and_close()
-    assert writer.state is rt.WriterState.CLOSED and load_file(str(tmp_path / "x.safetensors"))["x"].tolist() == list(b"abcd")
+    assert writer.state is WriterState.CLOSED and load_file(str(tmp_path / "x.safetensors"))["x"].tolist() == list(b"abcd")
 
 
 def test_wordpiece_pieces_match_by_where_they_stand_in_a_word() -> None:
@@ -516,8 +534,8 @@ def test_wordpiece_pieces_match_by_where_they_stand_in_a_word() -> None:
     word-initial piece never takes a mid-word row."""
     base = spec(["[UNK]", "the", "##the", "##ing", "play"], "wordpiece", added=("[UNK]",))
     src = spec(["Ġthe", "the", "ing", "Ġplay", "play"], "byte_level")
-    assert rt.match_tokens(base, src, "bytes").src_of_base == {1: 0, 2: 1, 3: 2, 4: 3}
-    assert rt.spell_bytes(b" the", "wordpiece", False) == "the" and rt.spell_bytes(b"the", "wordpiece", False) == "##the"
+    assert match_tokens(base, src, "bytes").src_of_base == {1: 0, 2: 1, 3: 2, 4: 3}
+    assert spell_bytes(b" the", "wordpiece", False) == "the" and spell_bytes(b"the", "wordpiece", False) == "##the"
 
 
 def test_a_wordpiece_tokenizer_json_reads_as_wordpiece() -> None:
@@ -525,4 +543,4 @@ def test_a_wordpiece_tokenizer_json_reads_as_wordpiece() -> None:
 
     tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "the": 1, "##re": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    assert rt.detect_convention(json.loads(tokenizer.to_str())) == "wordpiece"
+    assert detect_convention(json.loads(tokenizer.to_str())) == "wordpiece"

@@ -16,6 +16,11 @@ import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS, SP_SPECIALS
 from merge_fixtures import tensors
+from merge_tools.common.vocab_tensors import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING_SUFFIXES
+from merge_tools.remap.checkpoints import find_vocab_tensors, read_checkpoint, vocab_tensors_from_meta
+from merge_tools.remap.config_outputs import REPORT_NAME
+from merge_tools.remap.matching import MATCH_MODES
+from merge_tools.remap.plan import INIT_METHODS
 
 remap = functools.partial(factories.call_main, rt.main)
 
@@ -34,8 +39,8 @@ def load_tokenizer(directory: Path):
 
 def vocab_tensor_names(directory: Path) -> tuple[str, str | None]:
     names = tensors(directory)
-    embed = next(n for n in names if n.endswith(rt.INPUT_EMBEDDING_SUFFIXES))
-    head = next((n for n in names if n.endswith(rt.OUTPUT_EMBEDDING_SUFFIXES)), None)
+    embed = next(n for n in names if n.endswith(INPUT_EMBEDDING_SUFFIXES))
+    head = next((n for n in names if n.endswith(OUTPUT_EMBEDDING_SUFFIXES)), None)
     return embed, head
 
 
@@ -70,8 +75,8 @@ def test_permutation_gives_exactly_the_same_logits(tmp_path: Path, byte_tok: dic
     assert compare_tokenizers.main([str(base), str(out), "--weights"]) == 0
 
 
-@pytest.mark.parametrize("init", rt.INIT_METHODS)
-@pytest.mark.parametrize("match", rt.MATCH_MODES)
+@pytest.mark.parametrize("init", INIT_METHODS)
+@pytest.mark.parametrize("match", MATCH_MODES)
 def test_permutation_is_unchanged_by_init_and_match(tmp_path: Path, byte_tok: dict, capsys, init: str, match: str) -> None:
     src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
     base = factories.write_tokenizer(tmp_path / "base", factories.permuted(byte_tok, seed=9), **BYTE_SPECIALS)
@@ -236,10 +241,10 @@ def test_architectures(tmp_path: Path, byte_tok: dict, capsys, arch: str, embed:
 @pytest.mark.parametrize("arch", ["llama", "llama_tied", "gemma", "qwen2", "gpt2", "gpt_neox", "phi"])
 def test_name_table_agrees_with_transformers_meta_model(tmp_path: Path, byte_tok: dict, arch: str) -> None:
     src = factories.write_model(tmp_path / "src", byte_tok, arch=arch, **BYTE_SPECIALS)
-    ckpt = rt.read_checkpoint(src)
+    ckpt = read_checkpoint(src)
     config = json.loads((src / "config.json").read_text())
-    by_names = rt.find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=False)
-    by_meta = rt.vocab_tensors_from_meta(src, {n: t.shape for n, t in ckpt.tensors.items()}, trust_remote_code=False)
+    by_names = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=False)
+    by_meta = vocab_tensors_from_meta(src, {n: t.shape for n, t in ckpt.tensors.items()}, trust_remote_code=False)
     assert by_meta is not None and by_meta[0] == by_names.embed
     if arch == "gpt_neox":
         # transformers 5 calls the parameter lm_head and renames `embed_out` when loading:
@@ -353,10 +358,10 @@ def test_existing_out_dir_is_refused_and_overwrite_replaces_it(tmp_path: Path, b
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out)[0] == 0  # an empty directory is fine
-    first = (out / rt.REPORT_NAME).read_text()
+    first = (out / REPORT_NAME).read_text()
     assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out, "--init", "zero")[0] == 2
     assert remap(capsys, "--src_model", src, "--base_tokenizer", src, "--out_dir", out, "--init", "zero", "--overwrite")[0] == 0
-    assert (out / rt.REPORT_NAME).read_text() != first and json.loads((out / rt.REPORT_NAME).read_text())["options"]["init"] == "zero"
+    assert (out / REPORT_NAME).read_text() != first and json.loads((out / REPORT_NAME).read_text())["options"]["init"] == "zero"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())  # as mkdir would make it
 
@@ -371,7 +376,7 @@ def test_failure_half_way_leaves_nothing(tmp_path: Path, byte_tok: dict, capsys,
     src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
     before = factories.tree_digest(src)
     calls = {"n": 0}
-    real = rt.ShardWriter.copy_range
+    real = rt.ShardWriter.copy_range  # the flat script's: the one patched below and run by rt.main
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
@@ -423,14 +428,14 @@ def test_report_lists_files_with_their_sha256(tmp_path: Path, diverged: dict, ca
 
     for name, digest in report["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
-    assert set(report["files"]) == {p.name for p in out.iterdir()} - {rt.REPORT_NAME}
+    assert set(report["files"]) == {p.name for p in out.iterdir()} - {REPORT_NAME}
     assert json.loads(extra.read_text())["files"] == report["files"]
     assert report["self_check"]["ok"] is True
 
 
 def test_self_check_failure_exits_1_and_writes_nothing(tmp_path: Path, byte_tok: dict, capsys, monkeypatch) -> None:
     src = factories.write_model(tmp_path / "src", byte_tok, **BYTE_SPECIALS)
-    real = rt.build_rows
+    real = rt.build_rows  # the flat script's: the one patched below and run by rt.main
 
     def corrupt(src_matrix, *args, **kwargs):
         rows = real(src_matrix, *args, **kwargs)

@@ -12,6 +12,7 @@ import pytest
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
+from merge_tools.remap.remap import REPORT_SCHEMA_ID
 
 remap = functools.partial(factories.call_main, rt.main)
 
@@ -52,7 +53,7 @@ def test_a_good_report_path_gets_the_report(tmp_path: Path, pair: tuple[Path, Pa
         capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", tmp_path / "out", "--report", tmp_path / "r.json"
     )
     assert code == 0, err
-    assert json.loads((tmp_path / "r.json").read_text())["schema"] == rt.REPORT_SCHEMA_ID
+    assert json.loads((tmp_path / "r.json").read_text())["schema"] == REPORT_SCHEMA_ID
 
 
 def test_a_report_inside_a_model_of_the_yaml_is_refused(tmp_path: Path, pair: tuple[Path, Path], capsys) -> None:

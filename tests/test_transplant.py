@@ -12,31 +12,34 @@ import torch
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS, SP_SPECIALS, report_of, tensors
+from merge_tools.common.spellings import token_bytes
+from merge_tools.remap.matching import match_tokens
+from merge_tools.remap.tokenizers_in import VocabSpec
 
 remap = functools.partial(factories.call_main, rt.main)
 FLAGS = {"special": False, "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
 
 
-def spec(tokens: list[str], convention: str, byte_fallback: bool = False, text_added: tuple[str, ...] = ()) -> rt.VocabSpec:
-    return rt.VocabSpec({t: i for i, t in enumerate(tokens)}, {a: FLAGS for a in text_added}, {}, convention, byte_fallback)
+def spec(tokens: list[str], convention: str, byte_fallback: bool = False, text_added: tuple[str, ...] = ()) -> VocabSpec:
+    return VocabSpec({t: i for i, t in enumerate(tokens)}, {a: FLAGS for a in text_added}, {}, convention, byte_fallback)
 
 
 def test_a_regular_token_keeps_the_match_over_a_lower_byte_fallback_token() -> None:
     # SentencePiece vocabularies list <0x00>..<0xFF> before every regular character
     src = spec(["<0x41>", "<0x0A>", "▁", "A", "\n"], "metaspace", byte_fallback=True, text_added=("\n",))
     base = spec(["A", "Ċ", "Ġ"], "byte_level")
-    matches = rt.match_tokens(base, src, "bytes")
+    matches = match_tokens(base, src, "bytes")
     assert matches.src_of_base == {0: 3, 1: 4, 2: 2}
     kept = {(c["kept_id"], c["dropped_id"]) for c in matches.collisions}
     assert kept == {(3, 0), (4, 1)}
     # what the tokenizer produces decides first: were `A` never produced, `<0x41>` would be
-    assert rt.match_tokens(base, src, "bytes", src_unreachable=frozenset({3})).src_of_base == {0: 0, 1: 4, 2: 2}
+    assert match_tokens(base, src, "bytes", src_unreachable=frozenset({3})).src_of_base == {0: 0, 1: 4, 2: 2}
 
 
 def test_unreachable_tokens_neither_give_nor_take_a_match() -> None:
     base = spec(["<0x41>", "A", "B"], "metaspace", byte_fallback=True)
     src = spec(["A", "B"], "byte_level")
-    matches = rt.match_tokens(base, src, "bytes", base_unreachable=frozenset({0, 2}))
+    matches = match_tokens(base, src, "bytes", base_unreachable=frozenset({0, 2}))
     assert matches.src_of_base == {1: 0}
 
 
@@ -102,7 +105,7 @@ def test_a_non_special_added_target_token_gets_a_decomposition(tmp_path: Path, s
     by_token = {item["token"]: item for item in report_of(out)["plan"]["initialised"]}
     assert by_token["\n\n"]["rule"] == "fvt" and by_token["\n\n"]["from"] == ["Ċ", "Ċ"]
     assert by_token["<table>"]["rule"] == "fvt"
-    assert b"".join(rt.token_bytes(t, "byte_level", False) for t in by_token["<table>"]["from"]) == b"<table>"
+    assert b"".join(token_bytes(t, "byte_level", False) for t in by_token["<table>"]["from"]) == b"<table>"
 
 
 def lm_head_inputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
 from merge_fixtures import UNION_TOKENS, build_union_models, expected_row, union_yaml
+from merge_tools.common.tokenizer_merge import ModelVocab, RowFill, plan_merged_vocab
 
 align = functools.partial(factories.call_main, rt.main)
 gate = functools.partial(factories.call_main, ct.main)
@@ -42,7 +43,7 @@ EXTRA = [f"<x{i}>" for i in range(8)]
 
 
 @st.composite
-def merges(draw: st.DrawFn) -> tuple[list[ct.ModelVocab], str]:
+def merges(draw: st.DrawFn) -> tuple[list[ModelVocab], str]:
     """2-4 models over 6 shared tokens, each adding some of EXTRA (added tokens, in its
     own order) and maybe losing its last rows (ghost tokens)."""
     count = draw(st.integers(2, 4))
@@ -52,15 +53,15 @@ def merges(draw: st.DrawFn) -> tuple[list[ct.ModelVocab], str]:
         vocab = {f"t{i}": i for i in range(6)} | {token: 6 + j for j, token in enumerate(extra)}
         rows = len(vocab) - draw(st.integers(0, min(2, len(extra))))
         flags = {"special": draw(st.booleans()), "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
-        models.append(ct.ModelVocab(f"m{index}", vocab, {token: flags for token in extra}, rows))
+        models.append(ModelVocab(f"m{index}", vocab, {token: flags for token in extra}, rows))
     return models, draw(st.sampled_from([m.name for m in models] + [None]))
 
 
 @settings(max_examples=200, deadline=None)
 @given(merges())
-def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ct.ModelVocab], str | None]) -> None:
+def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ModelVocab], str | None]) -> None:
     models, base_name = case
-    merged = ct.plan_merged_vocab(models, base_name, "union", {}, None)
+    merged = plan_merged_vocab(models, base_name, "union", {}, None)
     held = {m.name: {t for t, i in m.vocab.items() if i < m.rows} for m in models}
     # the base's tokens keep their ids; every token some model holds is in; nothing else
     assert list(merged.tokens[:6]) == [f"t{i}" for i in range(6)]
@@ -86,33 +87,33 @@ def test_the_union_plan_follows_mergekits_rules(case: tuple[list[ct.ModelVocab],
 def test_union_order_flags_and_tokens_settings() -> None:
     plain = {"special": False, "normalized": True, "lstrip": False, "rstrip": False, "single_word": False}
     special = dict(plain, special=True, normalized=False)
-    base = ct.ModelVocab("base", {"a": 0, "b": 1}, {}, 2)
-    one = ct.ModelVocab("one", {"a": 0, "b": 1, "<s1>": 2, "c": 3}, {"<s1>": special}, 4)
-    two = ct.ModelVocab("two", {"a": 0, "b": 1, "<s1>": 2, "<s2>": 3}, {"<s1>": plain, "<s2>": plain}, 4)
-    merged = ct.plan_merged_vocab([one, base, two], "base", "union", {}, 4)
+    base = ModelVocab("base", {"a": 0, "b": 1}, {}, 2)
+    one = ModelVocab("one", {"a": 0, "b": 1, "<s1>": 2, "c": 3}, {"<s1>": special}, 4)
+    two = ModelVocab("two", {"a": 0, "b": 1, "<s1>": 2, "<s2>": 3}, {"<s1>": plain, "<s2>": plain}, 4)
+    merged = plan_merged_vocab([one, base, two], "base", "union", {}, 4)
     # regular tokens of every model first, then added tokens (first flags win), padded to 4
     assert merged.tokens == ("a", "b", "c", "<s1>", "<s2>") and merged.size == 8
     assert merged.appended == {"c": plain, "<s1>": special, "<s2>": plain}
-    assert merged.fills["base"]["<s1>"] == ct.RowFill("mean", ("one", "two"))
-    assert merged.fills["two"]["c"] == ct.RowFill("holder", ("one",))
+    assert merged.fills["base"]["<s1>"] == RowFill("mean", ("one", "two"))
+    assert merged.fills["two"]["c"] == RowFill("holder", ("one",))
     tokens = {
         "<s1>": {"source": "two", "force": True},
         "<new>": {"source": {"kind": "model_token", "model": "one", "token": "c"}},
         "<s2>": {"source": {"kind": "zero"}},
     }
-    merged = ct.plan_merged_vocab([base, one, two], None, "union", tokens, None)
+    merged = plan_merged_vocab([base, one, two], None, "union", tokens, None)
     assert merged.tokens[-1] == "<new>" and merged.base == "base"
-    assert merged.fills["two"]["<s1>"] == ct.RowFill("tokens", ("two",))  # forced: even the holder takes it
-    assert merged.fills["base"]["<new>"] == ct.RowFill("tokens", ("one",), token="c")
-    assert merged.fills["one"]["<s2>"] == ct.RowFill("tokens") and merged.fills["one"]["<s2>"].describe() == "zero"
-    bad = ct.plan_merged_vocab([base, one], None, "union", {"<s1>": {"source": "base"}, "x": {"force": True}}, None)
+    assert merged.fills["two"]["<s1>"] == RowFill("tokens", ("two",))  # forced: even the holder takes it
+    assert merged.fills["base"]["<new>"] == RowFill("tokens", ("one",), token="c")
+    assert merged.fills["one"]["<s2>"] == RowFill("tokens") and merged.fills["one"]["<s2>"].describe() == "zero"
+    bad = plan_merged_vocab([base, one], None, "union", {"<s1>": {"source": "base"}, "x": {"force": True}}, None)
     assert any("its source base lacks the token" in p for p in bad.problems) and any("no source" in p for p in bad.problems)
     # a token the base holds as a regular one and another model as an added one: added at the base's id
-    promoted = ct.plan_merged_vocab([base, ct.ModelVocab("three", {"a": 0, "b": 1}, {"b": special}, 2)], "base", "union", {}, None)
+    promoted = plan_merged_vocab([base, ModelVocab("three", {"a": 0, "b": 1}, {"b": special}, 2)], "base", "union", {}, None)
     assert promoted.tokens == ("a", "b") and promoted.appended == {"b": special}
     # base / a model: that tokenizer, nothing appended
-    assert ct.plan_merged_vocab([base, one], None, "base", {}, None).tokens == ("a", "b")
-    assert ct.plan_merged_vocab([base, one], None, "one", {}, None).tokens == ("a", "b", "<s1>", "c")
+    assert plan_merged_vocab([base, one], None, "base", {}, None).tokens == ("a", "b")
+    assert plan_merged_vocab([base, one], None, "one", {}, None).tokens == ("a", "b", "<s1>", "c")
 
 
 # ---- the gate ------------------------------------------------------------------------------
@@ -418,5 +419,5 @@ def test_flags_that_differ_between_siblings_are_named(tmp_path: Path, byte_tok: 
 
 
 def test_row_fills_say_where_a_token_id_row_comes_from() -> None:
-    assert ct.RowFill("tokens", ("m",), token_id=5).describe() == "m (its row 5)"
-    assert ct.RowFill("tokens", ("m",), token="id 5").describe() == "m (its row of 'id 5')"
+    assert RowFill("tokens", ("m",), token_id=5).describe() == "m (its row 5)"
+    assert RowFill("tokens", ("m",), token="id 5").describe() == "m (its row of 'id 5')"

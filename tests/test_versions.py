@@ -18,6 +18,7 @@ import torch
 import factories
 import remap_tokenizer as rt
 from factories import BYTE_SPECIALS
+from merge_tools.remap.tokenizer_outputs import portable_tokenizer_config
 
 OTHER_PYTHON = os.environ.get("MERGE_TOOLS_OTHER_PYTHON")
 LOADER = """
@@ -94,11 +95,11 @@ def test_output_loads_in_both_transformers_versions(tmp_path: Path, byte_tok: di
 
 def test_portable_tokenizer_config() -> None:
     v5 = {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<a>", "<b>"], "bos_token": "<s>", "backend": "tokenizers"}
-    assert rt.portable_tokenizer_config(v5) == {
+    assert portable_tokenizer_config(v5) == {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "additional_special_tokens": ["<a>", "<b>"],
         "bos_token": "<s>",
         "backend": "tokenizers",
     }
     v4 = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {}, "additional_special_tokens": ["<a>"]}
-    assert rt.portable_tokenizer_config(v4) is None
+    assert portable_tokenizer_config(v4) is None
