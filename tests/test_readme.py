@@ -1,4 +1,5 @@
-"""The READMEs stay true: every flag, exit code and output file they document exists."""
+"""The READMEs and docs stay true: every flag, exit code and output file they document
+exists, every flag the tools have is documented, and the Japanese mirrors keep step."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import compare_tokenizers as ct
 import remap_tokenizer as rt
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 README_JA = (ROOT / "README.ja.md").read_text(encoding="utf-8")
+PAGES = sorted(path.name for path in (ROOT / "docs").glob("*.md"))
+DOCS = {name: (ROOT / "docs" / name).read_text(encoding="utf-8") for name in PAGES}
+DOCS_JA = {name: (ROOT / "docs" / "ja" / name).read_text(encoding="utf-8") for name in PAGES if (ROOT / "docs" / "ja" / name).is_file()}
+EVERYTHING = README + "".join(DOCS.values())
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z_-]+")
 # flags of other programs the README shows: mergekit-yaml, init_quality.py
 # mergekit-yaml, benchmarks (init_quality.py, transplant.py, bench_remap.py), ruff
@@ -35,9 +42,9 @@ def help_text(parser_module) -> str:
 
 def test_every_documented_flag_exists() -> None:
     helps = help_text(ct) + help_text(rt)
-    documented = set(FLAG.findall(README)) - OTHER_PROGRAMS - {"--help"}
+    documented = set(FLAG.findall(EVERYTHING)) - OTHER_PROGRAMS - {"--help"}
     missing = sorted(flag for flag in documented if flag not in helps)
-    assert not missing, f"README documents flags the tools lack: {missing}"
+    assert not missing, f"README or docs document flags the tools lack: {missing}"
     benchmark_help = subprocess.run(
         [sys.executable, "benchmarks/init_quality.py", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
@@ -55,7 +62,8 @@ def test_every_flag_of_the_tools_is_documented() -> None:
     for module in (ct, rt):
         for action in module.build_parser()._actions:
             spellings = [option for option in action.option_strings if option.startswith("--") and option != "--help"]
-            assert not spellings or any(option in README for option in spellings), f"{module.__name__}: {spellings} missing from README.md"
+            documented = any(option in EVERYTHING for option in spellings)
+            assert not spellings or documented, f"{module.__name__}: {spellings} missing from README.md and docs/"
             # every flag in both spellings users type; help shows kebab-case first
             if spellings and ("-" in spellings[0][2:] or "_" in spellings[0][2:]) and not spellings[0].startswith("--no-"):
                 assert (
@@ -64,22 +72,39 @@ def test_every_flag_of_the_tools_is_documented() -> None:
 
 
 def test_exit_codes_match_help() -> None:
-    compare_table = README.split("## compare_tokenizers.py")[1].split("## remap_tokenizer.py")[0]
-    remap_table = README.split("## remap_tokenizer.py")[1].split("### Which tensors")[0]
-    for table, module in ((compare_table, ct), (remap_table, rt)):
+    compare_table, remap_table = DOCS["gate.md"], DOCS["remap.md"].split("## Which tensors")[0]
+    readme_table = README.split("## The gate: compare_tokenizers.py")[1].split("## A remap")[0]
+    for table, module in ((compare_table, ct), (remap_table, rt), (readme_table, ct)):
         codes = re.findall(r"^\| (\d+) \|", table, flags=re.M)
         epilog = help_text(module).split("exit codes:")[1]
         assert codes and all(re.search(rf"^\s+{code}\s", epilog, flags=re.M) for code in codes), (module.__name__, codes)
     assert re.findall(r"^\| (\d+) \|", remap_table, flags=re.M) == ["0", "1", "2", "130", "143", "129"]
 
 
-def test_japanese_readme_keeps_step() -> None:
-    assert set(FLAG.findall(README)) == set(FLAG.findall(README_JA))
-    assert README.count("```") == README_JA.count("```")
-    headings = re.findall(r"^#+ ", README, flags=re.M)
-    assert headings == re.findall(r"^#+ ", README_JA, flags=re.M)
+@pytest.mark.parametrize("page", ["README", *PAGES])
+def test_japanese_mirrors_keep_step(page: str) -> None:
+    english, japanese = (README, README_JA) if page == "README" else (DOCS[page], DOCS_JA.get(page))
+    assert japanese is not None, f"docs/ja/{page} is missing"
+    assert set(FLAG.findall(english)) == set(FLAG.findall(japanese)), page
+    assert english.count("```") == japanese.count("```"), page
+    headings = re.findall(r"^#+ ", english, flags=re.M)
+    assert headings == re.findall(r"^#+ ", japanese, flags=re.M), page
     tables = lambda text: [line.count("|") for line in text.splitlines() if line.startswith("| ") and "---" not in line]  # noqa: E731
-    assert tables(README) == tables(README_JA)
+    assert tables(english) == tables(japanese), page
+
+
+def test_the_readmes_are_a_first_five_minutes() -> None:
+    for text in (README, README_JA):
+        assert len(text.splitlines()) <= 250
+    for name in PAGES:
+        assert f"docs/{name}" in README and f"docs/ja/{name}" in README_JA, name
+
+
+def test_links_between_the_pages_lead_somewhere() -> None:
+    for folder, pages in ((ROOT, {"README.md": README, "README.ja.md": README_JA}), (ROOT / "docs", DOCS), (ROOT / "docs" / "ja", DOCS_JA)):
+        for name, text in pages.items():
+            for target in re.findall(r"\]\((?!https?:)([^)#]+)(?:#[^)]*)?\)", text):
+                assert (folder / target).exists(), f"{name}: a link to {target}, which does not exist"
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -107,7 +132,7 @@ def test_documented_output_layout(tmp_path: Path) -> None:
         )
         == 0
     )
-    layout = README.split("### Output directory")[1].split("```")[1]
+    layout = DOCS["remap.md"].split("## Output directory")[1].split("```")[1]
     for name in (
         "model.safetensors.index.json",
         "config.json",
