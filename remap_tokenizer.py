@@ -3365,6 +3365,7 @@ class RemapOptions:
     mergekit_fills: tuple[MergekitFill, ...] = ()
     mergekit_inputs: str | None = None
     untie_head: str | None = None
+    link: bool = False  # an alignment's remap: the source's shards without a vocabulary tensor are linked, not copied
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
@@ -3386,6 +3387,7 @@ class RemapOptions:
             "mergekit_fills",
             "mergekit_inputs",
             "untie_head",
+            "link",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -3406,6 +3408,7 @@ class AlignOptions:
     donor_model: str | None = None
     omp_k: int = 64
     chat_template: str = "base"
+    copy: bool = False  # full copies of every aligned model (default: shards without a vocabulary tensor are linked)
 
 
 # ========================================================================================
@@ -3699,12 +3702,22 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """The output's shards: file names, each file's tensors in order, and the files that
+    are the source's own shards unchanged (`links`: file -> the source file), which are
+    linked, not written."""
+
     files: tuple[str, ...]
     tensors: tuple[tuple[TensorEntry, ...], ...]
+    links: Mapping[str, Path] = dataclasses.field(default_factory=dict)
 
     @property
     def total_size(self) -> int:
         return sum(entry.nbytes for shard in self.tensors for entry in shard)
+
+    @property
+    def written_size(self) -> int:
+        """The bytes of tensors the remap writes (linked shards cost none)."""
+        return sum(entry.nbytes for file, shard in zip(self.files, self.tensors) if file not in self.links for entry in shard)
 
     def weight_map(self) -> dict[str, str]:
         return {entry.name: file for file, shard in zip(self.files, self.tensors) for entry in shard}
@@ -3712,7 +3725,11 @@ class ShardPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "total_size": self.total_size,
-            "shards": [{"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s)} for f, s in zip(self.files, self.tensors)],
+            "written_size": self.written_size,
+            "shards": [
+                {"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s), **({"linked": True} if f in self.links else {})}
+                for f, s in zip(self.files, self.tensors)
+            ],
         }
 
 
@@ -3756,6 +3773,25 @@ def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> ShardPla
     if not shards[-1]:
         shards.pop()
     return ShardPlan(shard_file_names(len(shards)), tuple(tuple(s) for s in shards))
+
+
+def plan_linked_shards(ckpt: Checkpoint, entries: Sequence[TensorEntry], unchanged_rows: bool) -> ShardPlan:
+    """The source's own shards, file by file and tensor by tensor in the source's order
+    (`entries`: output_entries): a shard that holds no vocabulary tensor is linked; one that
+    does is written, with its vocabulary tensors rebuilt (`unchanged_rows`: every row stays
+    where it was, so that shard is linked too). Every tensor stays in exactly one file."""
+    by_name = {entry.name: entry for entry in entries}
+    files: dict[str, list[TensorEntry]] = {}
+    for name, tensor in ckpt.tensors.items():
+        files.setdefault(tensor.file.name if tensor.file is not None else "model.safetensors", []).append(by_name[name])
+        extra = [e for e in entries if e.source == name]  # a tied model's new lm_head: beside its embedding
+        files[next(reversed(files))].extend(extra)
+    links = {}
+    for file, shard in files.items():
+        rebuilt = [entry for entry in shard if entry.vocab_role is not None]
+        if not rebuilt or (unchanged_rows and all(entry.source is None for entry in rebuilt)):
+            links[file] = next(ckpt.tensors[entry.name].file for entry in shard if entry.name in ckpt.tensors)
+    return ShardPlan(tuple(files), tuple(tuple(shard) for shard in files.values()), links)
 
 
 def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -4075,19 +4111,22 @@ def write_shards(
     src_token_of_id: Mapping[int, str],
     show_progress: bool,
     given_rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-) -> tuple[dict[str, str], int]:
-    """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified).
+) -> tuple[dict[str, str], int, dict[str, str]]:
+    """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified,
+    {linked file: how}): the source's shards the plan links are linked (link_file).
     Shards are written side by side, one per core (reading, hashing and the numpy row
     work release the GIL), vocabulary shards first since they take longest. Each
     vocabulary tensor is read back once written and every copied row compared bit for bit
     with its source row (SelfCheckError). The first error stops every writer."""
-    jobs = ShardJobs(out, ckpt, plan, src_token_of_id, given_rows or {}, progress_bar(shard_plan.total_size, show_progress))
-    pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(shard_plan.files), MAX_WRITER_THREADS)), thread_name_prefix="shard")
+    jobs = ShardJobs(out, ckpt, plan, src_token_of_id, given_rows or {}, progress_bar(shard_plan.written_size, show_progress))
+    written = [(file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors) if file not in shard_plan.links]
+    pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(written), MAX_WRITER_THREADS)), thread_name_prefix="shard")
     try:
+        linked = {file: link_file(source, out / file) for file, source in shard_plan.links.items()}
         # a stop raised inside submit() can leave a thread started but unknown to the pool,
         # never joined, that creates a shard after the staging directory is removed
         with deferred_signals():
-            futures = {file: pool.submit(jobs.write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
+            futures = {file: pool.submit(jobs.write_shard, file, entries) for file, entries in written}
         raise_first_failure(futures.values())
         results = {file: future.result() for file, future in futures.items()}
         # fsync last, all at once: a writer thread waiting for the disk would leave its core idle
@@ -4103,7 +4142,42 @@ def write_shards(
             for writer in jobs.writers:
                 writer.close()
             jobs.progress.close()
-    return digests, sum(verified for _, verified in results.values())
+    return digests, sum(verified for _, verified in results.values()), linked
+
+
+FICLONE = 0x40049409  # Linux ioctl: share a file's extents with a new file (btrfs, xfs, bcachefs)
+
+
+def link_file(source: Path, target: Path) -> str:
+    """`target` as the same bytes as `source` without copying them, the safest way the file
+    systems allow: a reflink (the data shared copy-on-write: writing either file never
+    changes the other), else a hard link (the same file under a second name), else, across
+    file systems, a symbolic link to where the source really is (a Hub snapshot's file is a
+    link into blobs/: the blob itself is linked). Nothing here opens the source for
+    writing. Returns how: reflink, hardlink or symlink."""
+    import fcntl
+
+    real = source.resolve(strict=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with real.open("rb") as handle:
+            fcntl.ioctl(fd, FICLONE, handle.fileno())
+        return "reflink"
+    except OSError:
+        os.close(fd)
+        fd = -1
+        target.unlink()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        os.link(real, target)
+        return "hardlink"
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    os.symlink(real, target)
+    return "symlink"
 
 
 def write_vocab_tensor(
@@ -4948,6 +5022,10 @@ class ModelView:
     facts: ModelFacts | None = None  # config and tensor headers, for the merge check
     added: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # added tokens -> flags
     head_name: str | None = None  # the output embedding (None: tied, or no weights)
+    vocab_shard_bytes: int = 0  # the bytes of the shards that hold a vocabulary tensor (what a linked alignment writes)
+
+    def bytes_to_write(self, link: bool) -> int:
+        return self.vocab_shard_bytes if link else self.weight_bytes
 
     def merge_vocab(self, name: str, merged: bool = True) -> ModelVocab:
         """The model as the tokenizer merge reads it: the rows mergekit takes as held are
@@ -4967,9 +5045,12 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
         vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
         facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
         weight_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+        names = {vocab.embed, vocab.head, vocab.bias, *vocab.extra}
+        shards = {t.file for name, t in ckpt.tensors.items() if name in names}
+        vocab_shard_bytes = sum(t.nbytes for t in ckpt.tensors.values() if t.file in shards) if ckpt.kind == "safetensors" else weight_bytes
         return ModelView(
             source, revision, directory, tokenizer.spec.vocab, vocab.rows, weight_bytes, vocab.hidden, facts, tokenizer.spec.added,
-            vocab.head,
+            vocab.head, vocab_shard_bytes,
         )  # fmt: skip
     rows = config_value(config, "vocab_size")
     rows = rows if isinstance(rows, int) else len(tokenizer.spec.vocab)
@@ -5140,7 +5221,10 @@ def plan_outputs(
         plan,
     )
     token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id, base)
-    shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head), opts.max_shard_size)
+    entries = output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head)
+    unchanged = plan.n_rows == plan.src_rows and all(source == row for row, source in enumerate(plan.row_source))
+    link = opts.link and inputs.ckpt.kind == "safetensors"
+    shards = plan_linked_shards(inputs.ckpt, entries, unchanged) if link else plan_shards(entries, opts.max_shard_size)
     donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
     donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
     return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable)
@@ -5251,12 +5335,12 @@ def write_output(
         if opts.init == "mergekit"
         else {}
     )
-    check_free_space(opts.out_dir.parent, shards.total_size)
+    check_free_space(opts.out_dir.parent, shards.written_size)
     try:
         with OutputDirectory(opts.out_dir, opts.overwrite) as output:
             out = output.path
             assert out is not None
-            digests, verified = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
+            digests, verified, linked = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
             self_check(out, shards)
             report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
             write_configs(out, inputs, planned)
@@ -5267,8 +5351,10 @@ def write_output(
             if opts.chat_template == "source":
                 write_source_chat_template(inputs.src, out)
             report["copied_files"] = copy_other_files(inputs.src_dir, out)
-            listed = sorted(path for path in out.iterdir() if path.is_file() and path.name != OWNER_FILE)
+            listed = sorted(path for path in out.iterdir() if path.is_file() and path.name not in (OWNER_FILE, *linked))
             report["files"] = {path.name: digests.get(path.name) or file_digest(path) for path in listed}
+            report["linked"] = {file: {"source": str(shards.links[file].resolve()), "how": how} for file, how in linked.items()}
+            report["bytes"] = {"written": sum(p.stat().st_size for p in listed), "linked": sum((out / f).stat().st_size for f in linked)}
             write_json(out / REPORT_NAME, report)
             output.publish()
     except OSError as exc:
@@ -5372,7 +5458,7 @@ class TokenizerMerge:
             pad_to_multiple_of=self.pad_to_multiple_of, revision=entry["revision"], trust_remote_code=opts.trust_remote_code,
             show_progress=opts.show_progress, donor_model=opts.donor_model, omp_k=opts.omp_k, chat_template=opts.chat_template,
             mergekit_fills=fills if init == "mergekit" else (), untie_head=self.untied_head(key, fills) if init == "mergekit" else None,
-            mergekit_inputs=self.inputs_digest if init == "mergekit" else None,
+            mergekit_inputs=self.inputs_digest if init == "mergekit" else None, link=not opts.copy,
         )  # fmt: skip
 
 
@@ -5488,14 +5574,7 @@ def tokenizer_carriers(
     return {(local_or_hub(ref, yaml_dir), ref.revision)}
 
 
-TOKENIZER_COPIED = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+TOKENIZER_COPIED = tuple(name for name in TOKENIZER_FILES if name not in SLOW_TOKENIZER_FILES)  # what a fast tokenizer reads
 
 
 def same_tokenizer_files(directory: Path, files: Mapping[str, bytes]) -> bool:
@@ -5559,12 +5638,35 @@ def refuse_writing_inputs(opts: AlignOptions, inputs: Mapping[Path, str], plan: 
 ALIGNMENT_MANIFEST = ".merge_tools-alignment.json"  # in ALIGNED: the folders this tool wrote there
 
 
-def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan) -> None:
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """What the last alignment into `out_dir` recorded: the folders it wrote (`outputs`)
+    and the configuration mergekit validated (`validated`: validation_key)."""
+    manifest = out_dir / ALIGNMENT_MANIFEST
+    try:
+        return read_optional_json(manifest) if manifest.is_file() else {}
+    except CliError:  # a damaged manifest is as good as none: nothing is reused from it
+        return {}
+
+
+def validation_key(config_path: Path) -> str:
+    """What mergekit's own validation of a configuration depends on: the YAML's bytes and
+    the installed mergekit (and this tool's) versions; read without importing mergekit."""
+    import importlib.metadata
+
+    try:
+        mergekit = importlib.metadata.version("mergekit")
+    except importlib.metadata.PackageNotFoundError:
+        mergekit = "none"
+    return f"{hashlib.sha256(config_path.read_bytes()).hexdigest()} mergekit {mergekit} merge_tools {__version__}"
+
+
+def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan, validated: str) -> None:
     """Remove what an earlier alignment into the same folder wrote and the new merge.yaml no
     longer names (a model dropped from the YAML, the tokenizer of a former union): only
-    folders the manifest lists and that still hold this tool's output, never an input."""
+    folders the manifest lists and that still hold this tool's output, never an input. The
+    new manifest also records the configuration mergekit validated (`validated`)."""
     manifest = out_dir / ALIGNMENT_MANIFEST
-    previous = read_optional_json(manifest).get("outputs") if manifest.is_file() else []
+    previous = read_manifest(out_dir).get("outputs", [])
     current = [Path(e["output"]).name for e in plan.entries if e["status"] in ("remapped", "reused", "failed")]
     current += [MERGED_TOKENIZER_DIR] if plan.merge is not None else []
     inputs = {Path(e["source"]).resolve() for e in plan.entries}
@@ -5576,7 +5678,7 @@ def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan) -> None:
             log.info("removing %s: written by an earlier alignment, the new merge.yaml no longer uses it", stale)
             shutil.rmtree(stale, ignore_errors=True)
     staged = manifest.with_name(f"{ALIGNMENT_MANIFEST}.{os.getpid()}.tmp")
-    staged.write_text(json.dumps({"outputs": current}) + "\n", encoding="utf-8")
+    staged.write_text(json.dumps({"outputs": current, "validated": validated}) + "\n", encoding="utf-8")
     os.replace(staged, manifest)
 
 
@@ -5624,12 +5726,12 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 record_counts(entry, remap(dry))
         return summary, 0
     if plan.merge is not None:
-        check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in plan.to_remap))
+        check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
         plan = place_merged_tokenizer(plan, plan.merge.directory)
         summary["target"]["model"] = str(plan.merge.directory)
     code = run_remaps(opts, plan)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
-    remove_stale_outputs(opts.out_dir, plan)
+    remove_stale_outputs(opts.out_dir, plan, validation_key(opts.config))
     summary["merge_yaml"] = str(merge_yaml)
     summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
     failures = (
@@ -5638,6 +5740,8 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         else ["a remap failed its self-check"]
     )
     summary["gate"] = {"ok": not failures, "problems": failures}
+    remapped = [entry["bytes"] for entry in plan.entries if entry.get("status") == "remapped" and entry.get("bytes")]
+    summary["bytes"] = {key: sum(b[key] for b in remapped) for key in ("written", "linked")}
     return summary, 1 if failures else code
 
 
@@ -5679,7 +5783,10 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     and name the output of each model to remap."""
     config = read_mergekit_config(opts.config)
     references = [parse_model_reference(r) for r in mergekit_references(config, opts.config)]
-    problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
+    validated = read_manifest(opts.out_dir).get("validated") == validation_key(opts.config)  # same YAML, same mergekit
+    problems = mergekit_config_problems(config, MERGEKIT_METHODS)
+    if not validated:  # importing mergekit costs seconds: its verdict on this YAML is kept in the manifest
+        problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
     if problems:
         raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
     yaml_dir = opts.config.resolve().parent
@@ -5794,14 +5901,14 @@ def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: Mo
         src_model=entry["source"], base_tokenizer=plan.target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init,
         match=opts.match, max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=plan.target_ref.revision,
         trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
-        omp_k=opts.omp_k, chat_template=opts.chat_template,
+        omp_k=opts.omp_k, chat_template=opts.chat_template, link=not opts.copy,
     )  # fmt: skip
 
 
 def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """Remap every model that needs it (reusing a finished remap with the same options);
     0, or 1 when a remap failed its self-check."""
-    check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in plan.to_remap))
+    check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
     for entry, view in plan.to_remap:
@@ -5847,6 +5954,7 @@ def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
         copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"]
     )
     entry["init_rules"] = report["plan"]["init_rules"]
+    entry["bytes"] = report.get("bytes") or {"written": sum(s["bytes"] for s in report["shards"]["shards"]), "linked": 0}
 
 
 def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[str, Any], Path]:
@@ -5925,6 +6033,13 @@ def align_table(summary: Mapping[str, Any]) -> str:
         )
     if summary.get("tokenizer_merge"):
         lines[1:1] = tokenizer_merge_lines(summary["tokenizer_merge"])
+    written = sum(m["bytes"]["written"] for m in summary["models"] if m.get("bytes") and m["status"] == "remapped")
+    linked = sum(m["bytes"]["linked"] for m in summary["models"] if m.get("bytes") and m["status"] == "remapped")
+    if written or linked:
+        lines += [
+            "",
+            f"written {human_bytes(written)}, linked {human_bytes(linked)} (shards without a vocabulary tensor; --copy copies them)",
+        ]
     if "gate" in summary:
         lines.append("")
         lines.append(
@@ -6095,6 +6210,12 @@ def add_alignment_arguments(parser: argparse.ArgumentParser) -> None:
         help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) "
         "and write D/merge.yaml",
     )
+    alignment.add_argument(
+        *flag("--copy"),
+        action="store_true",
+        help="with --mergekit-config: write full copies of the aligned models (default: their shards without a vocabulary "
+        "tensor are linked to the sources: a reflink, a hard link, or across file systems a symbolic link)",
+    )
 
 
 def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
@@ -6114,6 +6235,8 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
     if args.mergekit_config is None:
         if args.src_model is None or args.base_tokenizer is None:
             raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
+        if args.copy:
+            raise CliError("--copy applies to --mergekit-config (a single remap always writes its output in full)")
         src_model, revision = with_revision(args.src_model, args.revision, "--revision")
         base_tokenizer, common["base_revision"] = with_revision(args.base_tokenizer, args.base_revision, "--base-revision")
         return RemapOptions(
@@ -6134,7 +6257,9 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
             raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
     if args.out_dir is None:
         raise CliError("--mergekit-config needs --out_dir ALIGNED (where the aligned models and merge.yaml go)")
-    return AlignOptions(config=args.mergekit_config, out_dir=args.out_dir, base_tokenizer=args.base_tokenizer, init=args.init, **common)
+    return AlignOptions(
+        config=args.mergekit_config, out_dir=args.out_dir, base_tokenizer=args.base_tokenizer, init=args.init, copy=args.copy, **common
+    )
 
 
 def with_revision(source: str, revision: str | None, flag_name: str) -> tuple[str, str | None]:

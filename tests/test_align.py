@@ -62,12 +62,13 @@ def test_rerun_reuses_finished_remaps(tmp_path: Path, models: dict[str, Path], c
     aligned = tmp_path / "aligned"
     assert run(capsys, "--mergekit-config", config, "--out_dir", aligned)[0] == 0
     before = factories.tree_digest(aligned / "chat")
-    stamp = (aligned / "chat" / "model.safetensors").stat().st_mtime_ns
+    written = next(name for name in factories.report_of(aligned / "chat")["files"] if name.endswith(".safetensors"))
+    stamp = (aligned / "chat" / written).stat().st_mtime_ns
     code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json")
     assert code == 0
     assert [m["status"] for m in json.loads(out)["models"]] == ["identical", "reused"]
     assert factories.tree_digest(aligned / "chat") == before
-    assert (aligned / "chat" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (aligned / "chat" / written).stat().st_mtime_ns == stamp
     # other options: the finished remap does not match, so it is redone
     code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json", "--init", "mean")
     assert code == 0 and json.loads(out)["models"][1]["status"] == "remapped"

@@ -380,3 +380,30 @@ def predicted_rows_are_mergekits(gate: dict, config: dict, merged: Path) -> None
                 weight = [m["parameters"]["weight"] for m in config["models"]]
                 expected = mergekit_linear([row(n, token, tensor, fills)[None] for n in names], weight)[0]
             assert torch.allclose(out[tensor][token_id], expected, rtol=1e-5, atol=1e-6), (tensor, token)
+
+
+@pytest.mark.parametrize("case", ["linear", "union"])
+def test_a_linked_alignment_merges_like_a_full_copy(
+    tmp_path: Path, models: dict[str, Path], union_models: dict[str, Path], case: str
+) -> None:
+    """mergekit merges the linked ALIGNED/merge.yaml to the same bytes as the --copy one;
+    the gate passes the linked models."""
+    if case == "linear":
+        config = linear_yaml(
+            tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.25), (models["padded"], 0.25)]
+        )
+    else:
+        config = union_yaml(tmp_path / "merge.yaml", union_models, ["base", "sib1", "sib2"])
+    merged = {}
+    for mode in ("linked", "copy"):
+        aligned = tmp_path / mode
+        assert rt.main(["--mergekit-config", str(config), "--out_dir", str(aligned)] + (["--copy"] if mode == "copy" else [])) == 0
+        assert ct.main(["--mergekit-config", str(aligned / "merge.yaml")]) == 0
+        result = mergekit(aligned / "merge.yaml", tmp_path / f"merged-{mode}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        merged[mode] = tensors(tmp_path / f"merged-{mode}")
+    assert merged["linked"].keys() == merged["copy"].keys()
+    for name, tensor in merged["linked"].items():
+        assert torch.equal(tensor, merged["copy"][name]), name
+    report = json.loads(next((tmp_path / "linked").glob("*/remap_report.json")).read_text())
+    assert report["linked"]

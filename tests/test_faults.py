@@ -94,7 +94,7 @@ def assert_complete(out: Path) -> None:
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["self_check"]["ok"]
     files = {p.name for p in out.iterdir()}
-    assert set(report["files"]) | {REPORT_NAME} == files
+    assert set(report["files"]) | set(report.get("linked", {})) | {REPORT_NAME} == files  # every file written or linked
 
 
 # ---------------------------------------------------------------- names of aligned outputs

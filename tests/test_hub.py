@@ -337,6 +337,11 @@ def test_mergekit_config_with_repo_ids(tmp_path: Path, hub: HubServer, hf_home: 
     )
     assert summary["gate"]["ok"] and {m["status"] for m in summary["models"]} == {"identical", "remapped"}
     ok(cli("compare_tokenizers.py", "--mergekit-config", aligned / "merge.yaml", "--weights", hub=hub, hf_home=hf_home))
+    # shards without a vocabulary tensor are linked to the blobs the Hub cache's snapshot points at
+    output = Path(next(m["output"] for m in summary["models"] if m["status"] == "remapped"))
+    linked = json.loads((output / "remap_report.json").read_text())["linked"]
+    assert linked and all("/blobs/" in entry["source"] and Path(entry["source"]).is_relative_to(hf_home) for entry in linked.values())
+    assert all(os.path.samefile(output / file, entry["source"]) for file, entry in linked.items())
 
 
 def test_local_shards_may_be_symlinks_to_another_disk(tmp_path: Path, repos: dict[str, Path], hf_home: Path) -> None:

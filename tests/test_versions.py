@@ -103,3 +103,32 @@ def test_portable_tokenizer_config() -> None:
     }
     v4 = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {}, "additional_special_tokens": ["<a>"]}
     assert portable_tokenizer_config(v4) is None
+
+
+@pytest.mark.parametrize("union", [False, True])
+def test_a_linked_aligned_model_loads_in_both_versions(tmp_path: Path, byte_tok: dict, union: bool) -> None:
+    """An alignment's output (shards linked to the source's, a tied model given an lm_head
+    for mergekit in the union case) loads here and in the other major version, with the
+    logits of a full copy of the same alignment."""
+    if OTHER_PYTHON is None:
+        if os.environ.get("MERGE_TOOLS_CI"):
+            pytest.fail("MERGE_TOOLS_OTHER_PYTHON is not set")
+        pytest.skip("set MERGE_TOOLS_OTHER_PYTHON to a Python with the other transformers major version (.ci/run does)")
+    from merge_fixtures import build_models, build_union_models, linear_yaml, union_yaml
+
+    if union:
+        models = build_union_models(tmp_path / "models", byte_tok)
+        config, name = union_yaml(tmp_path / "merge.yaml", models, ["tied", "sib1"], base="tied"), "tied"
+    else:
+        models = build_models(tmp_path / "models", byte_tok)
+        config, name = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["chat"], 0.5)]), "chat"
+    outputs = {}
+    for mode in ("linked", "copy"):
+        argv = ["--mergekit-config", str(config), "--out_dir", str(tmp_path / mode)] + (["--copy"] if mode == "copy" else [])
+        assert rt.main(argv) == 0
+        outputs[mode] = tmp_path / mode / name
+    assert factories.report_of(outputs["linked"])["linked"] and not factories.report_of(outputs["copy"])["linked"]
+    here, there = load_in(sys.executable, outputs["linked"]), load_in(OTHER_PYTHON, outputs["linked"])
+    copied = load_in(sys.executable, outputs["copy"])
+    assert here["vocab"] == there["vocab"] == copied["vocab"] and here["logits"] == copied["logits"]
+    assert torch.allclose(torch.tensor(here["logits"]), torch.tensor(there["logits"]), atol=1e-5)

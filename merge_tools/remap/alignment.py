@@ -30,13 +30,14 @@ from merge_tools.common.mergekit_config import (
 )
 from merge_tools.common.sources import looks_like_hub_id
 from merge_tools.common.strict_json import read_optional_json
-from merge_tools.remap.alignment_dir import alignment_inputs, refuse_writing_inputs, remove_stale_outputs
+from merge_tools.remap.alignment_dir import alignment_inputs, read_manifest, refuse_writing_inputs, remove_stale_outputs, validation_key
 from merge_tools.remap.config_outputs import REPORT_NAME
 from merge_tools.remap.model_views import directory_fingerprint, view_model
 from merge_tools.remap.options import RemapOptions
 from merge_tools.remap.output_dir import check_free_space
 from merge_tools.remap.remap import remap
 from merge_tools.remap.shard_streaming import SelfCheckError
+from merge_tools.remap.shards import human_bytes
 from merge_tools.remap.union import (
     MERGED_TOKENIZER_DIR,
     place_merged_tokenizer,
@@ -93,12 +94,12 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 record_counts(entry, remap(dry))
         return summary, 0
     if plan.merge is not None:
-        check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in plan.to_remap))
+        check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
         plan = place_merged_tokenizer(plan, plan.merge.directory)
         summary["target"]["model"] = str(plan.merge.directory)
     code = run_remaps(opts, plan)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
-    remove_stale_outputs(opts.out_dir, plan)
+    remove_stale_outputs(opts.out_dir, plan, validation_key(opts.config))
     summary["merge_yaml"] = str(merge_yaml)
     summary["command"] = f"mergekit-yaml {merge_yaml} OUTPUT_DIR --copy-tokenizer"
     failures = (
@@ -107,6 +108,8 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
         else ["a remap failed its self-check"]
     )
     summary["gate"] = {"ok": not failures, "problems": failures}
+    remapped = [entry["bytes"] for entry in plan.entries if entry.get("status") == "remapped" and entry.get("bytes")]
+    summary["bytes"] = {key: sum(b[key] for b in remapped) for key in ("written", "linked")}
     return summary, 1 if failures else code
 
 
@@ -148,7 +151,10 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     and name the output of each model to remap."""
     config = read_mergekit_config(opts.config)
     references = [parse_model_reference(r) for r in mergekit_references(config, opts.config)]
-    problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
+    validated = read_manifest(opts.out_dir).get("validated") == validation_key(opts.config)  # same YAML, same mergekit
+    problems = mergekit_config_problems(config, MERGEKIT_METHODS)
+    if not validated:  # importing mergekit costs seconds: its verdict on this YAML is kept in the manifest
+        problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
     if problems:
         raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
     yaml_dir = opts.config.resolve().parent
@@ -263,14 +269,14 @@ def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: Mo
         src_model=entry["source"], base_tokenizer=plan.target_source, out_dir=Path(entry["output"]), drop_extra=True, init=init,
         match=opts.match, max_shard_size=opts.max_shard_size, revision=entry["revision"], base_revision=plan.target_ref.revision,
         trust_remote_code=opts.trust_remote_code, show_progress=opts.show_progress, donor_model=opts.donor_model,
-        omp_k=opts.omp_k, chat_template=opts.chat_template,
+        omp_k=opts.omp_k, chat_template=opts.chat_template, link=not opts.copy,
     )  # fmt: skip
 
 
 def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """Remap every model that needs it (reusing a finished remap with the same options);
     0, or 1 when a remap failed its self-check."""
-    check_free_space(opts.out_dir, sum(view.weight_bytes for _, view in plan.to_remap))
+    check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     code = 0
     for entry, view in plan.to_remap:
@@ -316,6 +322,7 @@ def record_counts(entry: dict[str, Any], report: Mapping[str, Any]) -> None:
         copied=counts["copied"] + counts["moved"], initialised=counts["initialised"], dropped=counts["dropped"], init=report["plan"]["init"]
     )
     entry["init_rules"] = report["plan"]["init_rules"]
+    entry["bytes"] = report.get("bytes") or {"written": sum(s["bytes"] for s in report["shards"]["shards"]), "linked": 0}
 
 
 def write_aligned_yaml(opts: AlignOptions, plan: AlignmentPlan) -> tuple[dict[str, Any], Path]:
@@ -394,6 +401,13 @@ def align_table(summary: Mapping[str, Any]) -> str:
         )
     if summary.get("tokenizer_merge"):
         lines[1:1] = tokenizer_merge_lines(summary["tokenizer_merge"])
+    written = sum(m["bytes"]["written"] for m in summary["models"] if m.get("bytes") and m["status"] == "remapped")
+    linked = sum(m["bytes"]["linked"] for m in summary["models"] if m.get("bytes") and m["status"] == "remapped")
+    if written or linked:
+        lines += [
+            "",
+            f"written {human_bytes(written)}, linked {human_bytes(linked)} (shards without a vocabulary tensor; --copy copies them)",
+        ]
     if "gate" in summary:
         lines.append("")
         lines.append(

@@ -3,13 +3,15 @@ is removed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from merge_tools import __version__
 from merge_tools.common.errors import CliError
 from merge_tools.common.logs import log
 from merge_tools.common.sources import split_revision
@@ -66,12 +68,35 @@ def refuse_writing_inputs(opts: AlignOptions, inputs: Mapping[Path, str], plan: 
 ALIGNMENT_MANIFEST = ".merge_tools-alignment.json"  # in ALIGNED: the folders this tool wrote there
 
 
-def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan) -> None:
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """What the last alignment into `out_dir` recorded: the folders it wrote (`outputs`)
+    and the configuration mergekit validated (`validated`: validation_key)."""
+    manifest = out_dir / ALIGNMENT_MANIFEST
+    try:
+        return read_optional_json(manifest) if manifest.is_file() else {}
+    except CliError:  # a damaged manifest is as good as none: nothing is reused from it
+        return {}
+
+
+def validation_key(config_path: Path) -> str:
+    """What mergekit's own validation of a configuration depends on: the YAML's bytes and
+    the installed mergekit (and this tool's) versions; read without importing mergekit."""
+    import importlib.metadata
+
+    try:
+        mergekit = importlib.metadata.version("mergekit")
+    except importlib.metadata.PackageNotFoundError:
+        mergekit = "none"
+    return f"{hashlib.sha256(config_path.read_bytes()).hexdigest()} mergekit {mergekit} merge_tools {__version__}"
+
+
+def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan, validated: str) -> None:
     """Remove what an earlier alignment into the same folder wrote and the new merge.yaml no
     longer names (a model dropped from the YAML, the tokenizer of a former union): only
-    folders the manifest lists and that still hold this tool's output, never an input."""
+    folders the manifest lists and that still hold this tool's output, never an input. The
+    new manifest also records the configuration mergekit validated (`validated`)."""
     manifest = out_dir / ALIGNMENT_MANIFEST
-    previous = read_optional_json(manifest).get("outputs") if manifest.is_file() else []
+    previous = read_manifest(out_dir).get("outputs", [])
     current = [Path(e["output"]).name for e in plan.entries if e["status"] in ("remapped", "reused", "failed")]
     current += [MERGED_TOKENIZER_DIR] if plan.merge is not None else []
     inputs = {Path(e["source"]).resolve() for e in plan.entries}
@@ -83,5 +108,5 @@ def remove_stale_outputs(out_dir: Path, plan: AlignmentPlan) -> None:
             log.info("removing %s: written by an earlier alignment, the new merge.yaml no longer uses it", stale)
             shutil.rmtree(stale, ignore_errors=True)
     staged = manifest.with_name(f"{ALIGNMENT_MANIFEST}.{os.getpid()}.tmp")
-    staged.write_text(json.dumps({"outputs": current}) + "\n", encoding="utf-8")
+    staged.write_text(json.dumps({"outputs": current, "validated": validated}) + "\n", encoding="utf-8")
     os.replace(staged, manifest)

@@ -183,6 +183,12 @@ def add_alignment_arguments(parser: argparse.ArgumentParser) -> None:
         help="align every model of a mergekit YAML to one tokenizer (T, else the YAML's tokenizer source or base_model) "
         "and write D/merge.yaml",
     )
+    alignment.add_argument(
+        *flag("--copy"),
+        action="store_true",
+        help="with --mergekit-config: write full copies of the aligned models (default: their shards without a vocabulary "
+        "tensor are linked to the sources: a reflink, a hard link, or across file systems a symbolic link)",
+    )
 
 
 def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +208,8 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
     if args.mergekit_config is None:
         if args.src_model is None or args.base_tokenizer is None:
             raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
+        if args.copy:
+            raise CliError("--copy applies to --mergekit-config (a single remap always writes its output in full)")
         src_model, revision = with_revision(args.src_model, args.revision, "--revision")
         base_tokenizer, common["base_revision"] = with_revision(args.base_tokenizer, args.base_revision, "--base-revision")
         return RemapOptions(
@@ -222,7 +230,9 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
             raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
     if args.out_dir is None:
         raise CliError("--mergekit-config needs --out_dir ALIGNED (where the aligned models and merge.yaml go)")
-    return AlignOptions(config=args.mergekit_config, out_dir=args.out_dir, base_tokenizer=args.base_tokenizer, init=args.init, **common)
+    return AlignOptions(
+        config=args.mergekit_config, out_dir=args.out_dir, base_tokenizer=args.base_tokenizer, init=args.init, copy=args.copy, **common
+    )
 
 
 def with_revision(source: str, revision: str | None, flag_name: str) -> tuple[str, str | None]:

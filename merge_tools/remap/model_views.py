@@ -30,6 +30,10 @@ class ModelView:
     facts: ModelFacts | None = None  # config and tensor headers, for the merge check
     added: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # added tokens -> flags
     head_name: str | None = None  # the output embedding (None: tied, or no weights)
+    vocab_shard_bytes: int = 0  # the bytes of the shards that hold a vocabulary tensor (what a linked alignment writes)
+
+    def bytes_to_write(self, link: bool) -> int:
+        return self.vocab_shard_bytes if link else self.weight_bytes
 
     def merge_vocab(self, name: str, merged: bool = True) -> ModelVocab:
         """The model as the tokenizer merge reads it: the rows mergekit takes as held are
@@ -49,9 +53,12 @@ def view_model(source: str, revision: str | None, trust_remote_code: bool) -> Mo
         vocab = find_vocab_tensors(ckpt, config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
         facts = ModelFacts(config, {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()})
         weight_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+        names = {vocab.embed, vocab.head, vocab.bias, *vocab.extra}
+        shards = {t.file for name, t in ckpt.tensors.items() if name in names}
+        vocab_shard_bytes = sum(t.nbytes for t in ckpt.tensors.values() if t.file in shards) if ckpt.kind == "safetensors" else weight_bytes
         return ModelView(
             source, revision, directory, tokenizer.spec.vocab, vocab.rows, weight_bytes, vocab.hidden, facts, tokenizer.spec.added,
-            vocab.head,
+            vocab.head, vocab_shard_bytes,
         )  # fmt: skip
     rows = config_value(config, "vocab_size")
     rows = rows if isinstance(rows, int) else len(tokenizer.spec.vocab)

@@ -40,6 +40,7 @@ class RemapOptions:
     mergekit_fills: tuple[MergekitFill, ...] = ()
     mergekit_inputs: str | None = None
     untie_head: str | None = None
+    link: bool = False  # an alignment's remap: the source's shards without a vocabulary tensor are linked, not copied
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
@@ -61,6 +62,7 @@ class RemapOptions:
             "mergekit_fills",
             "mergekit_inputs",
             "untie_head",
+            "link",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -81,3 +83,4 @@ class AlignOptions:
     donor_model: str | None = None
     omp_k: int = 64
     chat_template: str = "base"
+    copy: bool = False  # full copies of every aligned model (default: shards without a vocabulary tensor are linked)

@@ -35,7 +35,7 @@ from merge_tools.remap.model_views import directory_fingerprint
 from merge_tools.remap.output_dir import OWNER_FILE, OutputDirectory, check_free_space, check_out_dir
 from merge_tools.remap.plan import plan_remap
 from merge_tools.remap.shard_streaming import self_check, write_shards
-from merge_tools.remap.shards import human_bytes, output_entries, plan_shards
+from merge_tools.remap.shards import human_bytes, output_entries, plan_linked_shards, plan_shards
 from merge_tools.remap.summary import transplant_warning
 from merge_tools.remap.tokenizer_outputs import check_chat_template, patched_tokenizer, write_source_chat_template, write_tokenizer_files
 from merge_tools.remap.tokenizers_in import (
@@ -200,7 +200,10 @@ def plan_outputs(
         plan,
     )
     token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id, base)
-    shards = plan_shards(output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head), opts.max_shard_size)
+    entries = output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head)
+    unchanged = plan.n_rows == plan.src_rows and all(source == row for row, source in enumerate(plan.row_source))
+    link = opts.link and inputs.ckpt.kind == "safetensors"
+    shards = plan_linked_shards(inputs.ckpt, entries, unchanged) if link else plan_shards(entries, opts.max_shard_size)
     donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
     donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
     return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable)
@@ -311,12 +314,12 @@ def write_output(
         if opts.init == "mergekit"
         else {}
     )
-    check_free_space(opts.out_dir.parent, shards.total_size)
+    check_free_space(opts.out_dir.parent, shards.written_size)
     try:
         with OutputDirectory(opts.out_dir, opts.overwrite) as output:
             out = output.path
             assert out is not None
-            digests, verified = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
+            digests, verified, linked = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
             self_check(out, shards)
             report["self_check"] = {"ok": True, "copied_rows_checked": verified, "tensors_checked": sum(len(t) for t in shards.tensors)}
             write_configs(out, inputs, planned)
@@ -327,8 +330,10 @@ def write_output(
             if opts.chat_template == "source":
                 write_source_chat_template(inputs.src, out)
             report["copied_files"] = copy_other_files(inputs.src_dir, out)
-            listed = sorted(path for path in out.iterdir() if path.is_file() and path.name != OWNER_FILE)
+            listed = sorted(path for path in out.iterdir() if path.is_file() and path.name not in (OWNER_FILE, *linked))
             report["files"] = {path.name: digests.get(path.name) or file_digest(path) for path in listed}
+            report["linked"] = {file: {"source": str(shards.links[file].resolve()), "how": how} for file, how in linked.items()}
+            report["bytes"] = {"written": sum(p.stat().st_size for p in listed), "linked": sum((out / f).stat().st_size for f in linked)}
             write_json(out / REPORT_NAME, report)
             output.publish()
     except OSError as exc:

@@ -3,6 +3,7 @@ and checked."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import threading
@@ -129,19 +130,22 @@ def write_shards(
     src_token_of_id: Mapping[int, str],
     show_progress: bool,
     given_rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-) -> tuple[dict[str, str], int]:
-    """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified).
+) -> tuple[dict[str, str], int, dict[str, str]]:
+    """Stream every shard into `out`; returns ({file name: sha256}, copied rows verified,
+    {linked file: how}): the source's shards the plan links are linked (link_file).
     Shards are written side by side, one per core (reading, hashing and the numpy row
     work release the GIL), vocabulary shards first since they take longest. Each
     vocabulary tensor is read back once written and every copied row compared bit for bit
     with its source row (SelfCheckError). The first error stops every writer."""
-    jobs = ShardJobs(out, ckpt, plan, src_token_of_id, given_rows or {}, progress_bar(shard_plan.total_size, show_progress))
-    pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(shard_plan.files), MAX_WRITER_THREADS)), thread_name_prefix="shard")
+    jobs = ShardJobs(out, ckpt, plan, src_token_of_id, given_rows or {}, progress_bar(shard_plan.written_size, show_progress))
+    written = [(file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors) if file not in shard_plan.links]
+    pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(written), MAX_WRITER_THREADS)), thread_name_prefix="shard")
     try:
+        linked = {file: link_file(source, out / file) for file, source in shard_plan.links.items()}
         # a stop raised inside submit() can leave a thread started but unknown to the pool,
         # never joined, that creates a shard after the staging directory is removed
         with deferred_signals():
-            futures = {file: pool.submit(jobs.write_shard, file, entries) for file, entries in zip(shard_plan.files, shard_plan.tensors)}
+            futures = {file: pool.submit(jobs.write_shard, file, entries) for file, entries in written}
         raise_first_failure(futures.values())
         results = {file: future.result() for file, future in futures.items()}
         # fsync last, all at once: a writer thread waiting for the disk would leave its core idle
@@ -157,7 +161,42 @@ def write_shards(
             for writer in jobs.writers:
                 writer.close()
             jobs.progress.close()
-    return digests, sum(verified for _, verified in results.values())
+    return digests, sum(verified for _, verified in results.values()), linked
+
+
+FICLONE = 0x40049409  # Linux ioctl: share a file's extents with a new file (btrfs, xfs, bcachefs)
+
+
+def link_file(source: Path, target: Path) -> str:
+    """`target` as the same bytes as `source` without copying them, the safest way the file
+    systems allow: a reflink (the data shared copy-on-write: writing either file never
+    changes the other), else a hard link (the same file under a second name), else, across
+    file systems, a symbolic link to where the source really is (a Hub snapshot's file is a
+    link into blobs/: the blob itself is linked). Nothing here opens the source for
+    writing. Returns how: reflink, hardlink or symlink."""
+    import fcntl
+
+    real = source.resolve(strict=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with real.open("rb") as handle:
+            fcntl.ioctl(fd, FICLONE, handle.fileno())
+        return "reflink"
+    except OSError:
+        os.close(fd)
+        fd = -1
+        target.unlink()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        os.link(real, target)
+        return "hardlink"
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    os.symlink(real, target)
+    return "symlink"
 
 
 def write_vocab_tensor(

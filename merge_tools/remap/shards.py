@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merge_tools.common.errors import CliError
@@ -21,12 +22,22 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """The output's shards: file names, each file's tensors in order, and the files that
+    are the source's own shards unchanged (`links`: file -> the source file), which are
+    linked, not written."""
+
     files: tuple[str, ...]
     tensors: tuple[tuple[TensorEntry, ...], ...]
+    links: Mapping[str, Path] = dataclasses.field(default_factory=dict)
 
     @property
     def total_size(self) -> int:
         return sum(entry.nbytes for shard in self.tensors for entry in shard)
+
+    @property
+    def written_size(self) -> int:
+        """The bytes of tensors the remap writes (linked shards cost none)."""
+        return sum(entry.nbytes for file, shard in zip(self.files, self.tensors) if file not in self.links for entry in shard)
 
     def weight_map(self) -> dict[str, str]:
         return {entry.name: file for file, shard in zip(self.files, self.tensors) for entry in shard}
@@ -34,7 +45,11 @@ class ShardPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "total_size": self.total_size,
-            "shards": [{"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s)} for f, s in zip(self.files, self.tensors)],
+            "written_size": self.written_size,
+            "shards": [
+                {"file": f, "tensors": len(s), "bytes": sum(e.nbytes for e in s), **({"linked": True} if f in self.links else {})}
+                for f, s in zip(self.files, self.tensors)
+            ],
         }
 
 
@@ -78,6 +93,25 @@ def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> ShardPla
     if not shards[-1]:
         shards.pop()
     return ShardPlan(shard_file_names(len(shards)), tuple(tuple(s) for s in shards))
+
+
+def plan_linked_shards(ckpt: Checkpoint, entries: Sequence[TensorEntry], unchanged_rows: bool) -> ShardPlan:
+    """The source's own shards, file by file and tensor by tensor in the source's order
+    (`entries`: output_entries): a shard that holds no vocabulary tensor is linked; one that
+    does is written, with its vocabulary tensors rebuilt (`unchanged_rows`: every row stays
+    where it was, so that shard is linked too). Every tensor stays in exactly one file."""
+    by_name = {entry.name: entry for entry in entries}
+    files: dict[str, list[TensorEntry]] = {}
+    for name, tensor in ckpt.tensors.items():
+        files.setdefault(tensor.file.name if tensor.file is not None else "model.safetensors", []).append(by_name[name])
+        extra = [e for e in entries if e.source == name]  # a tied model's new lm_head: beside its embedding
+        files[next(reversed(files))].extend(extra)
+    links = {}
+    for file, shard in files.items():
+        rebuilt = [entry for entry in shard if entry.vocab_role is not None]
+        if not rebuilt or (unchanged_rows and all(entry.source is None for entry in rebuilt)):
+            links[file] = next(ckpt.tensors[entry.name].file for entry in shard if entry.name in ckpt.tensors)
+    return ShardPlan(tuple(files), tuple(tuple(shard) for shard in files.values()), links)
 
 
 def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:

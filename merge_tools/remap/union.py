@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from merge_tools.common.errors import CliError
 from merge_tools.common.logs import log
 from merge_tools.common.mergekit_config import ModelRef, local_or_hub, parse_model_reference
+from merge_tools.common.sources import TOKENIZER_FILES
 from merge_tools.common.strict_json import parse_json
 from merge_tools.common.tokenizer_files import ADDED_TOKEN_FLAGS
 from merge_tools.common.tokenizer_merge import (
@@ -27,6 +28,7 @@ from merge_tools.common.tokenizer_merge import (
 )
 from merge_tools.remap.model_views import ModelView, directory_fingerprint, view_model
 from merge_tools.remap.options import RemapOptions
+from merge_tools.remap.tokenizer_outputs import SLOW_TOKENIZER_FILES
 from merge_tools.remap.tokenizers_in import read_tokenizer
 
 if TYPE_CHECKING:
@@ -106,7 +108,7 @@ class TokenizerMerge:
             pad_to_multiple_of=self.pad_to_multiple_of, revision=entry["revision"], trust_remote_code=opts.trust_remote_code,
             show_progress=opts.show_progress, donor_model=opts.donor_model, omp_k=opts.omp_k, chat_template=opts.chat_template,
             mergekit_fills=fills if init == "mergekit" else (), untie_head=self.untied_head(key, fills) if init == "mergekit" else None,
-            mergekit_inputs=self.inputs_digest if init == "mergekit" else None,
+            mergekit_inputs=self.inputs_digest if init == "mergekit" else None, link=not opts.copy,
         )  # fmt: skip
 
 
@@ -222,14 +224,7 @@ def tokenizer_carriers(
     return {(local_or_hub(ref, yaml_dir), ref.revision)}
 
 
-TOKENIZER_COPIED = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+TOKENIZER_COPIED = tuple(name for name in TOKENIZER_FILES if name not in SLOW_TOKENIZER_FILES)  # what a fast tokenizer reads
 
 
 def same_tokenizer_files(directory: Path, files: Mapping[str, bytes]) -> bool:
