@@ -199,6 +199,15 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a few-MB model, to check that the benchmark runs")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--scripts",
+        type=Path,
+        nargs="+",
+        metavar="SCRIPT",
+        help="remap with each of these versions of remap_tokenizer.py, interleaved in every round (an old version against "
+        "this one, measured in one run: figures from another day are no comparison); default: this checkout's",
+    )
+    parser.add_argument("--modes", nargs="+", default=["append", "drop"], choices=["append", "drop"])
     args = parser.parse_args()
     if args.tiny:
         args.layers, args.hidden, args.intermediate, args.vocab, args.shard_size = [1, 2], 64, 128, 2000, "300KB"
@@ -217,19 +226,12 @@ def main() -> None:
         size = write_checkpoint(src, tokenizer, layers, args.hidden, args.intermediate, parse_size(args.shard_size))
         subprocess.run(["sync"], check=True)
         out = args.workdir / "out"
-        remap = [
-            sys.executable,
-            str(ROOT / "remap_tokenizer.py"),
-            "--src_model",
-            str(src),
-            "--base_tokenizer",
-            str(base),
-            "--out_dir",
-            str(out),
-            "--max-shard-size",
-            args.shard_size,
-        ]
-        contenders = {"cp -r": ["cp", "-r", str(src), str(out)], "remap append": remap, "remap drop": [*remap, "--drop-extra"]}
+        contenders = {"cp -r": ["cp", "-r", str(src), str(out)]}
+        for script in args.scripts or [ROOT / "remap_tokenizer.py"]:
+            remap = [sys.executable, str(script), "--src_model", str(src), "--base_tokenizer", str(base), "--out_dir", str(out)]
+            label = "remap" if not args.scripts else f"{script.stem}"
+            for mode in args.modes:
+                contenders[f"{label} {mode}"] = [*remap, "--max-shard-size", args.shard_size, *(["--drop-extra"] if mode == "drop" else [])]
         if not args.skip_naive:
             contenders["naive"] = [sys.executable, str(HERE / "naive_remap.py"), str(src), str(base), str(out), args.shard_size]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
@@ -264,7 +266,7 @@ def table(results: list[dict], vocab_tensor: int) -> str:
         rows = {r["contender"]: r for r in results if r["checkpoint_gb"] == size}
         cp, naive = rows["cp -r"], rows.get("naive")
         for name, r in rows.items():
-            versus = f"{naive['wall'] / r['wall']:.1f}×, {naive['rss'] / r['rss']:.1f}×" if naive and name.startswith("remap") else ""
+            versus = f"{naive['wall'] / r['wall']:.1f}×, {naive['rss'] / r['rss']:.1f}×" if naive and name not in ("cp -r", "naive") else ""
             lines.append(
                 f"| {size:.2f} GB | {name} | {r['wall']:.2f} | {r['wall'] / cp['wall']:.2f} "
                 f"| {r['anon'] / 1e9:.2f} | {r['rss'] / 1e9:.2f} | {versus} |"

@@ -98,3 +98,10 @@ def test_bench_audit_tiny(tmp_path: Path) -> None:
     out = run("benchmarks/bench_audit.py", *argv)
     rows = [line for line in out.splitlines() if line.startswith("| 3 × ")]
     assert len(rows) == 2 and "warm page cache" in out
+
+
+def test_bench_align_tiny(tmp_path: Path) -> None:
+    out = run("benchmarks/bench_align.py", "--tiny", "--repeat", "1", "--workdir", str(tmp_path / "w"))
+    assert "| align --copy |" in out and "| align linked |" in out and "linked: wrote" in out
+    if (Path(sys.executable).with_name("mergekit-yaml")).exists():
+        assert "| mergekit union |" in out and "× mergekit's own" in out
