@@ -9,7 +9,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ from merge_tools.remap.output_dir import check_free_space
 from merge_tools.remap.remap import remap
 from merge_tools.remap.shard_streaming import SelfCheckError
 from merge_tools.remap.shards import human_bytes
+from merge_tools.remap.tokenizers_in import ForkedCall
 from merge_tools.remap.union import (
     MERGED_TOKENIZER_DIR,
     place_merged_tokenizer,
@@ -145,18 +146,33 @@ def mergekit_schema_problems(config: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def installed_mergekit_problems(config: Mapping[str, Any]) -> list[str]:
+    """What the installed mergekit refuses in the configuration: its schema, its methods."""
+    return mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
+
+
+def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> Callable[[], list[str]]:
+    """The installed mergekit's verdict on the configuration, asked for once the models are
+    read: importing mergekit costs seconds of CPU, spent meanwhile in a forked worker; and
+    none at all when the manifest says this YAML passed with this mergekit before."""
+    if read_manifest(opts.out_dir).get("validated") == validation_key(opts.config):
+        return list
+    return ForkedCall(installed_mergekit_problems, config).result
+
+
+def refuse_what_mergekit_refuses(config_path: Path, problems: Sequence[str]) -> None:
+    if problems:
+        raise CliError(f"{config_path}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
+
+
 def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     """Read the YAML, choose the target (or plan the tokenizer a tokenizer_source merge
     gets), view every model (tokenizer and headers), refuse a merge mergekit would refuse,
     and name the output of each model to remap."""
     config = read_mergekit_config(opts.config)
     references = [parse_model_reference(r) for r in mergekit_references(config, opts.config)]
-    validated = read_manifest(opts.out_dir).get("validated") == validation_key(opts.config)  # same YAML, same mergekit
-    problems = mergekit_config_problems(config, MERGEKIT_METHODS)
-    if not validated:  # importing mergekit costs seconds: its verdict on this YAML is kept in the manifest
-        problems = mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
-    if problems:
-        raise CliError(f"{opts.config}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
+    refuse_what_mergekit_refuses(opts.config, mergekit_config_problems(config, MERGEKIT_METHODS))
+    mergekit_verdict = start_mergekit_verdict(opts, config)
     yaml_dir = opts.config.resolve().parent
     refuse_mergekit_markers(opts.out_dir, [local_or_hub(ref, yaml_dir) for ref in references])
     for ref in references:
@@ -169,6 +185,7 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     for ref in references:
         unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
     views = {key: view_model(*key, opts.trust_remote_code) for key in unique}
+    refuse_what_mergekit_refuses(opts.config, mergekit_verdict())
     check_mergeable(config, views, unique, yaml_dir)
     merge = plan_tokenizer_merge(opts, config, unique, views, yaml_dir) if opts.base_tokenizer is None else None
     if merge is not None:
