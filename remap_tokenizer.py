@@ -5130,9 +5130,11 @@ class PlannedRemap:
         return {token: flags for token, flags in self.plan.src_added_flags.items() if token in {s for s, _, _ in self.plan.appended}}
 
 
-def remap(opts: RemapOptions) -> dict[str, Any]:
+def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
     """Plan and (unless dry_run) write one remapped model. Returns the report; raises
-    CliError for bad input and SelfCheckError when the written output is wrong."""
+    CliError for bad input and SelfCheckError when the written output is wrong.
+    `before_publish`: called once the output is complete, before it is published (it may
+    refuse: an alignment waits there for mergekit's verdict)."""
     started = time.monotonic()
     inputs = read_inputs(opts)
     match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
@@ -5151,7 +5153,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     if opts.dry_run:
         report["tokenizer"] = patched.result()[1] if patched is not None else {}
     else:
-        write_output(opts, inputs, planned, report, patched)
+        write_output(opts, inputs, planned, report, patched, before_publish)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
 
@@ -5335,7 +5337,12 @@ class PatchedTokenizer:
 
 
 def write_output(
-    opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap, report: dict[str, Any], patched: PatchedTokenizer | None
+    opts: RemapOptions,
+    inputs: RemapInputs,
+    planned: PlannedRemap,
+    report: dict[str, Any],
+    patched: PatchedTokenizer | None,
+    before_publish: Callable[[], None] | None = None,
 ) -> None:
     """Write D: the donor's or OMP's rows first (they may need the whole donor embedding),
     then, in a locked staging directory, the shards (streamed, verified), configs,
@@ -5370,6 +5377,8 @@ def write_output(
             report["linked"] = {file: {"source": str(shards.links[file].resolve()), "how": how} for file, how in linked.items()}
             report["bytes"] = {"written": sum(p.stat().st_size for p in listed), "linked": sum((out / f).stat().st_size for f in linked)}
             write_json(out / REPORT_NAME, report)
+            if before_publish is not None:
+                before_publish()
             output.publish()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -5713,6 +5722,12 @@ class AlignmentPlan:
     entries: list[dict[str, Any]]
     to_remap: list[tuple[dict[str, Any], ModelView]]
     merge: TokenizerMerge | None = None  # a merge with tokenizer_source: its tokenizer and rows
+    verdict: Callable[[], list[str]] = field(default=list, compare=False, repr=False)  # mergekit's problems with the YAML
+
+    def confirm(self, config_path: Path) -> None:
+        """Refuse the merge where mergekit does (its verdict, awaited): asked for before
+        anything is published (a remap, the merged tokenizer, merge.yaml)."""
+        refuse_what_mergekit_refuses(config_path, self.verdict())
 
     def summary(self, config_path: Path) -> dict[str, Any]:
         summary = {
@@ -5733,6 +5748,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     plan = plan_alignment(opts)
     summary = plan.summary(opts.config)
     if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
+        plan.confirm(opts.config)
         with tempfile.TemporaryDirectory(prefix="merge_tools-tokenizer-") as scratch:
             plan = place_merged_tokenizer(plan, Path(scratch)) if plan.merge is not None else plan
             for entry, view in plan.to_remap:
@@ -5740,10 +5756,12 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 record_counts(entry, remap(dry))
         return summary, 0
     if plan.merge is not None:
+        plan.confirm(opts.config)  # ALIGNED/tokenizer is written in place
         check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
         plan = place_merged_tokenizer(plan, plan.merge.directory)
         summary["target"]["model"] = str(plan.merge.directory)
     code = run_remaps(opts, plan)
+    plan.confirm(opts.config)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
     remove_stale_outputs(opts.out_dir, plan, validation_key(opts.config))
     summary["merge_yaml"] = str(merge_yaml)
@@ -5802,7 +5820,7 @@ def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> Cal
     none at all when the manifest says this YAML passed with this mergekit before."""
     if read_manifest(opts.out_dir).get("validated") == validation_key(opts.config):
         return list
-    return ForkedCall(installed_mergekit_problems, config).result
+    return functools.cache(ForkedCall(installed_mergekit_problems, config).result)
 
 
 def refuse_what_mergekit_refuses(config_path: Path, problems: Sequence[str]) -> None:
@@ -5830,7 +5848,6 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     for ref in references:
         unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
     views = {key: view_model(*key, opts.trust_remote_code) for key in unique}
-    refuse_what_mergekit_refuses(opts.config, mergekit_verdict())
     check_mergeable(config, views, unique, yaml_dir)
     merge = plan_tokenizer_merge(opts, config, unique, views, yaml_dir) if opts.base_tokenizer is None else None
     if merge is not None:
@@ -5858,7 +5875,7 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
             entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
         entries.append(entry)
-    plan = AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge)
+    plan = AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge, mergekit_verdict)
     refuse_writing_inputs(opts, inputs, plan)
     return plan
 
@@ -5939,7 +5956,20 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """Remap every model that needs it (reusing a finished remap with the same options);
     0, or 1 when a remap failed its self-check."""
     check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
+    created = not opts.out_dir.exists()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return remap_each(opts, plan)
+    except CliError:
+        if created:  # refused before any model was published (mergekit's verdict): the folder goes too
+            with contextlib.suppress(OSError):
+                opts.out_dir.rmdir()
+        raise
+
+
+def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
+    """run_remaps' loop: each remap publishes its model only once mergekit's verdict is in
+    (it is awaited meanwhile: the first remap's work overlaps its import)."""
     code = 0
     for entry, view in plan.to_remap:
         check_interrupt()
@@ -5954,7 +5984,7 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
                     f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir"
                 )
             try:
-                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
+                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()), before_publish=lambda: plan.confirm(opts.config))
                 entry["status"] = "remapped"
             except SelfCheckError as exc:
                 log.error("%s: self-check failed: %s", entry["model"], exc)

@@ -101,3 +101,19 @@ def test_the_table_is_the_installed_mergekit() -> None:
     from mergekit.common import dtype_from_name
 
     assert all(isinstance(dtype_from_name(name), torch.dtype) for name in MERGEKIT_DTYPES)
+
+
+@pytest.mark.e2e
+def test_what_only_mergekits_schema_refuses_is_refused_before_anything_is_published(tmp_path: Path, byte_tok: dict, capsys) -> None:
+    """mergekit's verdict comes from a forked worker while the first remap is already at
+    work: a refusal still leaves nothing behind (chat_template must be text)."""
+    pytest.importorskip("mergekit")
+    from merge_fixtures import build_models
+
+    models = build_models(tmp_path / "models", byte_tok)
+    config = tmp_path / "merge.yaml"
+    entries = [{"model": str(models[name]), "parameters": {"weight": 0.5}} for name in ("base", "chat")]
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]), "models": entries, "chat_template": 5}))
+    code, _, err = factories.call_main(rt.main, capsys, "--mergekit-config", config, "--out_dir", tmp_path / "aligned")
+    assert code == 2 and "mergekit would refuse it: chat_template: Input should be a valid string" in err, err
+    assert not (tmp_path / "aligned").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -10,7 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +70,12 @@ class AlignmentPlan:
     entries: list[dict[str, Any]]
     to_remap: list[tuple[dict[str, Any], ModelView]]
     merge: TokenizerMerge | None = None  # a merge with tokenizer_source: its tokenizer and rows
+    verdict: Callable[[], list[str]] = field(default=list, compare=False, repr=False)  # mergekit's problems with the YAML
+
+    def confirm(self, config_path: Path) -> None:
+        """Refuse the merge where mergekit does (its verdict, awaited): asked for before
+        anything is published (a remap, the merged tokenizer, merge.yaml)."""
+        refuse_what_mergekit_refuses(config_path, self.verdict())
 
     def summary(self, config_path: Path) -> dict[str, Any]:
         summary = {
@@ -88,6 +96,7 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
     plan = plan_alignment(opts)
     summary = plan.summary(opts.config)
     if opts.dry_run:  # the plans need only tokenizers and headers: problems show before any byte is written
+        plan.confirm(opts.config)
         with tempfile.TemporaryDirectory(prefix="merge_tools-tokenizer-") as scratch:
             plan = place_merged_tokenizer(plan, Path(scratch)) if plan.merge is not None else plan
             for entry, view in plan.to_remap:
@@ -95,10 +104,12 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 record_counts(entry, remap(dry))
         return summary, 0
     if plan.merge is not None:
+        plan.confirm(opts.config)  # ALIGNED/tokenizer is written in place
         check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
         plan = place_merged_tokenizer(plan, plan.merge.directory)
         summary["target"]["model"] = str(plan.merge.directory)
     code = run_remaps(opts, plan)
+    plan.confirm(opts.config)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
     remove_stale_outputs(opts.out_dir, plan, validation_key(opts.config))
     summary["merge_yaml"] = str(merge_yaml)
@@ -157,7 +168,7 @@ def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> Cal
     none at all when the manifest says this YAML passed with this mergekit before."""
     if read_manifest(opts.out_dir).get("validated") == validation_key(opts.config):
         return list
-    return ForkedCall(installed_mergekit_problems, config).result
+    return functools.cache(ForkedCall(installed_mergekit_problems, config).result)
 
 
 def refuse_what_mergekit_refuses(config_path: Path, problems: Sequence[str]) -> None:
@@ -185,7 +196,6 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
     for ref in references:
         unique.setdefault((local_or_hub(ref, yaml_dir), ref.revision), ref)
     views = {key: view_model(*key, opts.trust_remote_code) for key in unique}
-    refuse_what_mergekit_refuses(opts.config, mergekit_verdict())
     check_mergeable(config, views, unique, yaml_dir)
     merge = plan_tokenizer_merge(opts, config, unique, views, yaml_dir) if opts.base_tokenizer is None else None
     if merge is not None:
@@ -213,7 +223,7 @@ def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
             entry["output"] = str(opts.out_dir.resolve() / aligned_name(ref, taken))
             to_remap.append((entry, view))
         entries.append(entry)
-    plan = AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge)
+    plan = AlignmentPlan(config, yaml_dir, target_ref, target_source, target, entries, to_remap, merge, mergekit_verdict)
     refuse_writing_inputs(opts, inputs, plan)
     return plan
 
@@ -294,7 +304,20 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """Remap every model that needs it (reusing a finished remap with the same options);
     0, or 1 when a remap failed its self-check."""
     check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
+    created = not opts.out_dir.exists()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return remap_each(opts, plan)
+    except CliError:
+        if created:  # refused before any model was published (mergekit's verdict): the folder goes too
+            with contextlib.suppress(OSError):
+                opts.out_dir.rmdir()
+        raise
+
+
+def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
+    """run_remaps' loop: each remap publishes its model only once mergekit's verdict is in
+    (it is awaited meanwhile: the first remap's work overlaps its import)."""
     code = 0
     for entry, view in plan.to_remap:
         check_interrupt()
@@ -309,7 +332,7 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
                     f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir"
                 )
             try:
-                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()))
+                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()), before_publish=lambda: plan.confirm(opts.config))
                 entry["status"] = "remapped"
             except SelfCheckError as exc:
                 log.error("%s: self-check failed: %s", entry["model"], exc)

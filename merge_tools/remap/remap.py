@@ -6,7 +6,7 @@ import dataclasses
 import errno
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,9 +95,11 @@ class PlannedRemap:
         return {token: flags for token, flags in self.plan.src_added_flags.items() if token in {s for s, _, _ in self.plan.appended}}
 
 
-def remap(opts: RemapOptions) -> dict[str, Any]:
+def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
     """Plan and (unless dry_run) write one remapped model. Returns the report; raises
-    CliError for bad input and SelfCheckError when the written output is wrong."""
+    CliError for bad input and SelfCheckError when the written output is wrong.
+    `before_publish`: called once the output is complete, before it is published (it may
+    refuse: an alignment waits there for mergekit's verdict)."""
     started = time.monotonic()
     inputs = read_inputs(opts)
     match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
@@ -116,7 +118,7 @@ def remap(opts: RemapOptions) -> dict[str, Any]:
     if opts.dry_run:
         report["tokenizer"] = patched.result()[1] if patched is not None else {}
     else:
-        write_output(opts, inputs, planned, report, patched)
+        write_output(opts, inputs, planned, report, patched, before_publish)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
 
@@ -300,7 +302,12 @@ class PatchedTokenizer:
 
 
 def write_output(
-    opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap, report: dict[str, Any], patched: PatchedTokenizer | None
+    opts: RemapOptions,
+    inputs: RemapInputs,
+    planned: PlannedRemap,
+    report: dict[str, Any],
+    patched: PatchedTokenizer | None,
+    before_publish: Callable[[], None] | None = None,
 ) -> None:
     """Write D: the donor's or OMP's rows first (they may need the whole donor embedding),
     then, in a locked staging directory, the shards (streamed, verified), configs,
@@ -335,6 +342,8 @@ def write_output(
             report["linked"] = {file: {"source": str(shards.links[file].resolve()), "how": how} for file, how in linked.items()}
             report["bytes"] = {"written": sum(p.stat().st_size for p in listed), "linked": sum((out / f).stat().st_size for f in linked)}
             write_json(out / REPORT_NAME, report)
+            if before_publish is not None:
+                before_publish()
             output.publish()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
