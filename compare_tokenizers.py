@@ -1321,7 +1321,17 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             found.append(
                 ("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}")
             )
-    if bool(base.value("tie_word_embeddings")) != bool(other.value("tie_word_embeddings")):
+    base_tied, other_tied = bool(base.value("tie_word_embeddings")), bool(other.value("tie_word_embeddings"))
+    if base_tied and not other_tied:
+        found.append(
+            (
+                "warn",
+                "tie_word_embeddings false, the base's true: mergekit writes a merged lm_head but keeps the base's config, so "
+                "transformers 4 ties the output layer to the merged embedding (the merged lm_head is ignored) where "
+                "transformers 5 uses it; set tie_word_embeddings: false in the merged config.json",
+            )
+        )
+    elif base_tied != other_tied:
         found.append(("info", "tie_word_embeddings differs (mergekit merges a tied embedding into lm_head)"))
     if same_layers and base.layers() != other.layers():
         found.append(

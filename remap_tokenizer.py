@@ -9,8 +9,9 @@ rewrites a model (M) so that its rows follow another tokenizer (T):
                          patched tokenizer that can decode them
   --drop-extra           exactly T's vocabulary and config.vocab_size: ready to merge
 
-Rows of T's tokens that M lacks are initialised (default: FVT, the mean of the rows of
-the source tokens that spell the same text). The remap streams tensor by tensor: memory
+Rows of T's tokens that M lacks are initialised (default: auto, which measures its choice:
+a donor's own rows within a family; across families FVT, the mean of the rows of the
+source tokens that spell the same text, blended with OMP as a calibration decides). The remap streams tensor by tensor: memory
 stays around one vocabulary matrix whatever the model size, and every other tensor is
 copied byte for byte.
 
@@ -27,6 +28,10 @@ Modules (merge_tools/remap, over merge_tools/common), in the order the data goes
   donor, mergekit_rows     rows of another model (--init donor / omp), of a tokenizer merge
   shards, shard_writer,    the shard plan, the streaming writer, writing and checking
   shard_streaming          every shard
+  calibration_text,        --init auto: the built-in text, the choice (pure), running M's
+  calibration,             body one layer at a time, the measurement
+  body_forward,
+  calibration_run
   config_outputs,          config.json / generation_config.json, the tokenizer files
   tokenizer_outputs
   output_dir               lock, staging, atomic publish, leftovers of dead runs
@@ -1323,7 +1328,17 @@ def compare_models(base: ModelFacts, other: ModelFacts, strict: bool, same_layer
             found.append(
                 ("fail" if strict else "warn", f"{key} {other.value(key)!r}: the merged model takes the base's {base.value(key)!r}")
             )
-    if bool(base.value("tie_word_embeddings")) != bool(other.value("tie_word_embeddings")):
+    base_tied, other_tied = bool(base.value("tie_word_embeddings")), bool(other.value("tie_word_embeddings"))
+    if base_tied and not other_tied:
+        found.append(
+            (
+                "warn",
+                "tie_word_embeddings false, the base's true: mergekit writes a merged lm_head but keeps the base's config, so "
+                "transformers 4 ties the output layer to the merged embedding (the merged lm_head is ignored) where "
+                "transformers 5 uses it; set tie_word_embeddings: false in the merged config.json",
+            )
+        )
+    elif base_tied != other_tied:
         found.append(("info", "tie_word_embeddings differs (mergekit merges a tied embedding into lm_head)"))
     if same_layers and base.layers() != other.layers():
         found.append(
@@ -2370,11 +2385,12 @@ def effective_match_mode(requested: str, base: VocabSpec, src: VocabSpec) -> str
 # merge_tools/remap/plan.py
 # The plan: where every output row comes from (pure).
 # ========================================================================================
-INIT_METHODS = ("fvt", "mean", "unk", "zero", "donor", "omp")
+INIT_METHODS = ("auto", "fvt", "mean", "unk", "zero", "donor", "omp")
 
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
-MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW = -1, -2, -3, -4, -5
+MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW, CALIBRATED_ROW = -1, -2, -3, -4, -5, -6
+GIVEN_ROWS = (DONOR_ROW, OMP_ROW, CALIBRATED_ROW)  # rows computed before the shards are written
 
 
 @dataclass(frozen=True)
@@ -2384,8 +2400,10 @@ class RemapPlan:
     row_source[i] >= 0 copies source row row_source[i] bit for bit; MEAN_ROW, ZERO_ROW
     and FVT_ROW (the mean of the source rows fvt_parts[i]) are initialised rows; DONOR_ROW
     copies the donor's row donor_rows[i], OMP_ROW combines M's rows as OMP expresses the
-    donor's row donor_rows[i] in the donor's rows of shared tokens. row_rule[i] says why
-    (copied, moved, appended, role:eos, fvt, mean, unk, zero, donor, omp, *_fallback_*, padding).
+    donor's row donor_rows[i] in the donor's rows of shared tokens, CALIBRATED_ROW (init
+    auto) blends the FVT row of fvt_parts[i] with that OMP row as the calibration decides.
+    row_rule[i] says why (copied, moved, appended, role:eos, fvt, mean, unk, zero, donor,
+    omp, auto, *_fallback_*, padding).
     """
 
     mode: str  # append | drop
@@ -2581,8 +2599,18 @@ def initialise_row(rows: RowsBuilder, base_id: int, token: str, special: bool, c
     probability (Jensen: exp of the mean logit is at most the mean of exp), where a copy of
     the row of the token that T does produce for those bytes would split its probability."""
     init, src_unk = context.init, context.src_unk
-    if base_id in context.unreachable and init in ("fvt", "omp", "donor") and not (init == "donor" and token in context.donor_of_token):
+    if (
+        base_id in context.unreachable
+        and init in ("fvt", "omp", "donor", "auto")
+        and not (init == "donor" and token in context.donor_of_token)
+    ):
         rows.add(MEAN_ROW, "unreachable")
+    elif init == "auto" and token in context.donor_of_token:
+        row = rows.add(CALIBRATED_ROW, "auto")
+        rows.donor_rows[row] = context.donor_of_token[token]
+        parts = fvt_parts(token, special, context)
+        if parts:
+            rows.fvt_parts[row] = parts
     elif init == "zero":
         rows.add(ZERO_ROW, "zero")
     elif init == "unk" and src_unk is not None and src_unk < context.src_rows:
@@ -2590,15 +2618,22 @@ def initialise_row(rows: RowsBuilder, base_id: int, token: str, special: bool, c
     elif init in ("donor", "omp") and token in context.donor_of_token:
         rows.donor_rows[rows.add(DONOR_ROW if init == "donor" else OMP_ROW, init)] = context.donor_of_token[token]
     else:
-        parts = tuple(i for i in context.decompositions.get(token, ()) if i < context.src_rows and i != src_unk)
-        if init in ("fvt", "donor", "omp") and not special and parts:
+        parts = fvt_parts(token, special, context)
+        if init in ("fvt", "donor", "omp", "auto") and parts:
             rows.fvt_parts[rows.add(FVT_ROW, "fvt" if init == "fvt" else f"{init}_fallback_fvt")] = parts
-        elif init in ("donor", "omp"):
+        elif init in ("donor", "omp", "auto"):
             rows.add(MEAN_ROW, f"{init}_fallback_mean")
         elif init == "fvt" and not special:
             rows.add(MEAN_ROW, "fvt_fallback_mean")
         else:
             rows.add(MEAN_ROW, "mean" if init in ("mean", "fvt") else "unk_fallback_mean")
+
+
+def fvt_parts(token: str, special: bool, context: InitContext) -> tuple[int, ...]:
+    """M's rows whose mean is the FVT row of a token M lacks (none for a special token)."""
+    if special:
+        return ()
+    return tuple(i for i in context.decompositions.get(token, ()) if i < context.src_rows and i != context.src_unk)
 
 
 def plan_source_extras(
@@ -2749,7 +2784,8 @@ def build_rows(
 ) -> np.ndarray:
     """Output rows [start, stop) of one vocabulary matrix as raw bytes: copies gathered
     from `src`, FVT rows averaged from their (finite) parts, mean and zero rows, and the
-    rows computed beforehand (`given`: sorted output rows and their bytes; donor and OMP)."""
+    rows computed beforehand (`given`: sorted output rows and their bytes; donor, OMP and
+    calibrated rows)."""
     sources = np.asarray(plan.row_source[start:stop], dtype=np.int64)
     out = src[np.maximum(sources, 0)] if len(src) else np.zeros((stop - start, src.shape[1]), np.uint8)
     if (sources >= 0).all():
@@ -2758,8 +2794,8 @@ def build_rows(
         rows, values = given
         first, last = np.searchsorted(rows, [start, stop])
         out[rows[first:last] - start] = values[first:last]
-    elif ((sources == DONOR_ROW) | (sources == OMP_ROW)).any():  # a tensor the donor has no rows for (MTP, Medusa, ...)
-        out[(sources == DONOR_ROW) | (sources == OMP_ROW)] = mean_row()
+    elif np.isin(sources, GIVEN_ROWS).any():  # a tensor the donor has no rows for (MTP, Medusa, ...)
+        out[np.isin(sources, GIVEN_ROWS)] = mean_row()
     out[sources == ZERO_ROW] = 0
     if (sources == MEAN_ROW).any():
         out[sources == MEAN_ROW] = mean_row()
@@ -3380,6 +3416,7 @@ class RemapOptions:
     mergekit_inputs: str | None = None
     untie_head: str | None = None
     link: bool = False  # an alignment's remap: the source's shards without a vocabulary tensor are linked, not copied
+    calibration_text: str | None = None  # --init auto: the text it measures on (None: the built-in one)
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
@@ -3402,6 +3439,7 @@ class RemapOptions:
             "mergekit_inputs",
             "untie_head",
             "link",
+            "calibration_text",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -3453,33 +3491,42 @@ class Donor:
         return hub_tensor_rows(*self.remote, tensor, ids)
 
 
-def read_donor(source: str, revision: str | None, trust_remote_code: bool) -> Donor:
+def read_donor(source: str, revision: str | None, trust_remote_code: bool, required: bool = True) -> Donor | None:
     """A local model directory, or a Hub repo of which only the tokenizer files and configs
-    are downloaded (the headers and rows come by HTTP range requests)."""
+    are downloaded (the headers and rows come by HTTP range requests). None when it has no
+    weights and `required` is False (--init auto: then there is no donor)."""
     if Path(source).expanduser().exists() or not looks_like_hub_id(source):
         directory = resolve_source(source, revision, [])
         if not directory.is_dir():
             raise CliError(f"--donor-model {source}: expected a model directory or repo id, got a file")
         tokenizer = read_tokenizer(directory)
         if select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] == "none":
+            if not required:
+                return None
             raise CliError(f"{directory}: no weights to take rows from; name a model with weights (--donor-model D) or use --init fvt")
         ckpt, remote = read_checkpoint(directory), None
     else:
         directory = resolve_source(source, revision, [*TOKENIZER_FILES, *CONFIG_FILES])
         tokenizer = read_tokenizer(directory)
-        ckpt, remote = hub_checkpoint(source, revision, directory), (source, revision)
+        found = hub_checkpoint(source, revision, directory, required)
+        if found is None:
+            return None
+        ckpt, remote = found, (source, revision)
     vocab = find_vocab_tensors(ckpt, tokenizer.config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
     return Donor(source, tokenizer.spec, ckpt, vocab, remote)
 
 
-def hub_checkpoint(repo_id: str, revision: str | None, directory: Path) -> Checkpoint:
-    """A Hub repo's tensors from its safetensors headers (start: offset in the data part)."""
+def hub_checkpoint(repo_id: str, revision: str | None, directory: Path, required: bool = True) -> Checkpoint | None:
+    """A Hub repo's tensors from its safetensors headers (start: offset in the data part);
+    None for a repo without safetensors weights when they are not `required`."""
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import NotASafetensorsRepoError
 
     try:
         metadata = get_safetensors_metadata(repo_id, revision=revision)
     except NotASafetensorsRepoError as exc:
+        if not required:
+            return None
         raise CliError(
             f"{repo_id}: no safetensors weights to take rows from; name a model with weights (--donor-model D) or use --init fvt"
         ) from exc
@@ -3550,14 +3597,15 @@ def donor_tokens(base: VocabSpec, donor: Donor, match: str, base_unreachable: fr
     return {token_of_base[base_id]: donor_id for base_id, donor_id in matches.src_of_base.items() if donor_id < donor.vocab.rows}
 
 
-def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
-    """D for --init donor / omp: --donor-model, else T itself (which then needs weights)."""
+def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor | None:
+    """D for --init donor / omp / auto: --donor-model, else T itself (which then needs
+    weights, but for auto: None when T has none)."""
     if opts.donor_model is not None:
         name, revision = split_revision(opts.donor_model)
     else:
         name, revision = opts.base_tokenizer, opts.base_revision
-    donor = read_donor(name, revision, opts.trust_remote_code)
-    if opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
+    donor = read_donor(name, revision, opts.trust_remote_code, required=opts.init != "auto" or opts.donor_model is not None)
+    if donor is not None and opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
         raise CliError(f"the donor's hidden size is {donor.vocab.hidden}, M's is {vocab.hidden}: use --init omp")
     return donor
 
@@ -4271,6 +4319,952 @@ def self_check(out: Path, shard_plan: ShardPlan) -> None:
 
 
 # ========================================================================================
+# merge_tools/remap/calibration_text.py
+# The built-in calibration text of --init auto: prose, numbers, code in several languages,
+# tables and several scripts, written for this project (no one's text is copied). What it
+# measures is how a transplanted model spreads probability over rows it has no trained row
+# for; --calibration-text FILE replaces it with the user's own domain.
+# ========================================================================================
+CALIBRATION_TEXT = r'''The river was low that autumn, and the ferry ran only twice a day. Mara waited on the stone steps
+with a paper bag of pears, counting the gulls that circled the landing. When the boat finally came,
+its engine coughing like an old dog, she stepped aboard and found a seat near the rail. "Is it
+always this slow?" asked the man beside her. "Only when the water is tired," she said, and he
+laughed, though she had not meant it as a joke.
+
+Most of the town had left for the coast in August. The bakery kept its shutters half closed; the
+library opened on Tuesdays and Fridays, from ten until four. Nobody minded. There was time to read,
+to repair the fence, to write letters that would arrive after their news had gone stale.
+
+## Notes on measurement
+
+A ruler measures length; a clock measures duration; a survey measures opinion, badly. Each
+instrument has a resolution, a range and a bias. If you weigh a 250 g parcel on a scale that reads
+0.1 g, the last digit tells you about the scale's noise as much as about the parcel. Report 3
+significant figures, not 7, and say how the value was obtained.
+
+Between 2019 and 2024 the station recorded 1,284 days of rain, an average of 256.8 per year. The
+wettest month was March 2021 (212.4 mm); the driest, July 2022 (3.1 mm). Temperatures ranged from
+-11.5 °C to 38.9 °C. Invoice No. 40017-B, dated 2024-03-15, totals $1,947.60 (tax 8.25 %). Call +1
+(555) 014-2398 or write to orders@example.com before 17:30 UTC.
+
+Prices: 3 × 4.50 = 13.50; 12/4 = 3; 2^10 = 1024; 0.1 + 0.2 ≈ 0.30000000000000004; π ≈ 3.14159; e ≈
+2.71828; √2 ≈ 1.41421.
+
+```python
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Inventory:
+    """Items on the shelves, by name, with their counts."""
+
+    items: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, count: int = 1) -> None:
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count}")
+        self.items[name] = self.items.get(name, 0) + count
+
+    def remove(self, name: str, count: int = 1) -> bool:
+        left = self.items.get(name, 0) - count
+        if left < 0:
+            return False
+        if left == 0:
+            del self.items[name]
+        else:
+            self.items[name] = left
+        return True
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.items, indent=2, sort_keys=True))
+
+
+def load(path: Path) -> Inventory:
+    try:
+        return Inventory(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return Inventory()
+
+
+if __name__ == "__main__":
+    shelf = load(Path("shelf.json"))
+    for word in ["apple", "pear", "apple", "fig"]:
+        shelf.add(word)
+    print(sorted(shelf.items.items(), key=lambda kv: (-kv[1], kv[0])))
+```
+
+```javascript
+export async function fetchUsers(baseUrl, { page = 1, perPage = 20 } = {}) {
+  const url = new URL("/api/users", baseUrl);
+  url.searchParams.set("page", String(page));
+  url.searchParams.set("per_page", String(perPage));
+  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  if (!response.ok) {
+    throw new Error(`HTTP ${response.status}: ${await response.text()}`);
+  }
+  const { data, total } = await response.json();
+  return { users: data.map((u) => ({ id: u.id, name: u.name.trim() })), total };
+}
+```
+
+```c
+#include <stdio.h>
+#include <stdlib.h>
+
+static int compare(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    int values[argc > 1 ? argc - 1 : 1];
+    for (int i = 1; i < argc; i++) values[i - 1] = atoi(argv[i]);
+    qsort(values, argc - 1, sizeof values[0], compare);
+    for (int i = 0; i < argc - 1; i++) printf("%d%c", values[i], i + 2 < argc ? ' ' : '\n');
+    return 0;
+}
+```
+
+```bash
+#!/usr/bin/env bash
+set -euo pipefail
+for file in logs/*.log; do
+  count=$(grep -c "ERROR" "$file" || true)
+  [[ $count -gt 0 ]] && echo "$file: $count errors"
+done | sort -t: -k2 -n -r | head -n 10
+```
+
+| city | population | area (km²) |
+|------|-----------:|-----------:|
+| Lisbon | 545,796 | 100.05 |
+| Kraków | 804,237 | 326.8 |
+| Osaka | 2,752,412 | 225.21 |
+
+{"id": 7, "tags": ["alpha", "beta"], "active": true, "score": 0.875, "owner": null}
+
+SELECT customer_id, COUNT(*) AS orders, SUM(total) AS spent
+FROM orders
+WHERE created_at >= '2024-01-01'
+GROUP BY customer_id
+HAVING COUNT(*) > 3
+ORDER BY spent DESC
+LIMIT 20;
+
+Der Zug nach München fährt um 14:05 Uhr von Gleis 7 ab. Bitte beachten Sie, dass die Fahrkarten vor
+dem Einsteigen entwertet werden müssen. Wir wünschen Ihnen eine angenehme Reise.
+
+Le marché ouvre à sept heures, mais les meilleurs fromages disparaissent avant huit. Il faut arriver
+tôt, apporter un panier et ne pas oublier la monnaie : certains vendeurs n'acceptent pas les cartes.
+
+El museo está cerrado los lunes. Los martes la entrada es gratuita para estudiantes y jubilados; el
+resto de la semana cuesta doce euros. ¿Quieres que reservemos una visita guiada?
+
+Il treno per Firenze è in ritardo di venti minuti. Nel frattempo possiamo prendere un caffè e
+guardare la piazza, che a quest'ora è piena di biciclette.
+
+Поезд прибывает в Новосибирск рано утром. Возьмите тёплую одежду: в марте там ещё лежит снег, а
+ветер с реки бывает очень холодным.
+
+Το πρωί πήγαμε στην αγορά και αγοράσαμε ψωμί, ελιές και φρέσκα ψάρια. Το απόγευμα κάναμε βόλτα δίπλα
+στη θάλασσα.
+
+今日は朝から雨が降っていたので、図書館で本を読みながら一日を過ごしました。
+帰りに駅前のパン屋でメロンパンを買い、家で温かいお茶と一緒に食べました。
+明日は晴れるそうです。
+
+我们计划下个月去西安旅行，参观兵马俑和古城墙。请提前预订酒店，并查看天气预报；如果下雨，我们可以改去博物馆。
+
+서울의 겨울은 춥지만 맑은 날이 많습니다. 주말에는 친구들과 시장에 가서 떡볶이와 호떡을 사 먹었습니다.
+
+يفتح المتجر أبوابه في الساعة التاسعة صباحاً ويغلق في المساء. نرجو من الزبائن الحفاظ على الهدوء واحترام الدور.
+
+हम कल सुबह पहाड़ों की ओर निकलेंगे। रास्ता लंबा है, इसलिए पानी, फल और गर्म कपड़े साथ रखना ज़रूरी है।
+
+Chúng tôi đã đi bộ dọc bờ sông vào buổi tối và ngắm những chiếc thuyền nhỏ trở về bến.
+
+Yarın sabah erkenden yola çıkacağız; öğle yemeğini dağ evinde yiyip akşam şehre döneceğiz.
+
+The meeting ran long. Priya presented the quarterly figures — revenue up 4 %, costs flat, headcount
+down by two — and then, to everyone's surprise, proposed closing the northern warehouse. "We ship
+less than a pallet a week from there," she said. "We can serve those customers from the depot in two
+days instead of one." Some argued that the delay would cost more than the rent; others pointed out
+that the roof had leaked twice since spring. In the end they agreed to gather three months of data
+before deciding.
+
+Q: How do I reset my password?
+A: Open Settings → Account → Security, choose "Reset password", and follow the link we email you.
+The link expires after 30 minutes.
+
+1. Preheat the oven to 200 °C.
+2. Mix 300 g flour, 5 g salt and 7 g dry yeast; add 210 ml warm water.
+3. Knead for 10 minutes, rest for 1 hour, shape, and bake for 25–30 minutes.
+
+def fib(n):  # 0, 1, 1, 2, 3, 5, 8, 13, 21, 34
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+'''
+
+
+# ========================================================================================
+# merge_tools/remap/calibration.py
+# --init auto: which rows a transplant gets, decided by measuring them. With a donor in
+# M's own space (a model of M's family that has the tokens) its rows; with none, FVT;
+# across families, each missing token's input row blends its FVT and OMP rows (share
+# lambda of FVT) and its output row is that row times alpha (alpha < 1 unties a tied
+# model), lambda and alpha the pair that gives the lowest bits per byte on a calibration
+# text (pure parts).
+# ========================================================================================
+FVT_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)  # lambda: the input rows' share of FVT (the rest: OMP)
+OUTPUT_SCALES = (1.0, 0.9, 0.8, 0.7, 0.6)  # alpha: the output rows of the blended tokens, scaled
+UNTIE_MIN_GAIN = 0.01  # untying doubles the vocabulary's weights: only for 1 % fewer bits per byte
+WINDOW_TOKENS = 256
+SAME_SPACE_COSINE = 0.5  # median cosine of M's and the donor's rows of shared tokens: above, one space
+SAME_SPACE_SAMPLE = 4096
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One (lambda, alpha) measured on the calibration text: bits per byte, and the mean
+    probability on initialised rows where the next token has a trained row (mass)."""
+
+    fvt_share: float
+    output_scale: float
+    bits_per_byte: float
+    mass: float
+    input_share: float = 1.0  # the lambda of the input rows the states were computed with
+
+    @property
+    def exact(self) -> bool:
+        """Measured with the input rows this lambda writes (else an estimate from others)."""
+        return self.input_share == self.fvt_share
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "lambda": self.fvt_share,
+            "alpha": self.output_scale,
+            "input_lambda": self.input_share,
+            "bits_per_byte": round(self.bits_per_byte, 4),
+            "mass": round(self.mass, 4),
+        }
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What --init auto chose and what it measured (remap_report.json's init_auto)."""
+
+    chose: str  # fvt | donor | calibrated
+    reason: str
+    point: CalibrationPoint | None = None  # the chosen pair (calibrated)
+    before: CalibrationPoint | None = None  # lambda 1, alpha 1: the rows --init fvt writes
+    natural_mass: float | None = None  # the donor's own mass on the same rows and text
+    natural_bits_per_byte: float | None = None
+    natural_note: str | None = None  # why the natural mass was not measured
+    points: tuple[CalibrationPoint, ...] = ()
+    text: Mapping[str, Any] = field(default_factory=dict)  # source, bytes, tokens, windows
+    seconds: float = 0.0  # the whole choice: OMP rows, forwards, logits
+    omp_seconds: float = 0.0
+
+    @property
+    def untie(self) -> bool:
+        return self.point is not None and self.point.output_scale != 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chose": self.chose,
+            "reason": self.reason,
+            "lambda": self.point.fvt_share if self.point else None,
+            "alpha": self.point.output_scale if self.point else None,
+            "untied": self.untie,
+            "natural_mass": rounded(self.natural_mass),
+            "natural_bits_per_byte": rounded(self.natural_bits_per_byte),
+            "natural_note": self.natural_note,
+            "mass_before": rounded(self.before.mass if self.before else None),
+            "mass_after": rounded(self.point.mass if self.point else None),
+            "bits_per_byte_before": rounded(self.before.bits_per_byte if self.before else None),
+            "bits_per_byte_after": rounded(self.point.bits_per_byte if self.point else None),
+            "calibration_text": dict(self.text),
+            "points": [p.to_dict() for p in self.points],
+            "seconds": round(self.seconds, 2),
+            "omp_seconds": round(self.omp_seconds, 2),
+        }
+
+
+def rounded(value: float | None) -> float | None:
+    return round(value, 4) if value is not None else None
+
+
+def choose_point(points: Sequence[CalibrationPoint], untie_min_gain: float = UNTIE_MIN_GAIN) -> CalibrationPoint:
+    """The pair with the lowest bits per byte; but output rows as they are (alpha 1: the
+    model stays tied, no weights added) unless scaling them gains `untie_min_gain` of the
+    best alpha-1 pair's bits per byte. Ties go to the earlier point (more FVT, less scaling)."""
+    best = min(points, key=lambda p: p.bits_per_byte)
+    unscaled = [p for p in points if p.output_scale == 1.0]
+    if best.output_scale == 1.0 or not unscaled:
+        return best
+    best_unscaled = min(unscaled, key=lambda p: p.bits_per_byte)
+    return best if best.bits_per_byte < best_unscaled.bits_per_byte * (1 - untie_min_gain) else best_unscaled
+
+
+def calibration_windows(ids: Sequence[int], bos: int | None, window: int = WINDOW_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+    """The text's token ids cut into windows of `window` tokens, each starting with bos
+    when there is one, the last padded with id 0: (ids (windows, window), real lengths).
+    Every token is in exactly one window."""
+    prefix = [bos] if bos is not None else []
+    step = window - len(prefix)
+    if step <= 0:
+        raise ValueError("window too short")
+    pieces = [prefix + list(ids[start : start + step]) for start in range(0, len(ids), step)]
+    pieces = [piece for piece in pieces if len(piece) >= 2]
+    out = np.zeros((len(pieces), window), dtype=np.int64)
+    lengths = np.array([len(piece) for piece in pieces], dtype=np.int64)
+    for row, piece in enumerate(pieces):
+        out[row, : len(piece)] = piece
+    return out, lengths
+
+
+def auto_method(has_donor: bool, rows_to_initialise: int, same_hidden: bool, cosine: float | None) -> tuple[str, str]:
+    """(the init the plan uses, why): fvt without a donor or a row to initialise; the
+    donor's own rows when they live in M's space (M and the donor are one family: their
+    rows of shared tokens point the same way); else the calibrated blend."""
+    if rows_to_initialise == 0:
+        return "fvt", "no row to initialise"
+    if not has_donor:
+        return "fvt", "no donor with weights (T has none; --donor-model names one)"
+    if same_hidden and cosine is not None and cosine >= SAME_SPACE_COSINE:
+        return "donor", f"the donor's rows are in M's space (median cosine {cosine:.2f} over shared tokens)"
+    if same_hidden and cosine is not None:
+        return "auto", f"the donor's rows are not in M's space (median cosine {cosine:.2f} over shared tokens)"
+    return "auto", "the donor's width differs from M's"
+
+
+def median_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Median over rows of the cosine between a[i] and b[i] (float rows)."""
+    dot = (a * b).sum(axis=1, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    valid = norms > 0
+    return float(np.median(dot[valid] / norms[valid])) if valid.any() else 0.0
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    return nll_nats / math.log(2) / max(1, n_bytes)
+
+
+# ========================================================================================
+# merge_tools/remap/body_forward.py
+# A model's body run on a few hundred windows of text with one layer in memory at a time
+# (the calibration of --init auto): the transformers class built on the meta device, every
+# module's weights read from the checkpoint just before it runs and dropped just after.
+# ========================================================================================
+class BodyUnavailable(Exception):
+    """The body cannot be run here (an architecture transformers does not know, weights
+    in a dtype numpy cannot decode, names the checkpoint does not hold): the calibration
+    is skipped, with this reason in the report."""
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter created inside lands on the meta device (no memory, no init);
+    buffers stay real (rotary frequencies, embedding scales are computed at construction)."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: Any, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def empty_body(model_dir: Path, trust_remote_code: bool) -> tuple[Any, str, Any]:
+    """(the body module, its name in the checkpoint's keys, the config) of the model's
+    causal-LM class, its parameters on the meta device."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with parameters_on_meta(), torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # an architecture or a config transformers cannot build
+        raise BodyUnavailable(f"transformers cannot build {model_dir.name}'s model class: {exc}") from exc
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    if body is None or body is model:
+        raise BodyUnavailable(f"{type(model).__name__} has no separate body (base_model_prefix {prefix!r})")
+    return body.eval(), prefix, config
+
+
+def tensor_from_checkpoint(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> Any:
+    """A checkpoint tensor as float32 torch (read into memory, not mapped)."""
+    import torch
+
+    entry = ckpt.tensors.get(name)
+    if entry is None:
+        raise BodyUnavailable(f"the checkpoint has no tensor {name}")
+    if tuple(entry.shape) != tuple(shape):
+        raise BodyUnavailable(f"{name} is {list(entry.shape)} in the checkpoint, {list(shape)} in the model class")
+    rows = entry.shape[0] if entry.shape else 1
+    try:
+        values = decode_rows(read_matrix(ckpt, entry, rows).reshape(rows, -1), entry.dtype)
+    except CliError as exc:
+        raise BodyUnavailable(f"{name}: {exc}") from exc
+    return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy: the matrix read is read-only
+
+
+class StreamedBody:
+    """The body with hooks: each module's own parameters are read from the checkpoint
+    before its forward and put back on the meta device after it, so memory holds one
+    layer's weights (plus the activations). The input embedding is not read: the caller
+    gives its rows (`embedding_rows`), indexed by the ids it passes."""
+
+    def __init__(self, body: Any, prefix: str, ckpt: Checkpoint, embed_name: str, skip: frozenset[str], device: str = "cpu") -> None:
+        self.body, self.prefix, self.ckpt, self.device = body, prefix, ckpt, device
+        self.embedding_rows: Any = None
+        self.embedding = body.get_input_embeddings()
+        self.handles = []
+        for module_name, module in body.named_modules():
+            own = [name for name, value in module._parameters.items() if value is not None]
+            if not own:
+                continue
+            names = {name: self.checkpoint_name(module_name, name) for name in own}
+            if module is self.embedding:
+                if set(names.values()) - {embed_name}:
+                    raise BodyUnavailable(f"the input embedding holds more than {embed_name}")
+                self.handles.append(module.register_forward_pre_hook(self.load_embedding))
+            else:
+                read = sorted(set(names.values()) & skip)
+                if read:
+                    raise BodyUnavailable(f"the body reads the vocabulary tensor {read[0]}, which the remap rewrites")
+                self.handles.append(module.register_forward_pre_hook(self.loader(names)))
+            self.handles.append(module.register_forward_hook(self.unloader(own)))
+
+    def checkpoint_name(self, module_name: str, param: str) -> str:
+        local = f"{module_name}.{param}" if module_name else param
+        for name in (f"{self.prefix}.{local}", local):
+            if name in self.ckpt.tensors:
+                return name
+        return f"{self.prefix}.{local}"
+
+    def loader(self, names: Mapping[str, str]) -> Callable[[Any, Any], None]:
+        import torch
+
+        def load(module: Any, _inputs: Any) -> None:
+            for param, name in names.items():
+                value = tensor_from_checkpoint(self.ckpt, name, tuple(module._parameters[param].shape)).to(self.device)
+                module._parameters[param] = torch.nn.Parameter(value, requires_grad=False)
+
+        return load
+
+    def load_embedding(self, module: Any, _inputs: Any) -> None:
+        import torch
+
+        module._parameters["weight"] = torch.nn.Parameter(self.embedding_rows.to(self.device), requires_grad=False)
+
+    @staticmethod
+    def unloader(own: list[str]) -> Callable[[Any, Any, Any], None]:
+        import torch
+
+        def unload(module: Any, _inputs: Any, _output: Any) -> None:
+            for param in own:
+                module._parameters[param] = torch.nn.Parameter(module._parameters[param].to("meta"), requires_grad=False)
+
+        return unload
+
+    def last_hidden(self, ids: np.ndarray, embedding_rows: Any) -> Any:
+        """The body's last hidden states (after its final norm) for a batch of windows
+        `ids` (batch, length), whose ids index `embedding_rows`; float32 on the CPU."""
+        import torch
+
+        self.embedding_rows = embedding_rows
+        try:
+            with torch.no_grad():
+                output = self.body(input_ids=torch.as_tensor(ids, device=self.device), use_cache=False)
+        except BodyUnavailable:
+            raise
+        except Exception as exc:  # a model class whose forward needs what this loop does not give
+            raise BodyUnavailable(f"the body's forward failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.embedding_rows = None
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        return hidden.float().cpu()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def output_logit_transform(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) the model's causal-LM head applies to H @ W^T: Cohere's
+    logit_scale multiplies, Granite's logits_scaling divides, Gemma-2's
+    final_logit_softcapping caps (cap * tanh(x / cap))."""
+    text = getattr(config, "text_config", None) or config
+    scale = float(getattr(text, "logit_scale", None) or 1.0)
+    divisor = getattr(text, "logits_scaling", None)
+    if divisor:
+        scale /= float(divisor)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return scale, float(cap) if cap else None
+
+
+# ========================================================================================
+# merge_tools/remap/calibration_scoring.py
+# The calibration's logits, block by block (torch): log-sum-exps over the output rows that
+# do not depend on the choice (copied, mean, padding rows) once per forward, then for each
+# (lambda, alpha) over the calibrated rows only, whose logits are linear in lambda: the
+# states times the FVT rows and times the OMP rows, computed once per block of positions.
+# ========================================================================================
+POSITION_BLOCK = 128  # positions per block of calibrated logits: 3 x (128 x rows) float32
+
+
+@dataclass(frozen=True)
+class FixedPart:
+    """Per position (float64): the log-sum-exp over the rows the choice leaves alone, over
+    those of them that are initialised (mean, padding), and the target's logit when the
+    target is one of them (NaN when it is a calibrated row)."""
+
+    lse_all: Any
+    lse_init: Any
+    target_logit: Any
+
+
+def transformed(z: Any, scale: float, cap: float | None) -> Any:
+    """The head's own transform of H @ W^T (output_logit_transform)."""
+    import torch
+
+    z = z * scale if scale != 1.0 else z
+    return cap * torch.tanh(z / cap) if cap is not None else z
+
+
+def torch_rows(values: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def fixed_part(
+    states: Any,
+    targets: np.ndarray,
+    chunks: Iterator[tuple[int, np.ndarray]],
+    calibrated: np.ndarray,
+    initialised: np.ndarray,
+    scale: float,
+    cap: float | None,
+) -> FixedPart:
+    """FixedPart over every output row that `calibrated` leaves out, the rows given chunk
+    by chunk (start, float rows)."""
+    import torch
+
+    n = states.shape[0]
+    target = torch.from_numpy(targets)
+    lse_all = torch.full((n,), -torch.inf, dtype=torch.float64)
+    lse_init = torch.full((n,), -torch.inf, dtype=torch.float64)
+    picked = torch.full((n,), torch.nan, dtype=torch.float64)
+    for start, rows in chunks:
+        keep = ~calibrated[start : start + len(rows)]
+        if not keep.any():
+            continue
+        ids = np.flatnonzero(keep) + start
+        z = transformed(states @ torch_rows(rows[keep]).T, scale, cap)
+        lse_all = torch.logaddexp(lse_all, torch.logsumexp(z, dim=1).double())
+        init = torch.from_numpy(initialised[ids])
+        if bool(init.any()):
+            lse_init = torch.logaddexp(lse_init, torch.logsumexp(z[:, init], dim=1).double())
+        column = torch.from_numpy(np.searchsorted(ids, np.clip(targets, ids[0], ids[-1])))
+        inside = torch.from_numpy(np.isin(targets, ids))
+        picked[inside] = z[inside, column[inside]].double()
+    del target
+    return FixedPart(lse_all, lse_init, picked)
+
+
+def calibrated_parts(
+    states: Any,
+    targets: np.ndarray,
+    rows: np.ndarray,
+    fvt: np.ndarray,
+    omp: np.ndarray,
+    combos: Sequence[tuple[float, float]],
+    scale: float,
+    cap: float | None,
+) -> list[tuple[Any, Any]]:
+    """For each (lambda, alpha): per position, the log-sum-exp over the calibrated rows
+    `rows` (whose rows are alpha * (lambda * fvt + (1 - lambda) * omp)) and the target's
+    logit when it is one of them (NaN otherwise)."""
+    import torch
+
+    n = states.shape[0]
+    column = np.searchsorted(rows, np.clip(targets, rows[0], rows[-1])) if len(rows) else np.zeros(n, np.int64)
+    inside = np.isin(targets, rows)
+    results = [(torch.full((n,), -torch.inf, dtype=torch.float64), torch.full((n,), torch.nan, dtype=torch.float64)) for _ in combos]
+    if not len(rows):
+        return results
+    fvt_t, omp_t = torch_rows(fvt), torch_rows(omp)
+    for start in range(0, n, POSITION_BLOCK):
+        block = states[start : start + POSITION_BLOCK]
+        by_fvt, by_omp = block @ fvt_t.T, block @ omp_t.T
+        here = torch.from_numpy(inside[start : start + POSITION_BLOCK])
+        where = torch.from_numpy(column[start : start + POSITION_BLOCK])
+        for (share, alpha), (lse, picked) in zip(combos, results):
+            z = by_fvt * share + by_omp * (1 - share) if share != 1.0 else by_fvt
+            z = transformed(z, scale * alpha, cap)
+            lse[start : start + len(block)] = torch.logsumexp(z, dim=1).double()
+            picked[start : start + len(block)][here] = z[here, where[here]].double()
+    return results
+
+
+def nll_and_mass(fixed: FixedPart, lse_calibrated: Any, target_calibrated: Any, known: np.ndarray) -> tuple[float, float]:
+    """(total NLL in nats, mean probability on initialised rows over the positions whose
+    target is `known`, not initialised)."""
+    import torch
+
+    lse_all = torch.logaddexp(fixed.lse_all, lse_calibrated)
+    lse_init = torch.logaddexp(fixed.lse_init, lse_calibrated)
+    target = torch.where(torch.isnan(fixed.target_logit), target_calibrated, fixed.target_logit)
+    known_t = torch.from_numpy(known)
+    mass = float((lse_init - lse_all).exp()[known_t].mean()) if bool(known_t.any()) else 0.0
+    return float((lse_all - target).sum()), mass
+
+
+# ========================================================================================
+# merge_tools/remap/calibration_run.py
+# --init auto, measured: the candidate rows (FVT and OMP), the transplanted model run on
+# the calibration text for every share lambda in one batch (one layer in memory at a
+# time), bits per byte and the mass on initialised rows for every output scale alpha, the
+# donor's own (natural) mass; then the rows the choice gives.
+# ========================================================================================
+LOGIT_ROW_CHUNK = 16384  # output rows per logits block: (positions x 16k) float32
+
+
+@dataclass(frozen=True)
+class BlendRows:
+    """The calibrated rows of one vocabulary tensor (sorted output ids): their FVT rows
+    (OMP's where a token has no FVT decomposition) and their OMP rows, float32."""
+
+    rows: np.ndarray
+    fvt: np.ndarray
+    omp: np.ndarray
+    dtype: str
+
+    def given(self, fvt_share: float, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(output rows, their bytes): scale * (share * FVT + (1 - share) * OMP), a block
+        of rows at a time (float32: no copy of the whole matrix in float64)."""
+        out = np.empty((len(self.rows), self.fvt.shape[1] * DTYPE_SIZES[self.dtype]), dtype=np.uint8)
+        fvt_weight, omp_weight = np.float32(fvt_share * scale), np.float32((1 - fvt_share) * scale)
+        for start in range(0, len(self.rows), LOGIT_ROW_CHUNK):
+            stop = start + LOGIT_ROW_CHUNK
+            out[start:stop] = encode_rows(self.fvt[start:stop] * fvt_weight + self.omp[start:stop] * omp_weight, self.dtype)
+        return self.rows, out
+
+
+@dataclass(frozen=True)
+class CalibrationInputs:
+    """What the measurement reads: M's checkpoint and vocabulary tensors, T's tokenizer,
+    the plan and the candidate rows."""
+
+    plan: RemapPlan
+    ckpt: Checkpoint
+    vocab: VocabTensors
+    base: TokenizerSource
+    blends: Mapping[str, BlendRows]
+    src_real_rows: int  # M's rows that hold a token (the mean row is theirs)
+    trust_remote_code: bool
+    row_sources: dict[str, RowSource] = field(default_factory=dict)  # filled by row_source_for
+
+
+def blend_candidates(
+    plan: RemapPlan,
+    ckpt: Checkpoint,
+    vocab: VocabTensors,
+    src_rows_real: int,
+    omp_rows: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, BlendRows]:
+    """role -> BlendRows of the plan's calibrated rows, from OMP's rows (initialised_rows)
+    and M's rows averaged over each token's FVT parts."""
+    blends: dict[str, BlendRows] = {}
+    for role, (rows, raw) in omp_rows.items():
+        keep = np.array([plan.row_source[int(r)] == CALIBRATED_ROW for r in rows], dtype=bool)
+        rows, raw = rows[keep], raw[keep]
+        tensor = ckpt.tensors[getattr(vocab, role)]
+        ctx = RowContext(read_matrix(ckpt, tensor, plan.src_rows), tensor.dtype, src_rows_real)
+        omp = decode_rows(raw, tensor.dtype).astype(np.float32)
+        fvt = omp.copy()
+        with_parts = np.array([int(r) in plan.fvt_parts for r in rows], dtype=bool)
+        if with_parts.any():
+            parts = [plan.fvt_parts[int(r)] for r in rows[with_parts]]
+            offsets = np.concatenate(([0], np.cumsum([len(p) for p in parts]))).astype(np.int64)
+            flat = np.fromiter((i for p in parts for i in p), dtype=np.int64, count=int(offsets[-1]))
+            averaged = fvt_average(ctx.matrix, tensor.dtype, flat, offsets, ctx.finite, ctx.mean_row)
+            fvt[with_parts] = decode_rows(averaged, tensor.dtype)
+        blends[role] = BlendRows(rows, fvt, omp, tensor.dtype)
+    return blends
+
+
+def calibrated_rows(
+    plan: RemapPlan,
+    inputs: Any,
+    donor: Donor,
+    opts: RemapOptions,
+    unreachable: tuple[frozenset[int], frozenset[int]],
+    text: str,
+    text_source: str,
+) -> tuple[AutoChoice, dict[str, tuple[np.ndarray, np.ndarray]], bool]:
+    """(the choice, role -> given rows for write_shards, whether a tied M gets an lm_head).
+    `inputs`: the remap's RemapInputs."""
+    started = time.monotonic()
+    omp_rows = initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, donor, opts, unreachable)
+    omp_seconds = time.monotonic() - started
+    real_rows = min(plan.src_rows, len(inputs.src.spec.vocab))
+    blends = blend_candidates(plan, inputs.ckpt, inputs.vocab, real_rows, omp_rows)
+    calibration = CalibrationInputs(plan, inputs.ckpt, inputs.vocab, inputs.base, blends, real_rows, opts.trust_remote_code)
+    tied = inputs.vocab.head is None
+    windows, lengths, n_bytes = encode_windows(inputs.base, text)
+    text_info = {"source": text_source, "bytes": n_bytes, "tokens": int((lengths - 1).sum()), "windows": len(windows)}
+    try:
+        points = measure_points(calibration, inputs.src_dir, windows, lengths, n_bytes)
+    except BodyUnavailable as exc:
+        log.warning("--init auto: cannot run M here (%s): FVT rows, not calibrated", exc)
+        choice = AutoChoice(
+            "fvt", f"calibration not possible: {exc}", text=text_info, seconds=time.monotonic() - started, omp_seconds=omp_seconds
+        )
+        return choice, {role: blend.given(1.0) for role, blend in blends.items()}, False
+    natural, note = natural_measure(donor, inputs.base, plan, windows, lengths, n_bytes)
+    point = choose_point([p for p in points if p.exact])
+    choice = AutoChoice(
+        "calibrated", "the donor's rows are not in M's space: FVT and OMP rows blended, output rows scaled, as measured",
+        point, points[0], natural[1] if natural else None, natural[0] if natural else None, note, tuple(points), text_info,
+        time.monotonic() - started, omp_seconds,
+    )  # fmt: skip
+    return choice, given_rows(blends, point, tied), tied and choice.untie
+
+
+def given_rows(blends: Mapping[str, BlendRows], point: CalibrationPoint, tied: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rows written: the blend for the input rows (and bias), scaled for the output
+    rows (a tied model's new lm_head: the embedding's blend, scaled)."""
+    rows = {role: blend.given(point.fvt_share) for role, blend in blends.items()}
+    if point.output_scale != 1.0:
+        rows["head"] = blends["embed" if tied else "head"].given(point.fvt_share, point.output_scale)
+    return rows
+
+
+def encode_windows(base: TokenizerSource, text: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The calibration text in T's tokens, cut into windows (calibration_windows)."""
+    from tokenizers import Tokenizer
+
+    from merge_tools.common.tokenizer_files import tokenizers_library
+
+    tokenizer = tokenizers_library(base.directory, Tokenizer.from_str, base.text)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    bos_token = base.spec.roles.get("bos")
+    windows, lengths = calibration_windows(ids, base.spec.vocab.get(bos_token) if bos_token else None)
+    return windows, lengths, len(text.encode())
+
+
+def measure_points(
+    calibration: CalibrationInputs, src_dir: Any, windows: np.ndarray, lengths: np.ndarray, n_bytes: int
+) -> list[CalibrationPoint]:
+    """The (lambda, alpha) pairs measured on the calibration text. The output side decides
+    most and its logits are linear in lambda, so one forward with FVT input rows scores
+    every lambda (alpha 1), then every alpha at the best lambda; a second forward with that
+    lambda's input rows measures the pair exactly (points with input_share == fvt_share
+    are exact: the rows the remap would write)."""
+    run = CalibrationRun.open(calibration, src_dir, windows, lengths, n_bytes)
+    first = run.forward(1.0)
+    points = first.score([(share, 1.0) for share in FVT_SHARES])
+    share = min(points, key=lambda p: p.bits_per_byte).fvt_share
+    points += first.score([(share, alpha) for alpha in OUTPUT_SCALES if alpha != 1.0])
+    guess = choose_point(points)
+    if guess.fvt_share != 1.0:
+        points += run.forward(guess.fvt_share).score(list(dict.fromkeys([(guess.fvt_share, 1.0), (guess.fvt_share, guess.output_scale)])))
+    return points
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """M's body and output rows, and the calibration windows, ready for forwards."""
+
+    calibration: CalibrationInputs
+    src_dir: Any
+    windows: np.ndarray
+    lengths: np.ndarray
+    n_bytes: int
+    body: Any
+    prefix: str
+    config: Any
+
+    @classmethod
+    def open(cls, calibration: CalibrationInputs, src_dir: Any, windows: np.ndarray, lengths: np.ndarray, n_bytes: int) -> CalibrationRun:
+        body, prefix, config = empty_body(src_dir, calibration.trust_remote_code)
+        return cls(calibration, src_dir, windows, lengths, n_bytes, body, prefix, config)
+
+    def forward(self, share: float) -> ScoredForward:
+        """M's states on the windows with the input rows of `share`, and the logits of the
+        rows the choice leaves alone."""
+        calibration, vocab = self.calibration, self.calibration.vocab
+        skip = frozenset(name for name in (vocab.head, vocab.bias, *vocab.extra) if name is not None)
+        embed = row_source_for(calibration, "embed")
+        used, compact = compact_ids(self.windows, self.lengths)
+        streamed = StreamedBody(self.body, self.prefix, calibration.ckpt, vocab.embed, skip)
+        try:
+            hidden = streamed.last_hidden(compact, torch_rows(embed.rows_at(used, calibration.blends["embed"].given(share))))
+        finally:
+            streamed.close()
+        targets, counted = next_tokens(self.windows, self.lengths)
+        states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[counted]
+        head_role = "head" if vocab.head is not None else "embed"
+        head = row_source_for(calibration, head_role)
+        calibrated, initialised = masks(calibration.plan)
+        scale, cap = output_logit_transform(self.config)
+        # the calibrated rows are left out of these chunks: they need no value here
+        fixed = fixed_part(states, targets, head.chunks(None), calibrated, initialised, scale, cap)
+        return ScoredForward(self, share, states, targets, fixed, calibration.blends[head_role], ~initialised[targets], scale, cap)
+
+
+@dataclass(frozen=True)
+class ScoredForward:
+    """One forward's states, ready to score (lambda, alpha) pairs."""
+
+    run: CalibrationRun
+    input_share: float
+    states: Any
+    targets: np.ndarray
+    fixed: FixedPart
+    head: BlendRows
+    known: np.ndarray
+    scale: float
+    cap: float | None
+
+    def score(self, combos: Sequence[tuple[float, float]]) -> list[CalibrationPoint]:
+        parts = calibrated_parts(self.states, self.targets, self.head.rows, self.head.fvt, self.head.omp, combos, self.scale, self.cap)
+        points = []
+        for (share, alpha), (lse, picked) in zip(combos, parts):
+            nll, mass = nll_and_mass(self.fixed, lse, picked, self.known)
+            points.append(CalibrationPoint(share, alpha, bits_per_byte(nll, self.run.n_bytes), mass, self.input_share))
+        return points
+
+
+def compact_ids(windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the ids the windows use, sorted; the windows in positions into them, padding 0)."""
+    used = np.unique(np.concatenate([window[:length] for window, length in zip(windows, lengths)]))
+    compact = np.searchsorted(used, windows)
+    compact[np.arange(windows.shape[1])[None, :] >= lengths[:, None]] = 0
+    return used, compact
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """The output rows of one of M's vocabulary tensors as the remap writes them
+    (build_rows), for any rows asked, float32."""
+
+    plan: RemapPlan
+    ctx: RowContext
+
+    def rows_at(self, ids: np.ndarray, given: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return np.concatenate([decode_rows(self.build(int(i), int(i) + 1, given), self.ctx.dtype) for i in ids]).astype(np.float32)
+
+    def build(self, start: int, stop: int, given: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        ctx = self.ctx
+        return build_rows(ctx.matrix, ctx.dtype, self.plan, start, stop, ctx.mean_row, ctx.finite, given)
+
+    def chunks(self, given: tuple[np.ndarray, np.ndarray] | None) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.plan.n_rows, LOGIT_ROW_CHUNK):
+            stop = min(self.plan.n_rows, start + LOGIT_ROW_CHUNK)
+            yield start, decode_rows(self.build(start, stop, given), self.ctx.dtype).astype(np.float32)
+
+
+def row_source_for(calibration: CalibrationInputs, role: str) -> RowSource:
+    """The rows of M's embed or head as written (one read of each matrix per remap)."""
+    if role not in calibration.row_sources:
+        plan, ckpt = calibration.plan, calibration.ckpt
+        tensor = ckpt.tensors[getattr(calibration.vocab, role)]
+        context = RowContext(read_matrix(ckpt, tensor, plan.src_rows), tensor.dtype, calibration.src_real_rows)
+        calibration.row_sources[role] = RowSource(plan, context)
+    return calibration.row_sources[role]
+
+
+def masks(plan: RemapPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated rows, initialised rows: every row not copied from M) over the output."""
+    sources = np.asarray(plan.row_source, dtype=np.int64)
+    return sources == CALIBRATED_ROW, sources < 0
+
+
+def next_tokens(windows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the next token at every counted position, which of the windows' positions count)."""
+    positions = np.arange(windows.shape[1] - 1)[None, :]
+    counted = (positions < (lengths - 1)[:, None]).reshape(-1)
+    return windows[:, 1:].reshape(-1)[counted], counted
+
+
+def natural_measure(
+    donor: Donor, base: TokenizerSource, plan: RemapPlan, windows: np.ndarray, lengths: np.ndarray, n_bytes: int
+) -> tuple[tuple[float, float] | None, str | None]:
+    """((bits per byte, mass) of the donor itself on the same windows and rows, or None,
+    why not): the rate at which a model that owns T's tokens uses the ones M lacks."""
+    if donor.remote is not None:
+        return None, "the donor's weights are not on this machine (its rows were read over HTTP)"
+    if dict(donor.spec.vocab) != dict(base.spec.vocab):
+        return None, "the donor's vocabulary is not T's"
+    embed, head = donor.tensor("embed"), donor.tensor("head")
+    assert embed is not None and head is not None
+    try:
+        body, prefix, config = empty_body(donor.ckpt.directory, False)
+        skip = frozenset(name for name in (donor.vocab.head, donor.vocab.bias, *donor.vocab.extra) if name is not None)
+        streamed = StreamedBody(body, prefix, donor.ckpt, donor.vocab.embed, skip)
+        used, compact = compact_ids(windows, lengths)
+        try:
+            hidden = streamed.last_hidden(compact, torch_rows(decode_rows(donor.read_rows("embed", used), embed.dtype)))
+        finally:
+            streamed.close()
+    except BodyUnavailable as exc:
+        return None, f"cannot run the donor here ({exc})"
+    targets, counted = next_tokens(windows, lengths)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[counted]
+    rows = donor.vocab.rows
+    initialised = np.zeros(rows, dtype=bool)
+    sources = np.asarray(plan.row_source[:rows], dtype=np.int64)
+    initialised[: len(sources)] = sources < 0
+    scale, cap = output_logit_transform(config)
+    fixed = fixed_part(states, targets, donor_chunks(donor, rows, head.dtype), np.zeros(rows, dtype=bool), initialised, scale, cap)
+    ((lse, picked),) = calibrated_parts(
+        states, targets, np.zeros(0, np.int64), np.zeros((0, 1)), np.zeros((0, 1)), [(1.0, 1.0)], scale, cap
+    )
+    nll, mass = nll_and_mass(fixed, lse, picked, ~initialised[targets])
+    return (bits_per_byte(nll, n_bytes), mass), None
+
+
+def donor_chunks(donor: Donor, rows: int, dtype: str) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, rows, LOGIT_ROW_CHUNK):
+        ids = np.arange(start, min(rows, start + LOGIT_ROW_CHUNK))
+        yield start, decode_rows(donor.read_rows("head", ids), dtype).astype(np.float32)
+
+
+def same_space_cosine(donor: Donor, inputs: Any, match: str) -> float:
+    """Median cosine between M's and the donor's input rows of the tokens they share (at
+    most SAME_SPACE_SAMPLE of them, evenly spread): near 1 for a model and its fine-tunes,
+    near 0 across families."""
+    from merge_tools.remap.calibration import SAME_SPACE_SAMPLE, median_cosine
+    from merge_tools.remap.matching import effective_match_mode, match_tokens
+
+    shared = match_tokens(donor.spec, inputs.src.spec, effective_match_mode(match, donor.spec, inputs.src.spec)).src_of_base
+    pairs = np.array(sorted((d, m) for d, m in shared.items() if d < donor.vocab.rows and m < inputs.vocab.rows), dtype=np.int64)
+    if not len(pairs):
+        return 0.0
+    pairs = pairs[np.linspace(0, len(pairs) - 1, min(len(pairs), SAME_SPACE_SAMPLE)).astype(np.int64)]
+    embed = inputs.ckpt.tensors[inputs.vocab.embed]
+    mine = decode_rows(read_matrix(inputs.ckpt, embed, inputs.vocab.rows)[pairs[:, 1]], embed.dtype)
+    theirs = decode_rows(donor.read_rows("embed", pairs[:, 0]), donor.tensor("embed").dtype)  # type: ignore[union-attr]
+    return median_cosine(mine.astype(np.float32), theirs.astype(np.float32))
+
+
+# ========================================================================================
 # merge_tools/remap/config_outputs.py
 # Config outputs: vocab_size and every token id of config.json and generation_config.json;
 # M's other files.
@@ -4388,13 +5382,23 @@ def base_role_id(base: TokenizerSource, key: str) -> int | None:
 
 
 def patch_config(
-    config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any], token_ids: Mapping[tuple[str | None, str], Any] | None = None
+    config: Mapping[str, Any],
+    vocab_size: int,
+    ids: Mapping[str, Any],
+    token_ids: Mapping[tuple[str | None, str], Any] | None = None,
+    untied: bool = False,
 ) -> dict[str, Any]:
     """M's config with the new vocab_size (wherever it appears), role ids and token ids
-    (config_token_ids); everything else unchanged. Multimodal configs keep the text
-    model's values under text_config."""
+    (config_token_ids), and tie_word_embeddings false wherever it is set (and at the top)
+    when a tied model got its own lm_head; everything else unchanged. Multimodal configs
+    keep the text model's values under text_config."""
     data = json.loads(json.dumps(config))
     sections = {name: values for name, values in config_sections(data)}
+    if untied:
+        data["tie_word_embeddings"] = False
+        for values in sections.values():
+            if "tie_word_embeddings" in values:
+                values["tie_word_embeddings"] = False
     holders = [values for values in sections.values() if "vocab_size" in values]
     for values in holders or [sections.get("text_config", data)]:
         values["vocab_size"] = vocab_size
@@ -4938,6 +5942,8 @@ def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0
         + (f", {report['vocab_tensors']['head']}" if report["vocab_tensors"]["head"] else " (tied)"),
         describe_counts(plan),
     ]
+    if report.get("init_auto"):
+        lines.append(auto_line(report["init_auto"]))
     dropped_special = [item["token"] for item in plan["dropped"] if item.get("added")]
     if dropped_special:
         lines.append(
@@ -4953,6 +5959,22 @@ def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0
     if init_report or dry_run:
         lines += init_examples(plan, init_report or 5)
     return "\n".join(lines)
+
+
+def auto_line(auto: Mapping[str, Any]) -> str:
+    """What --init auto chose, and the masses and bits per byte it measured."""
+    if auto["chose"] != "calibrated":
+        return f"init auto: {auto['chose']} ({auto['reason']})"
+    natural = f"natural {auto['natural_mass']:.3f}, " if auto["natural_mass"] is not None else ""
+    output = (
+        f"output rows x {auto['alpha']:g}" + (", untied" if auto["untied"] else "") if auto["alpha"] != 1 else "output rows as input rows"
+    )
+    return (
+        f"init auto: calibrated on {auto['calibration_text']['source']} text ({auto['lambda']:g} FVT + {1 - auto['lambda']:g} OMP, "
+        f"{output}); mass on initialised rows: {natural}fvt {auto['mass_before']:.3f} -> {auto['mass_after']:.3f}; "
+        f"bits/byte {auto['bits_per_byte_before']:.3f} -> {auto['bits_per_byte_after']:.3f} "
+        f"({auto['omp_seconds']:.0f} s of OMP, {auto['seconds'] - auto['omp_seconds']:.0f} s of calibration)"
+    )
 
 
 RULE_NOTES = {
@@ -5094,6 +6116,9 @@ def directory_fingerprint(path: Path) -> str:
 REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
 
 
+UNTIED_HEAD_NAME = "lm_head.weight"  # the output embedding --init auto gives a tied model when it scales output rows
+
+
 @dataclass(frozen=True)
 class RemapInputs:
     """M's checkpoint and configs, and both tokenizers, read and checked."""
@@ -5124,6 +6149,9 @@ class PlannedRemap:
     generation_ids: Mapping[str, Any]
     config_token_ids: Mapping[tuple[str | None, str], Any] = field(default_factory=dict)  # config_token_ids
     donor_unreachable: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (the donor's, M's) ids never produced
+    auto: AutoChoice | None = None  # what --init auto chose
+    given_rows: Mapping[str, tuple[Any, Any]] | None = None  # rows computed while planning (--init auto, calibrated)
+    untied: bool = False  # a tied M gets an lm_head (config: tie_word_embeddings false)
 
     @functools.cached_property
     def appended_added(self) -> dict[str, Any]:
@@ -5174,6 +6202,8 @@ def read_inputs(opts: RemapOptions) -> RemapInputs:
         check_out_dir(opts.out_dir, protected, opts.overwrite)
     elif not opts.dry_run:
         raise CliError("--out_dir is required (or --dry-run to see the plan)")
+    if opts.calibration_text is not None and not Path(opts.calibration_text).expanduser().is_file():
+        raise CliError(f"--calibration-text {opts.calibration_text}: no such file")
     if not (src_dir / "config.json").is_file():
         raise CliError(f"{src_dir}: no config.json; is this a transformers model directory?")
     config = read_optional_json(src_dir / "config.json")
@@ -5205,28 +6235,10 @@ def plan_outputs(
     shards and the output's role ids."""
     base, src, vocab = inputs.base, inputs.src, inputs.vocab
     matches = match_tokens(base.spec, src.spec, match_mode, base_unreachable, src_unreachable)
-    matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
-    unmatched = len(matched) < len(base.spec.vocab)  # else no row needs a donor, which is then not read
-    donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") and unmatched else None
-    donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
-    decompositions: dict[str, tuple[int, ...]] = {}
-    missing = [t for t, i in base.spec.vocab.items() if i not in matched and i not in base_unreachable and t not in donor_of_token]
-    if opts.init in ("fvt", "donor", "omp") and missing:
-        decompositions = fvt_decompositions(token_texts(missing, base.spec), src)
-    plan = plan_remap(
-        base.spec,
-        src.spec,
-        src_rows=vocab.rows,
-        matches=matches,
-        drop_extra=opts.drop_extra,
-        init=opts.init,
-        base_config_vocab_size=config_value(base.config, "vocab_size"),
-        pad_to_multiple_of=opts.pad_to_multiple_of,
-        decompositions=decompositions,
-        donor_of_token=donor_of_token,
-        unreachable=base_unreachable,
-        fill_rules={token: rule for token, rule, _, _ in opts.mergekit_fills},
-    )
+    donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
+    donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
+    rows = choose_rows(opts, inputs, matches, base_unreachable, donor_unreachable)
+    plan = rows.plan
     src_eos = as_id_list(src.generation_config.get("eos_token_id", config_value(inputs.config, "eos_token_id")))
     config_ids, generation_ids = output_role_ids(
         base.spec.roles,
@@ -5237,13 +6249,87 @@ def plan_outputs(
         plan,
     )
     token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id, base)
-    entries = output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head)
+    entries = output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head or rows.untie_head)
     unchanged = plan.n_rows == plan.src_rows and all(source == row for row, source in enumerate(plan.row_source))
     link = opts.link and inputs.ckpt.kind == "safetensors"
     shards = plan_linked_shards(inputs.ckpt, entries, unchanged) if link else plan_shards(entries, opts.max_shard_size)
-    donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
-    donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
-    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable)
+    return PlannedRemap(
+        plan, match_mode, shards, rows.donor, rows.donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable,
+        rows.auto, rows.given_rows, rows.untie_head is not None,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RowChoice:
+    """The plan's rows and what fills those M lacks: the donor, and for --init auto what
+    it chose (with the calibrated rows computed, and whether a tied M gets an lm_head)."""
+
+    plan: RemapPlan
+    donor: Donor | None
+    donor_of_token: Mapping[str, int]
+    auto: AutoChoice | None = None
+    given_rows: Mapping[str, tuple[Any, Any]] | None = None
+    untie_head: str | None = None
+
+
+def choose_rows(
+    opts: RemapOptions,
+    inputs: RemapInputs,
+    matches: Matches,
+    base_unreachable: frozenset[int],
+    donor_unreachable: tuple[frozenset[int], frozenset[int]],
+) -> RowChoice:
+    """The plan by --init; for auto, the method auto_method picks, then (calibrated) the
+    rows measure_points and choose_point decide."""
+    base, src, vocab = inputs.base, inputs.src, inputs.vocab
+    matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
+    unmatched = len(base.spec.vocab) - len(matched)  # rows to initialise; none: no donor is read
+    init, auto_reason = opts.init, None
+    donor = read_donor_for(opts, vocab) if init in ("donor", "omp", "auto") and unmatched else None
+    if init == "auto":
+        cosine = same_space_cosine(donor, inputs, opts.match) if donor is not None and donor.vocab.hidden == vocab.hidden else None
+        init, auto_reason = auto_method(donor is not None, unmatched, donor is not None and donor.vocab.hidden == vocab.hidden, cosine)
+        donor = donor if init != "fvt" else None
+    donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
+    missing = [
+        t
+        for t, i in base.spec.vocab.items()
+        if i not in matched and i not in base_unreachable and (init == "auto" or t not in donor_of_token)
+    ]
+    decompositions = fvt_decompositions(token_texts(missing, base.spec), src) if init in ("fvt", "donor", "omp", "auto") and missing else {}
+    plan = plan_remap(
+        base.spec,
+        src.spec,
+        src_rows=vocab.rows,
+        matches=matches,
+        drop_extra=opts.drop_extra,
+        init=init,
+        base_config_vocab_size=config_value(base.config, "vocab_size"),
+        pad_to_multiple_of=opts.pad_to_multiple_of,
+        decompositions=decompositions,
+        donor_of_token=donor_of_token,
+        unreachable=base_unreachable,
+        fill_rules={token: rule for token, rule, _, _ in opts.mergekit_fills},
+    )
+    if init != "auto" or donor is None:
+        return RowChoice(plan, donor, donor_of_token, AutoChoice(init, auto_reason) if auto_reason else None)
+    text, source = calibration_text(opts)
+    choice, given, untie = calibrated_rows(plan, inputs, donor, opts, donor_unreachable, text, source)
+    return RowChoice(plan, donor, donor_of_token, choice, given, UNTIED_HEAD_NAME if untie else None)
+
+
+def calibration_text(opts: RemapOptions) -> tuple[str, str]:
+    """(the calibration text, where it comes from): --calibration-text, else the built-in one."""
+    if opts.calibration_text is None:
+        return CALIBRATION_TEXT, "built-in"
+    path = Path(opts.calibration_text).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--calibration-text {opts.calibration_text}: cannot read it as UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise CliError(f"--calibration-text {opts.calibration_text}: the file is empty")
+    return text, str(path)
 
 
 def emission_candidates(base: VocabSpec, src: VocabSpec, match_mode: str) -> list[str]:
@@ -5290,6 +6376,7 @@ def remap_report(opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap)
             **{f"{role}_token_id": value for role, value in planned.config_ids.items()},
             **{f"{section}.{key}" if section else key: value for (section, key), value in planned.config_token_ids.items()},
         },
+        "init_auto": planned.auto.to_dict() if planned.auto is not None else None,
         "donor": {
             "source": donor.source,
             "rows": donor.vocab.rows,
@@ -5350,7 +6437,9 @@ def write_output(
     assert opts.out_dir is not None
     plan, shards = planned.plan, planned.shards
     given_rows = (
-        initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts, planned.donor_unreachable)
+        planned.given_rows
+        if planned.given_rows is not None
+        else initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts, planned.donor_unreachable)
         if planned.donor is not None
         else mergekit_rows(plan, inputs.ckpt, inputs.vocab, opts)
         if opts.init == "mergekit"
@@ -5394,7 +6483,8 @@ def write_configs(out: Path, inputs: RemapInputs, planned: PlannedRemap) -> None
     shards = planned.shards
     if len(shards.files) > 1:
         write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
-    write_json(out / "config.json", patch_config(inputs.config, planned.plan.n_rows, planned.config_ids, planned.config_token_ids))
+    config = patch_config(inputs.config, planned.plan.n_rows, planned.config_ids, planned.config_token_ids, untied=planned.untied)
+    write_json(out / "config.json", config)
     if inputs.src.generation_config:
         write_json(out / "generation_config.json", patch_generation_config(inputs.src.generation_config, planned.generation_ids))
 
@@ -6231,13 +7321,20 @@ def add_initialisation_arguments(parser: argparse.ArgumentParser) -> None:
     initialisation.add_argument(
         *flag("--init"),
         choices=INIT_METHODS,
-        help="fvt, mean, unk, zero, donor or omp (default: fvt; with --mergekit-config: donor, the target's own rows, "
-        "when the target is a model with weights)",
+        help="auto, fvt, mean, unk, zero, donor or omp (default: auto: the donor's rows when it is of M's family, a calibrated "
+        "FVT/OMP blend across families, fvt without a donor; with --mergekit-config: donor, the target's own rows, when the "
+        "target is a model with weights)",
+    )
+    initialisation.add_argument(
+        *flag("--calibration-text"),
+        metavar="FILE",
+        help="with --init auto: the UTF-8 text its calibration measures on (default: a built-in mix of prose, code, numbers "
+        "and several scripts)",
     )
     initialisation.add_argument(
         *flag("--donor-model"),
         metavar="D",
-        help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision",
+        help="with --init donor / omp / auto: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision",
     )
     initialisation.add_argument(
         *flag("--omp-k"),
@@ -6293,6 +7390,8 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
         "donor_model": args.donor_model, "omp_k": args.omp_k, "chat_template": args.chat_template,
     }  # fmt: skip
     if args.mergekit_config is None:
+        if args.calibration_text is not None and args.init not in (None, "auto"):
+            raise CliError(f"--calibration-text applies to --init auto, not --init {args.init}")
         if args.src_model is None or args.base_tokenizer is None:
             raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
         if args.copy:
@@ -6301,8 +7400,8 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
         base_tokenizer, common["base_revision"] = with_revision(args.base_tokenizer, args.base_revision, "--base-revision")
         return RemapOptions(
             src_model=src_model, base_tokenizer=base_tokenizer, out_dir=args.out_dir, drop_extra=args.drop_extra,
-            init=args.init or "fvt", pad_to_multiple_of=args.pad_to_multiple_of, revision=revision, embed_name=args.embed_name,
-            head_name=args.head_name, init_report=args.init_report, **common,
+            init=args.init or "auto", pad_to_multiple_of=args.pad_to_multiple_of, revision=revision, embed_name=args.embed_name,
+            head_name=args.head_name, init_report=args.init_report, calibration_text=args.calibration_text, **common,
         )  # fmt: skip
     if args.src_model is not None:
         raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
@@ -6311,10 +7410,16 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
         "--embed-name": args.embed_name,
         "--head-name": args.head_name,
         "--pad-to-multiple-of": args.pad_to_multiple_of,
+        "--calibration-text": args.calibration_text,
     }
     for option, value in single.items():
         if value is not None:
             raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
+    if args.init == "auto":
+        raise CliError(
+            "--init auto applies to a single remap; an alignment takes the target's rows (donor) or mergekit's (union) by "
+            "default, or the --init you name among the others"
+        )
     if args.out_dir is None:
         raise CliError("--mergekit-config needs --out_dir ALIGNED (where the aligned models and merge.yaml go)")
     return AlignOptions(

@@ -199,3 +199,21 @@ def test_no_model_is_called_safe_to_merge_under_a_failing_merge(tmp_path: Path, 
     assert ct.main(["--mergekit-config", str(config), "--weights"]) == 1
     out = capsys.readouterr().out
     assert "merge  FAIL" in out and "safe to merge" not in out and "identical (but the merge fails" in out, out
+
+
+@pytest.mark.parametrize(
+    "base_tied, other_tied, level",
+    [(False, False, None), (True, True, None), (False, True, "info"), (True, False, "warn")],
+)
+def test_a_tied_base_with_an_untied_model_warns_with_the_fix(base_tied: bool, other_tied: bool, level: str | None) -> None:
+    """mergekit keeps the base's config: a tied base over an untied model's merged lm_head is
+    a config transformers 4 reads differently from 5 (the e2e test merges it for real)."""
+    from merge_tools.common.merge_check import ModelFacts, compare_models
+
+    found = compare_models(
+        ModelFacts({"tie_word_embeddings": base_tied}, None), ModelFacts({"tie_word_embeddings": other_tied}, None), False, False
+    )
+    tie = [(found_level, message) for found_level, message in found if "tie_word_embeddings" in message]
+    assert [found_level for found_level, _ in tie] == ([level] if level else [])
+    if level == "warn":
+        assert "set tie_word_embeddings: false in the merged config.json" in tie[0][1]

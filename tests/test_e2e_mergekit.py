@@ -407,3 +407,53 @@ def test_a_linked_alignment_merges_like_a_full_copy(
         assert torch.equal(tensor, merged["copy"][name]), name
     report = json.loads(next((tmp_path / "linked").glob("*/remap_report.json")).read_text())
     assert report["linked"]
+
+
+def test_a_damped_transplant_merges_and_the_gate_names_the_tied_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--init auto with damped output rows unties a tied model; mergekit merges it with its
+    tied target model, writing the merged lm_head under the base's tied config, which
+    transformers 5 follows and 4 ignores: the gate warns with the fix, and the fix works."""
+    from test_calibration import pick_the_most_damped
+    from test_versions import OTHER_PYTHON
+
+    from merge_tools.remap import calibration_run
+    from merge_tools.remap import cli as package_cli
+
+    src = factories.write_model(tmp_path / "src", factories.byte_level_bpe(), arch="llama_tied", **factories.BYTE_SPECIALS)
+    base = factories.write_model(tmp_path / "base", factories.metaspace_bpe(), arch="llama_tied", seed=1, **factories.SP_SPECIALS)
+    monkeypatch.setattr(calibration_run, "choose_point", pick_the_most_damped)
+    out = tmp_path / "out"
+    code, _, err = factories.call_main(
+        package_cli.main, capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", out, "--drop-extra"
+    )
+    assert code == 0 and factories.report_of(out)["init_auto"]["untied"], err
+    config = linear_yaml(tmp_path / "merge.yaml", base, [(base, 0.5), (out, 0.5)])
+    code, stdout, _ = factories.call_main(ct.main, capsys, "--mergekit-config", config)
+    assert code == 0 and "WARN" in stdout and "set tie_word_embeddings: false in the merged config.json" in stdout
+    merged = tmp_path / "merged"
+    result = mergekit(config, merged)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = tensors(merged)
+    head = 0.5 * tensors(base)["model.embed_tokens.weight"] + 0.5 * tensors(out)["lm_head.weight"]
+    assert torch.allclose(written["lm_head.weight"], head, atol=1e-6)
+    loaders = [sys.executable] + ([OTHER_PYTHON] if OTHER_PYTHON else [])
+    assert output_rows_loaded(sys.executable, merged) == (int(transformers.__version__.split(".")[0]) >= 5)
+    if OTHER_PYTHON:
+        assert output_rows_loaded(OTHER_PYTHON, merged) == (int(transformers.__version__.split(".")[0]) < 5)
+    merged_config = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**merged_config, "tie_word_embeddings": False}))
+    assert all(output_rows_loaded(python, merged) for python in loaders)
+
+
+def output_rows_loaded(python: str, directory: Path) -> bool:
+    """Whether a transformers install uses the file's lm_head as the output layer."""
+    script = (
+        "import sys, torch, transformers\nfrom safetensors.torch import load_file\nimport glob\n"
+        "t = {}\n[t.update(load_file(f)) for f in glob.glob(sys.argv[1] + '/*.safetensors')]\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(torch.equal(m.get_output_embeddings().weight.float(), t['lm_head.weight'].float()))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run([python, "-c", script, str(directory)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1] == "True"

@@ -33,6 +33,8 @@ OTHER_PROGRAMS = {
     "--skip-surgeon-omp",
     "--skip-naive",
     "--cold",
+    "--held-out",
+    "--scripts",
 }
 
 
@@ -52,8 +54,13 @@ def test_every_documented_flag_exists() -> None:
     transplant_help = subprocess.run(
         [sys.executable, "benchmarks/transplant.py", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
-    assert all(flag in transplant_help for flag in ("--a", "--b", "--text", "--skip-surgeon-omp"))
-    for script, flags in (("bench_audit.py", ("--cold",)), ("audit_demo.py", ("--model",)), ("union_fidelity.py", ("--model",))):
+    assert all(flag in transplant_help for flag in ("--a", "--b", "--text", "--held-out", "--skip-surgeon-omp"))
+    for script, flags in (
+        ("bench_audit.py", ("--cold",)),
+        ("bench_remap.py", ("--scripts",)),
+        ("audit_demo.py", ("--model",)),
+        ("union_fidelity.py", ("--model",)),
+    ):
         script_help = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
         assert all(flag in script_help for flag in flags), script
 

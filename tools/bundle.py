@@ -35,7 +35,8 @@ SCRIPTS = {
     "compare_tokenizers.py": ("gate", ["fingerprint", "reading", "vocab_check", "tokenizer_checks", "weights_check", "comparison",
                                        "tokenizer_merge_audit", "audit", "audit_reading", "audit_report", "report", "cli"]),
     "remap_tokenizer.py": ("remap", ["tokenizers_in", "progress", "matching", "plan", "row_math", "omp", "checkpoints", "options",
-                                     "donor", "mergekit_rows", "shards", "shard_writer", "shard_streaming", "config_outputs",
+                                     "donor", "mergekit_rows", "shards", "shard_writer", "shard_streaming", "calibration_text",
+                                     "calibration", "body_forward", "calibration_scoring", "calibration_run", "config_outputs",
                                      "tokenizer_outputs", "output_dir", "summary", "model_views", "remap", "union",
                                      "alignment_dir", "alignment", "cli"]),
 }  # fmt: skip

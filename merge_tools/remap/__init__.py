@@ -8,8 +8,9 @@ rewrites a model (M) so that its rows follow another tokenizer (T):
                          patched tokenizer that can decode them
   --drop-extra           exactly T's vocabulary and config.vocab_size: ready to merge
 
-Rows of T's tokens that M lacks are initialised (default: FVT, the mean of the rows of
-the source tokens that spell the same text). The remap streams tensor by tensor: memory
+Rows of T's tokens that M lacks are initialised (default: auto, which measures its choice:
+a donor's own rows within a family; across families FVT, the mean of the rows of the
+source tokens that spell the same text, blended with OMP as a calibration decides). The remap streams tensor by tensor: memory
 stays around one vocabulary matrix whatever the model size, and every other tensor is
 copied byte for byte.
 
@@ -26,6 +27,10 @@ Modules (merge_tools/remap, over merge_tools/common), in the order the data goes
   donor, mergekit_rows     rows of another model (--init donor / omp), of a tokenizer merge
   shards, shard_writer,    the shard plan, the streaming writer, writing and checking
   shard_streaming          every shard
+  calibration_text,        --init auto: the built-in text, the choice (pure), running M's
+  calibration,             body one layer at a time, the measurement
+  body_forward,
+  calibration_run
   config_outputs,          config.json / generation_config.json, the tokenizer files
   tokenizer_outputs
   output_dir               lock, staging, atomic publish, leftovers of dead runs

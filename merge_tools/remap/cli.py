@@ -144,13 +144,20 @@ def add_initialisation_arguments(parser: argparse.ArgumentParser) -> None:
     initialisation.add_argument(
         *flag("--init"),
         choices=INIT_METHODS,
-        help="fvt, mean, unk, zero, donor or omp (default: fvt; with --mergekit-config: donor, the target's own rows, "
-        "when the target is a model with weights)",
+        help="auto, fvt, mean, unk, zero, donor or omp (default: auto: the donor's rows when it is of M's family, a calibrated "
+        "FVT/OMP blend across families, fvt without a donor; with --mergekit-config: donor, the target's own rows, when the "
+        "target is a model with weights)",
+    )
+    initialisation.add_argument(
+        *flag("--calibration-text"),
+        metavar="FILE",
+        help="with --init auto: the UTF-8 text its calibration measures on (default: a built-in mix of prose, code, numbers "
+        "and several scripts)",
     )
     initialisation.add_argument(
         *flag("--donor-model"),
         metavar="D",
-        help="with --init donor / omp: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision",
+        help="with --init donor / omp / auto: the model whose rows are used (default: T, when it has weights); org/name@rev for a revision",
     )
     initialisation.add_argument(
         *flag("--omp-k"),
@@ -206,6 +213,8 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
         "donor_model": args.donor_model, "omp_k": args.omp_k, "chat_template": args.chat_template,
     }  # fmt: skip
     if args.mergekit_config is None:
+        if args.calibration_text is not None and args.init not in (None, "auto"):
+            raise CliError(f"--calibration-text applies to --init auto, not --init {args.init}")
         if args.src_model is None or args.base_tokenizer is None:
             raise CliError("--src_model and --base_tokenizer are required (or --mergekit-config FILE)")
         if args.copy:
@@ -214,8 +223,8 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
         base_tokenizer, common["base_revision"] = with_revision(args.base_tokenizer, args.base_revision, "--base-revision")
         return RemapOptions(
             src_model=src_model, base_tokenizer=base_tokenizer, out_dir=args.out_dir, drop_extra=args.drop_extra,
-            init=args.init or "fvt", pad_to_multiple_of=args.pad_to_multiple_of, revision=revision, embed_name=args.embed_name,
-            head_name=args.head_name, init_report=args.init_report, **common,
+            init=args.init or "auto", pad_to_multiple_of=args.pad_to_multiple_of, revision=revision, embed_name=args.embed_name,
+            head_name=args.head_name, init_report=args.init_report, calibration_text=args.calibration_text, **common,
         )  # fmt: skip
     if args.src_model is not None:
         raise CliError("--mergekit-config aligns the models of the YAML: leave out --src_model")
@@ -224,10 +233,16 @@ def options_from_args(args: argparse.Namespace) -> RemapOptions | AlignOptions:
         "--embed-name": args.embed_name,
         "--head-name": args.head_name,
         "--pad-to-multiple-of": args.pad_to_multiple_of,
+        "--calibration-text": args.calibration_text,
     }
     for option, value in single.items():
         if value is not None:
             raise CliError(f"{option} applies to a single remap, not to --mergekit-config (write model@revision in the YAML)")
+    if args.init == "auto":
+        raise CliError(
+            "--init auto applies to a single remap; an alignment takes the target's rows (donor) or mergekit's (union) by "
+            "default, or the --init you name among the others"
+        )
     if args.out_dir is None:
         raise CliError("--mergekit-config needs --out_dir ALIGNED (where the aligned models and merge.yaml go)")
     return AlignOptions(

@@ -134,13 +134,23 @@ def base_role_id(base: TokenizerSource, key: str) -> int | None:
 
 
 def patch_config(
-    config: Mapping[str, Any], vocab_size: int, ids: Mapping[str, Any], token_ids: Mapping[tuple[str | None, str], Any] | None = None
+    config: Mapping[str, Any],
+    vocab_size: int,
+    ids: Mapping[str, Any],
+    token_ids: Mapping[tuple[str | None, str], Any] | None = None,
+    untied: bool = False,
 ) -> dict[str, Any]:
     """M's config with the new vocab_size (wherever it appears), role ids and token ids
-    (config_token_ids); everything else unchanged. Multimodal configs keep the text
-    model's values under text_config."""
+    (config_token_ids), and tie_word_embeddings false wherever it is set (and at the top)
+    when a tied model got its own lm_head; everything else unchanged. Multimodal configs
+    keep the text model's values under text_config."""
     data = json.loads(json.dumps(config))
     sections = {name: values for name, values in config_sections(data)}
+    if untied:
+        data["tie_word_embeddings"] = False
+        for values in sections.values():
+            if "tie_word_embeddings" in values:
+                values["tie_word_embeddings"] = False
     holders = [values for values in sections.values() if "vocab_size" in values]
     for values in holders or [sections.get("text_config", data)]:
         values["vocab_size"] = vocab_size

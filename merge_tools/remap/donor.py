@@ -58,33 +58,42 @@ class Donor:
         return hub_tensor_rows(*self.remote, tensor, ids)
 
 
-def read_donor(source: str, revision: str | None, trust_remote_code: bool) -> Donor:
+def read_donor(source: str, revision: str | None, trust_remote_code: bool, required: bool = True) -> Donor | None:
     """A local model directory, or a Hub repo of which only the tokenizer files and configs
-    are downloaded (the headers and rows come by HTTP range requests)."""
+    are downloaded (the headers and rows come by HTTP range requests). None when it has no
+    weights and `required` is False (--init auto: then there is no donor)."""
     if Path(source).expanduser().exists() or not looks_like_hub_id(source):
         directory = resolve_source(source, revision, [])
         if not directory.is_dir():
             raise CliError(f"--donor-model {source}: expected a model directory or repo id, got a file")
         tokenizer = read_tokenizer(directory)
         if select_weight_files(p.name for p in directory.iterdir() if p.is_file())[0] == "none":
+            if not required:
+                return None
             raise CliError(f"{directory}: no weights to take rows from; name a model with weights (--donor-model D) or use --init fvt")
         ckpt, remote = read_checkpoint(directory), None
     else:
         directory = resolve_source(source, revision, [*TOKENIZER_FILES, *CONFIG_FILES])
         tokenizer = read_tokenizer(directory)
-        ckpt, remote = hub_checkpoint(source, revision, directory), (source, revision)
+        found = hub_checkpoint(source, revision, directory, required)
+        if found is None:
+            return None
+        ckpt, remote = found, (source, revision)
     vocab = find_vocab_tensors(ckpt, tokenizer.config, embed_name=None, head_name=None, trust_remote_code=trust_remote_code)
     return Donor(source, tokenizer.spec, ckpt, vocab, remote)
 
 
-def hub_checkpoint(repo_id: str, revision: str | None, directory: Path) -> Checkpoint:
-    """A Hub repo's tensors from its safetensors headers (start: offset in the data part)."""
+def hub_checkpoint(repo_id: str, revision: str | None, directory: Path, required: bool = True) -> Checkpoint | None:
+    """A Hub repo's tensors from its safetensors headers (start: offset in the data part);
+    None for a repo without safetensors weights when they are not `required`."""
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import NotASafetensorsRepoError
 
     try:
         metadata = get_safetensors_metadata(repo_id, revision=revision)
     except NotASafetensorsRepoError as exc:
+        if not required:
+            return None
         raise CliError(
             f"{repo_id}: no safetensors weights to take rows from; name a model with weights (--donor-model D) or use --init fvt"
         ) from exc
@@ -155,14 +164,15 @@ def donor_tokens(base: VocabSpec, donor: Donor, match: str, base_unreachable: fr
     return {token_of_base[base_id]: donor_id for base_id, donor_id in matches.src_of_base.items() if donor_id < donor.vocab.rows}
 
 
-def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor:
-    """D for --init donor / omp: --donor-model, else T itself (which then needs weights)."""
+def read_donor_for(opts: RemapOptions, vocab: VocabTensors) -> Donor | None:
+    """D for --init donor / omp / auto: --donor-model, else T itself (which then needs
+    weights, but for auto: None when T has none)."""
     if opts.donor_model is not None:
         name, revision = split_revision(opts.donor_model)
     else:
         name, revision = opts.base_tokenizer, opts.base_revision
-    donor = read_donor(name, revision, opts.trust_remote_code)
-    if opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
+    donor = read_donor(name, revision, opts.trust_remote_code, required=opts.init != "auto" or opts.donor_model is not None)
+    if donor is not None and opts.init == "donor" and donor.vocab.hidden != vocab.hidden:
         raise CliError(f"the donor's hidden size is {donor.vocab.hidden}, M's is {vocab.hidden}: use --init omp")
     return donor
 

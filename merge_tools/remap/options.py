@@ -41,6 +41,7 @@ class RemapOptions:
     mergekit_inputs: str | None = None
     untie_head: str | None = None
     link: bool = False  # an alignment's remap: the source's shards without a vocabulary tensor are linked, not copied
+    calibration_text: str | None = None  # --init auto: the text it measures on (None: the built-in one)
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: equal identities give equal outputs."""
@@ -63,6 +64,7 @@ class RemapOptions:
             "mergekit_inputs",
             "untie_head",
             "link",
+            "calibration_text",
         )
         return {key: getattr(self, key) for key in keys}
 

@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from merge_tools.remap.tokenizers_in import VocabSpec
 
 
-INIT_METHODS = ("fvt", "mean", "unk", "zero", "donor", "omp")
+INIT_METHODS = ("auto", "fvt", "mean", "unk", "zero", "donor", "omp")
 
 
 # Row sources in RemapPlan.row_source: >= 0 copies that source row.
-MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW = -1, -2, -3, -4, -5
+MEAN_ROW, ZERO_ROW, FVT_ROW, DONOR_ROW, OMP_ROW, CALIBRATED_ROW = -1, -2, -3, -4, -5, -6
+GIVEN_ROWS = (DONOR_ROW, OMP_ROW, CALIBRATED_ROW)  # rows computed before the shards are written
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,10 @@ class RemapPlan:
     row_source[i] >= 0 copies source row row_source[i] bit for bit; MEAN_ROW, ZERO_ROW
     and FVT_ROW (the mean of the source rows fvt_parts[i]) are initialised rows; DONOR_ROW
     copies the donor's row donor_rows[i], OMP_ROW combines M's rows as OMP expresses the
-    donor's row donor_rows[i] in the donor's rows of shared tokens. row_rule[i] says why
-    (copied, moved, appended, role:eos, fvt, mean, unk, zero, donor, omp, *_fallback_*, padding).
+    donor's row donor_rows[i] in the donor's rows of shared tokens, CALIBRATED_ROW (init
+    auto) blends the FVT row of fvt_parts[i] with that OMP row as the calibration decides.
+    row_rule[i] says why (copied, moved, appended, role:eos, fvt, mean, unk, zero, donor,
+    omp, auto, *_fallback_*, padding).
     """
 
     mode: str  # append | drop
@@ -231,8 +234,18 @@ def initialise_row(rows: RowsBuilder, base_id: int, token: str, special: bool, c
     probability (Jensen: exp of the mean logit is at most the mean of exp), where a copy of
     the row of the token that T does produce for those bytes would split its probability."""
     init, src_unk = context.init, context.src_unk
-    if base_id in context.unreachable and init in ("fvt", "omp", "donor") and not (init == "donor" and token in context.donor_of_token):
+    if (
+        base_id in context.unreachable
+        and init in ("fvt", "omp", "donor", "auto")
+        and not (init == "donor" and token in context.donor_of_token)
+    ):
         rows.add(MEAN_ROW, "unreachable")
+    elif init == "auto" and token in context.donor_of_token:
+        row = rows.add(CALIBRATED_ROW, "auto")
+        rows.donor_rows[row] = context.donor_of_token[token]
+        parts = fvt_parts(token, special, context)
+        if parts:
+            rows.fvt_parts[row] = parts
     elif init == "zero":
         rows.add(ZERO_ROW, "zero")
     elif init == "unk" and src_unk is not None and src_unk < context.src_rows:
@@ -240,15 +253,22 @@ def initialise_row(rows: RowsBuilder, base_id: int, token: str, special: bool, c
     elif init in ("donor", "omp") and token in context.donor_of_token:
         rows.donor_rows[rows.add(DONOR_ROW if init == "donor" else OMP_ROW, init)] = context.donor_of_token[token]
     else:
-        parts = tuple(i for i in context.decompositions.get(token, ()) if i < context.src_rows and i != src_unk)
-        if init in ("fvt", "donor", "omp") and not special and parts:
+        parts = fvt_parts(token, special, context)
+        if init in ("fvt", "donor", "omp", "auto") and parts:
             rows.fvt_parts[rows.add(FVT_ROW, "fvt" if init == "fvt" else f"{init}_fallback_fvt")] = parts
-        elif init in ("donor", "omp"):
+        elif init in ("donor", "omp", "auto"):
             rows.add(MEAN_ROW, f"{init}_fallback_mean")
         elif init == "fvt" and not special:
             rows.add(MEAN_ROW, "fvt_fallback_mean")
         else:
             rows.add(MEAN_ROW, "mean" if init in ("mean", "fvt") else "unk_fallback_mean")
+
+
+def fvt_parts(token: str, special: bool, context: InitContext) -> tuple[int, ...]:
+    """M's rows whose mean is the FVT row of a token M lacks (none for a special token)."""
+    if special:
+        return ()
+    return tuple(i for i in context.decompositions.get(token, ()) if i < context.src_rows and i != context.src_unk)
 
 
 def plan_source_extras(

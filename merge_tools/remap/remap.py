@@ -16,6 +16,9 @@ from merge_tools.common.errors import CliError, check_interrupt
 from merge_tools.common.logs import log
 from merge_tools.common.sources import CONFIG_FILES, SAFETENSORS_INDEX, TOKENIZER_FILES, resolve_source, split_revision
 from merge_tools.common.strict_json import is_int, read_optional_json
+from merge_tools.remap.calibration import AutoChoice, auto_method
+from merge_tools.remap.calibration_run import calibrated_rows, same_space_cosine
+from merge_tools.remap.calibration_text import CALIBRATION_TEXT
 from merge_tools.remap.checkpoints import config_value, find_vocab_tensors, read_checkpoint, refuse_encoder_decoder, resolve_model
 from merge_tools.remap.config_outputs import (
     REPORT_NAME,
@@ -50,6 +53,7 @@ from merge_tools.remap.tokenizers_in import (
 if TYPE_CHECKING:
     from merge_tools.remap.checkpoints import Checkpoint, VocabTensors
     from merge_tools.remap.donor import Donor
+    from merge_tools.remap.matching import Matches
     from merge_tools.remap.options import RemapOptions
     from merge_tools.remap.plan import RemapPlan
     from merge_tools.remap.shards import ShardPlan
@@ -57,6 +61,9 @@ if TYPE_CHECKING:
 
 
 REPORT_SCHEMA_ID = "merge_tools.remap_report/1"
+
+
+UNTIED_HEAD_NAME = "lm_head.weight"  # the output embedding --init auto gives a tied model when it scales output rows
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,9 @@ class PlannedRemap:
     generation_ids: Mapping[str, Any]
     config_token_ids: Mapping[tuple[str | None, str], Any] = field(default_factory=dict)  # config_token_ids
     donor_unreachable: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (the donor's, M's) ids never produced
+    auto: AutoChoice | None = None  # what --init auto chose
+    given_rows: Mapping[str, tuple[Any, Any]] | None = None  # rows computed while planning (--init auto, calibrated)
+    untied: bool = False  # a tied M gets an lm_head (config: tie_word_embeddings false)
 
     @functools.cached_property
     def appended_added(self) -> dict[str, Any]:
@@ -139,6 +149,8 @@ def read_inputs(opts: RemapOptions) -> RemapInputs:
         check_out_dir(opts.out_dir, protected, opts.overwrite)
     elif not opts.dry_run:
         raise CliError("--out_dir is required (or --dry-run to see the plan)")
+    if opts.calibration_text is not None and not Path(opts.calibration_text).expanduser().is_file():
+        raise CliError(f"--calibration-text {opts.calibration_text}: no such file")
     if not (src_dir / "config.json").is_file():
         raise CliError(f"{src_dir}: no config.json; is this a transformers model directory?")
     config = read_optional_json(src_dir / "config.json")
@@ -170,28 +182,10 @@ def plan_outputs(
     shards and the output's role ids."""
     base, src, vocab = inputs.base, inputs.src, inputs.vocab
     matches = match_tokens(base.spec, src.spec, match_mode, base_unreachable, src_unreachable)
-    matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
-    unmatched = len(matched) < len(base.spec.vocab)  # else no row needs a donor, which is then not read
-    donor = read_donor_for(opts, vocab) if opts.init in ("donor", "omp") and unmatched else None
-    donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
-    decompositions: dict[str, tuple[int, ...]] = {}
-    missing = [t for t, i in base.spec.vocab.items() if i not in matched and i not in base_unreachable and t not in donor_of_token]
-    if opts.init in ("fvt", "donor", "omp") and missing:
-        decompositions = fvt_decompositions(token_texts(missing, base.spec), src)
-    plan = plan_remap(
-        base.spec,
-        src.spec,
-        src_rows=vocab.rows,
-        matches=matches,
-        drop_extra=opts.drop_extra,
-        init=opts.init,
-        base_config_vocab_size=config_value(base.config, "vocab_size"),
-        pad_to_multiple_of=opts.pad_to_multiple_of,
-        decompositions=decompositions,
-        donor_of_token=donor_of_token,
-        unreachable=base_unreachable,
-        fill_rules={token: rule for token, rule, _, _ in opts.mergekit_fills},
-    )
+    donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
+    donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
+    rows = choose_rows(opts, inputs, matches, base_unreachable, donor_unreachable)
+    plan = rows.plan
     src_eos = as_id_list(src.generation_config.get("eos_token_id", config_value(inputs.config, "eos_token_id")))
     config_ids, generation_ids = output_role_ids(
         base.spec.roles,
@@ -202,13 +196,87 @@ def plan_outputs(
         plan,
     )
     token_ids = config_token_ids(inputs.config, plan, inputs.src_token_of_id, base)
-    entries = output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head)
+    entries = output_entries(inputs.ckpt, vocab, plan.n_rows, opts.untie_head or rows.untie_head)
     unchanged = plan.n_rows == plan.src_rows and all(source == row for row, source in enumerate(plan.row_source))
     link = opts.link and inputs.ckpt.kind == "safetensors"
     shards = plan_linked_shards(inputs.ckpt, entries, unchanged) if link else plan_shards(entries, opts.max_shard_size)
-    donor_is_t = opts.donor_model is None and match_mode == "bytes"  # T's ids were all checked (emission_candidates)
-    donor_unreachable = (base_unreachable if donor_is_t else frozenset(), src_unreachable)
-    return PlannedRemap(plan, match_mode, shards, donor, donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable)
+    return PlannedRemap(
+        plan, match_mode, shards, rows.donor, rows.donor_of_token, config_ids, generation_ids, token_ids, donor_unreachable,
+        rows.auto, rows.given_rows, rows.untie_head is not None,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RowChoice:
+    """The plan's rows and what fills those M lacks: the donor, and for --init auto what
+    it chose (with the calibrated rows computed, and whether a tied M gets an lm_head)."""
+
+    plan: RemapPlan
+    donor: Donor | None
+    donor_of_token: Mapping[str, int]
+    auto: AutoChoice | None = None
+    given_rows: Mapping[str, tuple[Any, Any]] | None = None
+    untie_head: str | None = None
+
+
+def choose_rows(
+    opts: RemapOptions,
+    inputs: RemapInputs,
+    matches: Matches,
+    base_unreachable: frozenset[int],
+    donor_unreachable: tuple[frozenset[int], frozenset[int]],
+) -> RowChoice:
+    """The plan by --init; for auto, the method auto_method picks, then (calibrated) the
+    rows measure_points and choose_point decide."""
+    base, src, vocab = inputs.base, inputs.src, inputs.vocab
+    matched = {b for b, s in matches.src_of_base.items() if s < vocab.rows}
+    unmatched = len(base.spec.vocab) - len(matched)  # rows to initialise; none: no donor is read
+    init, auto_reason = opts.init, None
+    donor = read_donor_for(opts, vocab) if init in ("donor", "omp", "auto") and unmatched else None
+    if init == "auto":
+        cosine = same_space_cosine(donor, inputs, opts.match) if donor is not None and donor.vocab.hidden == vocab.hidden else None
+        init, auto_reason = auto_method(donor is not None, unmatched, donor is not None and donor.vocab.hidden == vocab.hidden, cosine)
+        donor = donor if init != "fvt" else None
+    donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
+    missing = [
+        t
+        for t, i in base.spec.vocab.items()
+        if i not in matched and i not in base_unreachable and (init == "auto" or t not in donor_of_token)
+    ]
+    decompositions = fvt_decompositions(token_texts(missing, base.spec), src) if init in ("fvt", "donor", "omp", "auto") and missing else {}
+    plan = plan_remap(
+        base.spec,
+        src.spec,
+        src_rows=vocab.rows,
+        matches=matches,
+        drop_extra=opts.drop_extra,
+        init=init,
+        base_config_vocab_size=config_value(base.config, "vocab_size"),
+        pad_to_multiple_of=opts.pad_to_multiple_of,
+        decompositions=decompositions,
+        donor_of_token=donor_of_token,
+        unreachable=base_unreachable,
+        fill_rules={token: rule for token, rule, _, _ in opts.mergekit_fills},
+    )
+    if init != "auto" or donor is None:
+        return RowChoice(plan, donor, donor_of_token, AutoChoice(init, auto_reason) if auto_reason else None)
+    text, source = calibration_text(opts)
+    choice, given, untie = calibrated_rows(plan, inputs, donor, opts, donor_unreachable, text, source)
+    return RowChoice(plan, donor, donor_of_token, choice, given, UNTIED_HEAD_NAME if untie else None)
+
+
+def calibration_text(opts: RemapOptions) -> tuple[str, str]:
+    """(the calibration text, where it comes from): --calibration-text, else the built-in one."""
+    if opts.calibration_text is None:
+        return CALIBRATION_TEXT, "built-in"
+    path = Path(opts.calibration_text).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--calibration-text {opts.calibration_text}: cannot read it as UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise CliError(f"--calibration-text {opts.calibration_text}: the file is empty")
+    return text, str(path)
 
 
 def emission_candidates(base: VocabSpec, src: VocabSpec, match_mode: str) -> list[str]:
@@ -255,6 +323,7 @@ def remap_report(opts: RemapOptions, inputs: RemapInputs, planned: PlannedRemap)
             **{f"{role}_token_id": value for role, value in planned.config_ids.items()},
             **{f"{section}.{key}" if section else key: value for (section, key), value in planned.config_token_ids.items()},
         },
+        "init_auto": planned.auto.to_dict() if planned.auto is not None else None,
         "donor": {
             "source": donor.source,
             "rows": donor.vocab.rows,
@@ -315,7 +384,9 @@ def write_output(
     assert opts.out_dir is not None
     plan, shards = planned.plan, planned.shards
     given_rows = (
-        initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts, planned.donor_unreachable)
+        planned.given_rows
+        if planned.given_rows is not None
+        else initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, planned.donor, opts, planned.donor_unreachable)
         if planned.donor is not None
         else mergekit_rows(plan, inputs.ckpt, inputs.vocab, opts)
         if opts.init == "mergekit"
@@ -359,7 +430,8 @@ def write_configs(out: Path, inputs: RemapInputs, planned: PlannedRemap) -> None
     shards = planned.shards
     if len(shards.files) > 1:
         write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": shards.total_size}, "weight_map": shards.weight_map()})
-    write_json(out / "config.json", patch_config(inputs.config, planned.plan.n_rows, planned.config_ids, planned.config_token_ids))
+    config = patch_config(inputs.config, planned.plan.n_rows, planned.config_ids, planned.config_token_ids, untied=planned.untied)
+    write_json(out / "config.json", config)
     if inputs.src.generation_config:
         write_json(out / "generation_config.json", patch_generation_config(inputs.src.generation_config, planned.generation_ids))
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from merge_tools.common.errors import CliError
 from merge_tools.common.safetensors_files import DTYPE_SIZES
-from merge_tools.remap.plan import DONOR_ROW, FVT_ROW, MEAN_ROW, OMP_ROW, ZERO_ROW
+from merge_tools.remap.plan import FVT_ROW, GIVEN_ROWS, MEAN_ROW, ZERO_ROW
 
 if TYPE_CHECKING:
     from merge_tools.remap.plan import RemapPlan
@@ -95,7 +95,8 @@ def build_rows(
 ) -> np.ndarray:
     """Output rows [start, stop) of one vocabulary matrix as raw bytes: copies gathered
     from `src`, FVT rows averaged from their (finite) parts, mean and zero rows, and the
-    rows computed beforehand (`given`: sorted output rows and their bytes; donor and OMP)."""
+    rows computed beforehand (`given`: sorted output rows and their bytes; donor, OMP and
+    calibrated rows)."""
     sources = np.asarray(plan.row_source[start:stop], dtype=np.int64)
     out = src[np.maximum(sources, 0)] if len(src) else np.zeros((stop - start, src.shape[1]), np.uint8)
     if (sources >= 0).all():
@@ -104,8 +105,8 @@ def build_rows(
         rows, values = given
         first, last = np.searchsorted(rows, [start, stop])
         out[rows[first:last] - start] = values[first:last]
-    elif ((sources == DONOR_ROW) | (sources == OMP_ROW)).any():  # a tensor the donor has no rows for (MTP, Medusa, ...)
-        out[(sources == DONOR_ROW) | (sources == OMP_ROW)] = mean_row()
+    elif np.isin(sources, GIVEN_ROWS).any():  # a tensor the donor has no rows for (MTP, Medusa, ...)
+        out[np.isin(sources, GIVEN_ROWS)] = mean_row()
     out[sources == ZERO_ROW] = 0
     if (sources == MEAN_ROW).any():
         out[sources == MEAN_ROW] = mean_row()

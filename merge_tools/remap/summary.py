@@ -29,6 +29,8 @@ def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0
         + (f", {report['vocab_tensors']['head']}" if report["vocab_tensors"]["head"] else " (tied)"),
         describe_counts(plan),
     ]
+    if report.get("init_auto"):
+        lines.append(auto_line(report["init_auto"]))
     dropped_special = [item["token"] for item in plan["dropped"] if item.get("added")]
     if dropped_special:
         lines.append(
@@ -44,6 +46,22 @@ def human_summary(report: Mapping[str, Any], dry_run: bool, init_report: int = 0
     if init_report or dry_run:
         lines += init_examples(plan, init_report or 5)
     return "\n".join(lines)
+
+
+def auto_line(auto: Mapping[str, Any]) -> str:
+    """What --init auto chose, and the masses and bits per byte it measured."""
+    if auto["chose"] != "calibrated":
+        return f"init auto: {auto['chose']} ({auto['reason']})"
+    natural = f"natural {auto['natural_mass']:.3f}, " if auto["natural_mass"] is not None else ""
+    output = (
+        f"output rows x {auto['alpha']:g}" + (", untied" if auto["untied"] else "") if auto["alpha"] != 1 else "output rows as input rows"
+    )
+    return (
+        f"init auto: calibrated on {auto['calibration_text']['source']} text ({auto['lambda']:g} FVT + {1 - auto['lambda']:g} OMP, "
+        f"{output}); mass on initialised rows: {natural}fvt {auto['mass_before']:.3f} -> {auto['mass_after']:.3f}; "
+        f"bits/byte {auto['bits_per_byte_before']:.3f} -> {auto['bits_per_byte_after']:.3f} "
+        f"({auto['omp_seconds']:.0f} s of OMP, {auto['seconds'] - auto['omp_seconds']:.0f} s of calibration)"
+    )
 
 
 RULE_NOTES = {
