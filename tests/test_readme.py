@@ -35,6 +35,8 @@ OTHER_PROGRAMS = {
     "--cold",
     "--held-out",
     "--scripts",
+    "--layers",
+    "--modes",
 }
 
 
@@ -57,7 +59,7 @@ def test_every_documented_flag_exists() -> None:
     assert all(flag in transplant_help for flag in ("--a", "--b", "--text", "--held-out", "--skip-surgeon-omp"))
     for script, flags in (
         ("bench_audit.py", ("--cold",)),
-        ("bench_remap.py", ("--scripts",)),
+        ("bench_remap.py", ("--scripts", "--layers", "--modes")),
         ("audit_demo.py", ("--model",)),
         ("union_fidelity.py", ("--model",)),
     ):
