@@ -4993,11 +4993,7 @@ class CalibrationInputs:
 
 
 def blend_candidates(
-    plan: RemapPlan,
-    ckpt: Checkpoint,
-    vocab: VocabTensors,
-    src_rows_real: int,
-    omp_rows: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    plan: RemapPlan, sources: Callable[[str], RowSource], omp_rows: Mapping[str, tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, BlendRows]:
     """role -> BlendRows of the plan's calibrated rows, from OMP's rows (initialised_rows)
     and M's rows averaged over each token's FVT parts."""
@@ -5005,18 +5001,17 @@ def blend_candidates(
     for role, (rows, raw) in omp_rows.items():
         keep = np.array([plan.row_source[int(r)] == CALIBRATED_ROW for r in rows], dtype=bool)
         rows, raw = rows[keep], raw[keep]
-        tensor = ckpt.tensors[getattr(vocab, role)]
-        ctx = RowContext(read_matrix(ckpt, tensor, plan.src_rows), tensor.dtype, src_rows_real)
-        omp = decode_rows(raw, tensor.dtype).astype(np.float32)
+        ctx = sources(role).ctx
+        omp = decode_rows(raw, ctx.dtype).astype(np.float32)
         fvt = omp.copy()
         with_parts = np.array([int(r) in plan.fvt_parts for r in rows], dtype=bool)
         if with_parts.any():
             parts = [plan.fvt_parts[int(r)] for r in rows[with_parts]]
             offsets = np.concatenate(([0], np.cumsum([len(p) for p in parts]))).astype(np.int64)
             flat = np.fromiter((i for p in parts for i in p), dtype=np.int64, count=int(offsets[-1]))
-            averaged = fvt_average(ctx.matrix, tensor.dtype, flat, offsets, ctx.finite, ctx.mean_row)
-            fvt[with_parts] = decode_rows(averaged, tensor.dtype)
-        blends[role] = BlendRows(rows, fvt, omp, tensor.dtype)
+            averaged = fvt_average(ctx.matrix, ctx.dtype, flat, offsets, ctx.finite, ctx.mean_row)
+            fvt[with_parts] = decode_rows(averaged, ctx.dtype)
+        blends[role] = BlendRows(rows, fvt, omp, ctx.dtype)
     return blends
 
 
@@ -5035,8 +5030,13 @@ def calibrated_rows(
     omp_rows = initialised_rows(plan, inputs.ckpt, inputs.vocab, inputs.src.spec, donor, opts, unreachable)
     omp_seconds = time.monotonic() - started
     real_rows = min(plan.src_rows, len(inputs.src.spec.vocab))
-    blends = blend_candidates(plan, inputs.ckpt, inputs.vocab, real_rows, omp_rows)
-    calibration = CalibrationInputs(plan, inputs.ckpt, inputs.vocab, inputs.base, blends, real_rows, opts.trust_remote_code)
+    sources: dict[str, RowSource] = {}  # M's matrices, each read once for the blends and the forwards
+
+    def source(role: str) -> RowSource:
+        return row_source(sources, plan, inputs.ckpt, inputs.vocab, role, real_rows)
+
+    blends = blend_candidates(plan, source, omp_rows)
+    calibration = CalibrationInputs(plan, inputs.ckpt, inputs.vocab, inputs.base, blends, real_rows, opts.trust_remote_code, sources)
     tied = inputs.vocab.head is None
     windows, lengths, n_bytes = encode_windows(inputs.base, text)
     text_info = {"source": text_source, "bytes": n_bytes, "tokens": int((lengths - 1).sum()), "windows": len(windows)}
@@ -5193,13 +5193,16 @@ class RowSource:
 
 
 def row_source_for(calibration: CalibrationInputs, role: str) -> RowSource:
+    c = calibration
+    return row_source(c.row_sources, c.plan, c.ckpt, c.vocab, role, c.src_real_rows)
+
+
+def row_source(cache: dict[str, RowSource], plan: RemapPlan, ckpt: Checkpoint, vocab: VocabTensors, role: str, real_rows: int) -> RowSource:
     """The rows of M's embed or head as written (one read of each matrix per remap)."""
-    if role not in calibration.row_sources:
-        plan, ckpt = calibration.plan, calibration.ckpt
-        tensor = ckpt.tensors[getattr(calibration.vocab, role)]
-        context = RowContext(read_matrix(ckpt, tensor, plan.src_rows), tensor.dtype, calibration.src_real_rows)
-        calibration.row_sources[role] = RowSource(plan, context)
-    return calibration.row_sources[role]
+    if role not in cache:
+        tensor = ckpt.tensors[getattr(vocab, role)]
+        cache[role] = RowSource(plan, RowContext(read_matrix(ckpt, tensor, plan.src_rows), tensor.dtype, real_rows))
+    return cache[role]
 
 
 def masks(plan: RemapPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -5262,8 +5265,6 @@ def same_space_cosine(donor: Donor, inputs: Any, match: str) -> float:
     """Median cosine between M's and the donor's input rows of the tokens they share (at
     most SAME_SPACE_SAMPLE of them, evenly spread): near 1 for a model and its fine-tunes,
     near 0 across families."""
-    from merge_tools.remap.calibration import SAME_SPACE_SAMPLE, median_cosine
-    from merge_tools.remap.matching import effective_match_mode, match_tokens
 
     shared = match_tokens(donor.spec, inputs.src.spec, effective_match_mode(match, donor.spec, inputs.src.spec)).src_of_base
     pairs = np.array(sorted((d, m) for d, m in shared.items() if d < donor.vocab.rows and m < inputs.vocab.rows), dtype=np.int64)
@@ -6299,8 +6300,9 @@ def choose_rows(
     init, auto_reason = opts.init, None
     donor = read_donor_for(opts, vocab) if init in ("donor", "omp", "auto") and unmatched else None
     if init == "auto":
-        cosine = same_space_cosine(donor, inputs, opts.match) if donor is not None and donor.vocab.hidden == vocab.hidden else None
-        init, auto_reason = auto_method(donor is not None, unmatched, donor is not None and donor.vocab.hidden == vocab.hidden, cosine)
+        same_hidden = donor is not None and donor.vocab.hidden == vocab.hidden
+        cosine = same_space_cosine(donor, inputs, opts.match) if same_hidden else None
+        init, auto_reason = auto_method(donor is not None, unmatched, same_hidden, cosine)
         donor = donor if init != "fvt" else None
     donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
     missing = [

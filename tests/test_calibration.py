@@ -164,6 +164,7 @@ def test_damped_output_rows_untie_a_tied_model(tmp_path: Path, byte_tok: dict, s
     rows (the others equal), tie_word_embeddings false; transformers loads it untied and
     computes the bits per byte the report gives; the gate accepts it next to T's model."""
     src, base = transplant(tmp_path, byte_tok, sp_tok, "llama_tied")
+    # the tiny models gain nothing from damping; forcing the choice exercises the real untie path (rows, config, loaders)
     monkeypatch.setattr(calibration_run, "choose_point", pick_the_most_damped)
     out = tmp_path / "out"
     code, _, err = factories.call_main(
@@ -227,6 +228,7 @@ def test_a_body_that_cannot_run_here_gets_fvt_rows(tmp_path: Path, byte_tok: dic
     def cannot_build(*_args: object) -> None:  # stands for an architecture transformers cannot build
         raise BodyUnavailable("transformers cannot build this model class")
 
+    # empty_body raises exactly this for a config transformers cannot instantiate (custom code without --trust-remote-code)
     monkeypatch.setattr(calibration_run, "empty_body", cannot_build)
     code, _, err = factories.call_main(
         package_cli.main, capsys, "--src_model", src, "--base_tokenizer", base, "--out_dir", tmp_path / "out", "--drop-extra"

@@ -234,8 +234,9 @@ def choose_rows(
     init, auto_reason = opts.init, None
     donor = read_donor_for(opts, vocab) if init in ("donor", "omp", "auto") and unmatched else None
     if init == "auto":
-        cosine = same_space_cosine(donor, inputs, opts.match) if donor is not None and donor.vocab.hidden == vocab.hidden else None
-        init, auto_reason = auto_method(donor is not None, unmatched, donor is not None and donor.vocab.hidden == vocab.hidden, cosine)
+        same_hidden = donor is not None and donor.vocab.hidden == vocab.hidden
+        cosine = same_space_cosine(donor, inputs, opts.match) if same_hidden else None
+        init, auto_reason = auto_method(donor is not None, unmatched, same_hidden, cosine)
         donor = donor if init != "fvt" else None
     donor_of_token = donor_tokens(base.spec, donor, opts.match, base_unreachable) if donor is not None else {}
     missing = [
