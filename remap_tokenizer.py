@@ -2030,6 +2030,36 @@ def check_base_tokenizer(base: TokenizerSource, candidates: Sequence[str]) -> fr
     return unreachable_tokens(base, candidates, tokenizers_library(base.directory, Tokenizer.from_str, base.text))
 
 
+class BaseTokenizerCheck:
+    """check_base_tokenizer, forked (ForkedCall), once per T and token in a process: an
+    alignment remaps many models onto one T, whose tokenizer need be built (0.6 s for a
+    128k-token BPE) and whose candidate tokens need be encoded only once. T is the same
+    object while its files are unchanged (read_tokenizer_once); the answers are kept with
+    it, by token."""
+
+    answers: dict[int, tuple[TokenizerSource, dict[str, bool]]] = {}  # id(T) -> (T, token -> never produced): the last T
+
+    def __init__(self, base: TokenizerSource, candidates: Sequence[str]) -> None:
+        self.base, self.candidates = base, candidates
+        kept = self.answers.get(id(base))
+        known = kept[1] if kept is not None and kept[0] is base else None
+        self.known = known if known is not None and all(token in known for token in candidates) else None
+        self.job = ForkedCall(check_base_tokenizer, base, candidates) if self.known is None else None
+
+    def result(self) -> frozenset[int]:
+        vocab = self.base.spec.vocab
+        if self.job is None:
+            assert self.known is not None
+            return frozenset(vocab[token] for token in self.candidates if self.known[token])
+        unreachable = self.job.result()
+        kept = self.answers.get(id(self.base))
+        if kept is None or kept[0] is not self.base:  # the answers of one T at a time: the one an alignment has
+            self.answers.clear()
+        known = self.answers.setdefault(id(self.base), (self.base, {}))[1]
+        known.update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        return unreachable
+
+
 def read_tokenizer(path: Path) -> TokenizerSource:
     """Read and validate a tokenizer (the tokenizers library is not needed for that: see
     library_added_token_ids and check_base_tokenizer). An alignment reads each model's
@@ -2440,6 +2470,12 @@ class RemapPlan:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
+    def initialised_tokens(self) -> list[tuple[int, str]]:
+        """(output id, token) of every token whose row is not M's own, by id."""
+        kept = ("copied", "moved", "appended")
+        rows = {out_id for out_id, rule in enumerate(self.row_rule) if rule not in kept}
+        return sorted((out_id, token) for token, out_id in self.out_vocab.items() if out_id in rows)
+
     def to_dict(self, src_token_of_id: Mapping[int, str]) -> dict[str, Any]:
         """Counts, and every initialised and dropped token (lists of appended and ghost
         tokens are capped at LIST_CAP: the counts are complete)."""
@@ -2457,8 +2493,7 @@ class RemapPlan:
                 )
                 or ([f"<donor row {self.donor_rows[out_id]}>"] if out_id in self.donor_rows else []),
             }
-            for token, out_id in sorted(self.out_vocab.items(), key=lambda item: item[1])
-            if self.row_rule[out_id] not in ("copied", "moved", "appended")
+            for out_id, token in self.initialised_tokens()
         ]
         return {
             "mode": self.mode,
@@ -6168,7 +6203,8 @@ class PlannedRemap:
 
     @functools.cached_property
     def appended_added(self) -> dict[str, Any]:
-        return {token: flags for token, flags in self.plan.src_added_flags.items() if token in {s for s, _, _ in self.plan.appended}}
+        appended = {token for token, _, _ in self.plan.appended}
+        return {token: flags for token, flags in self.plan.src_added_flags.items() if token in appended}
 
 
 def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -6179,7 +6215,7 @@ def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) 
     started = time.monotonic()
     inputs = read_inputs(opts)
     match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
-    base_check = ForkedCall(check_base_tokenizer, inputs.base, emission_candidates(inputs.base.spec, inputs.src.spec, match_mode))
+    base_check = BaseTokenizerCheck(inputs.base, emission_candidates(inputs.base.spec, inputs.src.spec, match_mode))
     src_unreachable = unreachable_tokens(inputs.src, inputs.src.spec.vocab) if match_mode == "bytes" else frozenset()
     base_unreachable = base_check.result()
     check_interrupt()

@@ -2,7 +2,7 @@
 """What an alignment writes and costs: linked against --copy, and align + plain merge
 against mergekit's own union merge.
 
-    python benchmarks/bench_align.py [--layers 18] [--repeat 3] [--workdir DIR] [--json FILE]
+    python benchmarks/bench_align.py [--layers 18] [--repeat 3] [--workdir DIR] [--json FILE] [--before SCRIPT]
 
 Builds four synthetic Llama-shaped bf16 checkpoints of about 3 GB (hidden 2048, vocabulary
 128,256, 18 layers) in 4 shards each, laid out as save_pretrained lays them out (the
@@ -100,9 +100,9 @@ def measure(argv: list[str], log: Path) -> dict[str, float]:
     return {"wall": time.perf_counter() - started, "rss": sampler.peak_rss}
 
 
-def align(config: Path, out: Path, log: Path, *extra: str) -> dict[str, float]:
+def align(config: Path, out: Path, log: Path, *extra: str, script: Path = ROOT / "remap_tokenizer.py") -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
-    argv = [sys.executable, str(ROOT / "remap_tokenizer.py"), "--mergekit-config", str(config), "--out_dir", str(out), "--json", *extra]
+    argv = [sys.executable, str(script), "--mergekit-config", str(config), "--out_dir", str(out), "--json", *extra]
     result = measure(argv, log)
     summary = json.loads(log.read_text()[log.read_text().index("{") :])
     return result | {"written": summary["bytes"]["written"], "linked": summary["bytes"]["linked"]}
@@ -130,6 +130,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/merge_tools_bench_align"))
     parser.add_argument("--tiny", action="store_true", help="a few-MB model, to check that the benchmark runs")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SCRIPT",
+        help="an earlier remap_tokenizer.py: its alignments (--copy and linked) run interleaved with this checkout's, in every round",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.layers, args.hidden, args.intermediate, args.vocab, args.shard_size = 4, 64, 128, 2000, "200KB"
@@ -148,6 +154,9 @@ def main() -> None:
             "align --copy": lambda: align(linear, args.workdir / "copy", logs / "copy.log", "--copy"),
             "align linked": lambda: align(linear, args.workdir / "linked", logs / "linked.log"),
         }
+        if args.before is not None:
+            steps["before: align --copy"] = lambda: align(linear, args.workdir / "copy", logs / "copy.log", "--copy", script=args.before)
+            steps["before: align linked"] = lambda: align(linear, args.workdir / "linked", logs / "linked.log", script=args.before)
         if with_mergekit:
             steps["mergekit union"] = lambda: merge(union, args.workdir / "theirs", logs / "theirs.log")
             steps["ours union: align"] = lambda: align(union, args.workdir / "aligned-union", logs / "ours-align.log")
@@ -175,6 +184,9 @@ def report(runs: dict[str, list[dict[str, float]]], vocabulary_shards: int) -> s
         f"\nlinked: wrote {human_bytes(int(linked['written']))} for {human_bytes(vocabulary_shards)} of shards that hold a vocabulary "
         f"tensor (goal: no more); wall {linked['wall'] / copy_['wall']:.2f} × --copy (goal ≤ 0.5)"
     )
+    if "before: align linked" in med:
+        before = med["before: align linked"]["wall"] / med["before: align --copy"]["wall"]
+        lines.append(f"before: linked {before:.2f} × --copy")
     if "mergekit union" in med:
         ours = med["ours union: align"]["wall"] + med["ours union: merge"]["wall"]
         lines.append(f"union: align + plain merge {ours:.2f} s = {ours / med['mergekit union']['wall']:.2f} × mergekit's own (goal ≤ 1.2)")

@@ -101,7 +101,9 @@ def test_bench_audit_tiny(tmp_path: Path) -> None:
 
 
 def test_bench_align_tiny(tmp_path: Path) -> None:
-    out = run("benchmarks/bench_align.py", "--tiny", "--repeat", "1", "--workdir", str(tmp_path / "w"))
+    argv = ["--tiny", "--repeat", "1", "--workdir", str(tmp_path / "w"), "--before", str(ROOT / "remap_tokenizer.py")]
+    out = run("benchmarks/bench_align.py", *argv)
     assert "| align --copy |" in out and "| align linked |" in out and "linked: wrote" in out
+    assert "| before: align linked |" in out and "before: linked" in out
     if (Path(sys.executable).with_name("mergekit-yaml")).exists():
         assert "| mergekit union |" in out and "× mergekit's own" in out

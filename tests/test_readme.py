@@ -22,7 +22,7 @@ DOCS_JA = {name: (ROOT / "docs" / "ja" / name).read_text(encoding="utf-8") for n
 EVERYTHING = README + "".join(DOCS.values())
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z_-]+")
 # flags of other programs the README shows: mergekit-yaml, init_quality.py
-# mergekit-yaml, benchmarks (init_quality.py, transplant.py, bench_remap.py), ruff
+# mergekit-yaml, benchmarks (init_quality.py, transplant.py, bench_remap.py, bench_align.py), ruff
 OTHER_PROGRAMS = {
     "--copy-tokenizer",
     "--model",
@@ -37,6 +37,7 @@ OTHER_PROGRAMS = {
     "--scripts",
     "--layers",
     "--modes",
+    "--before",
 }
 
 
@@ -60,6 +61,7 @@ def test_every_documented_flag_exists() -> None:
     for script, flags in (
         ("bench_audit.py", ("--cold",)),
         ("bench_remap.py", ("--scripts", "--layers", "--modes")),
+        ("bench_align.py", ("--before",)),
         ("audit_demo.py", ("--model",)),
         ("union_fidelity.py", ("--model",)),
     ):

@@ -14,7 +14,7 @@ import remap_tokenizer as rt
 from factories import BYTE_SPECIALS, SP_SPECIALS, report_of, tensors
 from merge_tools.common.spellings import token_bytes
 from merge_tools.remap.matching import match_tokens
-from merge_tools.remap.tokenizers_in import VocabSpec
+from merge_tools.remap.tokenizers_in import BaseTokenizerCheck, VocabSpec, check_base_tokenizer, read_tokenizer
 
 remap = functools.partial(factories.call_main, rt.main)
 FLAGS = {"special": False, "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
@@ -151,3 +151,21 @@ def test_a_token_the_target_never_produces_takes_no_probability_mass(
     assert (probabilities[:, ids["<0x65>"]] <= bound * (1 + 1e-4)).all()
     e = sp_tok["model"]["vocab"]["e"]
     assert not torch.equal(out_head[e], out_head[ids["<0x65>"]])
+
+
+def test_t_is_checked_once_per_token_in_a_process_and_again_when_its_files_change(tmp_path: Path, sp_tok: dict) -> None:
+    # an alignment remaps many models onto one T: its tokenizer is built and each token encoded once
+    directory = factories.write_tokenizer(tmp_path / "t", sp_tok, **SP_SPECIALS)
+    base = read_tokenizer(directory)
+    tokens = list(base.spec.vocab)
+    first = BaseTokenizerCheck(base, tokens)
+    assert first.job is not None
+    unreachable = first.result()
+    assert unreachable and unreachable == check_base_tokenizer(base, tokens)  # byte-fallback tokens of existing characters
+    half = tokens[::2]
+    again = BaseTokenizerCheck(read_tokenizer(directory), half)
+    assert again.job is None and again.result() == check_base_tokenizer(base, half)
+    assert BaseTokenizerCheck(base, [*half, "not a token of T"]).job is not None  # a token not asked before
+    factories.write_tokenizer(directory, factories.permuted(sp_tok, seed=3), **SP_SPECIALS)
+    changed = read_tokenizer(directory)
+    assert changed is not base and BaseTokenizerCheck(changed, half).job is not None

@@ -74,6 +74,12 @@ class RemapPlan:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
+    def initialised_tokens(self) -> list[tuple[int, str]]:
+        """(output id, token) of every token whose row is not M's own, by id."""
+        kept = ("copied", "moved", "appended")
+        rows = {out_id for out_id, rule in enumerate(self.row_rule) if rule not in kept}
+        return sorted((out_id, token) for token, out_id in self.out_vocab.items() if out_id in rows)
+
     def to_dict(self, src_token_of_id: Mapping[int, str]) -> dict[str, Any]:
         """Counts, and every initialised and dropped token (lists of appended and ghost
         tokens are capped at LIST_CAP: the counts are complete)."""
@@ -91,8 +97,7 @@ class RemapPlan:
                 )
                 or ([f"<donor row {self.donor_rows[out_id]}>"] if out_id in self.donor_rows else []),
             }
-            for token, out_id in sorted(self.out_vocab.items(), key=lambda item: item[1])
-            if self.row_rule[out_id] not in ("copied", "moved", "appended")
+            for out_id, token in self.initialised_tokens()
         ]
         return {
             "mode": self.mode,

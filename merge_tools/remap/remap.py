@@ -42,8 +42,8 @@ from merge_tools.remap.shards import human_bytes, output_entries, plan_linked_sh
 from merge_tools.remap.summary import transplant_warning
 from merge_tools.remap.tokenizer_outputs import check_chat_template, patched_tokenizer, write_source_chat_template, write_tokenizer_files
 from merge_tools.remap.tokenizers_in import (
+    BaseTokenizerCheck,
     ForkedCall,
-    check_base_tokenizer,
     fvt_decompositions,
     read_tokenizer,
     token_texts,
@@ -102,7 +102,8 @@ class PlannedRemap:
 
     @functools.cached_property
     def appended_added(self) -> dict[str, Any]:
-        return {token: flags for token, flags in self.plan.src_added_flags.items() if token in {s for s, _, _ in self.plan.appended}}
+        appended = {token for token, _, _ in self.plan.appended}
+        return {token: flags for token, flags in self.plan.src_added_flags.items() if token in appended}
 
 
 def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) 
     started = time.monotonic()
     inputs = read_inputs(opts)
     match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
-    base_check = ForkedCall(check_base_tokenizer, inputs.base, emission_candidates(inputs.base.spec, inputs.src.spec, match_mode))
+    base_check = BaseTokenizerCheck(inputs.base, emission_candidates(inputs.base.spec, inputs.src.spec, match_mode))
     src_unreachable = unreachable_tokens(inputs.src, inputs.src.spec.vocab) if match_mode == "bytes" else frozenset()
     base_unreachable = base_check.result()
     check_interrupt()

@@ -126,6 +126,36 @@ def check_base_tokenizer(base: TokenizerSource, candidates: Sequence[str]) -> fr
     return unreachable_tokens(base, candidates, tokenizers_library(base.directory, Tokenizer.from_str, base.text))
 
 
+class BaseTokenizerCheck:
+    """check_base_tokenizer, forked (ForkedCall), once per T and token in a process: an
+    alignment remaps many models onto one T, whose tokenizer need be built (0.6 s for a
+    128k-token BPE) and whose candidate tokens need be encoded only once. T is the same
+    object while its files are unchanged (read_tokenizer_once); the answers are kept with
+    it, by token."""
+
+    answers: dict[int, tuple[TokenizerSource, dict[str, bool]]] = {}  # id(T) -> (T, token -> never produced): the last T
+
+    def __init__(self, base: TokenizerSource, candidates: Sequence[str]) -> None:
+        self.base, self.candidates = base, candidates
+        kept = self.answers.get(id(base))
+        known = kept[1] if kept is not None and kept[0] is base else None
+        self.known = known if known is not None and all(token in known for token in candidates) else None
+        self.job = ForkedCall(check_base_tokenizer, base, candidates) if self.known is None else None
+
+    def result(self) -> frozenset[int]:
+        vocab = self.base.spec.vocab
+        if self.job is None:
+            assert self.known is not None
+            return frozenset(vocab[token] for token in self.candidates if self.known[token])
+        unreachable = self.job.result()
+        kept = self.answers.get(id(self.base))
+        if kept is None or kept[0] is not self.base:  # the answers of one T at a time: the one an alignment has
+            self.answers.clear()
+        known = self.answers.setdefault(id(self.base), (self.base, {}))[1]
+        known.update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        return unreachable
+
+
 def read_tokenizer(path: Path) -> TokenizerSource:
     """Read and validate a tokenizer (the tokenizers library is not needed for that: see
     library_added_token_ids and check_base_tokenizer). An alignment reads each model's
