@@ -90,6 +90,22 @@ def wait_until_loaded(pid: int, library: str, timeout: float = 60) -> None:
         time.sleep(0.001)
 
 
+def wait_until_handled(pid: int, signum: int, timeout: float = 60) -> None:
+    """Until the process catches `signum` (SigCgt in /proc/PID/status): the tool has put its
+    handlers in place. A signal before that meets Python's defaults and kills it silently,
+    as it would any program still starting (what made this test flaky on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.001)
+
+
 def assert_complete(out: Path) -> None:
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["self_check"]["ok"]
@@ -391,7 +407,7 @@ def test_compare_stops_on_sigterm_with_one_line(tmp_path: Path, models: dict[str
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.2)
+    wait_until_handled(proc.pid, signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err
