@@ -75,7 +75,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 # ========================================================================================
 # merge_tools/__init__.py
@@ -2037,12 +2037,11 @@ class BaseTokenizerCheck:
     object while its files are unchanged (read_tokenizer_once); the answers are kept with
     it, by token."""
 
-    answers: dict[int, tuple[TokenizerSource, dict[str, bool]]] = {}  # id(T) -> (T, token -> never produced): the last T
+    last: ClassVar[tuple[TokenizerSource, dict[str, bool]] | None] = None  # the last T checked, token -> never produced
 
     def __init__(self, base: TokenizerSource, candidates: Sequence[str]) -> None:
         self.base, self.candidates = base, candidates
-        kept = self.answers.get(id(base))
-        known = kept[1] if kept is not None and kept[0] is base else None
+        known = self.last[1] if self.last is not None and self.last[0] is base else None
         self.known = known if known is not None and all(token in known for token in candidates) else None
         self.job = ForkedCall(check_base_tokenizer, base, candidates) if self.known is None else None
 
@@ -2052,11 +2051,10 @@ class BaseTokenizerCheck:
             assert self.known is not None
             return frozenset(vocab[token] for token in self.candidates if self.known[token])
         unreachable = self.job.result()
-        kept = self.answers.get(id(self.base))
-        if kept is None or kept[0] is not self.base:  # the answers of one T at a time: the one an alignment has
-            self.answers.clear()
-        known = self.answers.setdefault(id(self.base), (self.base, {}))[1]
-        known.update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        if self.last is None or self.last[0] is not self.base:  # the answers of one T at a time: the one an alignment has
+            BaseTokenizerCheck.last = (self.base, {})
+        assert BaseTokenizerCheck.last is not None
+        BaseTokenizerCheck.last[1].update((token, vocab.get(token) in unreachable) for token in self.candidates)
         return unreachable
 
 
@@ -2135,6 +2133,11 @@ class ForkedCall:
                 if blocked is not None:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             sender.close()
+
+    def ready(self) -> bool:
+        """Whether result() would return without waiting for the worker (without a worker:
+        True, result() does the work right away)."""
+        return self.process is None or self.receiver.poll()
 
     def result(self) -> Any:
         if self.process is None:
@@ -5966,6 +5969,46 @@ def read_owner(path: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
 
 
+class HeldOutputs:
+    """Finished outputs held unpublished until a go-ahead: an alignment publishes nothing
+    before mergekit's verdict on the YAML, and a remap that finishes before the verdict
+    hands its staging directory over (take) instead of waiting, so that the next model is
+    written meanwhile. `with HeldOutputs(ready) as held:`; publish_all() once the go-ahead
+    is in; leaving the block removes whatever is still held."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.ready = ready
+        self.stack = contextlib.ExitStack()
+        self.outputs: list[OutputDirectory] = []
+
+    def __enter__(self) -> HeldOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def take(self, staging: contextlib.ExitStack, output: OutputDirectory) -> bool:
+        """Hold `output` (staging: the stack that would leave its block) when the go-ahead
+        is not in yet, or others are held; False: publish it now."""
+        if not self.outputs and self.ready():
+            return False
+        self.stack.enter_context(staging.pop_all())
+        self.outputs.append(output)
+        return True
+
+    def publish_all(self) -> None:
+        """Publish the held outputs in the order they were taken (the go-ahead is in)."""
+        for output in self.outputs:
+            try:
+                output.publish()
+            except OSError as exc:
+                raise CliError(
+                    f"cannot publish {output.out_dir}: {exc.strerror}; it was not published, nor anything held after it"
+                ) from exc
+        self.outputs.clear()
+        self.stack.close()
+
+
 # ========================================================================================
 # merge_tools/remap/summary.py
 # What a remap says: the human summary and the examples of each initialisation rule.
@@ -6207,11 +6250,12 @@ class PlannedRemap:
         return {token: flags for token, flags in self.plan.src_added_flags.items() if token in appended}
 
 
-def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
+def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None, held: HeldOutputs | None = None) -> dict[str, Any]:
     """Plan and (unless dry_run) write one remapped model. Returns the report; raises
     CliError for bad input and SelfCheckError when the written output is wrong.
     `before_publish`: called once the output is complete, before it is published (it may
-    refuse: an alignment waits there for mergekit's verdict)."""
+    refuse: an alignment waits there for mergekit's verdict); `held` may take the finished
+    output instead, to publish it later (an alignment, while the verdict is pending)."""
     started = time.monotonic()
     inputs = read_inputs(opts)
     match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
@@ -6230,7 +6274,7 @@ def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) 
     if opts.dry_run:
         report["tokenizer"] = patched.result()[1] if patched is not None else {}
     else:
-        write_output(opts, inputs, planned, report, patched, before_publish)
+        write_output(opts, inputs, planned, report, patched, before_publish, held)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
 
@@ -6480,6 +6524,7 @@ def write_output(
     report: dict[str, Any],
     patched: PatchedTokenizer | None,
     before_publish: Callable[[], None] | None = None,
+    held: HeldOutputs | None = None,
 ) -> None:
     """Write D: the donor's or OMP's rows first (they may need the whole donor embedding),
     then, in a locked staging directory, the shards (streamed, verified), configs,
@@ -6497,7 +6542,8 @@ def write_output(
     )
     check_free_space(opts.out_dir.parent, shards.written_size)
     try:
-        with OutputDirectory(opts.out_dir, opts.overwrite) as output:
+        with contextlib.ExitStack() as staging:
+            output = staging.enter_context(OutputDirectory(opts.out_dir, opts.overwrite))
             out = output.path
             assert out is not None
             digests, verified, linked = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
@@ -6516,6 +6562,8 @@ def write_output(
             report["linked"] = {file: {"source": str(shards.links[file].resolve()), "how": how} for file, how in linked.items()}
             report["bytes"] = {"written": sum(p.stat().st_size for p in listed), "linked": sum((out / f).stat().st_size for f in linked)}
             write_json(out / REPORT_NAME, report)
+            if held is not None and held.take(staging, output):
+                return  # published with the others once the go-ahead is in
             if before_publish is not None:
                 before_publish()
             output.publish()
@@ -6862,12 +6910,12 @@ class AlignmentPlan:
     entries: list[dict[str, Any]]
     to_remap: list[tuple[dict[str, Any], ModelView]]
     merge: TokenizerMerge | None = None  # a merge with tokenizer_source: its tokenizer and rows
-    verdict: Callable[[], list[str]] = field(default=list, compare=False, repr=False)  # mergekit's problems with the YAML
+    verdict: MergekitVerdict = field(default_factory=lambda: MergekitVerdict(None), compare=False, repr=False)
 
     def confirm(self, config_path: Path) -> None:
         """Refuse the merge where mergekit does (its verdict, awaited): asked for before
         anything is published (a remap, the merged tokenizer, merge.yaml)."""
-        refuse_what_mergekit_refuses(config_path, self.verdict())
+        refuse_what_mergekit_refuses(config_path, self.verdict.problems())
 
     def summary(self, config_path: Path) -> dict[str, Any]:
         summary = {
@@ -6954,13 +7002,31 @@ def installed_mergekit_problems(config: Mapping[str, Any]) -> list[str]:
     return mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
 
 
-def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> Callable[[], list[str]]:
-    """The installed mergekit's verdict on the configuration, asked for once the models are
-    read: importing mergekit costs seconds of CPU, spent meanwhile in a forked worker; and
+class MergekitVerdict:
+    """The installed mergekit's problems with a configuration (installed_mergekit_problems),
+    worked out in a forked worker: importing mergekit costs seconds of CPU (peft,
+    transformers, torch), spent while the models are read and written. None: known to
+    pass (the manifest says this YAML passed with this mergekit before)."""
+
+    def __init__(self, config: Mapping[str, Any] | None) -> None:
+        self.job = ForkedCall(installed_mergekit_problems, config) if config is not None else None
+        self.answer: list[str] | None = None if self.job is not None else []
+
+    def ready(self) -> bool:
+        return self.answer is not None or self.job is None or self.job.ready()
+
+    def problems(self) -> list[str]:
+        if self.answer is None:
+            assert self.job is not None
+            self.answer = self.job.result()
+        return self.answer
+
+
+def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> MergekitVerdict:
+    """The installed mergekit's verdict on the configuration, from a worker started now;
     none at all when the manifest says this YAML passed with this mergekit before."""
-    if read_manifest(opts.out_dir).get("validated") == validation_key(opts.config):
-        return list
-    return functools.cache(ForkedCall(installed_mergekit_problems, config).result)
+    validated = read_manifest(opts.out_dir).get("validated") == validation_key(opts.config)
+    return MergekitVerdict(None if validated else config)
 
 
 def refuse_what_mergekit_refuses(config_path: Path, problems: Sequence[str]) -> None:
@@ -7108,8 +7174,19 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
 
 
 def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
-    """run_remaps' loop: each remap publishes its model only once mergekit's verdict is in
-    (it is awaited meanwhile: the first remap's work overlaps its import)."""
+    """run_remaps' loop: a model is published only once mergekit's verdict is in; a remap
+    that finishes before it is held (HeldOutputs) and the next one starts, and whatever is
+    held is published as soon as the verdict is in (awaited after the last model)."""
+    with HeldOutputs(plan.verdict.ready) as held:
+        code = remap_models(opts, plan, held)
+        if held.outputs:
+            plan.confirm(opts.config)
+            held.publish_all()
+    return code
+
+
+def remap_models(opts: AlignOptions, plan: AlignmentPlan, held: HeldOutputs) -> int:
+    """Each model's remap, or the earlier one reused: 0, or 1 when a remap failed its self-check."""
     code = 0
     for entry, view in plan.to_remap:
         check_interrupt()
@@ -7124,11 +7201,15 @@ def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
                     f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir"
                 )
             try:
-                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()), before_publish=lambda: plan.confirm(opts.config))
+                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()), lambda: plan.confirm(opts.config), held)
                 entry["status"] = "remapped"
             except SelfCheckError as exc:
                 log.error("%s: self-check failed: %s", entry["model"], exc)
                 entry["status"], code = "failed", 1
+            if held.outputs and plan.verdict.ready():
+                plan.confirm(opts.config)
+                held.publish_all()
+            if entry["status"] == "failed":
                 continue
         record_counts(entry, report)
     return code

@@ -12,6 +12,8 @@ plus three added tokens). Then, rounds interleaved, each command followed by `sy
 
   align --copy    remap_tokenizer.py --mergekit-config (linear, base_model base) --copy
   align linked    the same, shards without a vocabulary tensor linked (the default)
+  cp: what ...    `cp` of the files each alignment writes (every file of the two models
+                  it remaps, or all but their linked shards): the floor for those bytes
   mergekit union  mergekit-yaml on a union merge (base, added, and added-2: two tokens of
                   its own), tokenizer_source: union
   ours union      remap_tokenizer.py --mergekit-config on that YAML, then a plain
@@ -29,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -113,10 +116,28 @@ def merge(config: Path, out: Path, log: Path) -> dict[str, float]:
     return measure([str(MERGEKIT_YAML), str(config), str(out), "--copy-tokenizer"], log)
 
 
-def vocabulary_shard_bytes(model: Path) -> int:
+def vocabulary_shards(model: Path) -> set[str]:
     index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
-    files = {index["model.embed_tokens.weight"], index["lm_head.weight"]}
-    return sum((model / f).stat().st_size for f in files)
+    return {index["model.embed_tokens.weight"], index["lm_head.weight"]}
+
+
+def vocabulary_shard_bytes(model: Path) -> int:
+    return sum((model / f).stat().st_size for f in vocabulary_shards(model))
+
+
+def copy_floor(models: list[Path], out: Path, log: Path, vocabulary_only: bool) -> dict[str, float]:
+    """`cp` of what an alignment writes, in one process tree: every file of the remapped
+    models (what --copy writes), or all but the shards without a vocabulary tensor (what a
+    linked alignment writes). No tool can write the same bytes faster than this."""
+    shutil.rmtree(out, ignore_errors=True)
+    commands = []
+    for model in models:
+        skipped = {f.name for f in model.glob("*.safetensors")} - vocabulary_shards(model) if vocabulary_only else set()
+        files = [str(f) for f in sorted(model.iterdir()) if f.name not in skipped]
+        commands.append(f"mkdir -p {shlex.quote(str(out / model.name))} && cp {shlex.join(files)} {shlex.quote(str(out / model.name))}")
+    result = measure(["sh", "-c", " && ".join(commands)], log)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def main() -> None:
@@ -154,6 +175,9 @@ def main() -> None:
             "align --copy": lambda: align(linear, args.workdir / "copy", logs / "copy.log", "--copy"),
             "align linked": lambda: align(linear, args.workdir / "linked", logs / "linked.log"),
         }
+        remapped = [models["shuffled"], models["added"]]  # base and sibling have the target's tokenizer
+        steps["cp: what --copy writes"] = lambda: copy_floor(remapped, args.workdir / "cp", logs / "cp.log", False)
+        steps["cp: what linked writes"] = lambda: copy_floor(remapped, args.workdir / "cp", logs / "cp.log", True)
         if args.before is not None:
             steps["before: align --copy"] = lambda: align(linear, args.workdir / "copy", logs / "copy.log", "--copy", script=args.before)
             steps["before: align linked"] = lambda: align(linear, args.workdir / "linked", logs / "linked.log", script=args.before)
@@ -184,6 +208,12 @@ def report(runs: dict[str, list[dict[str, float]]], vocabulary_shards: int) -> s
         f"\nlinked: wrote {human_bytes(int(linked['written']))} for {human_bytes(vocabulary_shards)} of shards that hold a vocabulary "
         f"tensor (goal: no more); wall {linked['wall'] / copy_['wall']:.2f} × --copy (goal ≤ 0.5)"
     )
+    if "cp: what linked writes" in med:
+        floor_linked, floor_copy = med["cp: what linked writes"]["wall"], med["cp: what --copy writes"]["wall"]
+        lines.append(
+            f"cp of the same files: what linked writes {floor_linked / floor_copy:.2f} × what --copy writes; "
+            f"linked {linked['wall'] / floor_linked:.2f} × its cp, --copy {copy_['wall'] / floor_copy:.2f} × its cp"
+        )
     if "before: align linked" in med:
         before = med["before: align linked"]["wall"] / med["before: align --copy"]["wall"]
         lines.append(f"before: linked {before:.2f} × --copy")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ def models(tmp_path: Path, byte_tok: dict) -> dict[str, Path]:
 
 
 run = functools.partial(factories.call_main, rt.main)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_align_a_linear_merge(tmp_path: Path, models: dict[str, Path], capsys) -> None:
@@ -72,6 +76,60 @@ def test_rerun_reuses_finished_remaps(tmp_path: Path, models: dict[str, Path], c
     # other options: the finished remap does not match, so it is redone
     code, out, _ = run(capsys, "--mergekit-config", config, "--out_dir", aligned, "--json", "--init", "mean")
     assert code == 0 and json.loads(out)["models"][1]["status"] == "remapped"
+
+
+# A stand-in for mergekit's verdict, which takes seconds (importing mergekit imports peft,
+# transformers and torch): it answers only once both remapped models are finished, noting
+# what it saw; the tool runs as a process of its own (a test process has tqdm's monitor
+# thread, and the tool forks the verdict's worker only from a single-threaded process).
+SLOW_VERDICT = """
+import json, sys, time
+from pathlib import Path
+import remap_tokenizer as rt
+
+aligned, seen, problems = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+
+def slow_verdict(_config):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        staged = [p for p in aligned.glob(".*.tmp-*") if (p / "remap_report.json").is_file()] if aligned.is_dir() else []
+        if len(staged) == 2:
+            published = sorted(p.name for p in aligned.iterdir() if not p.name.startswith("."))
+            seen.write_text(json.dumps({"staged": len(staged), "published": published}))
+            return problems
+        time.sleep(0.02)
+    seen.write_text(json.dumps("the second model never finished while the first waited"))
+    return problems
+
+rt.installed_mergekit_problems = slow_verdict
+sys.exit(rt.main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("problems", [[], ["chat_template: refused by the test"]])
+def test_models_finished_before_mergekits_verdict_are_held_while_the_next_is_written(
+    tmp_path: Path, models: dict[str, Path], problems: list[str]
+) -> None:
+    """When mergekit's verdict comes only after both models are finished, the first is held
+    staged, not waited for; nothing is published before the verdict; a refusal leaves
+    nothing behind."""
+    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["padded"], 0.25), (models["chat"], 0.25)])
+    aligned, seen = tmp_path / "aligned", tmp_path / "seen.json"
+    argv = [aligned, seen, json.dumps(problems), "--mergekit-config", config, "--out_dir", aligned, "--json"]
+    done = subprocess.run(
+        [sys.executable, "-c", SLOW_VERDICT, *map(str, argv)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert json.loads(seen.read_text()) == {"staged": 2, "published": []}, done.stderr
+    if problems:
+        assert done.returncode == 2 and "mergekit would refuse it: chat_template: refused by the test" in done.stderr, done.stderr
+        assert not aligned.exists()
+        return
+    assert done.returncode == 0, done.stderr
+    status = {Path(m["source"]).name: m["status"] for m in json.loads(done.stdout)["models"]}
+    assert status == {"base": "identical", "padded": "remapped", "chat": "remapped"}
+    assert sorted(p.name for p in aligned.iterdir() if not p.name.startswith(".")) == ["chat", "merge.yaml", "padded"]
+    assert ct.main(["--mergekit-config", str(aligned / "merge.yaml"), "--weights"]) == 0
 
 
 def test_slices_and_union_tokenizer(tmp_path: Path, models: dict[str, Path], capsys) -> None:

@@ -105,5 +105,6 @@ def test_bench_align_tiny(tmp_path: Path) -> None:
     out = run("benchmarks/bench_align.py", *argv)
     assert "| align --copy |" in out and "| align linked |" in out and "linked: wrote" in out
     assert "| before: align linked |" in out and "before: linked" in out
+    assert "| cp: what linked writes |" in out and "× its cp" in out
     if (Path(sys.executable).with_name("mergekit-yaml")).exists():
         assert "| mergekit union |" in out and "× mergekit's own" in out

@@ -38,6 +38,7 @@ OTHER_PROGRAMS = {
     "--layers",
     "--modes",
     "--before",
+    "--repeat",
 }
 
 
@@ -61,7 +62,7 @@ def test_every_documented_flag_exists() -> None:
     for script, flags in (
         ("bench_audit.py", ("--cold",)),
         ("bench_remap.py", ("--scripts", "--layers", "--modes")),
-        ("bench_align.py", ("--before",)),
+        ("bench_align.py", ("--before", "--repeat")),
         ("audit_demo.py", ("--model",)),
         ("union_fidelity.py", ("--model",)),
     ):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ from merge_tools.remap.alignment_dir import alignment_inputs, read_manifest, ref
 from merge_tools.remap.config_outputs import REPORT_NAME
 from merge_tools.remap.model_views import directory_fingerprint, view_model
 from merge_tools.remap.options import RemapOptions
-from merge_tools.remap.output_dir import check_free_space
+from merge_tools.remap.output_dir import HeldOutputs, check_free_space
 from merge_tools.remap.remap import remap
 from merge_tools.remap.shard_streaming import SelfCheckError
 from merge_tools.remap.shards import human_bytes
@@ -70,12 +69,12 @@ class AlignmentPlan:
     entries: list[dict[str, Any]]
     to_remap: list[tuple[dict[str, Any], ModelView]]
     merge: TokenizerMerge | None = None  # a merge with tokenizer_source: its tokenizer and rows
-    verdict: Callable[[], list[str]] = field(default=list, compare=False, repr=False)  # mergekit's problems with the YAML
+    verdict: MergekitVerdict = field(default_factory=lambda: MergekitVerdict(None), compare=False, repr=False)
 
     def confirm(self, config_path: Path) -> None:
         """Refuse the merge where mergekit does (its verdict, awaited): asked for before
         anything is published (a remap, the merged tokenizer, merge.yaml)."""
-        refuse_what_mergekit_refuses(config_path, self.verdict())
+        refuse_what_mergekit_refuses(config_path, self.verdict.problems())
 
     def summary(self, config_path: Path) -> dict[str, Any]:
         summary = {
@@ -162,13 +161,31 @@ def installed_mergekit_problems(config: Mapping[str, Any]) -> list[str]:
     return mergekit_schema_problems(config) + mergekit_config_problems(config, installed_mergekit_methods() or MERGEKIT_METHODS)
 
 
-def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> Callable[[], list[str]]:
-    """The installed mergekit's verdict on the configuration, asked for once the models are
-    read: importing mergekit costs seconds of CPU, spent meanwhile in a forked worker; and
+class MergekitVerdict:
+    """The installed mergekit's problems with a configuration (installed_mergekit_problems),
+    worked out in a forked worker: importing mergekit costs seconds of CPU (peft,
+    transformers, torch), spent while the models are read and written. None: known to
+    pass (the manifest says this YAML passed with this mergekit before)."""
+
+    def __init__(self, config: Mapping[str, Any] | None) -> None:
+        self.job = ForkedCall(installed_mergekit_problems, config) if config is not None else None
+        self.answer: list[str] | None = None if self.job is not None else []
+
+    def ready(self) -> bool:
+        return self.answer is not None or self.job is None or self.job.ready()
+
+    def problems(self) -> list[str]:
+        if self.answer is None:
+            assert self.job is not None
+            self.answer = self.job.result()
+        return self.answer
+
+
+def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> MergekitVerdict:
+    """The installed mergekit's verdict on the configuration, from a worker started now;
     none at all when the manifest says this YAML passed with this mergekit before."""
-    if read_manifest(opts.out_dir).get("validated") == validation_key(opts.config):
-        return list
-    return functools.cache(ForkedCall(installed_mergekit_problems, config).result)
+    validated = read_manifest(opts.out_dir).get("validated") == validation_key(opts.config)
+    return MergekitVerdict(None if validated else config)
 
 
 def refuse_what_mergekit_refuses(config_path: Path, problems: Sequence[str]) -> None:
@@ -316,8 +333,19 @@ def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
 
 
 def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
-    """run_remaps' loop: each remap publishes its model only once mergekit's verdict is in
-    (it is awaited meanwhile: the first remap's work overlaps its import)."""
+    """run_remaps' loop: a model is published only once mergekit's verdict is in; a remap
+    that finishes before it is held (HeldOutputs) and the next one starts, and whatever is
+    held is published as soon as the verdict is in (awaited after the last model)."""
+    with HeldOutputs(plan.verdict.ready) as held:
+        code = remap_models(opts, plan, held)
+        if held.outputs:
+            plan.confirm(opts.config)
+            held.publish_all()
+    return code
+
+
+def remap_models(opts: AlignOptions, plan: AlignmentPlan, held: HeldOutputs) -> int:
+    """Each model's remap, or the earlier one reused: 0, or 1 when a remap failed its self-check."""
     code = 0
     for entry, view in plan.to_remap:
         check_interrupt()
@@ -332,11 +360,15 @@ def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
                     f"{out} exists and holds files this tool did not write (no {REPORT_NAME}); remove it or choose another --out_dir"
                 )
             try:
-                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()), before_publish=lambda: plan.confirm(opts.config))
+                report = remap(dataclasses.replace(remap_opts, overwrite=out.exists()), lambda: plan.confirm(opts.config), held)
                 entry["status"] = "remapped"
             except SelfCheckError as exc:
                 log.error("%s: self-check failed: %s", entry["model"], exc)
                 entry["status"], code = "failed", 1
+            if held.outputs and plan.verdict.ready():
+                plan.confirm(opts.config)
+                held.publish_all()
+            if entry["status"] == "failed":
                 continue
         record_counts(entry, report)
     return code

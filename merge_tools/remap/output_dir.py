@@ -9,7 +9,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +313,43 @@ def read_owner(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+class HeldOutputs:
+    """Finished outputs held unpublished until a go-ahead: an alignment publishes nothing
+    before mergekit's verdict on the YAML, and a remap that finishes before the verdict
+    hands its staging directory over (take) instead of waiting, so that the next model is
+    written meanwhile. `with HeldOutputs(ready) as held:`; publish_all() once the go-ahead
+    is in; leaving the block removes whatever is still held."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.ready = ready
+        self.stack = contextlib.ExitStack()
+        self.outputs: list[OutputDirectory] = []
+
+    def __enter__(self) -> HeldOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def take(self, staging: contextlib.ExitStack, output: OutputDirectory) -> bool:
+        """Hold `output` (staging: the stack that would leave its block) when the go-ahead
+        is not in yet, or others are held; False: publish it now."""
+        if not self.outputs and self.ready():
+            return False
+        self.stack.enter_context(staging.pop_all())
+        self.outputs.append(output)
+        return True
+
+    def publish_all(self) -> None:
+        """Publish the held outputs in the order they were taken (the go-ahead is in)."""
+        for output in self.outputs:
+            try:
+                output.publish()
+            except OSError as exc:
+                raise CliError(
+                    f"cannot publish {output.out_dir}: {exc.strerror}; it was not published, nor anything held after it"
+                ) from exc
+        self.outputs.clear()
+        self.stack.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -35,7 +36,7 @@ from merge_tools.remap.donor import donor_tokens, initialised_rows, read_donor_f
 from merge_tools.remap.matching import effective_match_mode, match_tokens
 from merge_tools.remap.mergekit_rows import mergekit_rows
 from merge_tools.remap.model_views import directory_fingerprint
-from merge_tools.remap.output_dir import OWNER_FILE, OutputDirectory, check_free_space, check_out_dir
+from merge_tools.remap.output_dir import OWNER_FILE, HeldOutputs, OutputDirectory, check_free_space, check_out_dir
 from merge_tools.remap.plan import plan_remap
 from merge_tools.remap.shard_streaming import self_check, write_shards
 from merge_tools.remap.shards import human_bytes, output_entries, plan_linked_shards, plan_shards
@@ -106,11 +107,12 @@ class PlannedRemap:
         return {token: flags for token, flags in self.plan.src_added_flags.items() if token in appended}
 
 
-def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
+def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None, held: HeldOutputs | None = None) -> dict[str, Any]:
     """Plan and (unless dry_run) write one remapped model. Returns the report; raises
     CliError for bad input and SelfCheckError when the written output is wrong.
     `before_publish`: called once the output is complete, before it is published (it may
-    refuse: an alignment waits there for mergekit's verdict)."""
+    refuse: an alignment waits there for mergekit's verdict); `held` may take the finished
+    output instead, to publish it later (an alignment, while the verdict is pending)."""
     started = time.monotonic()
     inputs = read_inputs(opts)
     match_mode = effective_match_mode(opts.match, inputs.base.spec, inputs.src.spec)
@@ -129,7 +131,7 @@ def remap(opts: RemapOptions, before_publish: Callable[[], None] | None = None) 
     if opts.dry_run:
         report["tokenizer"] = patched.result()[1] if patched is not None else {}
     else:
-        write_output(opts, inputs, planned, report, patched, before_publish)
+        write_output(opts, inputs, planned, report, patched, before_publish, held)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
 
@@ -379,6 +381,7 @@ def write_output(
     report: dict[str, Any],
     patched: PatchedTokenizer | None,
     before_publish: Callable[[], None] | None = None,
+    held: HeldOutputs | None = None,
 ) -> None:
     """Write D: the donor's or OMP's rows first (they may need the whole donor embedding),
     then, in a locked staging directory, the shards (streamed, verified), configs,
@@ -396,7 +399,8 @@ def write_output(
     )
     check_free_space(opts.out_dir.parent, shards.written_size)
     try:
-        with OutputDirectory(opts.out_dir, opts.overwrite) as output:
+        with contextlib.ExitStack() as staging:
+            output = staging.enter_context(OutputDirectory(opts.out_dir, opts.overwrite))
             out = output.path
             assert out is not None
             digests, verified, linked = write_shards(out, inputs.ckpt, shards, plan, inputs.src_token_of_id, opts.show_progress, given_rows)
@@ -415,6 +419,8 @@ def write_output(
             report["linked"] = {file: {"source": str(shards.links[file].resolve()), "how": how} for file, how in linked.items()}
             report["bytes"] = {"written": sum(p.stat().st_size for p in listed), "linked": sum((out / f).stat().st_size for f in linked)}
             write_json(out / REPORT_NAME, report)
+            if held is not None and held.take(staging, output):
+                return  # published with the others once the go-ahead is in
             if before_publish is not None:
                 before_publish()
             output.publish()

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from merge_tools.common.errors import STOP_SIGNALS, CliError, Interrupted, SignalState
 from merge_tools.common.sources import CONFIG_FILES, TOKENIZER_FILES
@@ -133,12 +133,11 @@ class BaseTokenizerCheck:
     object while its files are unchanged (read_tokenizer_once); the answers are kept with
     it, by token."""
 
-    answers: dict[int, tuple[TokenizerSource, dict[str, bool]]] = {}  # id(T) -> (T, token -> never produced): the last T
+    last: ClassVar[tuple[TokenizerSource, dict[str, bool]] | None] = None  # the last T checked, token -> never produced
 
     def __init__(self, base: TokenizerSource, candidates: Sequence[str]) -> None:
         self.base, self.candidates = base, candidates
-        kept = self.answers.get(id(base))
-        known = kept[1] if kept is not None and kept[0] is base else None
+        known = self.last[1] if self.last is not None and self.last[0] is base else None
         self.known = known if known is not None and all(token in known for token in candidates) else None
         self.job = ForkedCall(check_base_tokenizer, base, candidates) if self.known is None else None
 
@@ -148,11 +147,10 @@ class BaseTokenizerCheck:
             assert self.known is not None
             return frozenset(vocab[token] for token in self.candidates if self.known[token])
         unreachable = self.job.result()
-        kept = self.answers.get(id(self.base))
-        if kept is None or kept[0] is not self.base:  # the answers of one T at a time: the one an alignment has
-            self.answers.clear()
-        known = self.answers.setdefault(id(self.base), (self.base, {}))[1]
-        known.update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        if self.last is None or self.last[0] is not self.base:  # the answers of one T at a time: the one an alignment has
+            BaseTokenizerCheck.last = (self.base, {})
+        assert BaseTokenizerCheck.last is not None
+        BaseTokenizerCheck.last[1].update((token, vocab.get(token) in unreachable) for token in self.candidates)
         return unreachable
 
 
@@ -231,6 +229,11 @@ class ForkedCall:
                 if blocked is not None:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             sender.close()
+
+    def ready(self) -> bool:
+        """Whether result() would return without waiting for the worker (without a worker:
+        True, result() does the work right away)."""
+        return self.process is None or self.receiver.poll()
 
     def result(self) -> Any:
         if self.process is None:
