@@ -6943,12 +6943,15 @@ def align_mergekit(opts: AlignOptions) -> tuple[dict[str, Any], int]:
                 dry = dataclasses.replace(aligned_remap_options(opts, entry, view, plan), out_dir=None, dry_run=True)
                 record_counts(entry, remap(dry))
         return summary, 0
+    placed: list[Path] = []  # created for the merged tokenizer: removed again if mergekit refuses the merge
     if plan.merge is not None:
-        plan.confirm(opts.config)  # ALIGNED/tokenizer is written in place
+        if plan.merge.directory.exists():
+            plan.confirm(opts.config)  # an earlier ALIGNED/tokenizer is rewritten in place: only once mergekit agrees
         check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
+        placed = [path for path in (opts.out_dir, plan.merge.directory) if not path.exists()]
         plan = place_merged_tokenizer(plan, plan.merge.directory)
         summary["target"]["model"] = str(plan.merge.directory)
-    code = run_remaps(opts, plan)
+    code = run_remaps(opts, plan, placed)
     plan.confirm(opts.config)
     aligned, merge_yaml = write_aligned_yaml(opts, plan)
     remove_stale_outputs(opts.out_dir, plan, validation_key(opts.config))
@@ -7029,9 +7032,13 @@ def start_mergekit_verdict(opts: AlignOptions, config: Mapping[str, Any]) -> Mer
     return MergekitVerdict(None if validated else config)
 
 
+class MergekitRefused(CliError):
+    """mergekit's own verdict refuses the configuration: raised before anything is published."""
+
+
 def refuse_what_mergekit_refuses(config_path: Path, problems: Sequence[str]) -> None:
     if problems:
-        raise CliError(f"{config_path}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
+        raise MergekitRefused(f"{config_path}: mergekit would refuse it: {'; '.join(problems)}; nothing was remapped")
 
 
 def plan_alignment(opts: AlignOptions) -> AlignmentPlan:
@@ -7158,18 +7165,22 @@ def aligned_remap_options(opts: AlignOptions, entry: Mapping[str, Any], view: Mo
     )  # fmt: skip
 
 
-def run_remaps(opts: AlignOptions, plan: AlignmentPlan) -> int:
+def run_remaps(opts: AlignOptions, plan: AlignmentPlan, placed: Sequence[Path] = ()) -> int:
     """Remap every model that needs it (reusing a finished remap with the same options);
-    0, or 1 when a remap failed its self-check."""
+    0, or 1 when a remap failed its self-check. `placed`: folders this alignment created
+    before (--out_dir, the merged tokenizer's), removed if mergekit refuses the merge."""
     check_free_space(opts.out_dir, sum(view.bytes_to_write(not opts.copy) for _, view in plan.to_remap))
-    created = not opts.out_dir.exists()
+    created = list(placed) if placed or opts.out_dir.exists() else [opts.out_dir]
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return remap_each(opts, plan)
-    except CliError:
-        if created:  # refused before any model was published (mergekit's verdict): the folder goes too
+    except CliError as exc:
+        # refused (mergekit's verdict) before any model was published: what this run created goes too
+        for path in reversed(created):
+            if path != opts.out_dir and isinstance(exc, MergekitRefused):
+                shutil.rmtree(path, ignore_errors=True)
             with contextlib.suppress(OSError):
-                opts.out_dir.rmdir()
+                path.rmdir()
         raise
 
 

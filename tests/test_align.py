@@ -16,7 +16,7 @@ import yaml
 import compare_tokenizers as ct
 import factories
 import remap_tokenizer as rt
-from merge_fixtures import build_models, linear_yaml, tensors
+from merge_fixtures import build_models, build_union_models, linear_yaml, tensors, union_yaml
 from merge_tools.common.mergekit_config import ModelRef, map_model_references, mergekit_references
 from merge_tools.common.tokenizer_merge import tokenizer_merge_settings
 from merge_tools.remap.alignment import aligned_name
@@ -87,49 +87,56 @@ import json, sys, time
 from pathlib import Path
 import remap_tokenizer as rt
 
-aligned, seen, problems = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+aligned, seen, problems, remaps = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 
 def slow_verdict(_config):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         staged = [p for p in aligned.glob(".*.tmp-*") if (p / "remap_report.json").is_file()] if aligned.is_dir() else []
-        if len(staged) == 2:
+        if len(staged) == remaps:
             published = sorted(p.name for p in aligned.iterdir() if not p.name.startswith("."))
             seen.write_text(json.dumps({"staged": len(staged), "published": published}))
             return problems
         time.sleep(0.02)
-    seen.write_text(json.dumps("the second model never finished while the first waited"))
+    seen.write_text(json.dumps("the models never all finished while the verdict was awaited"))
     return problems
 
 rt.installed_mergekit_problems = slow_verdict
-sys.exit(rt.main(sys.argv[4:]))
+sys.exit(rt.main(sys.argv[5:]))
 """
 
 
+@pytest.mark.parametrize("union", [False, True])
 @pytest.mark.parametrize("problems", [[], ["chat_template: refused by the test"]])
 def test_models_finished_before_mergekits_verdict_are_held_while_the_next_is_written(
-    tmp_path: Path, models: dict[str, Path], problems: list[str]
+    tmp_path: Path, models: dict[str, Path], byte_tok: dict, problems: list[str], union: bool
 ) -> None:
-    """When mergekit's verdict comes only after both models are finished, the first is held
-    staged, not waited for; nothing is published before the verdict; a refusal leaves
-    nothing behind."""
-    config = linear_yaml(tmp_path / "merge.yaml", models["base"], [(models["base"], 0.5), (models["padded"], 0.25), (models["chat"], 0.25)])
+    """When mergekit's verdict comes only after every model is finished, the finished ones
+    are held staged, not waited for; no model is published before the verdict (a union's
+    merged tokenizer, ALIGNED/tokenizer, is: the remaps read it); a refusal leaves nothing."""
+    if union:
+        union_models = build_union_models(tmp_path / "union", byte_tok)
+        config, remaps = union_yaml(tmp_path / "merge.yaml", union_models, ["base", "sib1", "sib2"]), 3
+    else:
+        weighted = [(models["base"], 0.5), (models["padded"], 0.25), (models["chat"], 0.25)]
+        config, remaps = linear_yaml(tmp_path / "merge.yaml", models["base"], weighted), 2
     aligned, seen = tmp_path / "aligned", tmp_path / "seen.json"
-    argv = [aligned, seen, json.dumps(problems), "--mergekit-config", config, "--out_dir", aligned, "--json"]
+    argv = [aligned, seen, json.dumps(problems), remaps, "--mergekit-config", config, "--out_dir", aligned, "--json"]
     done = subprocess.run(
         [sys.executable, "-c", SLOW_VERDICT, *map(str, argv)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
-    assert json.loads(seen.read_text()) == {"staged": 2, "published": []}, done.stderr
+    assert json.loads(seen.read_text()) == {"staged": remaps, "published": ["tokenizer"] if union else []}, done.stderr
     if problems:
         assert done.returncode == 2 and "mergekit would refuse it: chat_template: refused by the test" in done.stderr, done.stderr
         assert not aligned.exists()
         return
     assert done.returncode == 0, done.stderr
-    status = {Path(m["source"]).name: m["status"] for m in json.loads(done.stdout)["models"]}
-    assert status == {"base": "identical", "padded": "remapped", "chat": "remapped"}
-    assert sorted(p.name for p in aligned.iterdir() if not p.name.startswith(".")) == ["chat", "merge.yaml", "padded"]
-    assert ct.main(["--mergekit-config", str(aligned / "merge.yaml"), "--weights"]) == 0
+    summary = json.loads(done.stdout)
+    assert [m["status"] for m in summary["models"]] == (["remapped"] * 3 if union else ["identical", "remapped", "remapped"])
+    names = {"base", "sib1", "sib2", "tokenizer"} if union else {"padded", "chat"}
+    assert {p.name for p in aligned.iterdir() if not p.name.startswith(".")} == {*names, "merge.yaml"}
+    assert summary["gate"]["ok"] and ct.main(["--mergekit-config", str(aligned / "merge.yaml"), "--weights"]) == 0
 
 
 def test_slices_and_union_tokenizer(tmp_path: Path, models: dict[str, Path], capsys) -> None:
