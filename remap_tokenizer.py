@@ -2051,10 +2051,10 @@ class BaseTokenizerCheck:
             assert self.known is not None
             return frozenset(vocab[token] for token in self.candidates if self.known[token])
         unreachable = self.job.result()
-        if self.last is None or self.last[0] is not self.base:  # the answers of one T at a time: the one an alignment has
-            BaseTokenizerCheck.last = (self.base, {})
-        assert BaseTokenizerCheck.last is not None
-        BaseTokenizerCheck.last[1].update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        # the answers of one T at a time: the one an alignment has
+        last = self.last if self.last is not None and self.last[0] is self.base else (self.base, {})
+        last[1].update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        BaseTokenizerCheck.last = last
         return unreachable
 
 
@@ -5973,11 +5973,12 @@ class HeldOutputs:
     """Finished outputs held unpublished until a go-ahead: an alignment publishes nothing
     before mergekit's verdict on the YAML, and a remap that finishes before the verdict
     hands its staging directory over (take) instead of waiting, so that the next model is
-    written meanwhile. `with HeldOutputs(ready) as held:`; publish_all() once the go-ahead
-    is in; leaving the block removes whatever is still held."""
+    written meanwhile. `with HeldOutputs(ready, confirm) as held:`; publish_all() confirms
+    (waits for the go-ahead; raises to refuse) and publishes; leaving the block removes
+    whatever is still held."""
 
-    def __init__(self, ready: Callable[[], bool]) -> None:
-        self.ready = ready
+    def __init__(self, ready: Callable[[], bool], confirm: Callable[[], None]) -> None:
+        self.ready, self.confirm = ready, confirm
         self.stack = contextlib.ExitStack()
         self.outputs: list[OutputDirectory] = []
 
@@ -5997,7 +5998,10 @@ class HeldOutputs:
         return True
 
     def publish_all(self) -> None:
-        """Publish the held outputs in the order they were taken (the go-ahead is in)."""
+        """Once confirm() passes, publish the held outputs in the order they were taken."""
+        if not self.outputs:
+            return
+        self.confirm()
         for output in self.outputs:
             try:
                 output.publish()
@@ -7016,7 +7020,7 @@ class MergekitVerdict:
         self.answer: list[str] | None = None if self.job is not None else []
 
     def ready(self) -> bool:
-        return self.answer is not None or self.job is None or self.job.ready()
+        return self.answer is not None or (self.job is not None and self.job.ready())
 
     def problems(self) -> list[str]:
         if self.answer is None:
@@ -7188,11 +7192,9 @@ def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """run_remaps' loop: a model is published only once mergekit's verdict is in; a remap
     that finishes before it is held (HeldOutputs) and the next one starts, and whatever is
     held is published as soon as the verdict is in (awaited after the last model)."""
-    with HeldOutputs(plan.verdict.ready) as held:
+    with HeldOutputs(plan.verdict.ready, lambda: plan.confirm(opts.config)) as held:
         code = remap_models(opts, plan, held)
-        if held.outputs:
-            plan.confirm(opts.config)
-            held.publish_all()
+        held.publish_all()
     return code
 
 
@@ -7217,8 +7219,7 @@ def remap_models(opts: AlignOptions, plan: AlignmentPlan, held: HeldOutputs) -> 
             except SelfCheckError as exc:
                 log.error("%s: self-check failed: %s", entry["model"], exc)
                 entry["status"], code = "failed", 1
-            if held.outputs and plan.verdict.ready():
-                plan.confirm(opts.config)
+            if plan.verdict.ready():
                 held.publish_all()
             if entry["status"] == "failed":
                 continue

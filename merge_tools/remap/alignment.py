@@ -176,7 +176,7 @@ class MergekitVerdict:
         self.answer: list[str] | None = None if self.job is not None else []
 
     def ready(self) -> bool:
-        return self.answer is not None or self.job is None or self.job.ready()
+        return self.answer is not None or (self.job is not None and self.job.ready())
 
     def problems(self) -> list[str]:
         if self.answer is None:
@@ -348,11 +348,9 @@ def remap_each(opts: AlignOptions, plan: AlignmentPlan) -> int:
     """run_remaps' loop: a model is published only once mergekit's verdict is in; a remap
     that finishes before it is held (HeldOutputs) and the next one starts, and whatever is
     held is published as soon as the verdict is in (awaited after the last model)."""
-    with HeldOutputs(plan.verdict.ready) as held:
+    with HeldOutputs(plan.verdict.ready, lambda: plan.confirm(opts.config)) as held:
         code = remap_models(opts, plan, held)
-        if held.outputs:
-            plan.confirm(opts.config)
-            held.publish_all()
+        held.publish_all()
     return code
 
 
@@ -377,8 +375,7 @@ def remap_models(opts: AlignOptions, plan: AlignmentPlan, held: HeldOutputs) -> 
             except SelfCheckError as exc:
                 log.error("%s: self-check failed: %s", entry["model"], exc)
                 entry["status"], code = "failed", 1
-            if held.outputs and plan.verdict.ready():
-                plan.confirm(opts.config)
+            if plan.verdict.ready():
                 held.publish_all()
             if entry["status"] == "failed":
                 continue

@@ -319,11 +319,12 @@ class HeldOutputs:
     """Finished outputs held unpublished until a go-ahead: an alignment publishes nothing
     before mergekit's verdict on the YAML, and a remap that finishes before the verdict
     hands its staging directory over (take) instead of waiting, so that the next model is
-    written meanwhile. `with HeldOutputs(ready) as held:`; publish_all() once the go-ahead
-    is in; leaving the block removes whatever is still held."""
+    written meanwhile. `with HeldOutputs(ready, confirm) as held:`; publish_all() confirms
+    (waits for the go-ahead; raises to refuse) and publishes; leaving the block removes
+    whatever is still held."""
 
-    def __init__(self, ready: Callable[[], bool]) -> None:
-        self.ready = ready
+    def __init__(self, ready: Callable[[], bool], confirm: Callable[[], None]) -> None:
+        self.ready, self.confirm = ready, confirm
         self.stack = contextlib.ExitStack()
         self.outputs: list[OutputDirectory] = []
 
@@ -343,7 +344,10 @@ class HeldOutputs:
         return True
 
     def publish_all(self) -> None:
-        """Publish the held outputs in the order they were taken (the go-ahead is in)."""
+        """Once confirm() passes, publish the held outputs in the order they were taken."""
+        if not self.outputs:
+            return
+        self.confirm()
         for output in self.outputs:
             try:
                 output.publish()

@@ -147,10 +147,10 @@ class BaseTokenizerCheck:
             assert self.known is not None
             return frozenset(vocab[token] for token in self.candidates if self.known[token])
         unreachable = self.job.result()
-        if self.last is None or self.last[0] is not self.base:  # the answers of one T at a time: the one an alignment has
-            BaseTokenizerCheck.last = (self.base, {})
-        assert BaseTokenizerCheck.last is not None
-        BaseTokenizerCheck.last[1].update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        # the answers of one T at a time: the one an alignment has
+        last = self.last if self.last is not None and self.last[0] is self.base else (self.base, {})
+        last[1].update((token, vocab.get(token) in unreachable) for token in self.candidates)
+        BaseTokenizerCheck.last = last
         return unreachable
 
 
